@@ -1,0 +1,1 @@
+"""task-runner: a task scheduling service over MongoDB."""

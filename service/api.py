@@ -1,0 +1,148 @@
+"""HTTP handlers and the route table: schema.load -> store -> schema.dump."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+from marshmallow import ValidationError
+
+from service.config import Settings
+from service.errors import DeleteAllDisabled
+from service.models import Task
+from service.schemas import (
+    CreateTaskSchema,
+    ListQuerySchema,
+    TaskPageSchema,
+    TaskSchema,
+    decode_cursor,
+    encode_cursor,
+    parse_number,
+)
+from service.store import TaskStore
+
+SETTINGS = web.AppKey("settings", Settings)
+STORE = web.AppKey("store", TaskStore)
+
+create_schema = CreateTaskSchema()
+list_schema = ListQuerySchema()
+task_schema = TaskSchema()
+page_schema = TaskPageSchema()
+
+routes = web.RouteTableDef()
+
+
+def _task_response(task: Task, *, status: int = 200) -> web.Response:
+    response = web.json_response(task_schema.dump(task), status=status)
+    if status == 201:
+        response.headers["Location"] = f"/tasks/{task.id}"
+    return response
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    if request.content_type != "application/json":
+        raise web.HTTPUnsupportedMediaType(text="send the body as application/json")
+    raw = await request.read()
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ValidationError({"body": ["not valid JSON"]}) from None
+    if not isinstance(body, dict):
+        raise ValidationError({"body": ["must be a JSON object"]})
+    return body
+
+
+def _single_valued_query(request: web.Request) -> dict[str, str]:
+    query = request.query
+    repeated = sorted({key for key in query if len(query.getall(key)) > 1})
+    if repeated:
+        raise ValidationError({key: ["give this parameter once"] for key in repeated})
+    return dict(query)
+
+
+async def _create(request: web.Request, data: dict[str, Any]) -> web.Response:
+    loaded = create_schema.load(data)
+    settings = request.app[SETTINGS]
+    task = await request.app[STORE].create(
+        task_type=loaded["type"],
+        run_at=loaded["run_at"],
+        max_attempts=loaded["max_attempts"] or settings.max_attempts,
+    )
+    return _task_response(task, status=201)
+
+
+@routes.post("/tasks")
+async def create_task(request: web.Request) -> web.Response:
+    """Create a task: {"type": "foo"|"bar"|"baz", "run_at": ISO 8601 or Unix seconds}."""
+    return await _create(request, await _json_object(request))
+
+
+@routes.get("/tasks")
+async def list_tasks(request: web.Request) -> web.Response:
+    """Tasks ordered by run_at then id, filtered by state and/or type, one page at a time."""
+    query = list_schema.load(_single_valued_query(request))
+    after = None if query["cursor"] is None else decode_cursor(query["cursor"])
+    page = await request.app[STORE].page(
+        states=() if query["state"] is None else (query["state"],),
+        task_type=query["type"],
+        limit=query["limit"],
+        after=after,
+    )
+    next_cursor = None if page.after is None else encode_cursor(page.after)
+    return web.json_response(page_schema.dump({"tasks": page.tasks, "next_cursor": next_cursor}))
+
+
+@routes.get("/tasks/{id}")
+@routes.get("/id/{id}")
+async def get_task(request: web.Request) -> web.Response:
+    """One task, whole."""
+    return _task_response(await request.app[STORE].get(request.match_info["id"]))
+
+
+@routes.delete("/tasks/{id}")
+@routes.delete("/id/{id}")
+async def delete_task(request: web.Request) -> web.Response:
+    """Delete a task; a worker running it stops within one heartbeat interval."""
+    await request.app[STORE].delete(request.match_info["id"])
+    return web.Response(status=204)
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    """200 when the database answers, 503 (from the error middleware) when it does not."""
+    await request.app[STORE].ping()
+    return web.json_response({"status": "ok"})
+
+
+@routes.get("/taskstate/{state}")
+async def legacy_tasks_in_state(request: web.Request) -> web.Response:
+    """Earlier version: every task in a state (STARTED, NOTSTARTED, COMPLETE, FAILED)."""
+    state = list_schema.load({"state": request.match_info["state"]})["state"]
+    store = request.app[STORE]
+    tasks: list[Task] = []
+    after = None
+    while True:
+        page = await store.page(states=(state,), limit=1000, after=after)
+        tasks.extend(page.tasks)
+        if page.after is None:
+            return web.json_response(task_schema.dump(tasks, many=True))
+        after = page.after
+
+
+@routes.post("/{type}/{unix_seconds}")
+async def legacy_create(request: web.Request) -> web.Response:
+    """Earlier version: POST /FOO/0 creates a Foo task due at Unix second 0 (that is, now)."""
+    seconds = parse_number(request.match_info["unix_seconds"])
+    return await _create(request, {"type": request.match_info["type"], "run_at": seconds})
+
+
+@routes.delete("/")
+async def legacy_delete_all(request: web.Request) -> web.Response:
+    """Earlier version: delete every task. Only where TASK_RUNNER_ALLOW_DELETE_ALL is on."""
+    if not request.app[SETTINGS].allow_delete_all:
+        raise DeleteAllDisabled(
+            "deleting all tasks is disabled; set TASK_RUNNER_ALLOW_DELETE_ALL=true to enable it"
+        )
+    deleted = await request.app[STORE].delete_all()
+    return web.json_response({"deleted": deleted})

@@ -1,0 +1,65 @@
+"""create_app(settings): the aiohttp application, its database client and its routes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from service.api import SETTINGS, STORE, routes
+from service.clock import DbClock
+from service.config import Settings
+from service.errors import DatabaseUnavailable
+from service.middlewares import error_middleware
+from service.periodic import Periodic
+from service.store import TaskStore, open_client
+
+logger = logging.getLogger(__name__)
+
+
+class DatabaseSetup(Periodic):
+    """Keeps the clock offset fresh; creates the indexes once the database first answers."""
+
+    def __init__(self, store: TaskStore, *, interval: float) -> None:
+        super().__init__(interval=interval, jitter=0.1)
+        self.store = store
+        self.healthy_interval = interval
+        self.indexed = False
+
+    async def run_once(self) -> None:
+        """Sync the clock; ensure indexes if not done yet."""
+        await self.store.sync_clock()
+        if not self.indexed:
+            await self.store.ensure_indexes()
+            self.indexed = True
+        self.interval = self.healthy_interval
+
+
+async def _database(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    client = open_client(
+        settings.effective_mongodb_url, timeout=settings.db_timeout, appname="task-runner-api"
+    )
+    store = TaskStore(client, database=settings.database, clock=DbClock(skew=settings.clock_skew))
+    app[STORE] = store
+    setup = DatabaseSetup(store, interval=60.0)
+    try:
+        await setup.run_once()
+    except DatabaseUnavailable as exc:
+        # Serve anyway: /health says 503 until the database is back, and setup retries.
+        logger.warning("database not reachable at start-up (%s); will keep trying", exc)
+        setup.interval = 2.0
+    setup.start()
+    yield
+    await setup.stop()
+    await client.close()
+
+
+def create_app(settings: Settings) -> web.Application:
+    """The API application for these settings."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(_database)
+    app.add_routes(routes)
+    return app

@@ -1,0 +1,29 @@
+"""Domain errors. The store raises them; only the HTTP layer turns them into responses."""
+
+
+class TaskRunnerError(Exception):
+    """Base of every error the service raises on purpose."""
+
+
+class TaskNotFound(TaskRunnerError):
+    """No task has this id (or it was deleted)."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"no task with id {task_id!r}")
+        self.task_id = task_id
+
+
+class InvalidTask(TaskRunnerError):
+    """A request describes a task that cannot exist (bad type, time, attempts...)."""
+
+
+class DeleteAllDisabled(TaskRunnerError):
+    """Delete-all was asked for but is not enabled on this deployment."""
+
+
+class DatabaseUnavailable(TaskRunnerError):
+    """MongoDB did not answer in time; the caller may try again later."""
+
+
+class ChangeStreamsUnavailable(TaskRunnerError):
+    """The server offers no change streams (a standalone mongod): workers poll instead."""

@@ -1,0 +1,48 @@
+"""A small base for the jobs a worker repeats: heartbeat, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from abc import ABC, abstractmethod
+
+from service.errors import DatabaseUnavailable
+
+logger = logging.getLogger(__name__)
+
+
+class Periodic(ABC):
+    """Calls `run_once()` every `interval` seconds (with a little jitter) until stopped."""
+
+    def __init__(self, *, interval: float, jitter: float = 0.1) -> None:
+        self.interval = interval
+        self.jitter = jitter
+        self._task: asyncio.Task[None] | None = None
+
+    @abstractmethod
+    async def run_once(self) -> object:
+        """One round of the job; tests call it directly."""
+
+    def start(self) -> None:
+        """Begin running in the background."""
+        self._task = asyncio.create_task(self._loop(), name=type(self).__name__)
+
+    async def stop(self) -> None:
+        """Stop and wait for the background loop to end."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval * (1 + random.uniform(-self.jitter, self.jitter)))
+            try:
+                await self.run_once()
+            except DatabaseUnavailable as exc:
+                logger.warning("%s skipped: %s", type(self).__name__, exc)
+            except Exception:
+                logger.exception("%s failed; will try again", type(self).__name__)

@@ -1,0 +1,167 @@
+"""marshmallow schemas: what the API accepts and what it answers."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from bson import ObjectId
+from marshmallow import RAISE, Schema, ValidationError, fields, validate
+
+from service.models import State, TaskType
+
+MAX_ATTEMPTS_LIMIT = 100
+# The first instant BSON dates and ISO 8601 four-digit years cannot hold.
+YEAR_10000 = 253_402_300_800
+
+
+class AnyCaseEnum(fields.Field[StrEnum]):
+    """A string enum matched without regard to letter case ("FOO", "foo", "Foo")."""
+
+    def __init__(self, enum: type[StrEnum], **kwargs: Any) -> None:
+        self.enum = enum
+        self.choices = [member.value for member in enum]
+        kwargs.setdefault("metadata", {"enum": self.choices})
+        super().__init__(**kwargs)
+
+    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> Any:
+        return None if value is None else value.value
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> StrEnum:
+        if isinstance(value, str):
+            for member in self.enum:
+                if member.value.lower() == value.lower():
+                    return member
+        raise ValidationError(f"must be one of {', '.join(self.choices)} (any letter case)")
+
+
+def parse_unix_seconds(value: Any) -> datetime:
+    """Unix seconds (int or float, not bool) as an aware UTC datetime, year 1970 to 9999."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValidationError("must be Unix seconds (a number) or ISO 8601 with a UTC offset")
+    if not 0 <= value < YEAR_10000:
+        raise ValidationError(f"Unix seconds must be from 0 to {YEAR_10000 - 1}")
+    return datetime.fromtimestamp(value, UTC)
+
+
+class RunAt(fields.Field[datetime]):
+    """When a task may start: ISO 8601 with an offset, or Unix seconds."""
+
+    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> Any:
+        return None if value is None else iso(value)
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> datetime:
+        if not isinstance(value, str):
+            return parse_unix_seconds(value)
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValidationError(
+                "must be ISO 8601 (e.g. 2026-01-31T12:00:00Z) or Unix seconds"
+            ) from None
+        if parsed.tzinfo is None:
+            raise ValidationError("ISO 8601 time needs a UTC offset (e.g. Z or +02:00)")
+        return parsed.astimezone(UTC)
+
+
+def iso(value: datetime) -> str:
+    """ISO 8601 in UTC with milliseconds and a Z, as every time in the API is written."""
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class CreateTaskSchema(Schema):
+    """POST /tasks body."""
+
+    class Meta:
+        unknown = RAISE
+
+    type = AnyCaseEnum(TaskType, required=True)
+    run_at = RunAt(load_default=None, allow_none=True)
+    max_attempts = fields.Integer(
+        strict=True,
+        load_default=None,
+        allow_none=True,
+        validate=validate.Range(min=1, max=MAX_ATTEMPTS_LIMIT),
+    )
+
+
+def parse_number(raw: str) -> int | float:
+    """A path segment such as "1700000000" or "1700000000.5" as a number."""
+    try:
+        return float(raw) if any(c in raw for c in ".eE") else int(raw)
+    except ValueError:
+        raise ValidationError({"run_at": ["Unix seconds must be a number"]}) from None
+
+
+class ListQuerySchema(Schema):
+    """GET /tasks query parameters."""
+
+    class Meta:
+        unknown = RAISE
+
+    state = AnyCaseEnum(State, load_default=None)
+    type = AnyCaseEnum(TaskType, load_default=None)
+    limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
+    cursor = fields.String(load_default=None)
+
+
+class AttemptErrorSchema(Schema):
+    """One failed attempt."""
+
+    attempt = fields.Integer()
+    error = fields.String()
+    at = RunAt()
+
+
+class TaskSchema(Schema):
+    """A task as the API shows it; every time is ISO 8601 UTC."""
+
+    id = fields.String()
+    type = AnyCaseEnum(TaskType)
+    state = AnyCaseEnum(State)
+    run_at = RunAt()
+    created_at = RunAt()
+    started_at = RunAt(allow_none=True)
+    finished_at = RunAt(allow_none=True)
+    heartbeat_at = RunAt(allow_none=True)
+    attempts = fields.Integer()
+    max_attempts = fields.Integer()
+    worker = fields.String(allow_none=True)
+    output = fields.String(allow_none=True)
+    error = fields.String(allow_none=True)
+    errors = fields.List(fields.Nested(AttemptErrorSchema))
+
+
+class TaskPageSchema(Schema):
+    """One page of GET /tasks."""
+
+    tasks = fields.List(fields.Nested(TaskSchema))
+    next_cursor = fields.String(allow_none=True)
+
+
+def encode_cursor(after: tuple[datetime, str]) -> str:
+    """The opaque cursor for the page after a task's (run_at, id)."""
+    run_at, task_id = after
+    millis = round(run_at.timestamp() * 1000)
+    return base64.urlsafe_b64encode(json.dumps([millis, task_id]).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """Undo encode_cursor; anything else is a ValidationError."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        millis, task_id = json.loads(raw)
+        if (
+            isinstance(millis, bool)
+            or not isinstance(millis, int)
+            or not ObjectId.is_valid(task_id)
+        ):
+            raise ValueError(cursor)
+        return datetime.fromtimestamp(millis / 1000, UTC), task_id
+    except (ValueError, TypeError, binascii.Error, OverflowError, OSError):
+        raise ValidationError({"cursor": ["not a cursor this API issued"]}) from None

@@ -1,0 +1,405 @@
+"""TaskStore: every MongoDB call of the service lives here and nowhere else.
+
+Each state change is one conditional update. Every write a worker makes after claiming a
+task is fenced on `{_id, lease}`: if the task was recovered, re-claimed or deleted in the
+meantime, the write matches nothing and the caller is told so.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, ParamSpec, TypeVar
+
+from bson import ObjectId
+from bson.errors import InvalidId
+from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
+
+from service.clock import DbClock
+from service.errors import ChangeStreamsUnavailable, DatabaseUnavailable, TaskNotFound
+from service.models import State, Task, TaskType
+
+logger = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+COLLECTION = "tasks"
+CLAIM_SORT = [("run_at", ASCENDING), ("_id", ASCENDING)]
+# Serves the claim (equality on state, range on run_at, sort run_at then _id: no in-memory
+# sort), the earliest-waiting lookup and the list filtered by state.
+CLAIM_INDEX = [("state", ASCENDING), ("run_at", ASCENDING), ("_id", ASCENDING)]
+INDEXES: dict[str, list[tuple[str, int]]] = {
+    "claim": CLAIM_INDEX,
+    "by_type": [("type", ASCENDING), ("run_at", ASCENDING), ("_id", ASCENDING)],
+    "by_time": [("run_at", ASCENDING), ("_id", ASCENDING)],
+    "stale": [("state", ASCENDING), ("heartbeat_at", ASCENDING)],
+}
+WORKER_LOST = "worker lost: no heartbeat within the stale threshold"
+
+
+def _unavailable(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Turn the driver's connection errors into DatabaseUnavailable."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except ConnectionFailure as exc:
+            raise DatabaseUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
+        except PyMongoError as exc:
+            if exc.timeout:
+                raise DatabaseUnavailable("database timed out") from exc
+            raise
+
+    return wrapper
+
+
+def object_id(task_id: str) -> ObjectId:
+    """Parse a task id; an id that cannot exist is simply not found."""
+    try:
+        return ObjectId(task_id)
+    except (InvalidId, TypeError):
+        raise TaskNotFound(task_id) from None
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a listing; `after` is the sort key of its last task when more follow."""
+
+    tasks: list[Task]
+    after: tuple[datetime, str] | None
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Counts for the people on call."""
+
+    by_state_and_type: dict[tuple[str, str], int]
+    oldest_due: Task | None
+    stale: int
+
+
+def open_client(url: str, *, timeout: float, appname: str) -> AsyncMongoClient[dict[str, Any]]:
+    """A client configured the same way by every part of the service."""
+    ms = int(timeout * 1000)
+    return AsyncMongoClient(
+        url,
+        tz_aware=True,
+        appname=appname,
+        serverSelectionTimeoutMS=ms,
+        connectTimeoutMS=ms,
+        socketTimeoutMS=max(ms * 3, 30_000),
+    )
+
+
+class TaskStore:
+    """All reads and writes of task documents."""
+
+    def __init__(
+        self, client: AsyncMongoClient[dict[str, Any]], *, database: str, clock: DbClock
+    ) -> None:
+        self.client = client
+        self.clock = clock
+        self.tasks: AsyncCollection[dict[str, Any]] = client[database][COLLECTION]
+
+    # -- set-up and health ------------------------------------------------------------
+
+    @_unavailable
+    async def ensure_indexes(self) -> None:
+        """Create the indexes; idempotent, safe for every process to run at start-up."""
+        for name, keys in INDEXES.items():
+            await self.tasks.create_index(keys, name=name)
+
+    @_unavailable
+    async def sync_clock(self) -> None:
+        """Measure the offset to the database clock."""
+        await self.clock.sync(self.client.admin)
+
+    @_unavailable
+    async def ping(self) -> None:
+        """Raise DatabaseUnavailable unless the server answers."""
+        await self.client.admin.command("ping")
+
+    # -- the API's operations ---------------------------------------------------------
+
+    @_unavailable
+    async def create(
+        self, *, task_type: TaskType, run_at: datetime | None, max_attempts: int
+    ) -> Task:
+        """Insert a NOTSTARTED task due at `run_at`; None or a past time means now."""
+        now = self.clock.now()
+        # A past time is stored as now, so lag figures and FIFO order among due tasks hold.
+        run_at = now if run_at is None else max(run_at, now)
+        doc: dict[str, Any] = {
+            "_id": ObjectId(),
+            "type": task_type.value,
+            "state": State.NOTSTARTED.value,
+            "run_at": run_at,
+            "created_at": now,
+            "attempts": 0,
+            "max_attempts": max_attempts,
+        }
+        await self.tasks.insert_one(doc)
+        return Task.from_document(doc)
+
+    @_unavailable
+    async def get(self, task_id: str) -> Task:
+        """The task with this id, or TaskNotFound."""
+        doc = await self.tasks.find_one({"_id": object_id(task_id)})
+        if doc is None:
+            raise TaskNotFound(task_id)
+        return Task.from_document(doc)
+
+    @_unavailable
+    async def page(
+        self,
+        *,
+        states: Iterable[State] = (),
+        task_type: TaskType | None = None,
+        limit: int,
+        after: tuple[datetime, str] | None = None,
+    ) -> Page:
+        """Tasks ordered by (run_at, id), optionally filtered, starting after a sort key."""
+        query: dict[str, Any] = {}
+        states = list(states)
+        if states:
+            query["state"] = (
+                states[0].value if len(states) == 1 else {"$in": [s.value for s in states]}
+            )
+        if task_type is not None:
+            query["type"] = task_type.value
+        if after is not None:
+            run_at, last_id = after
+            oid = object_id(last_id)
+            query["$or"] = [
+                {"run_at": {"$gt": run_at}},
+                {"run_at": run_at, "_id": {"$gt": oid}},
+            ]
+        cursor = self.tasks.find(query).sort(CLAIM_SORT).limit(limit + 1)
+        tasks = [Task.from_document(doc) async for doc in cursor]
+        if len(tasks) > limit:
+            tasks = tasks[:limit]
+            return Page(tasks, (tasks[-1].run_at, tasks[-1].id))
+        return Page(tasks, None)
+
+    @_unavailable
+    async def delete(self, task_id: str) -> None:
+        """Remove a task; a worker running it notices at its next heartbeat."""
+        result = await self.tasks.delete_one({"_id": object_id(task_id)})
+        if result.deleted_count == 0:
+            raise TaskNotFound(task_id)
+
+    @_unavailable
+    async def delete_all(self) -> int:
+        """Remove every task (testing only; the API guards it behind a setting)."""
+        result = await self.tasks.delete_many({})
+        return result.deleted_count
+
+    # -- the worker's operations ------------------------------------------------------
+
+    @_unavailable
+    async def claim(self, worker_id: str) -> Task | None:
+        """Atomically take the next due task: one find_one_and_update, or None."""
+        now = self.clock.now()
+        doc = await self.tasks.find_one_and_update(
+            {"state": State.NOTSTARTED.value, "run_at": {"$lte": now}},
+            {
+                "$set": {
+                    "state": State.STARTED.value,
+                    "lease": uuid.uuid4().hex,
+                    "worker": worker_id,
+                    "started_at": now,
+                    "heartbeat_at": now,
+                },
+                "$inc": {"attempts": 1},
+            },
+            sort=CLAIM_SORT,
+            return_document=ReturnDocument.AFTER,
+        )
+        return None if doc is None else Task.from_document(doc)
+
+    @_unavailable
+    async def next_run_at(self) -> datetime | None:
+        """The earliest run_at among waiting tasks, to sleep until it."""
+        doc = await self.tasks.find_one(
+            {"state": State.NOTSTARTED.value},
+            projection={"run_at": True, "_id": False},
+            sort=CLAIM_SORT,
+        )
+        return None if doc is None else doc["run_at"]
+
+    async def wakeups(self, *, max_await: float) -> AsyncIterator[datetime | None]:
+        """Yield as tasks become claimable: an insert's run_at, or None for a requeue.
+
+        A change stream, so idle workers learn of new work without polling. Raises
+        ChangeStreamsUnavailable where the server has none (a standalone mongod).
+        """
+        pipeline = [
+            {
+                "$match": {
+                    "$or": [
+                        {"operationType": "insert"},
+                        {"updateDescription.updatedFields.state": State.NOTSTARTED.value},
+                    ]
+                }
+            }
+        ]
+        try:
+            async with await self.tasks.watch(
+                pipeline, max_await_time_ms=int(max_await * 1000)
+            ) as stream:
+                async for change in stream:
+                    document = change.get("fullDocument")
+                    yield None if document is None else document.get("run_at")
+        except ConnectionFailure as exc:
+            raise DatabaseUnavailable(f"change stream lost: {exc.__class__.__name__}") from exc
+        except OperationFailure as exc:
+            raise ChangeStreamsUnavailable(str(exc)) from exc
+
+    @_unavailable
+    async def heartbeat(self, leases: Iterable[str]) -> set[str]:
+        """Refresh every listed lease in one write; return the leases that are gone."""
+        leases = set(leases)
+        if not leases:
+            return set()
+        fence = {"state": State.STARTED.value, "lease": {"$in": list(leases)}}
+        result = await self.tasks.update_many(fence, {"$set": {"heartbeat_at": self.clock.now()}})
+        if result.matched_count == len(leases):
+            return set()
+        alive = {doc["lease"] async for doc in self.tasks.find(fence, projection={"lease": True})}
+        return leases - alive
+
+    @_unavailable
+    async def complete(self, task: Task, output: str) -> bool:
+        """Mark COMPLETE; False if the lease was lost (the result is then dropped)."""
+        return await self._fenced(
+            task,
+            {
+                "$set": {
+                    "state": State.COMPLETE.value,
+                    "finished_at": self.clock.now(),
+                    "output": output,
+                },
+            },
+        )
+
+    @_unavailable
+    async def fail(self, task: Task, error: str, *, retry_at: datetime | None) -> bool:
+        """Record a failed attempt: back to NOTSTARTED at `retry_at`, or FAILED if None."""
+        now = self.clock.now()
+        entry = {"attempt": task.attempts, "error": error, "at": now}
+        if retry_at is None:
+            update: dict[str, Any] = {
+                "$set": {"state": State.FAILED.value, "finished_at": now, "error": error},
+            }
+        else:
+            update = {
+                "$set": {"state": State.NOTSTARTED.value, "run_at": retry_at, "error": error},
+                "$unset": {"lease": "", "worker": "", "heartbeat_at": ""},
+            }
+        update["$push"] = {"errors": entry}
+        return await self._fenced(task, update)
+
+    @_unavailable
+    async def release(self, task: Task) -> bool:
+        """Give a task back unrun (graceful shutdown); the attempt does not count."""
+        return await self._fenced(
+            task,
+            {
+                "$set": {"state": State.NOTSTARTED.value},
+                "$inc": {"attempts": -1},
+                "$unset": {"lease": "", "worker": "", "heartbeat_at": "", "started_at": ""},
+            },
+        )
+
+    async def _fenced(self, task: Task, update: dict[str, Any]) -> bool:
+        result = await self.tasks.update_one(
+            {"_id": ObjectId(task.id), "lease": task.lease, "state": State.STARTED.value},
+            update,
+        )
+        return result.modified_count == 1
+
+    # -- recovery and operations ------------------------------------------------------
+
+    def _stale_filter(self, stale_after: float) -> dict[str, Any]:
+        cutoff = self.clock.now() - timedelta(seconds=stale_after)
+        return {"state": State.STARTED.value, "heartbeat_at": {"$lt": cutoff}}
+
+    @_unavailable
+    async def find_stale(self, stale_after: float) -> list[Task]:
+        """STARTED tasks whose worker has not been heard from within `stale_after` seconds."""
+        cursor = self.tasks.find(self._stale_filter(stale_after)).sort(CLAIM_SORT)
+        return [Task.from_document(doc) async for doc in cursor]
+
+    @_unavailable
+    async def recover_stale(self, stale_after: float, *, only: Iterable[str] | None = None) -> int:
+        """Stale tasks back to NOTSTARTED, or FAILED when their attempts are used up.
+
+        One conditional update: safe to run from every worker and the ops CLI at once.
+        Removing the lease fences off the lost worker even before anyone re-claims.
+        """
+        query = self._stale_filter(stale_after)
+        if only is not None:
+            query["_id"] = {"$in": [object_id(i) for i in only]}
+        now = self.clock.now()
+        exhausted = {"$gte": ["$attempts", "$max_attempts"]}
+        result = await self.tasks.update_many(
+            query,
+            [
+                {
+                    "$set": {
+                        "state": {"$cond": [exhausted, State.FAILED.value, State.NOTSTARTED.value]},
+                        "finished_at": {"$cond": [exhausted, now, "$$REMOVE"]},
+                        "error": WORKER_LOST,
+                        "errors": {
+                            "$concatArrays": [
+                                {"$ifNull": ["$errors", []]},
+                                [{"attempt": "$attempts", "error": WORKER_LOST, "at": now}],
+                            ]
+                        },
+                    }
+                },
+                {"$unset": ["lease", "worker", "heartbeat_at"]},
+            ],
+        )
+        return result.modified_count
+
+    @_unavailable
+    async def requeue(self, task_id: str) -> Task:
+        """A FAILED task back to NOTSTARTED, due now, with a fresh set of attempts."""
+        doc = await self.tasks.find_one_and_update(
+            {"_id": object_id(task_id), "state": State.FAILED.value},
+            {
+                "$set": {
+                    "state": State.NOTSTARTED.value,
+                    "run_at": self.clock.now(),
+                    "attempts": 0,
+                },
+                "$unset": {"finished_at": "", "lease": "", "worker": "", "heartbeat_at": ""},
+            },
+            return_document=ReturnDocument.AFTER,
+        )
+        if doc is None:
+            raise TaskNotFound(task_id)
+        return Task.from_document(doc)
+
+    @_unavailable
+    async def stats(self, stale_after: float) -> Stats:
+        """Counts by state and type, the oldest due task, and how many are stale."""
+        counts: dict[tuple[str, str], int] = {}
+        pipeline = [{"$group": {"_id": {"state": "$state", "type": "$type"}, "n": {"$sum": 1}}}]
+        async for row in await self.tasks.aggregate(pipeline):
+            counts[(row["_id"]["state"], row["_id"]["type"])] = row["n"]
+        oldest = await self.tasks.find_one(
+            {"state": State.NOTSTARTED.value, "run_at": {"$lte": self.clock.now()}},
+            sort=CLAIM_SORT,
+        )
+        stale = await self.tasks.count_documents(self._stale_filter(stale_after))
+        return Stats(counts, None if oldest is None else Task.from_document(oldest), stale)

@@ -1,0 +1,356 @@
+"""The worker: one claimer feeding a bounded set of running tasks, with heartbeat,
+recovery, wake-ups and a graceful stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import aiohttp
+
+from service.clock import DbClock
+from service.config import Settings
+from service.errors import ChangeStreamsUnavailable, DatabaseUnavailable
+from service.models import Task
+from service.periodic import Periodic
+from service.recovery import Recoverer
+from service.store import TaskStore, open_client
+from service.tasks import TaskContext, run_task
+
+logger = logging.getLogger(__name__)
+
+
+def default_worker_id() -> str:
+    """Host and process id: who holds a task, for the people on call."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def retry_delay(attempt: int, *, base: float, cap: float) -> float:
+    """Exponential backoff with jitter: base * 2**(attempt-1), capped, then 50-100% of it."""
+    delay: float = min(cap, base * 2 ** (attempt - 1))
+    return delay * random.uniform(0.5, 1.0)
+
+
+@dataclass
+class Running:
+    """A claimed task and the asyncio task executing it."""
+
+    task: Task
+    execution: asyncio.Task[None]
+    lost: bool = False
+
+
+class Heartbeat(Periodic):
+    """One write per interval refreshes every running task; lost leases are cancelled."""
+
+    def __init__(self, worker: Worker, *, interval: float) -> None:
+        super().__init__(interval=interval, jitter=0.0)
+        self.worker = worker
+
+    async def run_once(self) -> set[str]:
+        """Refresh the leases; stop the tasks whose lease is gone. Returns the lost leases."""
+        store = self.worker.store
+        if store.clock.needs_sync():
+            await store.sync_clock()
+        lost = await store.heartbeat(self.worker.running)
+        for lease in lost:
+            self.worker.abandon(lease)
+        return lost
+
+
+class Worker:
+    """Claims due tasks and runs up to `settings.concurrency` of them at once."""
+
+    def __init__(
+        self,
+        store: TaskStore,
+        settings: Settings,
+        ctx: TaskContext,
+        *,
+        worker_id: str | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.ctx = ctx
+        self.worker_id = worker_id or default_worker_id()
+        self.running: dict[str, Running] = {}
+        self.heartbeat = Heartbeat(self, interval=settings.heartbeat_interval)
+        self.recoverer = Recoverer(
+            store, stale_after=settings.stale_after, interval=settings.stale_after / 2
+        )
+        self._stopping = asyncio.Event()
+        self._hurry = asyncio.Event()
+        self._changed = asyncio.Event()  # a slot freed, new work arrived, or stop was asked
+        self._sleep_until: datetime | None = None
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Claim and run tasks until stop(); then drain within the grace period."""
+        logger.info("worker %s started: concurrency %d", self.worker_id, self.settings.concurrency)
+        self.heartbeat.start()
+        self.recoverer.start()
+        watcher = asyncio.create_task(self._watch(), name="wakeups")
+        try:
+            await self._claim_loop()
+            await self._drain(self.settings.shutdown_grace)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            await self.recoverer.stop()
+            await self.heartbeat.stop()
+            await self._release_all()
+        logger.info("worker %s stopped", self.worker_id)
+
+    def stop(self) -> None:
+        """Stop claiming; running tasks get the grace period to finish."""
+        self._stopping.set()
+        self._changed.set()
+
+    def stop_now(self) -> None:
+        """Stop without waiting: running tasks are cancelled and released at once."""
+        self._hurry.set()
+        self.stop()
+
+    def abandon(self, lease: str) -> None:
+        """The task's lease is gone (deleted or recovered): stop it and write nothing back."""
+        running = self.running.get(lease)
+        if running is not None and not running.lost:
+            running.lost = True
+            running.execution.cancel()
+            logger.warning(
+                "task %s lease lost (deleted or recovered); stopped without writing",
+                running.task.id,
+            )
+
+    # -- claiming ---------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        backoff = 0.1
+        while not self._stopping.is_set():
+            if len(self.running) >= self.settings.concurrency:
+                await self._wait(None)
+                continue
+            # Cleared before the claim so a wake-up arriving meanwhile is not missed.
+            self._changed.clear()
+            try:
+                task = await self.store.claim(self.worker_id)
+                if task is None:
+                    await self._sleep_until_due()
+                else:
+                    self._start(task)
+                backoff = 0.1
+            except DatabaseUnavailable as exc:
+                logger.warning("claim failed: %s; retrying in %.1fs", exc, backoff)
+                await self._wait(backoff)
+                backoff = min(backoff * 2, self.settings.max_poll_interval)
+
+    async def _sleep_until_due(self) -> None:
+        timeout = self.settings.max_poll_interval
+        next_run_at = await self.store.next_run_at()
+        if next_run_at is not None:
+            due_in = (next_run_at - self.store.clock.now()).total_seconds()
+            timeout = min(timeout, max(due_in, 0.0))
+        self._sleep_until = self.store.clock.now() + _seconds(timeout)
+        await self._wait(timeout)
+        self._sleep_until = None
+
+    async def _wait(self, seconds: float | None) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), seconds)
+
+    async def _watch(self) -> None:
+        """Wake the claimer early when a task due before its planned wake-up appears."""
+        backoff = 1.0
+        while True:
+            try:
+                async for run_at in self.store.wakeups(max_await=self.settings.max_poll_interval):
+                    planned = self._sleep_until
+                    if planned is not None and (run_at is None or run_at < planned):
+                        self._changed.set()
+                    backoff = 1.0
+            except ChangeStreamsUnavailable as exc:
+                logger.info(
+                    "no change streams (%s); polling at most every %.1fs",
+                    exc,
+                    self.settings.max_poll_interval,
+                )
+                return
+            except DatabaseUnavailable as exc:
+                logger.warning("change stream: %s; reconnecting in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    # -- running ----------------------------------------------------------------------
+
+    def _start(self, task: Task) -> None:
+        assert task.lease is not None
+        execution = asyncio.create_task(self._execute(task), name=f"task-{task.id}")
+        self.running[task.lease] = Running(task, execution)
+
+    async def _execute(self, task: Task) -> None:
+        started = time.monotonic()
+        try:
+            output = await run_task(task.type, task.id, self.ctx)
+        except asyncio.CancelledError:
+            self._forget(task)
+            raise
+        except Exception as exc:
+            await self._finish(task, started, error=f"{type(exc).__name__}: {exc}")
+        else:
+            await self._finish(task, started, output=output)
+
+    async def _finish(
+        self, task: Task, started: float, *, output: str | None = None, error: str | None = None
+    ) -> None:
+        try:
+            if error is None:
+                written = await self._persist(lambda: self.store.complete(task, output or ""))
+                outcome = "COMPLETE"
+            else:
+                retry_at = None
+                if task.attempts < task.max_attempts:
+                    delay = retry_delay(
+                        task.attempts, base=self.settings.retry_base, cap=self.settings.retry_max
+                    )
+                    retry_at = self.store.clock.now() + _seconds(delay)
+                written = await self._persist(
+                    lambda: self.store.fail(task, error, retry_at=retry_at)
+                )
+                outcome = "FAILED" if retry_at is None else f"retry at {retry_at.isoformat()}"
+            took = time.monotonic() - started
+            if written:
+                logger.info(
+                    "task %s type=%s attempt=%d %s in %.3fs%s",
+                    task.id,
+                    task.type.value,
+                    task.attempts,
+                    outcome,
+                    took,
+                    "" if error is None else f": {error}",
+                )
+            else:
+                logger.warning(
+                    "task %s type=%s attempt=%d: lease lost, result dropped",
+                    task.id,
+                    task.type.value,
+                    task.attempts,
+                )
+        finally:
+            self._forget(task)
+
+    async def _persist(self, write: Callable[[], Awaitable[bool]]) -> bool:
+        """Retry a fenced write through a database outage; the fence makes a retry safe."""
+        backoff = 0.1
+        while True:
+            try:
+                return await write()
+            except DatabaseUnavailable as exc:
+                logger.warning("writing a result failed: %s; retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.settings.heartbeat_interval)
+
+    def _forget(self, task: Task) -> None:
+        assert task.lease is not None
+        self.running.pop(task.lease, None)
+        self._changed.set()
+
+    # -- stopping ---------------------------------------------------------------------
+
+    async def _drain(self, grace: float) -> None:
+        if self.running:
+            logger.info("waiting up to %.1fs for %d running task(s)", grace, len(self.running))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.running and not self._hurry.is_set() and loop.time() < deadline:
+            self._changed.clear()
+            await self._wait(deadline - loop.time())
+
+    async def _release_all(self) -> None:
+        """Cancel what is still running and give it back without counting the attempt."""
+        left = list(self.running.values())
+        for running in left:
+            running.execution.cancel()
+        await asyncio.gather(*(r.execution for r in left), return_exceptions=True)
+        for running in left:
+            if running.lost:
+                continue
+            try:
+                if await self.store.release(running.task):
+                    logger.info("task %s released back to the queue", running.task.id)
+            except DatabaseUnavailable as exc:
+                logger.warning(
+                    "task %s not released (%s); recovery will return it", running.task.id, exc
+                )
+
+
+def _seconds(value: float) -> timedelta:
+    return timedelta(seconds=value)
+
+
+async def serve(settings: Settings) -> None:
+    """Run one worker process until SIGTERM/SIGINT; a second signal stops at once."""
+    client = open_client(
+        settings.effective_mongodb_url, timeout=settings.db_timeout, appname="task-runner-worker"
+    )
+    store = TaskStore(client, database=settings.database, clock=DbClock(skew=settings.clock_skew))
+    try:
+        await _wait_for_database(store)
+        await store.ensure_indexes()
+        async with aiohttp.ClientSession() as http:
+            ctx = TaskContext(
+                http=http,
+                bar_url=settings.bar_url,
+                bar_timeout=settings.bar_timeout,
+                foo_seconds=settings.foo_seconds,
+            )
+            worker = Worker(store, settings, ctx)
+            _install_signal_handlers(worker)
+            await worker.run()
+    finally:
+        await client.close()
+
+
+async def _wait_for_database(store: TaskStore) -> None:
+    backoff = 0.5
+    while True:
+        try:
+            await store.sync_clock()
+            return
+        except DatabaseUnavailable as exc:
+            logger.warning("database not reachable yet (%s); retrying in %.1fs", exc, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 10.0)
+
+
+def _install_signal_handlers(worker: Worker) -> None:
+    loop = asyncio.get_running_loop()
+    signals_seen = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            logger.info(
+                "%s: stopping; running tasks get %.1fs to finish",
+                signal.Signals(signum).name,
+                worker.settings.shutdown_grace,
+            )
+            worker.stop()
+        else:
+            logger.warning("second signal: stopping now")
+            worker.stop_now()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
