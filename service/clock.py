@@ -15,6 +15,11 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
+def to_millis(value: datetime) -> datetime:
+    """Drop what BSON dates cannot hold (below a millisecond), so stored == returned."""
+    return value.replace(microsecond=value.microsecond // 1000 * 1000)
+
+
 class DbClock:
     """Local time plus the measured offset to the database server's clock."""
 
@@ -31,8 +36,8 @@ class DbClock:
         return datetime.now(UTC) + self._skew
 
     def now(self) -> datetime:
-        """The database's current time, as best this process knows it."""
-        return self.local_now() + self._offset
+        """The database's current time, as best this process knows it, in milliseconds."""
+        return to_millis(self.local_now() + self._offset)
 
     @property
     def offset(self) -> timedelta:

@@ -21,7 +21,7 @@ from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
-from service.clock import DbClock
+from service.clock import DbClock, to_millis
 from service.errors import ChangeStreamsUnavailable, DatabaseUnavailable, TaskNotFound
 from service.models import State, Task, TaskType
 
@@ -136,7 +136,7 @@ class TaskStore:
         """Insert a NOTSTARTED task due at `run_at`; None or a past time means now."""
         now = self.clock.now()
         # A past time is stored as now, so lag figures and FIFO order among due tasks hold.
-        run_at = now if run_at is None else max(run_at, now)
+        run_at = now if run_at is None else max(to_millis(run_at), now)
         doc: dict[str, Any] = {
             "_id": ObjectId(),
             "type": task_type.value,

@@ -24,6 +24,19 @@ class TaskContext:
     foo_seconds: float
 
 
+def http_session() -> aiohttp.ClientSession:
+    """The worker's HTTP client: one request per attempt.
+
+    aiohttp silently resends an idempotent request once when the connection drops. Our own
+    retries already back off and record every failure, so that hidden retry is turned off
+    (the same switch aiohttp's test client uses) to keep one attempt = one request.
+    """
+    session = aiohttp.ClientSession()
+    if hasattr(session, "_retry_connection"):
+        session._retry_connection = False
+    return session
+
+
 async def foo(task_id: str, ctx: TaskContext) -> str:
     """Sleep (3 s by default), then name the task."""
     await asyncio.sleep(ctx.foo_seconds)

@@ -16,8 +16,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-import aiohttp
-
 from service.clock import DbClock
 from service.config import Settings
 from service.errors import ChangeStreamsUnavailable, DatabaseUnavailable
@@ -25,7 +23,7 @@ from service.models import Task
 from service.periodic import Periodic
 from service.recovery import Recoverer
 from service.store import TaskStore, open_client
-from service.tasks import TaskContext, run_task
+from service.tasks import TaskContext, http_session, run_task
 
 logger = logging.getLogger(__name__)
 
@@ -308,7 +306,7 @@ async def serve(settings: Settings) -> None:
     try:
         await _wait_for_database(store)
         await store.ensure_indexes()
-        async with aiohttp.ClientSession() as http:
+        async with http_session() as http:
             ctx = TaskContext(
                 http=http,
                 bar_url=settings.bar_url,

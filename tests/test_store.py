@@ -1,0 +1,133 @@
+"""The store against a real server: claim, its query plan, fencing, heartbeat, recovery."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from bson import ObjectId
+
+from service.models import State, TaskType
+from service.store import CLAIM_INDEX, CLAIM_SORT, WORKER_LOST, TaskStore
+
+
+async def make(store: TaskStore, *, in_seconds: float = -1, max_attempts: int = 3) -> str:
+    task = await store.create(
+        task_type=TaskType.BAZ, run_at=store.clock.now() + timedelta(seconds=in_seconds),
+        max_attempts=max_attempts,
+    )
+    return task.id
+
+
+async def test_claim_takes_due_tasks_in_run_at_order_and_never_future(store: TaskStore) -> None:
+    later = await make(store, in_seconds=3600)
+    first = await make(store)
+    second = await make(store)
+    claimed = [await store.claim("w1"), await store.claim("w2"), await store.claim("w3")]
+    assert [t.id if t else None for t in claimed] == [first, second, None]
+    task = claimed[0]
+    assert task is not None
+    assert task.state is State.STARTED
+    assert task.attempts == 1
+    assert task.worker == "w1"
+    assert task.lease and task.lease != claimed[1].lease  # type: ignore[union-attr]
+    assert task.started_at is not None and task.started_at >= task.run_at
+    assert (await store.get(later)).state is State.NOTSTARTED
+
+
+def _stages(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    stages = [plan]
+    while "inputStage" in plan:
+        plan = plan["inputStage"]
+        stages.append(plan)
+    return stages
+
+
+async def test_claim_query_plan_uses_the_index_without_sorting(store: TaskStore) -> None:
+    for _ in range(20):
+        await make(store)
+    explained = await store.tasks.database.command(
+        "explain",
+        {
+            "findAndModify": store.tasks.name,
+            "query": {"state": "NOTSTARTED", "run_at": {"$lte": store.clock.now()}},
+            "sort": dict(CLAIM_SORT),
+            "update": {"$set": {"state": "STARTED"}},
+        },
+        verbosity="queryPlanner",
+    )
+    stages = _stages(explained["queryPlanner"]["winningPlan"])
+    names = [stage["stage"] for stage in stages]
+    assert "SORT" not in names, names
+    scan = [stage for stage in stages if stage["stage"] == "IXSCAN"]
+    assert scan and scan[0]["keyPattern"] == dict(CLAIM_INDEX), names
+    # Nothing was changed by explaining.
+    assert await store.tasks.count_documents({"state": "STARTED"}) == 0
+
+
+async def test_fenced_writes_fail_after_the_lease_is_gone(store: TaskStore) -> None:
+    await make(store)
+    task = await store.claim("w1")
+    assert task is not None
+    await store.tasks.update_one({"_id": ObjectId(task.id)}, {"$set": {"lease": "someone-else"}})
+    assert await store.complete(task, "late") is False
+    assert await store.fail(task, "boom", retry_at=None) is False
+    assert await store.release(task) is False
+    assert (await store.get(task.id)).output is None
+
+
+async def test_heartbeat_refreshes_in_one_write_and_reports_lost_leases(store: TaskStore) -> None:
+    for _ in range(3):
+        await make(store)
+    tasks = [await store.claim("w1") for _ in range(3)]
+    leases = {t.lease for t in tasks if t and t.lease}
+    assert await store.heartbeat(leases) == set()
+    gone = tasks[1]
+    assert gone is not None
+    await store.delete(gone.id)
+    assert await store.heartbeat(leases) == {gone.lease}
+
+
+async def test_recovery_requeues_stale_tasks_and_fails_exhausted_ones(store: TaskStore) -> None:
+    retry = await make(store, max_attempts=2)
+    exhausted = await make(store, max_attempts=1)
+    fresh = await make(store)
+    claimed = {t.id: t for t in [await store.claim("w") for _ in range(3)] if t}
+    old = store.clock.now() - timedelta(seconds=60)
+    await store.tasks.update_many(
+        {"_id": {"$in": [ObjectId(retry), ObjectId(exhausted)]}}, {"$set": {"heartbeat_at": old}}
+    )
+    assert [t.id for t in await store.find_stale(30)] == [retry, exhausted]
+    assert await store.recover_stale(30) == 2
+    assert await store.recover_stale(30) == 0
+    requeued = await store.get(retry)
+    assert requeued.state is State.NOTSTARTED
+    assert requeued.lease is None and requeued.worker is None
+    assert requeued.errors[0].error == WORKER_LOST
+    failed = await store.get(exhausted)
+    assert failed.state is State.FAILED
+    assert failed.error == WORKER_LOST
+    assert failed.finished_at is not None
+    assert (await store.get(fresh)).state is State.STARTED
+    # The lost worker's late result is refused.
+    assert await store.complete(claimed[retry], "late") is False
+
+
+async def test_requeue_puts_a_failed_task_back(store: TaskStore) -> None:
+    task_id = await make(store, max_attempts=1)
+    task = await store.claim("w")
+    assert task is not None
+    assert await store.fail(task, "boom", retry_at=None)
+    requeued = await store.requeue(task_id)
+    assert requeued.state is State.NOTSTARTED
+    assert requeued.attempts == 0
+    assert [e.error for e in requeued.errors] == ["boom"]
+    assert await store.claim("w") is not None
+
+
+async def test_next_run_at_is_the_earliest_waiting(store: TaskStore) -> None:
+    assert await store.next_run_at() is None
+    await make(store, in_seconds=500)
+    soon = await store.create(task_type=TaskType.FOO, run_at=store.clock.now() + timedelta(
+        seconds=100), max_attempts=1)
+    assert await store.next_run_at() == soon.run_at
