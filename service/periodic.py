@@ -6,14 +6,13 @@ import asyncio
 import contextlib
 import logging
 import random
-from abc import ABC, abstractmethod
 
 from service.errors import DatabaseUnavailable
 
 logger = logging.getLogger(__name__)
 
 
-class Periodic(ABC):
+class Periodic:
     """Calls `run_once()` every `interval` seconds (with a little jitter) until stopped."""
 
     def __init__(self, *, interval: float, jitter: float = 0.1) -> None:
@@ -21,9 +20,12 @@ class Periodic(ABC):
         self.jitter = jitter
         self._task: asyncio.Task[None] | None = None
 
-    @abstractmethod
     async def run_once(self) -> object:
-        """One round of the job; tests call it directly."""
+        """One round of the job; tests call it directly. Subclasses implement it."""
+        raise NotImplementedError
+
+    def on_unavailable(self) -> None:
+        """Called when a round failed because the database did not answer."""
 
     def start(self) -> None:
         """Begin running in the background."""
@@ -44,5 +46,6 @@ class Periodic(ABC):
                 await self.run_once()
             except DatabaseUnavailable as exc:
                 logger.warning("%s skipped: %s", type(self).__name__, exc)
+                self.on_unavailable()
             except Exception:
                 logger.exception("%s failed; will try again", type(self).__name__)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from service.periodic import Periodic
 from service.store import TaskStore
@@ -11,18 +12,39 @@ logger = logging.getLogger(__name__)
 
 
 class Recoverer(Periodic):
-    """Runs the store's single conditional recovery update every `interval` seconds."""
+    """Runs the store's single conditional recovery update every `interval` seconds.
+
+    After this process starts or loses the database, it waits until it has seen the
+    database answer for a whole stale threshold before recovering anything: when the
+    database comes back from an outage every heartbeat looks old, and live workers need
+    that long to refresh theirs. Without the wait, a restart of the database would
+    requeue every running task and run it twice.
+    """
 
     def __init__(self, store: TaskStore, *, stale_after: float, interval: float) -> None:
         super().__init__(interval=interval, jitter=0.25)
         self.store = store
         self.stale_after = stale_after
+        self._reachable_since: float | None = None
+
+    def database_lost(self) -> None:
+        """Note that the database did not answer (from any of this process's calls)."""
+        self._reachable_since = None
 
     async def run_once(self) -> int:
         """Recover what is stale now; returns how many tasks were moved."""
+        if self._reachable_since is None:
+            await self.store.ping()
+            self._reachable_since = time.monotonic()
+        if time.monotonic() - self._reachable_since < self.stale_after:
+            return 0
         moved = await self.store.recover_stale(self.stale_after)
         if moved:
             logger.warning(
                 "recovered %d stale task(s) (no heartbeat for %.1fs)", moved, self.stale_after
             )
         return moved
+
+    def on_unavailable(self) -> None:
+        """Periodic's hook: the last round failed for want of the database."""
+        self.database_lost()

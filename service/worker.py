@@ -65,6 +65,10 @@ class Heartbeat(Periodic):
             self.worker.abandon(lease)
         return lost
 
+    def on_unavailable(self) -> None:
+        """A heartbeat failed: recovery must wait for the database to be back long enough."""
+        self.worker.recoverer.database_lost()
+
 
 class Worker:
     """Claims due tasks and runs up to `settings.concurrency` of them at once."""
@@ -150,6 +154,7 @@ class Worker:
                     self._start(task)
                 backoff = 0.1
             except DatabaseUnavailable as exc:
+                self.recoverer.database_lost()
                 logger.warning("claim failed: %s; retrying in %.1fs", exc, backoff)
                 await self._wait(backoff)
                 backoff = min(backoff * 2, self.settings.max_poll_interval)

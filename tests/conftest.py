@@ -90,13 +90,13 @@ async def api(
 
 
 async def eventually(
-    check: Callable[[], Awaitable[bool]], *, timeout: float = 30.0, interval: float = 0.05
+    check: Callable[[], Awaitable[bool]], *, within: float = 30.0, interval: float = 0.05
 ) -> None:
     """Poll `check` until it is true; fail the test at the deadline."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while not await check():
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
+            raise AssertionError(f"condition not met within {within}s")
         await asyncio.sleep(interval)
 
 
@@ -158,15 +158,14 @@ class WorkerProcess:
 
 
 @pytest.fixture
-def spawn_worker(
-    settings: Settings, tmp_path: Path
-) -> Iterator[Callable[..., WorkerProcess]]:
+def spawn_worker(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     """Start worker processes on the test's database; every one is killed at the end."""
     started: list[WorkerProcess] = []
 
     def spawn(**overrides: Any) -> WorkerProcess:
-        worker = WorkerProcess(settings_env(settings, **overrides), tmp_path,
-                               f"worker{len(started)}")
+        worker = WorkerProcess(
+            settings_env(settings, **overrides), tmp_path, f"worker{len(started)}"
+        )
         started.append(worker)
         return worker
 
@@ -178,13 +177,14 @@ def spawn_worker(
             worker.process.wait()
 
 
-async def wait_until_started(worker: WorkerProcess, timeout: float = 20.0) -> None:
+async def wait_until_started(worker: WorkerProcess, within: float = 20.0) -> None:
     """Wait for the worker's 'started' log line."""
+
     async def started() -> bool:
         assert worker.alive(), worker.stderr()
         return " started: " in worker.stderr()
 
-    await eventually(started, timeout=timeout)
+    await eventually(started, within=within)
 
 
 class StubHttpServer:
@@ -239,8 +239,10 @@ class StubHttpServer:
         if self.hang:
             await self._closing.wait()
         elif self.requests > self.drop_first:
-            writer.write(f"HTTP/1.1 {self.status} Stub\r\nContent-Length: 0\r\n"
-                         "Connection: close\r\n\r\n".encode())
+            writer.write(
+                f"HTTP/1.1 {self.status} Stub\r\nContent-Length: 0\r\n"
+                "Connection: close\r\n\r\n".encode()
+            )
             await writer.drain()
 
 

@@ -99,8 +99,15 @@ async def test_list_paginates_in_run_at_then_id_order(api: Client) -> None:
 
 
 async def test_list_rejects_bad_filters(api: Client) -> None:
-    for query in ("state=RUNNING", "type=qux", "limit=0", "limit=1001", "cursor=abc", "x=1",
-                  "state=STARTED&state=COMPLETE"):
+    for query in (
+        "state=RUNNING",
+        "type=qux",
+        "limit=0",
+        "limit=1001",
+        "cursor=abc",
+        "x=1",
+        "state=STARTED&state=COMPLETE",
+    ):
         response = await api.get(f"/tasks?{query}")
         assert response.status == 400, query
         assert (await response.json())["error"]["code"] == "invalid_request"
@@ -123,7 +130,9 @@ async def test_create_rejects_bad_input_and_stores_nothing(api: Client, store: T
         response = await api.post("/tasks", json=body)
         assert response.status == 400, body
         assert (await response.json())["error"]["code"] == "invalid_request"
-    response = await api.post("/tasks", data="{not json", headers={"Content-Type": "application/json"})
+    response = await api.post(
+        "/tasks", data="{not json", headers={"Content-Type": "application/json"}
+    )
     assert response.status == 400
     response = await api.post("/tasks", data="type=foo")
     assert response.status == 415

@@ -21,14 +21,12 @@ async def test_three_workers_run_200_mixed_tasks_exactly_once(
     for worker in workers:
         await wait_until_started(worker)
     types = [random.choice(list(TaskType)) for _ in range(200)]
-    created = [
-        await store.create(task_type=t, run_at=None, max_attempts=1) for t in types
-    ]
+    created = [await store.create(task_type=t, run_at=None, max_attempts=1) for t in types]
 
     async def all_complete() -> bool:
         return await store.tasks.count_documents({"state": State.COMPLETE.value}) == 200
 
-    await eventually(all_complete, timeout=120)
+    await eventually(all_complete, within=120)
     for worker in workers:
         worker.signal(signal.SIGTERM)
     assert [worker.wait() for worker in workers] == [0, 0, 0]

@@ -13,7 +13,8 @@ from service.store import CLAIM_INDEX, CLAIM_SORT, WORKER_LOST, TaskStore
 
 async def make(store: TaskStore, *, in_seconds: float = -1, max_attempts: int = 3) -> str:
     task = await store.create(
-        task_type=TaskType.BAZ, run_at=store.clock.now() + timedelta(seconds=in_seconds),
+        task_type=TaskType.BAZ,
+        run_at=store.clock.now() + timedelta(seconds=in_seconds),
         max_attempts=max_attempts,
     )
     return task.id
@@ -128,6 +129,7 @@ async def test_requeue_puts_a_failed_task_back(store: TaskStore) -> None:
 async def test_next_run_at_is_the_earliest_waiting(store: TaskStore) -> None:
     assert await store.next_run_at() is None
     await make(store, in_seconds=500)
-    soon = await store.create(task_type=TaskType.FOO, run_at=store.clock.now() + timedelta(
-        seconds=100), max_attempts=1)
+    soon = await store.create(
+        task_type=TaskType.FOO, run_at=store.clock.now() + timedelta(seconds=100), max_attempts=1
+    )
     assert await store.next_run_at() == soon.run_at

@@ -25,8 +25,9 @@ async def test_foo_prints_its_id(ctx: TaskContext, capsys: Any) -> None:
     assert capsys.readouterr().out == "Foo abc123\n"
 
 
-async def test_bar_prints_the_status_code(ctx: TaskContext, http_stub: StubHttpServer,
-                                          capsys: Any) -> None:
+async def test_bar_prints_the_status_code(
+    ctx: TaskContext, http_stub: StubHttpServer, capsys: Any
+) -> None:
     assert await run_task(TaskType.BAR, "x", ctx) == "418"
     http_stub.status = 503
     assert await run_task(TaskType.BAR, "x", ctx) == "503"
@@ -34,8 +35,9 @@ async def test_bar_prints_the_status_code(ctx: TaskContext, http_stub: StubHttpS
     assert http_stub.requests == 2
 
 
-async def test_bar_raises_when_the_connection_drops(ctx: TaskContext,
-                                                    http_stub: StubHttpServer) -> None:
+async def test_bar_raises_when_the_connection_drops(
+    ctx: TaskContext, http_stub: StubHttpServer
+) -> None:
     http_stub.drop_first = 1
     with pytest.raises(aiohttp.ClientError):
         await run_task(TaskType.BAR, "x", ctx)

@@ -1,0 +1,233 @@
+"""Exactly once through crashes, freezes, stops, deletes and skewed clocks, with real
+worker processes killed, stopped and signalled for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import timedelta
+
+from bson import ObjectId
+
+from service.models import State, Task, TaskType
+from service.store import WORKER_LOST, TaskStore
+from tests.conftest import (
+    StubHttpServer,
+    WorkerProcess,
+    all_tasks,
+    eventually,
+    wait_until_started,
+)
+
+Spawn = Callable[..., WorkerProcess]
+COMPLETED = re.compile(r"task (\w+) type=\w+ attempt=(\d+) COMPLETE")
+
+
+def completions(workers: list[WorkerProcess]) -> Counter[str]:
+    """How many times each task id was written COMPLETE, from every worker's log."""
+    return Counter(m.group(1) for w in workers for m in COMPLETED.finditer(w.stderr()))
+
+
+async def create_many(store: TaskStore, types: list[TaskType], *, max_attempts: int = 3
+                      ) -> list[Task]:
+    return [await store.create(task_type=t, run_at=None, max_attempts=max_attempts)
+            for t in types]
+
+
+async def wait_for_state(store: TaskStore, task_id: str, state: State, *, within: float = 30
+                         ) -> Task:
+    async def reached() -> bool:
+        return (await store.get(task_id)).state is state
+
+    await eventually(reached, within=within)
+    return await store.get(task_id)
+
+
+async def test_kill_9_two_of_four_workers_mid_run(store: TaskStore, spawn_worker: Spawn) -> None:
+    workers = [spawn_worker(concurrency=5, foo_seconds=1.0) for _ in range(4)]
+    for worker in workers:
+        await wait_until_started(worker)
+    created = await create_many(store, [TaskType.FOO, TaskType.BAZ] * 150)
+    victims = workers[:2]
+
+    async def victims_busy() -> bool:
+        held = await store.tasks.count_documents(
+            {"state": "STARTED", "worker": {"$in": [v.worker_id for v in victims]}})
+        return held >= 6
+
+    await eventually(victims_busy)
+    for victim in victims:
+        victim.process.kill()
+        victim.wait()
+    killed_at = store.clock.now()
+    held = {t.id: t for t in await all_tasks(store)
+            if t.state is State.STARTED and t.worker in {v.worker_id for v in victims}}
+    assert held
+
+    async def all_complete() -> bool:
+        return await store.tasks.count_documents({"state": "COMPLETE"}) == len(created)
+
+    await eventually(all_complete, within=120)
+    tasks = {t.id: t for t in await all_tasks(store)}
+    survivors = workers[2:]
+    for task_id, before in held.items():
+        after = tasks[task_id]
+        # Re-run elsewhere, once the killed worker's heartbeat went stale.
+        assert after.worker in {s.worker_id for s in survivors}
+        assert after.attempts == 2
+        assert [e.error for e in after.errors] == [WORKER_LOST]
+        assert before.heartbeat_at is not None and after.started_at is not None
+        assert after.started_at >= before.heartbeat_at + timedelta(seconds=2.0)
+        assert after.started_at >= killed_at
+    # Each task was written COMPLETE exactly once, by exactly one worker.
+    done = completions(workers)
+    assert set(done) == set(tasks)
+    assert max(done.values()) == 1
+    assert all(t.attempts == 1 for t in tasks.values() if t.id not in held)
+
+
+async def test_frozen_worker_late_result_is_rejected(store: TaskStore, spawn_worker: Spawn) -> None:
+    frozen = spawn_worker(concurrency=1, foo_seconds=3.0)
+    await wait_until_started(frozen)
+    task = (await create_many(store, [TaskType.FOO]))[0]
+    claimed = await wait_for_state(store, task.id, State.STARTED)
+    assert claimed.worker == frozen.worker_id
+    frozen.signal(signal.SIGSTOP)
+    rescuer = spawn_worker(concurrency=1, foo_seconds=0.1)
+    done = await wait_for_state(store, task.id, State.COMPLETE, within=30)
+    assert done.worker == rescuer.worker_id
+    assert done.attempts == 2
+    frozen.signal(signal.SIGCONT)
+
+    async def frozen_gave_up() -> bool:
+        return "lease lost" in frozen.stderr()
+
+    await eventually(frozen_gave_up, within=10)
+    after = await store.get(task.id)
+    assert after.worker == rescuer.worker_id
+    assert after.finished_at == done.finished_at
+    assert completions([frozen, rescuer]) == Counter({task.id: 1})
+    assert COMPLETED.search(frozen.stderr()) is None
+
+
+async def test_sigterm_drains_then_releases_without_losing_an_attempt(
+    store: TaskStore, spawn_worker: Spawn
+) -> None:
+    leaving = spawn_worker(concurrency=4, foo_seconds=30.0, shutdown_grace=0.5)
+    await wait_until_started(leaving)
+    tasks = await create_many(store, [TaskType.FOO] * 3)
+    for task in tasks:
+        await wait_for_state(store, task.id, State.STARTED)
+    started = time.monotonic()
+    leaving.signal(signal.SIGTERM)
+    assert leaving.wait() == 0
+    assert time.monotonic() - started < 10
+    for task in tasks:
+        released = await store.get(task.id)
+        assert released.state is State.NOTSTARTED
+        assert released.attempts == 0
+        assert released.lease is None and released.worker is None
+    successor = spawn_worker(concurrency=4, foo_seconds=0.1)
+    for task in tasks:
+        done = await wait_for_state(store, task.id, State.COMPLETE)
+        assert done.attempts == 1
+        assert done.worker == successor.worker_id
+    assert leaving.stdout_lines() == []
+
+
+async def test_sigterm_lets_short_tasks_finish(store: TaskStore, spawn_worker: Spawn) -> None:
+    worker = spawn_worker(concurrency=4, foo_seconds=1.5, shutdown_grace=20)
+    await wait_until_started(worker)
+    tasks = await create_many(store, [TaskType.FOO] * 2)
+    for task in tasks:
+        await wait_for_state(store, task.id, State.STARTED)
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0
+    for task in tasks:
+        assert (await store.get(task.id)).state is State.COMPLETE
+    assert sorted(worker.stdout_lines()) == sorted(f"Foo {t.id}" for t in tasks)
+
+
+async def test_deleting_a_running_task_stops_it_within_a_heartbeat(
+    store: TaskStore, spawn_worker: Spawn
+) -> None:
+    worker = spawn_worker(concurrency=2, foo_seconds=30.0)
+    await wait_until_started(worker)
+    task = (await create_many(store, [TaskType.FOO]))[0]
+    await wait_for_state(store, task.id, State.STARTED)
+    await store.delete(task.id)
+    deleted_at = time.monotonic()
+
+    async def stopped() -> bool:
+        return f"task {task.id} lease lost" in worker.stderr()
+
+    await eventually(stopped, within=5)
+    # Heartbeat interval 0.5 s in tests; allow for a loaded machine.
+    assert time.monotonic() - deleted_at < 3
+    await asyncio.sleep(0.6)
+    assert await store.tasks.count_documents({"_id": ObjectId(task.id)}) == 0
+    assert worker.stdout_lines() == []
+    assert worker.alive()
+
+
+async def test_skewed_clocks_neither_start_early_nor_recover_live_tasks(
+    store: TaskStore, spawn_worker: Spawn
+) -> None:
+    honest = spawn_worker(concurrency=1, foo_seconds=6.0)
+    await wait_until_started(honest)
+    live = (await create_many(store, [TaskType.FOO]))[0]
+    await wait_for_state(store, live.id, State.STARTED)
+    ahead = spawn_worker(concurrency=2, clock_skew=600)
+    behind = spawn_worker(concurrency=2, clock_skew=-600)
+    for worker in (ahead, behind):
+        await wait_until_started(worker)
+    future = await store.create(task_type=TaskType.BAZ,
+                                run_at=store.clock.now() + timedelta(minutes=5), max_attempts=1)
+    due = (await create_many(store, [TaskType.BAZ]))[0]
+    # The slow clock's worker must still take due work on time.
+    assert (await wait_for_state(store, due.id, State.COMPLETE, within=5)).worker in {
+        ahead.worker_id, behind.worker_id}
+    done = await wait_for_state(store, live.id, State.COMPLETE, within=30)
+    assert done.attempts == 1
+    assert done.errors == ()
+    assert done.worker == honest.worker_id
+    assert (await store.get(future.id)).state is State.NOTSTARTED
+    for worker in (ahead, behind):
+        assert "off the database clock by" in worker.stderr()
+        assert "recovered" not in worker.stderr()
+
+
+async def test_bar_retries_with_backoff_then_completes(
+    store: TaskStore, spawn_worker: Spawn, http_stub: StubHttpServer
+) -> None:
+    http_stub.drop_first = 2
+    http_stub.status = 500
+    spawn_worker(bar_url=http_stub.url)
+    task = (await create_many(store, [TaskType.BAR], max_attempts=3))[0]
+    done = await wait_for_state(store, task.id, State.COMPLETE)
+    assert done.attempts == 3
+    assert done.output == "500"
+    assert [e.attempt for e in done.errors] == [1, 2]
+    assert all("ServerDisconnected" in e.error for e in done.errors)
+    assert done.errors[0].at < done.errors[1].at
+    assert http_stub.requests == 3
+
+
+async def test_bar_that_never_answers_fails_after_max_attempts(
+    store: TaskStore, spawn_worker: Spawn, http_stub: StubHttpServer
+) -> None:
+    http_stub.hang = True
+    spawn_worker(bar_url=http_stub.url, bar_timeout=0.3)
+    task = (await create_many(store, [TaskType.BAR], max_attempts=2))[0]
+    failed = await wait_for_state(store, task.id, State.FAILED)
+    assert failed.attempts == 2
+    assert len(failed.errors) == 2
+    assert all("TimeoutError" in e.error for e in failed.errors)
+    assert failed.error == failed.errors[-1].error
+    assert failed.output is None
+    assert http_stub.requests == 2
