@@ -33,14 +33,15 @@ def completions(workers: list[WorkerProcess]) -> Counter[str]:
     return Counter(m.group(1) for w in workers for m in COMPLETED.finditer(w.stderr()))
 
 
-async def create_many(store: TaskStore, types: list[TaskType], *, max_attempts: int = 3
-                      ) -> list[Task]:
-    return [await store.create(task_type=t, run_at=None, max_attempts=max_attempts)
-            for t in types]
+async def create_many(
+    store: TaskStore, types: list[TaskType], *, max_attempts: int = 3
+) -> list[Task]:
+    return [await store.create(task_type=t, run_at=None, max_attempts=max_attempts) for t in types]
 
 
-async def wait_for_state(store: TaskStore, task_id: str, state: State, *, within: float = 30
-                         ) -> Task:
+async def wait_for_state(
+    store: TaskStore, task_id: str, state: State, *, within: float = 30
+) -> Task:
     async def reached() -> bool:
         return (await store.get(task_id)).state is state
 
@@ -57,7 +58,8 @@ async def test_kill_9_two_of_four_workers_mid_run(store: TaskStore, spawn_worker
 
     async def victims_busy() -> bool:
         held = await store.tasks.count_documents(
-            {"state": "STARTED", "worker": {"$in": [v.worker_id for v in victims]}})
+            {"state": "STARTED", "worker": {"$in": [v.worker_id for v in victims]}}
+        )
         return held >= 6
 
     await eventually(victims_busy)
@@ -65,8 +67,11 @@ async def test_kill_9_two_of_four_workers_mid_run(store: TaskStore, spawn_worker
         victim.process.kill()
         victim.wait()
     killed_at = store.clock.now()
-    held = {t.id: t for t in await all_tasks(store)
-            if t.state is State.STARTED and t.worker in {v.worker_id for v in victims}}
+    held = {
+        t.id: t
+        for t in await all_tasks(store)
+        if t.state is State.STARTED and t.worker in {v.worker_id for v in victims}
+    }
     assert held
 
     async def all_complete() -> bool:
@@ -186,12 +191,15 @@ async def test_skewed_clocks_neither_start_early_nor_recover_live_tasks(
     behind = spawn_worker(concurrency=2, clock_skew=-600)
     for worker in (ahead, behind):
         await wait_until_started(worker)
-    future = await store.create(task_type=TaskType.BAZ,
-                                run_at=store.clock.now() + timedelta(minutes=5), max_attempts=1)
+    future = await store.create(
+        task_type=TaskType.BAZ, run_at=store.clock.now() + timedelta(minutes=5), max_attempts=1
+    )
     due = (await create_many(store, [TaskType.BAZ]))[0]
     # The slow clock's worker must still take due work on time.
     assert (await wait_for_state(store, due.id, State.COMPLETE, within=5)).worker in {
-        ahead.worker_id, behind.worker_id}
+        ahead.worker_id,
+        behind.worker_id,
+    }
     done = await wait_for_state(store, live.id, State.COMPLETE, within=30)
     assert done.attempts == 1
     assert done.errors == ()
