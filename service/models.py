@@ -41,6 +41,7 @@ class AttemptError:
     attempt: int
     error: str
     at: datetime
+    worker: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

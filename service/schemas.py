@@ -116,6 +116,7 @@ class AttemptErrorSchema(Schema):
     attempt = fields.Integer()
     error = fields.String()
     at = RunAt()
+    worker = fields.String(allow_none=True)
 
 
 class TaskSchema(Schema):

@@ -294,7 +294,7 @@ class TaskStore:
     async def fail(self, task: Task, error: str, *, retry_at: datetime | None) -> bool:
         """Record a failed attempt: back to NOTSTARTED at `retry_at`, or FAILED if None."""
         now = self.clock.now()
-        entry = {"attempt": task.attempts, "error": error, "at": now}
+        entry = {"attempt": task.attempts, "error": error, "at": now, "worker": task.worker}
         if retry_at is None:
             update: dict[str, Any] = {
                 "$set": {"state": State.FAILED.value, "finished_at": now, "error": error},
@@ -361,7 +361,14 @@ class TaskStore:
                         "errors": {
                             "$concatArrays": [
                                 {"$ifNull": ["$errors", []]},
-                                [{"attempt": "$attempts", "error": WORKER_LOST, "at": now}],
+                                [
+                                    {
+                                        "attempt": "$attempts",
+                                        "error": WORKER_LOST,
+                                        "at": now,
+                                        "worker": "$worker",
+                                    }
+                                ],
                             ]
                         },
                     }

@@ -89,11 +89,19 @@ async def test_kill_9_two_of_four_workers_mid_run(store: TaskStore, spawn_worker
         assert before.heartbeat_at is not None and after.started_at is not None
         assert after.started_at >= before.heartbeat_at + timedelta(seconds=2.0)
         assert after.started_at >= killed_at
-    # Each task was written COMPLETE exactly once, by exactly one worker.
-    done = completions(workers)
-    assert set(done) == set(tasks)
-    assert max(done.values()) == 1
-    assert all(t.attempts == 1 for t in tasks.values() if t.id not in held)
+    # No task was written COMPLETE twice. (A killed worker may have written one and died
+    # before logging it, so the survivors' logs are matched against the database.)
+    assert max(completions(workers).values()) == 1
+    survivor_ids = {s.worker_id for s in survivors}
+    assert set(completions(survivors)) == {t.id for t in tasks.values() if t.worker in survivor_ids}
+    # Re-run tasks are exactly those the killed workers held (a claim still in flight when
+    # the process died may add one to those seen above), and each ran again only once.
+    rerun = {t.id: t for t in tasks.values() if t.attempts != 1}
+    assert set(held) <= set(rerun)
+    victim_ids = {v.worker_id for v in victims}
+    for task in rerun.values():
+        assert task.attempts == 2
+        assert [(e.error, e.worker in victim_ids) for e in task.errors] == [(WORKER_LOST, True)]
 
 
 async def test_frozen_worker_late_result_is_rejected(store: TaskStore, spawn_worker: Spawn) -> None:
