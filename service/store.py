@@ -61,6 +61,11 @@ def _unavailable(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     return wrapper
 
 
+def new_lease() -> str:
+    """A fresh fencing token for one claim."""
+    return uuid.uuid4().hex
+
+
 def object_id(task_id: str) -> ObjectId:
     """Parse a task id; an id that cannot exist is simply not found."""
     try:
@@ -134,8 +139,9 @@ class TaskStore:
         self, *, task_type: TaskType, run_at: datetime | None, max_attempts: int
     ) -> Task:
         """Insert a NOTSTARTED task due at `run_at`; None or a past time means now."""
-        now = self.clock.now()
+        # "Now" is a time the database has surely reached, so the task is due at once.
         # A past time is stored as now, so lag figures and FIFO order among due tasks hold.
+        now = self.clock.surely_now()
         run_at = now if run_at is None else max(to_millis(run_at), now)
         doc: dict[str, Any] = {
             "_id": ObjectId(),
@@ -205,24 +211,29 @@ class TaskStore:
     # -- the worker's operations ------------------------------------------------------
 
     @_unavailable
-    async def claim(self, worker_id: str) -> Task | None:
-        """Atomically take the next due task: one find_one_and_update, or None."""
-        now = self.clock.now()
+    async def claim(self, worker_id: str, *, lease: str) -> Task | None:
+        """Atomically take the next due task: one find_one_and_update, or None.
+
+        The caller picks the lease, so that if the reply is lost it can ask with
+        `claimed(lease)` whether the claim landed.
+        """
         doc = await self.tasks.find_one_and_update(
-            {"state": State.NOTSTARTED.value, "run_at": {"$lte": now}},
+            {"state": State.NOTSTARTED.value, "run_at": {"$lte": self.clock.surely_now()}},
             {
-                "$set": {
-                    "state": State.STARTED.value,
-                    "lease": uuid.uuid4().hex,
-                    "worker": worker_id,
-                    "started_at": now,
-                    "heartbeat_at": now,
-                },
+                "$set": {"state": State.STARTED.value, "lease": lease, "worker": worker_id},
+                # Stamped by the server's own clock: the times that staleness is judged on.
+                "$currentDate": {"started_at": True, "heartbeat_at": True},
                 "$inc": {"attempts": 1},
             },
             sort=CLAIM_SORT,
             return_document=ReturnDocument.AFTER,
         )
+        return None if doc is None else Task.from_document(doc)
+
+    @_unavailable
+    async def claimed(self, lease: str) -> Task | None:
+        """The task a claim with this lease took, if it landed and still holds."""
+        doc = await self.tasks.find_one({"lease": lease, "state": State.STARTED.value})
         return None if doc is None else Task.from_document(doc)
 
     @_unavailable
@@ -270,7 +281,7 @@ class TaskStore:
         if not leases:
             return set()
         fence = {"state": State.STARTED.value, "lease": {"$in": list(leases)}}
-        result = await self.tasks.update_many(fence, {"$set": {"heartbeat_at": self.clock.now()}})
+        result = await self.tasks.update_many(fence, {"$currentDate": {"heartbeat_at": True}})
         if result.matched_count == len(leases):
             return set()
         alive = {doc["lease"] async for doc in self.tasks.find(fence, projection={"lease": True})}
@@ -279,16 +290,11 @@ class TaskStore:
     @_unavailable
     async def complete(self, task: Task, output: str) -> bool:
         """Mark COMPLETE; False if the lease was lost (the result is then dropped)."""
-        return await self._fenced(
-            task,
-            {
-                "$set": {
-                    "state": State.COMPLETE.value,
-                    "finished_at": self.clock.now(),
-                    "output": output,
-                },
-            },
-        )
+        update = {
+            "$set": {"state": State.COMPLETE.value, "output": output},
+            "$currentDate": {"finished_at": True},
+        }
+        return await self._fenced(task, update, State.COMPLETE)
 
     @_unavailable
     async def fail(self, task: Task, error: str, *, retry_at: datetime | None) -> bool:
@@ -296,40 +302,50 @@ class TaskStore:
         now = self.clock.now()
         entry = {"attempt": task.attempts, "error": error, "at": now, "worker": task.worker}
         if retry_at is None:
+            state = State.FAILED
             update: dict[str, Any] = {
-                "$set": {"state": State.FAILED.value, "finished_at": now, "error": error},
+                "$set": {"state": state.value},
+                "$currentDate": {"finished_at": True},
             }
         else:
+            state = State.NOTSTARTED
             update = {
-                "$set": {"state": State.NOTSTARTED.value, "run_at": retry_at, "error": error},
-                "$unset": {"lease": "", "worker": "", "heartbeat_at": ""},
+                "$set": {"state": state.value, "run_at": retry_at},
+                "$unset": {"worker": "", "heartbeat_at": ""},
             }
+        update["$set"]["error"] = error
         update["$push"] = {"errors": entry}
-        return await self._fenced(task, update)
+        return await self._fenced(task, update, state)
 
     @_unavailable
     async def release(self, task: Task) -> bool:
         """Give a task back unrun (graceful shutdown); the attempt does not count."""
-        return await self._fenced(
-            task,
-            {
-                "$set": {"state": State.NOTSTARTED.value},
-                "$inc": {"attempts": -1},
-                "$unset": {"lease": "", "worker": "", "heartbeat_at": "", "started_at": ""},
-            },
-        )
+        update = {
+            "$set": {"state": State.NOTSTARTED.value},
+            "$inc": {"attempts": -1},
+            "$unset": {"worker": "", "heartbeat_at": "", "started_at": ""},
+        }
+        return await self._fenced(task, update, State.NOTSTARTED)
 
-    async def _fenced(self, task: Task, update: dict[str, Any]) -> bool:
-        result = await self.tasks.update_one(
-            {"_id": ObjectId(task.id), "lease": task.lease, "state": State.STARTED.value},
-            update,
-        )
-        return result.modified_count == 1
+    async def _fenced(self, task: Task, update: dict[str, Any], state: State) -> bool:
+        """Apply `update` only while this claim's lease holds the task STARTED.
+
+        The lease stays on the document, so when a write is retried after its reply was lost
+        (a database outage), finding our lease already in the target state shows it landed.
+        Nobody else can put our lease there: recovery removes it, a new claim replaces it.
+        """
+        oid = ObjectId(task.id)
+        fence = {"_id": oid, "lease": task.lease, "state": State.STARTED.value}
+        result = await self.tasks.update_one(fence, update)
+        if result.modified_count == 1:
+            return True
+        landed = {"_id": oid, "lease": task.lease, "state": state.value}
+        return await self.tasks.count_documents(landed, limit=1) == 1
 
     # -- recovery and operations ------------------------------------------------------
 
     def _stale_filter(self, stale_after: float) -> dict[str, Any]:
-        cutoff = self.clock.now() - timedelta(seconds=stale_after)
+        cutoff = self.clock.surely_now() - timedelta(seconds=stale_after)
         return {"state": State.STARTED.value, "heartbeat_at": {"$lt": cutoff}}
 
     @_unavailable
@@ -386,7 +402,7 @@ class TaskStore:
             {
                 "$set": {
                     "state": State.NOTSTARTED.value,
-                    "run_at": self.clock.now(),
+                    "run_at": self.clock.surely_now(),
                     "attempts": 0,
                 },
                 "$unset": {"finished_at": "", "lease": "", "worker": "", "heartbeat_at": ""},
@@ -405,7 +421,7 @@ class TaskStore:
         async for row in await self.tasks.aggregate(pipeline):
             counts[(row["_id"]["state"], row["_id"]["type"])] = row["n"]
         oldest = await self.tasks.find_one(
-            {"state": State.NOTSTARTED.value, "run_at": {"$lte": self.clock.now()}},
+            {"state": State.NOTSTARTED.value, "run_at": {"$lte": self.clock.surely_now()}},
             sort=CLAIM_SORT,
         )
         stale = await self.tasks.count_documents(self._stale_filter(stale_after))

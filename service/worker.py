@@ -22,7 +22,7 @@ from service.errors import ChangeStreamsUnavailable, DatabaseUnavailable
 from service.models import Task
 from service.periodic import Periodic
 from service.recovery import Recoverer
-from service.store import TaskStore, open_client
+from service.store import TaskStore, new_lease, open_client
 from service.tasks import TaskContext, http_session, run_task
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class Running:
     task: Task
     execution: asyncio.Task[None]
     lost: bool = False
+    finishing: bool = False  # the task ran; its result is being written
 
 
 class Heartbeat(Periodic):
@@ -60,7 +61,12 @@ class Heartbeat(Periodic):
         store = self.worker.store
         if store.clock.needs_sync():
             await store.sync_clock()
+        began = time.monotonic()
         lost = await store.heartbeat(self.worker.running)
+        took = time.monotonic() - began
+        if took > self.interval:
+            # Heartbeats this slow eat into the stale threshold: say so before it bites.
+            logger.warning("heartbeat for %d task(s) took %.2fs", len(self.worker.running), took)
         for lease in lost:
             self.worker.abandon(lease)
         return lost
@@ -94,6 +100,7 @@ class Worker:
         self._hurry = asyncio.Event()
         self._changed = asyncio.Event()  # a slot freed, new work arrived, or stop was asked
         self._sleep_until: datetime | None = None
+        self._unconfirmed_lease: str | None = None
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -128,7 +135,8 @@ class Worker:
     def abandon(self, lease: str) -> None:
         """The task's lease is gone (deleted or recovered): stop it and write nothing back."""
         running = self.running.get(lease)
-        if running is not None and not running.lost:
+        # A result being written finds out by itself: its write is fenced on the lease.
+        if running is not None and not running.lost and not running.finishing:
             running.lost = True
             running.execution.cancel()
             logger.warning(
@@ -147,7 +155,7 @@ class Worker:
             # Cleared before the claim so a wake-up arriving meanwhile is not missed.
             self._changed.clear()
             try:
-                task = await self.store.claim(self.worker_id)
+                task = await self._claim()
                 if task is None:
                     await self._sleep_until_due()
                 else:
@@ -159,13 +167,29 @@ class Worker:
                 await self._wait(backoff)
                 backoff = min(backoff * 2, self.settings.max_poll_interval)
 
+    async def _claim(self) -> Task | None:
+        # A claim whose reply was lost (the database went away mid-call) may have landed:
+        # ask for its lease before claiming anew, or the task would sit STARTED, held by
+        # nobody, until recovery.
+        if self._unconfirmed_lease is not None:
+            task = await self.store.claimed(self._unconfirmed_lease)
+            self._unconfirmed_lease = None
+            if task is not None:
+                logger.info("task %s: claim confirmed after reconnecting", task.id)
+                return task
+        lease = new_lease()
+        self._unconfirmed_lease = lease
+        task = await self.store.claim(self.worker_id, lease=lease)
+        self._unconfirmed_lease = None
+        return task
+
     async def _sleep_until_due(self) -> None:
         timeout = self.settings.max_poll_interval
         next_run_at = await self.store.next_run_at()
         if next_run_at is not None:
-            due_in = (next_run_at - self.store.clock.now()).total_seconds()
+            due_in = (next_run_at - self.store.clock.surely_now()).total_seconds()
             timeout = min(timeout, max(due_in, 0.0))
-        self._sleep_until = self.store.clock.now() + _seconds(timeout)
+        self._sleep_until = self.store.clock.surely_now() + _seconds(timeout)
         await self._wait(timeout)
         self._sleep_until = None
 
@@ -210,9 +234,17 @@ class Worker:
             self._forget(task)
             raise
         except Exception as exc:
+            self._mark_finishing(task)
             await self._finish(task, started, error=f"{type(exc).__name__}: {exc}")
         else:
+            self._mark_finishing(task)
             await self._finish(task, started, output=output)
+
+    def _mark_finishing(self, task: Task) -> None:
+        assert task.lease is not None
+        running = self.running.get(task.lease)
+        if running is not None:
+            running.finishing = True
 
     async def _finish(
         self, task: Task, started: float, *, output: str | None = None, error: str | None = None

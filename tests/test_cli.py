@@ -11,7 +11,7 @@ from bson import ObjectId
 
 from service.config import Settings
 from service.models import State, TaskType
-from service.store import TaskStore
+from service.store import TaskStore, new_lease
 from tests.conftest import settings_env
 
 
@@ -31,7 +31,7 @@ async def task_runner(
 async def stuck_task(store: TaskStore, *, max_attempts: int = 3) -> str:
     """A task claimed by a worker that has been silent for ten minutes."""
     await store.create(task_type=TaskType.FOO, run_at=None, max_attempts=max_attempts)
-    task = await store.claim("gone-host:123")
+    task = await store.claim("gone-host:123", lease=new_lease())
     assert task is not None
     old = store.clock.now() - timedelta(seconds=600)
     await store.tasks.update_one({"_id": ObjectId(task.id)}, {"$set": {"heartbeat_at": old}})

@@ -8,7 +8,7 @@ from typing import Any
 from bson import ObjectId
 
 from service.models import State, TaskType
-from service.store import CLAIM_INDEX, CLAIM_SORT, WORKER_LOST, TaskStore
+from service.store import CLAIM_INDEX, CLAIM_SORT, WORKER_LOST, TaskStore, new_lease
 
 
 async def make(store: TaskStore, *, in_seconds: float = -1, max_attempts: int = 3) -> str:
@@ -24,7 +24,11 @@ async def test_claim_takes_due_tasks_in_run_at_order_and_never_future(store: Tas
     later = await make(store, in_seconds=3600)
     first = await make(store)
     second = await make(store)
-    claimed = [await store.claim("w1"), await store.claim("w2"), await store.claim("w3")]
+    claimed = [
+        await store.claim("w1", lease=new_lease()),
+        await store.claim("w2", lease=new_lease()),
+        await store.claim("w3", lease=new_lease()),
+    ]
     assert [t.id if t else None for t in claimed] == [first, second, None]
     task = claimed[0]
     assert task is not None
@@ -68,7 +72,7 @@ async def test_claim_query_plan_uses_the_index_without_sorting(store: TaskStore)
 
 async def test_fenced_writes_fail_after_the_lease_is_gone(store: TaskStore) -> None:
     await make(store)
-    task = await store.claim("w1")
+    task = await store.claim("w1", lease=new_lease())
     assert task is not None
     await store.tasks.update_one({"_id": ObjectId(task.id)}, {"$set": {"lease": "someone-else"}})
     assert await store.complete(task, "late") is False
@@ -80,7 +84,7 @@ async def test_fenced_writes_fail_after_the_lease_is_gone(store: TaskStore) -> N
 async def test_heartbeat_refreshes_in_one_write_and_reports_lost_leases(store: TaskStore) -> None:
     for _ in range(3):
         await make(store)
-    tasks = [await store.claim("w1") for _ in range(3)]
+    tasks = [await store.claim("w1", lease=new_lease()) for _ in range(3)]
     leases = {t.lease for t in tasks if t and t.lease}
     assert await store.heartbeat(leases) == set()
     gone = tasks[1]
@@ -93,7 +97,7 @@ async def test_recovery_requeues_stale_tasks_and_fails_exhausted_ones(store: Tas
     retry = await make(store, max_attempts=2)
     exhausted = await make(store, max_attempts=1)
     fresh = await make(store)
-    claimed = {t.id: t for t in [await store.claim("w") for _ in range(3)] if t}
+    claimed = {t.id: t for t in [await store.claim("w", lease=new_lease()) for _ in range(3)] if t}
     old = store.clock.now() - timedelta(seconds=60)
     await store.tasks.update_many(
         {"_id": {"$in": [ObjectId(retry), ObjectId(exhausted)]}}, {"$set": {"heartbeat_at": old}}
@@ -116,14 +120,14 @@ async def test_recovery_requeues_stale_tasks_and_fails_exhausted_ones(store: Tas
 
 async def test_requeue_puts_a_failed_task_back(store: TaskStore) -> None:
     task_id = await make(store, max_attempts=1)
-    task = await store.claim("w")
+    task = await store.claim("w", lease=new_lease())
     assert task is not None
     assert await store.fail(task, "boom", retry_at=None)
     requeued = await store.requeue(task_id)
     assert requeued.state is State.NOTSTARTED
     assert requeued.attempts == 0
     assert [e.error for e in requeued.errors] == ["boom"]
-    assert await store.claim("w") is not None
+    assert await store.claim("w", lease=new_lease()) is not None
 
 
 async def test_next_run_at_is_the_earliest_waiting(store: TaskStore) -> None:
@@ -133,3 +137,26 @@ async def test_next_run_at_is_the_earliest_waiting(store: TaskStore) -> None:
         task_type=TaskType.FOO, run_at=store.clock.now() + timedelta(seconds=100), max_attempts=1
     )
     assert await store.next_run_at() == soon.run_at
+
+
+async def test_a_result_write_retried_after_it_landed_counts_as_written(store: TaskStore) -> None:
+    await make(store)
+    task = await store.claim("w1", lease=new_lease())
+    assert task is not None
+    assert await store.complete(task, "Baz 7")
+    finished = (await store.get(task.id)).finished_at
+    # As after an outage that swallowed the reply: the same write again.
+    assert await store.complete(task, "Baz 7")
+    again = await store.get(task.id)
+    assert again.state is State.COMPLETE
+    assert again.finished_at == finished
+    assert await store.fail(task, "late", retry_at=None) is False
+
+
+async def test_a_claim_whose_reply_was_lost_can_be_found_by_its_lease(store: TaskStore) -> None:
+    task_id = await make(store)
+    lease = new_lease()
+    assert await store.claimed(lease) is None
+    assert await store.claim("w1", lease=lease) is not None
+    found = await store.claimed(lease)
+    assert found is not None and found.id == task_id and found.lease == lease
