@@ -11,8 +11,11 @@ from marshmallow import ValidationError
 from service.config import Settings
 from service.errors import DeleteAllDisabled
 from service.models import Task
+from service.openapi import DOCS_PAGE, operation, undocumented
 from service.schemas import (
     CreateTaskSchema,
+    DeletedSchema,
+    HealthSchema,
     ListQuerySchema,
     TaskPageSchema,
     TaskSchema,
@@ -24,6 +27,7 @@ from service.store import TaskStore
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", TaskStore)
+OPENAPI = web.AppKey("openapi", dict)
 
 create_schema = CreateTaskSchema()
 list_schema = ListQuerySchema()
@@ -50,7 +54,21 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
         raise ValidationError({"body": ["not valid JSON"]}) from None
     if not isinstance(body, dict):
         raise ValidationError({"body": ["must be a JSON object"]})
+    reject_operators(body, "body")
     return body
+
+
+def reject_operators(value: Any, where: str) -> None:
+    """Refuse anything shaped like a MongoDB operator ("$ne", {"$gt": ...}) anywhere."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            reject_operators(key, where)
+            reject_operators(item, where)
+    elif isinstance(value, list):
+        for item in value:
+            reject_operators(item, where)
+    elif isinstance(value, str) and value.startswith("$"):
+        raise ValidationError({where: [f"{value[:40]!r}: MongoDB operators are not accepted"]})
 
 
 def _single_valued_query(request: web.Request) -> dict[str, str]:
@@ -58,6 +76,7 @@ def _single_valued_query(request: web.Request) -> dict[str, str]:
     repeated = sorted({key for key in query if len(query.getall(key)) > 1})
     if repeated:
         raise ValidationError({key: ["give this parameter once"] for key in repeated})
+    reject_operators(dict(query), "query")
     return dict(query)
 
 
@@ -73,12 +92,24 @@ async def _create(request: web.Request, data: dict[str, Any]) -> web.Response:
 
 
 @routes.post("/tasks")
+@operation(
+    "create a task",
+    responses={201: TaskSchema},
+    errors=(400, 413, 415),
+    requestBody={"required": True, "content": {"application/json": {"schema": CreateTaskSchema}}},
+)
 async def create_task(request: web.Request) -> web.Response:
     """Create a task: {"type": "foo"|"bar"|"baz", "run_at": ISO 8601 or Unix seconds}."""
     return await _create(request, await _json_object(request))
 
 
 @routes.get("/tasks")
+@operation(
+    "list tasks",
+    responses={200: TaskPageSchema},
+    errors=(400,),
+    parameters=[{"in": "query", "schema": ListQuerySchema}],
+)
 async def list_tasks(request: web.Request) -> web.Response:
     """Tasks ordered by run_at then id, filtered by state and/or type, one page at a time."""
     query = list_schema.load(_single_valued_query(request))
@@ -95,6 +126,7 @@ async def list_tasks(request: web.Request) -> web.Response:
 
 @routes.get("/tasks/{id}")
 @routes.get("/id/{id}")
+@operation("one task", responses={200: TaskSchema}, errors=(404,))
 async def get_task(request: web.Request) -> web.Response:
     """One task, whole."""
     return _task_response(await request.app[STORE].get(request.match_info["id"]))
@@ -102,6 +134,7 @@ async def get_task(request: web.Request) -> web.Response:
 
 @routes.delete("/tasks/{id}")
 @routes.delete("/id/{id}")
+@operation("delete a task", responses={204: None}, errors=(404,))
 async def delete_task(request: web.Request) -> web.Response:
     """Delete a task; a worker running it stops within one heartbeat interval."""
     await request.app[STORE].delete(request.match_info["id"])
@@ -109,6 +142,7 @@ async def delete_task(request: web.Request) -> web.Response:
 
 
 @routes.get("/health")
+@operation("is the database answering?", responses={200: HealthSchema})
 async def health(request: web.Request) -> web.Response:
     """200 when the database answers, 503 (from the error middleware) when it does not."""
     await request.app[STORE].ping()
@@ -116,6 +150,12 @@ async def health(request: web.Request) -> web.Response:
 
 
 @routes.get("/taskstate/{state}")
+@operation(
+    "earlier version: every task in a state",
+    responses={200: {"type": "array", "items": TaskSchema}},
+    errors=(400,),
+    tags=["earlier version"],
+)
 async def legacy_tasks_in_state(request: web.Request) -> web.Response:
     """Earlier version: every task in a state (STARTED, NOTSTARTED, COMPLETE, FAILED)."""
     state = list_schema.load({"state": request.match_info["state"]})["state"]
@@ -131,6 +171,12 @@ async def legacy_tasks_in_state(request: web.Request) -> web.Response:
 
 
 @routes.post("/{type}/{unix_seconds}")
+@operation(
+    "earlier version: create a task",
+    responses={201: TaskSchema},
+    errors=(400,),
+    tags=["earlier version"],
+)
 async def legacy_create(request: web.Request) -> web.Response:
     """Earlier version: POST /FOO/0 creates a Foo task due at Unix second 0 (that is, now)."""
     seconds = parse_number(request.match_info["unix_seconds"])
@@ -138,6 +184,12 @@ async def legacy_create(request: web.Request) -> web.Response:
 
 
 @routes.delete("/")
+@operation(
+    "earlier version: delete every task (when enabled)",
+    responses={200: DeletedSchema},
+    errors=(403,),
+    tags=["earlier version"],
+)
 async def legacy_delete_all(request: web.Request) -> web.Response:
     """Earlier version: delete every task. Only where TASK_RUNNER_ALLOW_DELETE_ALL is on."""
     if not request.app[SETTINGS].allow_delete_all:
@@ -146,3 +198,17 @@ async def legacy_delete_all(request: web.Request) -> web.Response:
         )
     deleted = await request.app[STORE].delete_all()
     return web.json_response({"deleted": deleted})
+
+
+@routes.get("/openapi.json")
+@operation("this document", responses={200: {"type": "object"}})
+async def openapi_document(request: web.Request) -> web.Response:
+    """The OpenAPI 3 document of this API."""
+    return web.json_response(request.app[OPENAPI])
+
+
+@routes.get("/docs")
+@undocumented
+async def docs(request: web.Request) -> web.Response:
+    """A page to read and try the API (Swagger UI)."""
+    return web.Response(text=DOCS_PAGE, content_type="text/html")

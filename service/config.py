@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_BAR_URL = "https://www.whattimeisitrightnow.com/"
@@ -41,6 +41,11 @@ class Settings:
     log_level: str = "INFO"
     db_timeout: float = 5.0
     max_body_bytes: int = 65536
+    max_page_size: int = 1000
+    request_timeout: float = 30.0
+    # Secrets: kept out of repr so they never reach a log line or a traceback.
+    api_tokens: tuple[str, ...] = field(default=(), repr=False)
+    auth_reads: bool = False
     clock_skew: float = 0.0
 
     def __post_init__(self) -> None:
@@ -52,10 +57,11 @@ class Settings:
             "retry_base",
             "retry_max",
             "db_timeout",
+            "request_timeout",
         ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{env_name(name)} must be greater than 0")
-        for name in ("concurrency", "max_attempts", "workers", "max_body_bytes"):
+        for name in ("concurrency", "max_attempts", "workers", "max_body_bytes", "max_page_size"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{env_name(name)} must be at least 1")
         if self.foo_seconds < 0 or self.shutdown_grace < 0:
@@ -94,10 +100,10 @@ class Settings:
         """Read every setting from the environment, then apply non-None overrides (CLI flags)."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
-        for field in dataclasses.fields(cls):
-            raw = env.get(env_name(field.name))
+        for spec in dataclasses.fields(cls):
+            raw = env.get(env_name(spec.name))
             if raw is not None and raw.strip() != "":
-                values[field.name] = _parse(field.name, str(field.type), raw.strip())
+                values[spec.name] = _parse(spec.name, str(spec.type), raw.strip())
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -126,6 +132,10 @@ HELP: dict[str, str] = {
     "db_timeout": "seconds to wait for the database before giving up on a call",
     "max_body_bytes": "largest request body the API accepts",
     "clock_skew": "testing only: shift this process's clock by this many seconds",
+    "max_page_size": "largest `limit` GET /tasks accepts",
+    "request_timeout": "seconds an API request may take before it is answered 503",
+    "api_tokens": "comma-separated bearer tokens; when set, writes need one",
+    "auth_reads": "with API tokens set, reads need a token too",
 }
 
 
@@ -149,6 +159,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "bool": _parse_bool,
     "str": str,
     "str | None": str,
+    "tuple[str, ...]": lambda raw: tuple(t.strip() for t in raw.split(",") if t.strip()),
 }
 
 

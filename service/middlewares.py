@@ -5,13 +5,16 @@ Every error answer has one shape: {"error": {"code", "message", "details"}}.
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import logging
 from typing import Any
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 from marshmallow import ValidationError
 
+from service.config import Settings
 from service.errors import DatabaseUnavailable, DeleteAllDisabled, InvalidTask, TaskNotFound
 
 logger = logging.getLogger(__name__)
@@ -76,3 +79,53 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             return response
         logger.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, "internal_error", "internal error; it has been logged")
+
+
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs"})
+
+
+def timeout_middleware(settings: Settings) -> Middleware:
+    """Answer 503 rather than hold a client past TASK_RUNNER_REQUEST_TIMEOUT."""
+
+    @web.middleware
+    async def timeout(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            async with asyncio.timeout(settings.request_timeout):
+                return await handler(request)
+        except TimeoutError:
+            logger.warning(
+                "%s %s took over %.1fs", request.method, request.path, settings.request_timeout
+            )
+            return error_response(
+                503,
+                "request_timeout",
+                "the request took too long; retry",
+                headers={"Retry-After": "1"},
+            )
+
+    return timeout
+
+
+def auth_middleware(settings: Settings) -> Middleware:
+    """With TASK_RUNNER_API_TOKENS set, writes (and reads, if asked) need a bearer token."""
+    tokens = [token.encode() for token in settings.api_tokens]
+
+    def known(token: bytes) -> bool:
+        # Compare against every token, in constant time each, so timing reveals nothing.
+        return any([hmac.compare_digest(token, candidate) for candidate in tokens])
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        guarded = request.method in WRITE_METHODS or settings.auth_reads
+        open_path = request.path in OPEN_PATHS or request.path.startswith("/docs/")
+        if tokens and guarded and not open_path:
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not known(token.strip().encode()):
+                raise web.HTTPUnauthorized(
+                    text="send Authorization: Bearer <token>",
+                    headers={"WWW-Authenticate": 'Bearer realm="task-runner"'},
+                )
+        return await handler(request)
+
+    return auth

@@ -49,11 +49,15 @@ def parse_unix_seconds(value: Any) -> datetime:
     return datetime.fromtimestamp(value, UTC)
 
 
-class RunAt(fields.Field[datetime]):
-    """When a task may start: ISO 8601 with an offset, or Unix seconds."""
+class Timestamp(fields.Field[datetime]):
+    """A time in an answer: ISO 8601 in UTC with milliseconds and a Z."""
 
     def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> Any:
         return None if value is None else iso(value)
+
+
+class RunAt(Timestamp):
+    """When a task may start: ISO 8601 with an offset, or Unix seconds."""
 
     def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> datetime:
         if not isinstance(value, str):
@@ -80,13 +84,18 @@ class CreateTaskSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    type = AnyCaseEnum(TaskType, required=True)
-    run_at = RunAt(load_default=None, allow_none=True)
+    type = AnyCaseEnum(TaskType, required=True, metadata={"description": "any letter case"})
+    run_at = RunAt(
+        load_default=None,
+        allow_none=False,
+        metadata={"description": "ISO 8601 with a UTC offset, or Unix seconds; omit for now"},
+    )
     max_attempts = fields.Integer(
         strict=True,
         load_default=None,
-        allow_none=True,
+        allow_none=False,
         validate=validate.Range(min=1, max=MAX_ATTEMPTS_LIMIT),
+        metadata={"description": "cap on attempts; the service default when omitted"},
     )
 
 
@@ -113,36 +122,64 @@ class ListQuerySchema(Schema):
 class AttemptErrorSchema(Schema):
     """One failed attempt."""
 
-    attempt = fields.Integer()
-    error = fields.String()
-    at = RunAt()
+    attempt = fields.Integer(required=True)
+    error = fields.String(required=True)
+    at = Timestamp(required=True)
     worker = fields.String(allow_none=True)
 
 
 class TaskSchema(Schema):
     """A task as the API shows it; every time is ISO 8601 UTC."""
 
-    id = fields.String()
-    type = AnyCaseEnum(TaskType)
-    state = AnyCaseEnum(State)
-    run_at = RunAt()
-    created_at = RunAt()
-    started_at = RunAt(allow_none=True)
-    finished_at = RunAt(allow_none=True)
-    heartbeat_at = RunAt(allow_none=True)
-    attempts = fields.Integer()
-    max_attempts = fields.Integer()
-    worker = fields.String(allow_none=True)
-    output = fields.String(allow_none=True)
-    error = fields.String(allow_none=True)
-    errors = fields.List(fields.Nested(AttemptErrorSchema))
+    id = fields.String(required=True)
+    type = AnyCaseEnum(TaskType, required=True)
+    state = AnyCaseEnum(State, required=True)
+    run_at = Timestamp(required=True)
+    created_at = Timestamp(required=True)
+    started_at = Timestamp(required=True, allow_none=True)
+    finished_at = Timestamp(required=True, allow_none=True)
+    heartbeat_at = Timestamp(required=True, allow_none=True)
+    attempts = fields.Integer(required=True)
+    max_attempts = fields.Integer(required=True)
+    worker = fields.String(required=True, allow_none=True)
+    output = fields.String(required=True, allow_none=True)
+    error = fields.String(required=True, allow_none=True)
+    errors = fields.List(fields.Nested(AttemptErrorSchema), required=True)
 
 
 class TaskPageSchema(Schema):
     """One page of GET /tasks."""
 
-    tasks = fields.List(fields.Nested(TaskSchema))
-    next_cursor = fields.String(allow_none=True)
+    tasks = fields.List(fields.Nested(TaskSchema), required=True)
+    next_cursor = fields.String(
+        required=True, allow_none=True, metadata={"description": "pass as cursor; null: last"}
+    )
+
+
+class ErrorBodySchema(Schema):
+    """What went wrong."""
+
+    code = fields.String(required=True, metadata={"description": "stable, for programs"})
+    message = fields.String(required=True, metadata={"description": "for people"})
+    details = fields.Dict(required=True, metadata={"description": "which input, and why"})
+
+
+class ErrorSchema(Schema):
+    """Every 4xx and 5xx answer."""
+
+    error = fields.Nested(ErrorBodySchema, required=True)
+
+
+class HealthSchema(Schema):
+    """GET /health when the database answers."""
+
+    status = fields.String(required=True, validate=validate.Equal("ok"))
+
+
+class DeletedSchema(Schema):
+    """DELETE / (delete all)."""
+
+    deleted = fields.Integer(required=True)
 
 
 def encode_cursor(after: tuple[datetime, str]) -> str:

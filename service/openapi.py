@@ -1,0 +1,147 @@
+"""The OpenAPI 3 document, generated from the app's own routes and marshmallow schemas,
+and a docs page (Swagger UI, served from the swagger-ui-bundle package: no CDN needed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from aiohttp import web
+from apispec import APISpec
+from apispec.ext.marshmallow import MarshmallowPlugin
+from marshmallow import fields
+
+from service.schemas import (
+    AnyCaseEnum,
+    ErrorSchema,
+    RunAt,
+    Timestamp,
+)
+
+H = TypeVar("H", bound=Callable[..., Any])
+
+ERRORS = {
+    400: "invalid input; `details` names each field and what was expected",
+    401: "a bearer token is needed (TASK_RUNNER_API_TOKENS is set)",
+    413: "body larger than TASK_RUNNER_MAX_BODY_BYTES",
+    415: "body is not application/json",
+    404: "no such task",
+    403: "delete-all is disabled",
+    503: "the database did not answer in time; retry",
+}
+ALWAYS = (401, 503)
+
+
+def operation(
+    summary: str, *, responses: dict[int, Any], errors: tuple[int, ...] = (), **extra: Any
+) -> Callable[[H], H]:
+    """Attach an OpenAPI operation to a handler; `responses` maps status to schema or None."""
+
+    def attach(handler: H) -> H:
+        documented: dict[str, Any] = {}
+        for status, schema in responses.items():
+            documented[str(status)] = _response(handler.__doc__ or summary, schema)
+        for status in (*errors, *ALWAYS):
+            documented[str(status)] = _response(ERRORS[status], ErrorSchema)
+        handler.openapi = {"summary": summary, "responses": documented, **extra}  # type: ignore[attr-defined]
+        return handler
+
+    return attach
+
+
+def undocumented(handler: H) -> H:
+    """Mark a route that is a page for people, not an API operation."""
+    handler.openapi = {}  # type: ignore[attr-defined]
+    return handler
+
+
+def _response(description: str, schema: Any) -> dict[str, Any]:
+    response: dict[str, Any] = {"description": description.strip().splitlines()[0]}
+    if schema is not None:
+        response["content"] = {"application/json": {"schema": schema}}
+    return response
+
+
+def _run_at_property(self: Any, field: Any, **kwargs: Any) -> dict[str, Any]:
+    if type(field) is RunAt:
+        return {
+            "oneOf": [
+                {"type": "string", "format": "date-time"},
+                {"type": "number", "minimum": 0, "exclusiveMaximum": True, "maximum": 253402300800},
+            ],
+            "type": None,
+        }
+    return {}
+
+
+def build_spec(app: web.Application, *, bearer: bool) -> dict[str, Any]:
+    """The OpenAPI document of every route `app` has; a route without one is an error."""
+    plugin = MarshmallowPlugin()
+    spec = APISpec(
+        title="task-runner",
+        version="1.0.0",
+        openapi_version="3.0.3",
+        plugins=[plugin],
+        info={"description": "Schedule tasks (foo, bar, baz) to run once, at or after a time."},
+    )
+    plugin.map_to_openapi_type(AnyCaseEnum, "string", None)
+    plugin.map_to_openapi_type(Timestamp, "string", "date-time")
+    plugin.map_to_openapi_type(RunAt, "string", "date-time")
+    assert plugin.converter is not None
+    plugin.converter.add_attribute_function(_run_at_property)
+    plugin.map_to_openapi_type(fields.Dict, "object", None)
+    if bearer:
+        spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
+    for route in app.router.routes():
+        if route.method == "HEAD" or isinstance(route.resource, web.StaticResource):
+            continue
+        info = route.resource.get_info() if route.resource else {}
+        path = str(info.get("path") or info.get("formatter"))
+        documented = getattr(route.handler, "openapi", None)
+        if documented is None:
+            raise LookupError(f"{route.method} {path} has no OpenAPI operation")
+        if not documented:
+            continue  # deliberately undocumented (the docs page itself)
+        op = dict(documented)
+        params = [
+            {"in": "path", "name": name, "required": True, "schema": {"type": "string"}}
+            for name in _path_params(path)
+        ]
+        op["parameters"] = params + list(op.get("parameters", []))
+        if bearer:
+            op["security"] = [{"bearer": []}]
+        spec.path(path=path, operations={route.method.lower(): op})
+    document = spec.to_dict()
+    _drop_none_types(document)
+    return document
+
+
+def _path_params(path: str) -> list[str]:
+    return [part[1:-1] for part in path.split("/") if part.startswith("{")]
+
+
+def _drop_none_types(node: Any) -> None:
+    # The RunAt attribute function clears "type" (it is a oneOf), and load_default=None
+    # means "omitted", not a null default: remove the nulls they leave.
+    if isinstance(node, dict):
+        if node.get("type", "") is None:
+            del node["type"]
+            node.pop("format", None)
+        if "default" in node and node["default"] is None:
+            del node["default"]
+        for value in node.values():
+            _drop_none_types(value)
+    elif isinstance(node, list):
+        for value in node:
+            _drop_none_types(value)
+
+
+DOCS_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>task-runner API</title>
+<link rel="stylesheet" href="/docs/static/swagger-ui.css"></head>
+<body><div id="ui"></div>
+<script src="/docs/static/swagger-ui-bundle.js"></script>
+<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui", tryItOutEnabled: true});</script>
+</body></html>
+"""
