@@ -37,6 +37,7 @@ WORKER_FIELDS = (
     "max_poll_interval",
     "shutdown_grace",
     "clock_skew",
+    "change_streams",
 )
 LOCAL_DB_FIELDS = ("local_db_port", "local_db_path", "log_level")
 OPS_FIELDS = (*DB_FIELDS, "stale_after")

@@ -46,6 +46,7 @@ class Settings:
     # Secrets: kept out of repr so they never reach a log line or a traceback.
     api_tokens: tuple[str, ...] = field(default=(), repr=False)
     auth_reads: bool = False
+    change_streams: bool = True
     clock_skew: float = 0.0
 
     def __post_init__(self) -> None:
@@ -136,6 +137,7 @@ HELP: dict[str, str] = {
     "request_timeout": "seconds an API request may take before it is answered 503",
     "api_tokens": "comma-separated bearer tokens; when set, writes need one",
     "auth_reads": "with API tokens set, reads need a token too",
+    "change_streams": "wake idle workers through a change stream (else: poll only)",
 }
 
 

@@ -38,7 +38,14 @@ class Recoverer(Periodic):
             self._reachable_since = time.monotonic()
         if time.monotonic() - self._reachable_since < self.stale_after:
             return 0
+        began = self.store.clock.surely_now()
         moved = await self.store.recover_stale(self.stale_after)
+        logger.debug(
+            "recovery began %s (reachable %.2fs), moved %d",
+            began.isoformat(),
+            time.monotonic() - self._reachable_since,
+            moved,
+        )
         if moved:
             logger.warning(
                 "recovered %d stale task(s) (no heartbeat for %.1fs)", moved, self.stale_after

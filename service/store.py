@@ -7,6 +7,7 @@ meantime, the write matches nothing and the caller is told so.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import uuid
@@ -41,6 +42,7 @@ INDEXES: dict[str, list[tuple[str, int]]] = {
     "by_time": [("run_at", ASCENDING), ("_id", ASCENDING)],
     "stale": [("state", ASCENDING), ("heartbeat_at", ASCENDING)],
 }
+EMPTY_BATCH_PAUSE = 0.05
 WORKER_LOST = "worker lost: no heartbeat within the stale threshold"
 
 
@@ -246,10 +248,14 @@ class TaskStore:
         )
         return None if doc is None else doc["run_at"]
 
-    async def wakeups(self, *, max_await: float) -> AsyncIterator[datetime | None]:
-        """Yield as tasks become claimable: an insert's run_at, or None for a requeue.
+    async def wakeups(
+        self, *, max_await: float, on_open: Callable[[], None]
+    ) -> AsyncIterator[datetime | None]:
+        """Yield as tasks become claimable: their run_at, or None for "now".
 
-        A change stream, so idle workers learn of new work without polling. Raises
+        A change stream over inserts and every update that puts a task back to NOTSTARTED
+        (retry, release, recovery, requeue), so idle workers learn of new work without
+        polling. `on_open` is called once the stream is open. Raises
         ChangeStreamsUnavailable where the server has none (a standalone mongod).
         """
         pipeline = [
@@ -260,15 +266,25 @@ class TaskStore:
                         {"updateDescription.updatedFields.state": State.NOTSTARTED.value},
                     ]
                 }
-            }
+            },
         ]
         try:
             async with await self.tasks.watch(
                 pipeline, max_await_time_ms=int(max_await * 1000)
             ) as stream:
-                async for change in stream:
-                    document = change.get("fullDocument")
-                    yield None if document is None else document.get("run_at")
+                on_open()
+                while True:
+                    change = await stream.try_next()
+                    if change is None:
+                        # MongoDB answers a getMore when a matching event comes or after
+                        # max_await; some servers (SecantusDB, DocumentDB) answer at once
+                        # on any write. Pace those empty answers so that busy databases
+                        # do not cost a getMore per write.
+                        await asyncio.sleep(EMPTY_BATCH_PAUSE)
+                    elif change["operationType"] == "insert":
+                        yield change["fullDocument"]["run_at"]
+                    else:
+                        yield change["updateDescription"]["updatedFields"].get("run_at")
         except ConnectionFailure as exc:
             raise DatabaseUnavailable(f"change stream lost: {exc.__class__.__name__}") from exc
         except OperationFailure as exc:

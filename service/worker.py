@@ -14,16 +14,17 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from service.clock import DbClock
 from service.config import Settings
-from service.errors import ChangeStreamsUnavailable, DatabaseUnavailable
+from service.errors import DatabaseUnavailable
 from service.models import Task
 from service.periodic import Periodic
 from service.recovery import Recoverer
 from service.store import TaskStore, new_lease, open_client
 from service.tasks import TaskContext, http_session, run_task
+from service.wakeups import WakeUps
 
 logger = logging.getLogger(__name__)
 
@@ -96,10 +97,12 @@ class Worker:
         self.recoverer = Recoverer(
             store, stale_after=settings.stale_after, interval=settings.stale_after / 2
         )
+        self.wakeups = WakeUps(
+            store, max_poll=settings.max_poll_interval, change_stream=settings.change_streams
+        )
         self._stopping = asyncio.Event()
         self._hurry = asyncio.Event()
-        self._changed = asyncio.Event()  # a slot freed, new work arrived, or stop was asked
-        self._sleep_until: datetime | None = None
+        self._finished = asyncio.Event()  # a running task ended
         self._unconfirmed_lease: str | None = None
 
     # -- lifecycle --------------------------------------------------------------------
@@ -109,7 +112,7 @@ class Worker:
         logger.info("worker %s started: concurrency %d", self.worker_id, self.settings.concurrency)
         self.heartbeat.start()
         self.recoverer.start()
-        watcher = asyncio.create_task(self._watch(), name="wakeups")
+        watcher = asyncio.create_task(self.wakeups.watch(), name="wakeups")
         try:
             await self._claim_loop()
             await self._drain(self.settings.shutdown_grace)
@@ -125,11 +128,12 @@ class Worker:
     def stop(self) -> None:
         """Stop claiming; running tasks get the grace period to finish."""
         self._stopping.set()
-        self._changed.set()
+        self.wakeups.nudge()
 
     def stop_now(self) -> None:
         """Stop without waiting: running tasks are cancelled and released at once."""
         self._hurry.set()
+        self._finished.set()
         self.stop()
 
     def abandon(self, lease: str) -> None:
@@ -149,22 +153,22 @@ class Worker:
     async def _claim_loop(self) -> None:
         backoff = 0.1
         while not self._stopping.is_set():
-            if len(self.running) >= self.settings.concurrency:
-                await self._wait(None)
+            if len(self.running) >= self.settings.concurrency or not self.wakeups.due():
+                await self.wakeups.wait()
                 continue
-            # Cleared before the claim so a wake-up arriving meanwhile is not missed.
-            self._changed.clear()
             try:
                 task = await self._claim()
                 if task is None:
-                    await self._sleep_until_due()
+                    await self.wakeups.found_nothing()
                 else:
                     self._start(task)
+                    self.wakeups.claimed()
                 backoff = 0.1
             except DatabaseUnavailable as exc:
                 self.recoverer.database_lost()
                 logger.warning("claim failed: %s; retrying in %.1fs", exc, backoff)
-                await self._wait(backoff)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), backoff)
                 backoff = min(backoff * 2, self.settings.max_poll_interval)
 
     async def _claim(self) -> Task | None:
@@ -182,42 +186,6 @@ class Worker:
         task = await self.store.claim(self.worker_id, lease=lease)
         self._unconfirmed_lease = None
         return task
-
-    async def _sleep_until_due(self) -> None:
-        timeout = self.settings.max_poll_interval
-        next_run_at = await self.store.next_run_at()
-        if next_run_at is not None:
-            due_in = (next_run_at - self.store.clock.surely_now()).total_seconds()
-            timeout = min(timeout, max(due_in, 0.0))
-        self._sleep_until = self.store.clock.surely_now() + _seconds(timeout)
-        await self._wait(timeout)
-        self._sleep_until = None
-
-    async def _wait(self, seconds: float | None) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), seconds)
-
-    async def _watch(self) -> None:
-        """Wake the claimer early when a task due before its planned wake-up appears."""
-        backoff = 1.0
-        while True:
-            try:
-                async for run_at in self.store.wakeups(max_await=self.settings.max_poll_interval):
-                    planned = self._sleep_until
-                    if planned is not None and (run_at is None or run_at < planned):
-                        self._changed.set()
-                    backoff = 1.0
-            except ChangeStreamsUnavailable as exc:
-                logger.info(
-                    "no change streams (%s); polling at most every %.1fs",
-                    exc,
-                    self.settings.max_poll_interval,
-                )
-                return
-            except DatabaseUnavailable as exc:
-                logger.warning("change stream: %s; reconnecting in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
 
     # -- running ----------------------------------------------------------------------
 
@@ -299,7 +267,8 @@ class Worker:
     def _forget(self, task: Task) -> None:
         assert task.lease is not None
         self.running.pop(task.lease, None)
-        self._changed.set()
+        self._finished.set()
+        self.wakeups.nudge()
 
     # -- stopping ---------------------------------------------------------------------
 
@@ -309,8 +278,9 @@ class Worker:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         while self.running and not self._hurry.is_set() and loop.time() < deadline:
-            self._changed.clear()
-            await self._wait(deadline - loop.time())
+            self._finished.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._finished.wait(), deadline - loop.time())
 
     async def _release_all(self) -> None:
         """Cancel what is still running and give it back without counting the attempt."""

@@ -52,7 +52,8 @@ async def test_database_restart_mid_run(
         create_app(dataclasses.replace(settings, mongodb_url=own_db.url, db_timeout=1.0))
     )
     workers = [
-        spawn_worker(mongodb_url=own_db.url, concurrency=5, foo_seconds=0.5) for _ in range(2)
+        spawn_worker(mongodb_url=own_db.url, concurrency=5, foo_seconds=0.5, log_level="DEBUG")
+        for _ in range(2)
     ]
     for worker in workers:
         await wait_until_started(worker)

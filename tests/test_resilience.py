@@ -79,25 +79,32 @@ async def test_kill_9_two_of_four_workers_mid_run(store: TaskStore, spawn_worker
     await eventually(all_complete, within=120)
     tasks = {t.id: t for t in await all_tasks(store)}
     survivors = workers[2:]
+    victim_ids = {v.worker_id for v in victims}
+    survivor_ids = {s.worker_id for s in survivors}
+    rerun_held = 0
     for task_id, before in held.items():
         after = tasks[task_id]
+        if after.worker in victim_ids:
+            # Its result write was still in flight when the process died, and landed.
+            assert after.attempts == 1 and after.errors == ()
+            continue
         # Re-run elsewhere, once the killed worker's heartbeat went stale.
-        assert after.worker in {s.worker_id for s in survivors}
+        rerun_held += 1
+        assert after.worker in survivor_ids
         assert after.attempts == 2
         assert [e.error for e in after.errors] == [WORKER_LOST]
         assert before.heartbeat_at is not None and after.started_at is not None
         assert after.started_at >= before.heartbeat_at + timedelta(seconds=2.0)
         assert after.started_at >= killed_at
+    assert rerun_held >= len(held) - 2, (rerun_held, len(held))
     # No task was written COMPLETE twice. (A killed worker may have written one and died
     # before logging it, so the survivors' logs are matched against the database.)
     assert max(completions(workers).values()) == 1
-    survivor_ids = {s.worker_id for s in survivors}
     assert set(completions(survivors)) == {t.id for t in tasks.values() if t.worker in survivor_ids}
-    # Re-run tasks are exactly those the killed workers held (a claim still in flight when
-    # the process died may add one to those seen above), and each ran again only once.
+    # Re-run tasks are those the killed workers held (a claim still in flight when the
+    # process died may add one to those seen above), and each ran again only once.
     rerun = {t.id: t for t in tasks.values() if t.attempts != 1}
-    assert set(held) <= set(rerun)
-    victim_ids = {v.worker_id for v in victims}
+    assert {i for i in held if tasks[i].worker not in victim_ids} <= set(rerun)
     for task in rerun.values():
         assert task.attempts == 2
         assert [(e.error, e.worker in victim_ids) for e in task.errors] == [(WORKER_LOST, True)]
