@@ -113,6 +113,9 @@ async def create_task(request: web.Request) -> web.Response:
 async def list_tasks(request: web.Request) -> web.Response:
     """Tasks ordered by run_at then id, filtered by state and/or type, one page at a time."""
     query = list_schema.load(_single_valued_query(request))
+    max_page = request.app[SETTINGS].max_page_size
+    if query["limit"] > max_page:
+        raise ValidationError({"limit": [f"must be between 1 and {max_page}"]})
     after = None if query["cursor"] is None else decode_cursor(query["cursor"])
     page = await request.app[STORE].page(
         states=() if query["state"] is None else (query["state"],),

@@ -23,7 +23,17 @@ logger = logging.getLogger("service.cli")
 
 DB_FIELDS = ("mongodb_url", "database", "db_timeout", "log_level")
 TASK_FIELDS = ("max_attempts",)
-API_FIELDS = (*DB_FIELDS, *TASK_FIELDS, "host", "port", "allow_delete_all", "max_body_bytes")
+API_FIELDS = (
+    *DB_FIELDS,
+    *TASK_FIELDS,
+    "host",
+    "port",
+    "allow_delete_all",
+    "max_body_bytes",
+    "max_page_size",
+    "request_timeout",
+    "auth_reads",
+)
 WORKER_FIELDS = (
     *DB_FIELDS,
     "concurrency",

@@ -77,6 +77,8 @@ class Settings:
                 f"TASK_RUNNER_STALE_AFTER ({self.stale_after:g}) must be at least three times "
                 f"TASK_RUNNER_HEARTBEAT_INTERVAL ({self.heartbeat_interval:g})"
             )
+        if self.max_page_size > 1000:
+            raise SettingsError("TASK_RUNNER_MAX_PAGE_SIZE must be at most 1000")
         if self.retry_max < self.retry_base:
             raise SettingsError("TASK_RUNNER_RETRY_MAX must be at least TASK_RUNNER_RETRY_BASE")
         if not self.bar_url.startswith(("http://", "https://")):

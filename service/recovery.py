@@ -39,7 +39,7 @@ class Recoverer(Periodic):
         if time.monotonic() - self._reachable_since < self.stale_after:
             return 0
         began = self.store.clock.surely_now()
-        moved = await self.store.recover_stale(self.stale_after)
+        moved = await self.store.recover_stale(self.stale_after, within=self.stale_after / 4)
         logger.debug(
             "recovery began %s (reachable %.2fs), moved %d",
             began.isoformat(),

@@ -115,7 +115,11 @@ class ListQuerySchema(Schema):
 
     state = AnyCaseEnum(State, load_default=None)
     type = AnyCaseEnum(TaskType, load_default=None)
-    limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
+    limit = fields.Integer(
+        load_default=100,
+        validate=validate.Range(min=1, max=1000),
+        metadata={"description": "page size; at most TASK_RUNNER_MAX_PAGE_SIZE (1000)"},
+    )
     cursor = fields.String(load_default=None)
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
+import pymongo
 from bson import ObjectId
 from bson.errors import InvalidId
 from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument
@@ -371,43 +372,35 @@ class TaskStore:
         return [Task.from_document(doc) async for doc in cursor]
 
     @_unavailable
-    async def recover_stale(self, stale_after: float, *, only: Iterable[str] | None = None) -> int:
+    async def recover_stale(
+        self, stale_after: float, *, only: Iterable[str] | None = None, within: float | None = None
+    ) -> int:
         """Stale tasks back to NOTSTARTED, or FAILED when their attempts are used up.
 
         One conditional update: safe to run from every worker and the ops CLI at once.
         Removing the lease fences off the lost worker even before anyone re-claims.
+        `within` bounds the call (client-side timeout): a recovery decided just before a
+        database outage must not land after it, when every heartbeat looks old.
         """
         query = self._stale_filter(stale_after)
         if only is not None:
             query["_id"] = {"$in": [object_id(i) for i in only]}
         now = self.clock.now()
         exhausted = {"$gte": ["$attempts", "$max_attempts"]}
-        result = await self.tasks.update_many(
-            query,
-            [
-                {
-                    "$set": {
-                        "state": {"$cond": [exhausted, State.FAILED.value, State.NOTSTARTED.value]},
-                        "finished_at": {"$cond": [exhausted, now, "$$REMOVE"]},
-                        "error": WORKER_LOST,
-                        "errors": {
-                            "$concatArrays": [
-                                {"$ifNull": ["$errors", []]},
-                                [
-                                    {
-                                        "attempt": "$attempts",
-                                        "error": WORKER_LOST,
-                                        "at": now,
-                                        "worker": "$worker",
-                                    }
-                                ],
-                            ]
-                        },
-                    }
-                },
-                {"$unset": ["lease", "worker", "heartbeat_at"]},
-            ],
-        )
+        lost = {"attempt": "$attempts", "error": WORKER_LOST, "at": now, "worker": "$worker"}
+        pipeline: list[dict[str, Any]] = [
+            {
+                "$set": {
+                    "state": {"$cond": [exhausted, State.FAILED.value, State.NOTSTARTED.value]},
+                    "finished_at": {"$cond": [exhausted, now, "$$REMOVE"]},
+                    "error": WORKER_LOST,
+                    "errors": {"$concatArrays": [{"$ifNull": ["$errors", []]}, [lost]]},
+                }
+            },
+            {"$unset": ["lease", "worker", "heartbeat_at"]},
+        ]
+        with pymongo.timeout(within):
+            result = await self.tasks.update_many(query, pipeline)
         return result.modified_count
 
     @_unavailable

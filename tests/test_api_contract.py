@@ -78,6 +78,15 @@ async def test_a_body_over_the_limit_is_413(
     assert await store.tasks.count_documents({}) == 0
 
 
+async def test_page_size_limit_is_a_setting(
+    settings: Settings, store: TaskStore, aiohttp_client: MakeClient
+) -> None:
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, max_page_size=5)))
+    assert (await client.get("/tasks?limit=5")).status == 200
+    error = await assert_error(await client.get("/tasks?limit=6"), 400, "invalid_request")
+    assert "limit" in error["details"]
+
+
 async def test_bad_legacy_creates_are_400_and_store_nothing(api: Client, store: TaskStore) -> None:
     for path in ("/QUX/0", "/FOO/later", "/FOO/-1", "/FOO/1e400", "/FOO/nan", "/FOO/999999999999"):
         await assert_error(await api.post(path), 400, "invalid_request")
