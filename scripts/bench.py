@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import signal
 import socket
@@ -49,7 +50,7 @@ def free_port() -> int:
 
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 class Bench:
@@ -71,9 +72,28 @@ class Bench:
 
     def env(self, store: TaskStore, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TASK_RUNNER_")}
-        env.update(MONGODB_URL=self.url, TASK_RUNNER_DATABASE=store.tasks.database.name,
-                   TASK_RUNNER_LOG_LEVEL="WARNING", **extra)
+        env.update(
+            MONGODB_URL=self.url,
+            TASK_RUNNER_DATABASE=store.tasks.database.name,
+            TASK_RUNNER_LOG_LEVEL="WARNING",
+            **extra,
+        )
         return env
+
+    def spawn(
+        self, count: int, command: list[str], env: dict[str, str]
+    ) -> list[subprocess.Popen[bytes]]:
+        return [
+            subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+            for _ in range(count)
+        ]
+
+    @staticmethod
+    def stop(children: list[subprocess.Popen[bytes]]) -> None:
+        for child in children:
+            child.send_signal(signal.SIGTERM)
+        for child in children:
+            child.wait(60)
 
     async def repeat(self, measure: Callable[[], Awaitable[float]]) -> float:
         return statistics.median([await measure() for _ in range(self.args.repeats)])
@@ -85,18 +105,27 @@ class Bench:
         store = await self.fresh_store()
         total = self.args.tasks
         now = store.clock.surely_now()
-        await store.tasks.insert_many([
-            {"_id": ObjectId(), "type": "baz", "state": "NOTSTARTED", "run_at": now,
-             "created_at": now, "attempts": 0, "max_attempts": 1} for _ in range(total)])
+        await store.tasks.insert_many(
+            [
+                {
+                    "_id": ObjectId(),
+                    "type": "baz",
+                    "state": "NOTSTARTED",
+                    "run_at": now,
+                    "created_at": now,
+                    "attempts": 0,
+                    "max_attempts": 1,
+                }
+                for _ in range(total)
+            ]
+        )
         if mode == "service":
             command = [sys.executable, "-m", "service.cli", "worker"]
             done_state = "COMPLETE"
         else:
             command = [sys.executable, __file__, "--raw-client", mode]
             done_state = "COMPLETE" if mode == "claim+complete" else "STARTED"
-        env = self.env(store)
-        children = [subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
-                    for _ in range(processes)]
+        children = self.spawn(processes, command, self.env(store))
         marks: dict[int, float] = {}
         try:
             while len(marks) < 2:
@@ -106,21 +135,16 @@ class Bench:
                         marks[share] = time.monotonic()
                 await asyncio.sleep(0.02)
         finally:
-            for child in children:
-                child.send_signal(signal.SIGTERM)
-            for child in children:
-                child.wait(60)
+            self.stop(children)
             await self.drop(store)
-        return total * 0.8 / (marks[90] - marks[10])
+        return float(total * 0.8 / (marks[90] - marks[10]))
 
     # -- 2. scheduling lag ---------------------------------------------------------------
 
     async def lag(self) -> tuple[float, float, float]:
         """started_at - run_at (ms) for tasks created ahead of time, two workers."""
         store = await self.fresh_store()
-        env = self.env(store)
-        children = [subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=env,
-                                     cwd=ROOT, stdout=subprocess.DEVNULL) for _ in range(2)]
+        children = self.spawn(2, [sys.executable, "-m", "service.cli", "worker"], self.env(store))
         try:
             await asyncio.sleep(2)
             count = self.args.lag_tasks
@@ -128,15 +152,15 @@ class Bench:
             for i in range(count):
                 run_at = start + timedelta(milliseconds=i * 4000 / count)
                 await store.create(task_type=TaskType.BAZ, run_at=run_at, max_attempts=1)
-            while await store.tasks.count_documents({"state": "COMPLETE"}) < count:
+            # Polling the database is the point here: the workers run in other processes.
+            while await store.tasks.count_documents({"state": "COMPLETE"}) < count:  # noqa: ASYNC110
                 await asyncio.sleep(0.1)
-            lags = [(d["started_at"] - d["run_at"]).total_seconds() * 1000
-                    async for d in store.tasks.find({})]
+            lags = [
+                (d["started_at"] - d["run_at"]).total_seconds() * 1000
+                async for d in store.tasks.find({})
+            ]
         finally:
-            for child in children:
-                child.send_signal(signal.SIGTERM)
-            for child in children:
-                child.wait(60)
+            self.stop(children)
             await self.drop(store)
         return percentile(lags, 50), percentile(lags, 95), percentile(lags, 99)
 
@@ -151,16 +175,14 @@ class Bench:
             ("bare", [sys.executable, __file__, "--bare-api"]),
         ):
             port = free_port()
-            server = subprocess.Popen(command, env={**env, "TASK_RUNNER_PORT": str(port)},
-                                      cwd=ROOT, stdout=subprocess.DEVNULL)
+            servers = self.spawn(1, command, {**env, "TASK_RUNNER_PORT": str(port)})
             try:
                 base = f"http://127.0.0.1:{port}"
                 await wait_http(f"{base}/tasks/{ObjectId()}")
                 figures[f"{name} POST"] = await load(base, "POST", self.args.api_seconds)
                 figures[f"{name} GET"] = await load(base, "GET", self.args.api_seconds)
             finally:
-                server.send_signal(signal.SIGTERM)
-                server.wait(30)
+                self.stop(servers)
         await self.drop(store)
         return figures
 
@@ -170,13 +192,15 @@ class Bench:
         """Commands per second sent by one idle worker with the default settings."""
         counter = CommandCounter()
         client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-            self.url, tz_aware=True, event_listeners=[counter])
+            self.url, tz_aware=True, event_listeners=[counter]
+        )
         store = TaskStore(client, database=f"bench_{uuid.uuid4().hex[:8]}", clock=DbClock())
         await store.sync_clock()
         await store.ensure_indexes()
         async with http_session() as http:
-            ctx = TaskContext(http=http, bar_url="http://127.0.0.1:9/", bar_timeout=1,
-                              foo_seconds=0)
+            ctx = TaskContext(
+                http=http, bar_url="http://127.0.0.1:9/", bar_timeout=1, foo_seconds=0
+            )
             worker = Worker(store, Settings(mongodb_url=self.url), ctx, worker_id="bench")
             running = asyncio.create_task(worker.run())
             await asyncio.sleep(2)
@@ -187,36 +211,55 @@ class Bench:
             await running
         await client.drop_database(store.tasks.database.name)
         await client.close()
-        return per_second
+        return float(per_second)
 
     # -- 5. claim latency with many waiting ----------------------------------------------
 
-    async def claim_latency(self, waiting: int) -> tuple[float, float, bool]:
-        """p50 and p99 (ms) of one claim with `waiting` future tasks; and the plan check."""
+    async def claim_latency(self, waiting: int) -> list[tuple[float, float, bool]]:
+        """Per run: p50 and p99 (ms) of a claim with `waiting` future tasks, and whether the
+        plan is an index scan with no sort. The waiting tasks are inserted once."""
         store = await self.fresh_store()
         future = store.clock.surely_now() + timedelta(days=1)
         for start in range(0, waiting, 5000):
-            await store.tasks.insert_many([
-                {"_id": ObjectId(), "type": "baz", "state": "NOTSTARTED",
-                 "run_at": future + timedelta(seconds=i), "created_at": future,
-                 "attempts": 0, "max_attempts": 1}
-                for i in range(start, min(waiting, start + 5000))])
-        times = []
-        for _ in range(self.args.claims):
-            await store.create(task_type=TaskType.BAZ, run_at=None, max_attempts=1)
-            began = time.perf_counter()
-            task = await store.claim("bench", lease=new_lease())
-            times.append((time.perf_counter() - began) * 1000)
-            assert task is not None
-            await store.complete(task, "x")
-        plan = await store.tasks.database.command("explain", {
-            "findAndModify": store.tasks.name,
-            "query": {"state": "NOTSTARTED", "run_at": {"$lte": store.clock.surely_now()}},
-            "sort": dict(CLAIM_SORT), "update": {"$set": {"x": 1}}}, verbosity="queryPlanner")
-        text = str(plan["queryPlanner"]["winningPlan"])
-        uses_index = "IXSCAN" in text and "'SORT'" not in text
+            await store.tasks.insert_many(
+                [
+                    {
+                        "_id": ObjectId(),
+                        "type": "baz",
+                        "state": "NOTSTARTED",
+                        "run_at": future + timedelta(seconds=i),
+                        "created_at": future,
+                        "attempts": 0,
+                        "max_attempts": 1,
+                    }
+                    for i in range(start, min(waiting, start + 5000))
+                ]
+            )
+        runs = []
+        for _ in range(self.args.repeats):
+            times = []
+            for _ in range(self.args.claims):
+                await store.create(task_type=TaskType.BAZ, run_at=None, max_attempts=1)
+                began = time.perf_counter()
+                task = await store.claim("bench", lease=new_lease())
+                times.append((time.perf_counter() - began) * 1000)
+                assert task is not None
+                await store.complete(task, "x")
+            plan = await store.tasks.database.command(
+                "explain",
+                {
+                    "findAndModify": store.tasks.name,
+                    "query": {"state": "NOTSTARTED", "run_at": {"$lte": store.clock.surely_now()}},
+                    "sort": dict(CLAIM_SORT),
+                    "update": {"$set": {"x": 1}},
+                },
+                verbosity="queryPlanner",
+            )
+            text = str(plan["queryPlanner"]["winningPlan"])
+            uses_index = "IXSCAN" in text and "'SORT'" not in text
+            runs.append((percentile(times, 50), percentile(times, 99), uses_index))
         await self.drop(store)
-        return percentile(times, 50), percentile(times, 99), uses_index
+        return runs
 
 
 class CommandCounter(monitoring.CommandListener):
@@ -248,13 +291,10 @@ async def wait_http(url: str) -> None:
 
 async def load(base: str, method: str, seconds: float, connections: int = 16) -> float:
     """Requests per second over `connections` keep-alive connections for `seconds`."""
-    async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=connections)
-    ) as http:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections)) as http:
         ids: list[str] = []
         for _ in range(20):
-            async with http.post(f"{base}/tasks", json={"type": "baz",
-                                                        "run_at": 4102444800}) as r:
+            async with http.post(f"{base}/tasks", json={"type": "baz", "run_at": 4102444800}) as r:
                 ids.append((await r.json())["id"])
         done = 0
         deadline = time.monotonic() + seconds
@@ -263,8 +303,7 @@ async def load(base: str, method: str, seconds: float, connections: int = 16) ->
             nonlocal done
             while time.monotonic() < deadline:
                 if method == "POST":
-                    request = http.post(f"{base}/tasks",
-                                        json={"type": "baz", "run_at": 4102444800})
+                    request = http.post(f"{base}/tasks", json={"type": "baz", "run_at": 4102444800})
                 else:
                     request = http.get(f"{base}/tasks/{ids[n % len(ids)]}")
                 async with request as response:
@@ -282,8 +321,9 @@ async def load(base: str, method: str, seconds: float, connections: int = 16) ->
 
 async def raw_client(mode: str) -> None:
     """A plain driver loop doing what the claimer does, as fast as it can."""
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(os.environ["MONGODB_URL"],
-                                                               tz_aware=True)
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        os.environ["MONGODB_URL"], tz_aware=True
+    )
     tasks = client[os.environ["TASK_RUNNER_DATABASE"]]["tasks"]
     clock = DbClock()
     await clock.sync(client.admin)
@@ -291,19 +331,24 @@ async def raw_client(mode: str) -> None:
         doc = await tasks.find_one_and_update(
             {"state": "NOTSTARTED", "run_at": {"$lte": clock.surely_now()}},
             {"$set": {"state": "STARTED", "lease": new_lease()}, "$inc": {"attempts": 1}},
-            sort=CLAIM_SORT, return_document=ReturnDocument.AFTER)
+            sort=CLAIM_SORT,
+            return_document=ReturnDocument.AFTER,
+        )
         if doc is None:
             await asyncio.sleep(0.05)
             continue
         if mode == "claim+complete":
-            await tasks.update_one({"_id": doc["_id"], "lease": doc["lease"]},
-                                   {"$set": {"state": "COMPLETE", "output": "x"}})
+            await tasks.update_one(
+                {"_id": doc["_id"], "lease": doc["lease"]},
+                {"$set": {"state": "COMPLETE", "output": "x"}},
+            )
 
 
 def bare_api() -> None:
     """The same single database call per request, with nothing else around it."""
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(os.environ["MONGODB_URL"],
-                                                               tz_aware=True)
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        os.environ["MONGODB_URL"], tz_aware=True
+    )
     tasks = client[os.environ["TASK_RUNNER_DATABASE"]]["tasks"]
 
     async def create(request: web.Request) -> web.Response:
@@ -321,68 +366,86 @@ def bare_api() -> None:
     app = web.Application()
     app.router.add_post("/tasks", create)
     app.router.add_get("/tasks/{id}", get)
-    web.run_app(app, host="127.0.0.1", port=int(os.environ["TASK_RUNNER_PORT"]),
-                print=None, access_log=None)
+    web.run_app(
+        app, host="127.0.0.1", port=int(os.environ["TASK_RUNNER_PORT"]), print=None, access_log=None
+    )
 
 
 async def main(args: argparse.Namespace, url: str) -> None:
     bench = Bench(url, args)
     out = print
-    out(f"# task-runner benchmarks ({'MongoDB at MONGODB_URL' if os.environ.get('MONGODB_URL')"
-        f" else 'local SecantusDB'}), median of {args.repeats} runs")
+    server = "MongoDB at MONGODB_URL" if os.environ.get("MONGODB_URL") else "local SecantusDB"
+    out(f"# task-runner benchmarks ({server}), median of {args.repeats} runs")
     out(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}\n")
 
-    out("| 1. claim throughput (tasks/s) | service | raw claim+complete | ratio | "
-        "raw claim only | ratio |")
-    out("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for processes in args.processes:
-        service = await bench.repeat(lambda p=processes: bench.throughput(p, "service"))
-        full = await bench.repeat(lambda p=processes: bench.throughput(p, "claim+complete"))
-        claim = await bench.repeat(lambda p=processes: bench.throughput(p, "claim"))
-        out(f"| {processes} process(es) | {service:.0f} | {full:.0f} | {service / full:.2f} | "
-            f"{claim:.0f} | {service / claim:.2f} |")
+    if "1" in args.sections:
+        out(
+            "| 1. claim throughput (tasks/s) | service | raw claim+complete | ratio | "
+            "raw claim only | ratio |"
+        )
+        out("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for processes in args.processes:
+            service, full, claim = [
+                await bench.repeat(functools.partial(bench.throughput, processes, mode))
+                for mode in ("service", "claim+complete", "claim")
+            ]
+            out(
+                f"| {processes} process(es) | {service:.0f} | {full:.0f} | "
+                f"{service / full:.2f} | {claim:.0f} | {service / claim:.2f} |"
+            )
 
-    lags = [await bench.lag() for _ in range(args.repeats)]
-    latencies = {n: [await bench.claim_latency(n) for _ in range(args.repeats)]
-                 for n in args.waiting}
-    p99_claim = statistics.median(lat[1] for lat in latencies[args.waiting[0]])
-    out("\n| 2. scheduling lag, started_at - run_at (ms) | p50 | p95 | p99 |")
-    out("| --- | ---: | ---: | ---: |")
-    out(f"| {args.lag_tasks} tasks created ahead, 2 workers | "
-        + " | ".join(f"{statistics.median(lag[i] for lag in lags):.1f}" for i in range(3))
-        + f" |\n\nclaim latency p99 with {args.waiting[0]} waiting: {p99_claim:.1f} ms")
+    latencies = {}
+    if "2" in args.sections or "5" in args.sections:
+        latencies = {n: await bench.claim_latency(n) for n in args.waiting}
+    if "2" in args.sections:
+        lags = [await bench.lag() for _ in range(args.repeats)]
+        p99_claim = statistics.median(run[1] for run in latencies[args.waiting[0]])
+        out("\n| 2. scheduling lag, started_at - run_at (ms) | p50 | p95 | p99 |")
+        out("| --- | ---: | ---: | ---: |")
+        out(
+            f"| {args.lag_tasks} tasks created ahead, 2 workers | "
+            + " | ".join(f"{statistics.median(lag[i] for lag in lags):.1f}" for i in range(3))
+            + f" |\n\nclaim latency p99 with {args.waiting[0]} waiting: {p99_claim:.1f} ms"
+        )
 
-    api = [await bench.api() for _ in range(args.repeats)]
-    out("\n| 3. API (requests/s, 16 connections) | service | bare handler | ratio |")
-    out("| --- | ---: | ---: | ---: |")
-    for method, path in (("POST", "/tasks"), ("GET", "/tasks/{id}")):
-        service = statistics.median(a[f"service {method}"] for a in api)
-        bare = statistics.median(a[f"bare {method}"] for a in api)
-        out(f"| {method} {path} | {service:.0f} | {bare:.0f} | {service / bare:.2f} |")
+    if "3" in args.sections:
+        api = [await bench.api() for _ in range(args.repeats)]
+        out("\n| 3. API (requests/s, 16 connections) | service | bare handler | ratio |")
+        out("| --- | ---: | ---: | ---: |")
+        for method, path in (("POST", "/tasks"), ("GET", "/tasks/{id}")):
+            service = statistics.median(a[f"service {method}"] for a in api)
+            bare = statistics.median(a[f"bare {method}"] for a in api)
+            out(f"| {method} {path} | {service:.0f} | {bare:.0f} | {service / bare:.2f} |")
 
-    idle = await bench.repeat(bench.idle)
-    out(f"\n4. one idle worker (default settings): {idle:.2f} database commands/s")
+    if "4" in args.sections:
+        idle = await bench.repeat(bench.idle)
+        out(f"\n4. one idle worker (default settings): {idle:.2f} database commands/s")
 
-    out("\n| 5. claim latency (ms) | p50 | p99 | plan: index, no sort |")
-    out("| --- | ---: | ---: | --- |")
-    for waiting, runs in latencies.items():
-        out(f"| {waiting} tasks waiting in the future | "
-            f"{statistics.median(r[0] for r in runs):.1f} | "
-            f"{statistics.median(r[1] for r in runs):.1f} | "
-            f"{'yes' if all(r[2] for r in runs) else 'NO'} |")
+    if "5" in args.sections:
+        out("\n| 5. claim latency (ms) | p50 | p99 | plan: index, no sort |")
+        out("| --- | ---: | ---: | --- |")
+        for waiting, runs in latencies.items():
+            out(
+                f"| {waiting} tasks waiting in the future | "
+                f"{statistics.median(r[0] for r in runs):.1f} | "
+                f"{statistics.median(r[1] for r in runs):.1f} | "
+                f"{'yes' if all(r[2] for r in runs) else 'NO'} |"
+            )
 
 
 def parse() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes, one run each")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--tasks", type=int, default=3000, help="tasks per throughput run")
+    parser.add_argument("--tasks", type=int, default=300, help="tasks per throughput run")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--sections", default="12345", help="which tables to print")
     parser.add_argument("--lag-tasks", type=int, default=300)
     parser.add_argument("--api-seconds", type=float, default=4.0)
     parser.add_argument("--idle-seconds", type=float, default=20.0)
-    parser.add_argument("--claims", type=int, default=200)
+    parser.add_argument("--claims", type=int, default=30, help="claims per latency run")
     parser.add_argument("--waiting", type=int, nargs="+", default=[1000, 100_000])
     parser.add_argument("--raw-client", help=argparse.SUPPRESS)
     parser.add_argument("--bare-api", action="store_true", help=argparse.SUPPRESS)

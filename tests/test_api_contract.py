@@ -215,7 +215,8 @@ async def test_openapi_document_is_valid_and_matches_the_routes(api: Client) -> 
         (path, method.upper()) for path, ops in document["paths"].items() for method in ops
     }
     served = set()
-    for route in api.server.app.router.routes():
+    assert api.app is not None
+    for route in api.app.router.routes():
         info = route.resource.get_info() if route.resource else {}
         path = info.get("path") or info.get("formatter")
         if route.method != "HEAD" and not isinstance(route.resource, web.StaticResource):

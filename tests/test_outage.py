@@ -77,7 +77,8 @@ async def test_database_restart_mid_run(
     own_db.start()
 
     async def api_back() -> bool:
-        return (await api.get("/health")).status == 200
+        status: int = (await api.get("/health")).status
+        return status == 200
 
     await eventually(api_back, within=20)
 
