@@ -8,6 +8,7 @@ meantime, the write matches nothing and the caller is told so.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import uuid
@@ -250,14 +251,16 @@ class TaskStore:
         return None if doc is None else doc["run_at"]
 
     async def wakeups(
-        self, *, max_await: float, on_open: Callable[[], None]
+        self, *, max_await: float, on_open: Callable[[], None], ready: asyncio.Event | None = None
     ) -> AsyncIterator[datetime | None]:
         """Yield as tasks become claimable: their run_at, or None for "now".
 
         A change stream over inserts and every update that puts a task back to NOTSTARTED
         (retry, release, recovery, requeue), so idle workers learn of new work without
-        polling. `on_open` is called once the stream is open. Raises
-        ChangeStreamsUnavailable where the server has none (a standalone mongod).
+        polling. `on_open` is called once the stream is open. Each read waits for `ready`,
+        at most `max_await` seconds so the server keeps the cursor (what happens meanwhile
+        stays in the stream). Raises ChangeStreamsUnavailable where the server has none (a
+        standalone mongod).
         """
         pipeline = [
             {
@@ -269,12 +272,17 @@ class TaskStore:
                 }
             },
         ]
+        opened = False
         try:
             async with await self.tasks.watch(
                 pipeline, max_await_time_ms=int(max_await * 1000)
             ) as stream:
                 on_open()
+                opened = True
                 while True:
+                    if ready is not None:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(ready.wait(), max_await)
                     change = await stream.try_next()
                     if change is None:
                         # MongoDB answers a getMore when a matching event comes or after
@@ -289,6 +297,8 @@ class TaskStore:
         except ConnectionFailure as exc:
             raise DatabaseUnavailable(f"change stream lost: {exc.__class__.__name__}") from exc
         except OperationFailure as exc:
+            if opened:  # e.g. the resume point fell off the oplog: open a new stream
+                raise DatabaseUnavailable(f"change stream failed: {exc}") from exc
             raise ChangeStreamsUnavailable(str(exc)) from exc
 
     @_unavailable

@@ -38,6 +38,10 @@ class WakeUps:
         self._drain = True  # claim until empty: we do not know what is waiting
         self._poll_at = store.clock.surely_now()
         self._changed = asyncio.Event()
+        # Set while the claimer waits. A claimer that is busy claiming needs no
+        # announcements (it claims until empty, then looks up what is next), so the stream
+        # is not read meanwhile: no getMore per write while a backlog drains.
+        self._listening = asyncio.Event()
 
     def due(self) -> bool:
         """Should the claimer try a claim now?"""
@@ -64,8 +68,12 @@ class WakeUps:
         safety poll, or a nudge (a slot freed, a stop)."""
         wake_at = min(self._poll_at, self._known[0]) if self._known else self._poll_at
         seconds = max((wake_at - self.store.clock.surely_now()).total_seconds(), 0.0)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), seconds)
+        self._listening.set()
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), seconds)
+        finally:
+            self._listening.clear()
         self._changed.clear()
         if self.store.clock.surely_now() >= self._poll_at:
             self._drain = True
@@ -83,7 +91,7 @@ class WakeUps:
         while True:
             try:
                 async for run_at in self.store.wakeups(
-                    max_await=self.max_poll, on_open=self._stream_opened
+                    max_await=self.max_poll, on_open=self._stream_opened, ready=self._listening
                 ):
                     self._remember(run_at or self.store.clock.surely_now())
                     self.nudge()
