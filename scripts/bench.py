@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import functools
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -37,17 +35,11 @@ from pymongo import AsyncMongoClient, ReturnDocument, monitoring  # noqa: E402
 
 from service.clock import DbClock  # noqa: E402
 from service.config import Settings  # noqa: E402
-from service.localdb import LocalDatabase  # noqa: E402
+from service.localdb import database_url, free_port  # noqa: E402
 from service.models import TaskType  # noqa: E402
 from service.store import CLAIM_SORT, TaskStore, new_lease, open_client  # noqa: E402
 from service.tasks import TaskContext, http_session  # noqa: E402
 from service.worker import Worker  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -375,21 +367,6 @@ def bare_api() -> None:
     )
 
 
-@contextlib.contextmanager
-def database() -> Iterator[str]:
-    """MONGODB_URL, or a fresh in-memory SecantusDB: each section starts from a new server,
-    so what one section wrote (and the server's oplog) does not slow the next."""
-    if os.environ.get("MONGODB_URL"):
-        yield os.environ["MONGODB_URL"]
-        return
-    server = LocalDatabase(port=free_port(), path=":memory:")
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
-
-
 async def main(args: argparse.Namespace) -> None:
     out = print
     server = "MongoDB at MONGODB_URL" if os.environ.get("MONGODB_URL") else "local SecantusDB"
@@ -403,7 +380,7 @@ async def main(args: argparse.Namespace) -> None:
         )
         out("| --- | ---: | ---: | ---: | ---: | ---: |")
         for processes in args.processes:
-            with database() as url:
+            with database_url() as url:
                 bench = Bench(url, args)
                 service, full, claim = [
                     await bench.repeat(functools.partial(bench.throughput, processes, mode))
@@ -417,10 +394,10 @@ async def main(args: argparse.Namespace) -> None:
     latencies = {}
     if "2" in args.sections or "5" in args.sections:
         for waiting in args.waiting:
-            with database() as url:
+            with database_url() as url:
                 latencies[waiting] = await Bench(url, args).claim_latency(waiting)
     if "2" in args.sections:
-        with database() as url:
+        with database_url() as url:
             bench = Bench(url, args)
             lags = [await bench.lag() for _ in range(args.repeats)]
         p99_claim = statistics.median(run[1] for run in latencies[args.waiting[0]])
@@ -438,7 +415,7 @@ async def main(args: argparse.Namespace) -> None:
         api: dict[str, list[dict[str, float]]] = {"service": [], "bare": []}
         for _ in range(args.repeats):
             for name, results in api.items():
-                with database() as url:
+                with database_url() as url:
                     results.append(await Bench(url, args).api(name))
         out("\n| 3. API (requests/s, 16 connections) | service | bare handler | ratio |")
         out("| --- | ---: | ---: | ---: |")
@@ -448,7 +425,7 @@ async def main(args: argparse.Namespace) -> None:
             out(f"| {method} {path} | {service:.0f} | {bare:.0f} | {service / bare:.2f} |")
 
     if "4" in args.sections:
-        with database() as url:
+        with database_url() as url:
             bench = Bench(url, args)
             idle = await bench.repeat(bench.idle)
         out(f"\n4. one idle worker (default settings): {idle:.2f} database commands/s")

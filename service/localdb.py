@@ -6,13 +6,16 @@ MongoDB's wire protocol; it is installed with the `localdb` extra.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from pymongo import MongoClient
@@ -94,3 +97,25 @@ class LocalDatabase:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def database_url() -> Iterator[str]:
+    """MONGODB_URL when set; otherwise a throwaway in-memory SecantusDB on a free port,
+    stopped on exit (for the tests and the benchmark)."""
+    if os.environ.get("MONGODB_URL"):
+        yield os.environ["MONGODB_URL"]
+        return
+    db = LocalDatabase(port=free_port(), path=":memory:")
+    db.start()
+    try:
+        yield db.url
+    finally:
+        db.stop()

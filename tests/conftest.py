@@ -23,30 +23,16 @@ from aiohttp.test_utils import TestClient
 from service.app import create_app
 from service.clock import DbClock
 from service.config import Settings, env_name
-from service.localdb import LocalDatabase
+from service.localdb import database_url
 from service.models import Task
 from service.store import TaskStore, open_client
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
 def mongodb_url() -> Iterator[str]:
     """MONGODB_URL when set; otherwise a SecantusDB server started for this test session."""
-    if os.environ.get("MONGODB_URL"):
-        yield os.environ["MONGODB_URL"]
-        return
-    db = LocalDatabase(port=free_port(), path=":memory:")
-    db.start()
-    try:
-        yield db.url
-    finally:
-        db.stop()
+    with database_url() as url:
+        yield url
 
 
 @pytest.fixture

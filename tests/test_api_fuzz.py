@@ -27,7 +27,7 @@ from pymongo import MongoClient
 from service.api import OPENAPI
 from service.app import create_app
 from service.config import Settings
-from tests.conftest import free_port
+from service.localdb import free_port
 
 OBJECT_ID = st.text(alphabet="0123456789abcdef", min_size=24, max_size=24)
 SCALARS = (

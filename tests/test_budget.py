@@ -144,3 +144,32 @@ async def test_an_idle_worker_sends_under_one_command_a_second(
     kinds = Counter(classify(*entry) for entry in log.done)
     print(f"idle worker, 10 s: {dict(kinds)}")
     assert sum(kinds.values()) <= 10, kinds
+
+
+async def test_a_draining_backlog_does_not_read_the_change_stream_per_write(
+    watched: tuple[TaskStore, CommandLog], store: TaskStore, settings: Settings
+) -> None:
+    # A claimer with a backlog claims until empty: announcements meanwhile are useless, and
+    # a server that answers a getMore on every write (SecantusDB) would cost one per claim
+    # and complete. The stream is read at most once per poll interval while draining.
+    tasks = 100
+    for _ in range(tasks):
+        await store.create(task_type=TaskType.BAZ, run_at=None, max_attempts=1)
+    worker_store, log = watched
+    never_full = dataclasses.replace(settings, concurrency=tasks, max_poll_interval=5.0)
+    log.recording = True
+    began = time.monotonic()
+    worker, running = await run_worker(worker_store, never_full)
+
+    async def all_complete() -> bool:
+        return await store.tasks.count_documents({"state": "COMPLETE"}) == tasks
+
+    await eventually(all_complete)
+    log.recording = False
+    elapsed = time.monotonic() - began
+    worker.stop()
+    await running
+    kinds = Counter(classify(*entry) for entry in log.done)
+    print(f"backlog of {tasks} in {elapsed:.2f}s: {dict(kinds)}")
+    assert kinds["claim"] == kinds["complete"] == tasks, kinds
+    assert kinds["getMore"] <= elapsed / never_full.max_poll_interval + 3, (kinds, elapsed)

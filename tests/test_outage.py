@@ -14,10 +14,10 @@ import pytest
 from service.app import create_app
 from service.clock import DbClock
 from service.config import Settings
-from service.localdb import LocalDatabase
+from service.localdb import LocalDatabase, free_port
 from service.models import TaskType
 from service.store import TaskStore, open_client
-from tests.conftest import WorkerProcess, eventually, free_port, wait_until_started
+from tests.conftest import WorkerProcess, eventually, wait_until_started
 from tests.test_resilience import completions
 
 
