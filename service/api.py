@@ -35,6 +35,9 @@ task_schema = TaskSchema()
 page_schema = TaskPageSchema()
 
 routes = web.RouteTableDef()
+# The earlier version's paths served by a REST route's handler: the docs file them with the
+# earlier version's other routes.
+EARLIER_ALIASES = frozenset({"/id/{id}"})
 
 
 def _task_response(task: Task, *, status: int = 200) -> web.Response:
@@ -44,14 +47,24 @@ def _task_response(task: Task, *, status: int = 200) -> web.Response:
     return response
 
 
+# No valid request nests deeper than 2; this leaves room and keeps every walk shallow.
+MAX_NESTING = 32
+
+
 async def _json_object(request: web.Request) -> dict[str, Any]:
     if request.content_type != "application/json":
         raise web.HTTPUnsupportedMediaType(text="send the body as application/json")
-    raw = await request.read()
+    try:
+        raw = await request.read()
+    except (web.RequestPayloadError, ConnectionResetError) as exc:
+        # A malformed chunk, or a client that went away mid-body: a 400, not a logged 500.
+        raise web.HTTPBadRequest(text=f"the request body could not be read: {exc}") from None
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise ValidationError({"body": ["not valid JSON"]}) from None
+    except RecursionError:
+        raise ValidationError({"body": [f"nested deeper than {MAX_NESTING} levels"]}) from None
     if not isinstance(body, dict):
         raise ValidationError({"body": ["must be a JSON object"]})
     reject_operators(body, "body")
@@ -59,16 +72,20 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
 
 
 def reject_operators(value: Any, where: str) -> None:
-    """Refuse anything shaped like a MongoDB operator ("$ne", {"$gt": ...}) anywhere."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            reject_operators(key, where)
-            reject_operators(item, where)
-    elif isinstance(value, list):
-        for item in value:
-            reject_operators(item, where)
-    elif isinstance(value, str) and value.startswith("$"):
-        raise ValidationError({where: [f"{value[:40]!r}: MongoDB operators are not accepted"]})
+    """Refuse anything shaped like a MongoDB operator ("$ne", {"$gt": ...}) anywhere, and
+    anything nested deeper than MAX_NESTING (walked with a stack, not recursion).
+    """
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list) and depth >= MAX_NESTING:
+            raise ValidationError({where: [f"nested deeper than {MAX_NESTING} levels"]})
+        if isinstance(item, dict):
+            stack.extend((part, depth + 1) for pair in item.items() for part in pair)
+        elif isinstance(item, list):
+            stack.extend((part, depth + 1) for part in item)
+        elif isinstance(item, str) and item.startswith("$"):
+            raise ValidationError({where: [f"{item[:40]!r}: MongoDB operators are not accepted"]})
 
 
 def _single_valued_query(request: web.Request) -> dict[str, str]:

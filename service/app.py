@@ -8,11 +8,16 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from swagger_ui_bundle import swagger_ui_path
 
-from service.api import OPENAPI, SETTINGS, STORE, routes
+from service.api import EARLIER_ALIASES, OPENAPI, SETTINGS, STORE, routes
 from service.clock import DbClock
 from service.config import Settings
 from service.errors import DatabaseUnavailable
-from service.middlewares import auth_middleware, error_middleware, timeout_middleware
+from service.middlewares import (
+    ProtocolLog,
+    auth_middleware,
+    error_middleware,
+    timeout_middleware,
+)
 from service.openapi import build_spec
 from service.periodic import Periodic
 from service.store import TaskStore, open_client
@@ -61,10 +66,17 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 def create_app(settings: Settings) -> web.Application:
     """The API application for these settings."""
     middlewares = [error_middleware, timeout_middleware(settings), auth_middleware(settings)]
-    app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        middlewares=middlewares,
+        client_max_size=settings.max_body_bytes,
+        # Passed to aiohttp's connection handler by every runner (web.run_app included).
+        handler_args={"logger": ProtocolLog(logging.getLogger("aiohttp.server"))},
+    )
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_database)
     app.add_routes(routes)
     app.router.add_static("/docs/static", swagger_ui_path, name="docs-static")
-    app[OPENAPI] = build_spec(app, bearer=bool(settings.api_tokens))
+    app[OPENAPI] = build_spec(
+        app, bearer=bool(settings.api_tokens), earlier_aliases=EARLIER_ALIASES
+    )
     return app

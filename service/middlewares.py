@@ -1,6 +1,7 @@
 """Errors to JSON: domain errors become 4xx/503, anything unexpected a logged 500.
 
-Every error answer has one shape: {"error": {"code", "message", "details"}}.
+Every error answer has one shape: {"error": {"code", "message", "details"}}; requests that
+aiohttp's own HTTP parser refuses are logged in one short line (see ProtocolLog).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler, Middleware
 from marshmallow import ValidationError
 
@@ -129,3 +131,35 @@ def auth_middleware(settings: Settings) -> Middleware:
         return await handler(request)
 
     return auth
+
+
+class ProtocolLog(logging.LoggerAdapter[logging.Logger]):
+    """The logger aiohttp's connection handler uses (create_app hands it over as
+    `handler_args={"logger": ...}`, aiohttp's documented way to configure it).
+
+    A request aiohttp's HTTP parser refuses (an over-long URL or header, bytes that are not
+    HTTP, a bad chunk size, Content-Length beside Transfer-Encoding) is answered 400 by
+    aiohttp before any middleware runs, and logged with `logger.exception`: an ERROR and a
+    traceback per request, a flood any client can cause. Here it is one short line at INFO,
+    without the traceback. Every other record passes through unchanged.
+    """
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        """Log as given, unless it is aiohttp reporting a request its parser refused."""
+        exc = kwargs.get("exc_info")
+        if isinstance(exc, tuple):
+            exc = exc[1]
+        if not isinstance(exc, HttpProcessingError):
+            super().log(level, msg, *args, **kwargs)
+            return
+        level = min(level, logging.INFO)
+        if self.isEnabledFor(level):
+            where = str(msg) % args if args else str(msg)
+            self.logger.log(level, "%s: malformed HTTP, answered 400: %s", where, one_line(exc))
+
+
+def one_line(exc: HttpProcessingError, *, limit: int = 160) -> str:
+    """The parser's reason, on one line of printable ASCII, cut to `limit` characters: what
+    it quotes comes from the client, so it must not forge log lines or fill them."""
+    text = " ".join(str(exc.message).encode("ascii", "backslashreplace").decode().split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -4,7 +4,7 @@ and a docs page (Swagger UI, served from the swagger-ui-bundle package: no CDN n
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -31,6 +31,7 @@ ERRORS = {
     503: "the database did not answer in time; retry",
 }
 ALWAYS = (401, 503)
+EARLIER_VERSION = "earlier version"
 
 
 def operation(
@@ -75,8 +76,14 @@ def _run_at_property(self: Any, field: Any, **kwargs: Any) -> dict[str, Any]:
     return {}
 
 
-def build_spec(app: web.Application, *, bearer: bool) -> dict[str, Any]:
-    """The OpenAPI document of every route `app` has; a route without one is an error."""
+def build_spec(
+    app: web.Application, *, bearer: bool, earlier_aliases: Collection[str] = ()
+) -> dict[str, Any]:
+    """The OpenAPI document of every route `app` has; a route without one is an error.
+
+    `earlier_aliases`: paths of the earlier version that share a handler (and so an
+    operation) with a REST route; they are filed under the earlier version's tag.
+    """
     plugin = MarshmallowPlugin()
     spec = APISpec(
         title="task-runner",
@@ -104,6 +111,9 @@ def build_spec(app: web.Application, *, bearer: bool) -> dict[str, Any]:
         if not documented:
             continue  # deliberately undocumented (the docs page itself)
         op = dict(documented)
+        if path in earlier_aliases:
+            op["summary"] = f"{EARLIER_VERSION}: {op['summary']}"
+            op["tags"] = [EARLIER_VERSION]
         params = [
             {"in": "path", "name": name, "required": True, "schema": {"type": "string"}}
             for name in _path_params(path)

@@ -6,6 +6,7 @@ import base64
 import binascii
 import json
 import math
+import re
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -19,6 +20,10 @@ MAX_ATTEMPTS_LIMIT = 100
 # The first instant BSON dates and ISO 8601 four-digit years cannot hold.
 YEAR_10000 = 253_402_300_800
 
+# Unix seconds in a path: ASCII digits, at most one decimal point. int() and float() also
+# take "1_000", " 12", "1e3" and every script's digits ("١٢"); the API does not.
+UNIX_SECONDS_PATH = re.compile(r"[0-9]+(\.[0-9]+)?")
+ASCII_DIGITS = re.compile(r"[0-9]+")
 
 class AnyCaseEnum(fields.Field[StrEnum]):
     """A string enum matched without regard to letter case ("FOO", "foo", "Foo")."""
@@ -26,7 +31,7 @@ class AnyCaseEnum(fields.Field[StrEnum]):
     def __init__(self, enum: type[StrEnum], **kwargs: Any) -> None:
         self.enum = enum
         self.choices = [member.value for member in enum]
-        kwargs.setdefault("metadata", {"enum": self.choices})
+        kwargs["metadata"] = {"enum": self.choices, **kwargs.get("metadata", {})}
         super().__init__(**kwargs)
 
     def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> Any:
@@ -42,7 +47,10 @@ class AnyCaseEnum(fields.Field[StrEnum]):
 
 def parse_unix_seconds(value: Any) -> datetime:
     """Unix seconds (int or float, not bool) as an aware UTC datetime, year 1970 to 9999."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValidationError("must be Unix seconds (a number) or ISO 8601 with a UTC offset")
+    # Range first: math.isfinite() of an int beyond a float's range raises OverflowError.
+    if isinstance(value, float) and not math.isfinite(value):
         raise ValidationError("must be Unix seconds (a number) or ISO 8601 with a UTC offset")
     if not 0 <= value < YEAR_10000:
         raise ValidationError(f"Unix seconds must be from 0 to {YEAR_10000 - 1}")
@@ -70,7 +78,11 @@ class RunAt(Timestamp):
             ) from None
         if parsed.tzinfo is None:
             raise ValidationError("ISO 8601 time needs a UTC offset (e.g. Z or +02:00)")
-        return parsed.astimezone(UTC)
+        try:
+            return parsed.astimezone(UTC)
+        except OverflowError:
+            # 9999-12-31T23:00:00-14:00 is in year 10000 UTC; 0001-01-01T00:00+14:00 in year 0.
+            raise ValidationError("must fall within the years 0001 to 9999 in UTC") from None
 
 
 def iso(value: datetime) -> str:
@@ -84,27 +96,55 @@ class CreateTaskSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    type = AnyCaseEnum(TaskType, required=True, metadata={"description": "any letter case"})
+    # Each field's `example` is what the docs page pre-fills for "Try it out"; a test posts
+    # the request built from them and expects 201.
+    type = AnyCaseEnum(
+        TaskType, required=True, metadata={"description": "any letter case", "example": "foo"}
+    )
     run_at = RunAt(
         load_default=None,
         allow_none=False,
-        metadata={"description": "ISO 8601 with a UTC offset, or Unix seconds; omit for now"},
+        metadata={
+            "description": "ISO 8601 with a UTC offset, or Unix seconds; omit, or give a past "
+            "time, for now",
+            "example": "2026-01-31T12:00:00Z",
+        },
     )
     max_attempts = fields.Integer(
         strict=True,
         load_default=None,
         allow_none=False,
         validate=validate.Range(min=1, max=MAX_ATTEMPTS_LIMIT),
-        metadata={"description": "cap on attempts; the service default when omitted"},
+        metadata={
+            "description": "cap on attempts; the service default when omitted",
+            "example": 3,
+        },
     )
 
 
 def parse_number(raw: str) -> int | float:
-    """A path segment such as "1700000000" or "1700000000.5" as a number."""
+    """A path segment of ASCII digits with at most one decimal point ("1700000000",
+    "1700000000.5") as a number; anything else is a ValidationError.
+    """
+    if not UNIX_SECONDS_PATH.fullmatch(raw):
+        raise ValidationError(
+            {"run_at": ["Unix seconds must be ASCII digits with at most one decimal point"]}
+        )
     try:
-        return float(raw) if any(c in raw for c in ".eE") else int(raw)
-    except ValueError:
-        raise ValidationError({"run_at": ["Unix seconds must be a number"]}) from None
+        return float(raw) if "." in raw else int(raw)
+    except ValueError:  # more digits than int() takes (sys.get_int_max_str_digits())
+        raise ValidationError(
+            {"run_at": [f"Unix seconds must be from 0 to {YEAR_10000 - 1}"]}
+        ) from None
+
+
+class DigitsInteger(fields.Integer):
+    """An integer from a query string: ASCII digits only (not "1_0", " 5" or Arabic-Indic)."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> int:
+        if isinstance(value, str) and not ASCII_DIGITS.fullmatch(value):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
 
 
 class ListQuerySchema(Schema):
@@ -115,7 +155,7 @@ class ListQuerySchema(Schema):
 
     state = AnyCaseEnum(State, load_default=None)
     type = AnyCaseEnum(TaskType, load_default=None)
-    limit = fields.Integer(
+    limit = DigitsInteger(
         load_default=100,
         validate=validate.Range(min=1, max=1000),
         metadata={"description": "page size; at most TASK_RUNNER_MAX_PAGE_SIZE (1000)"},

@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
-from collections.abc import Awaitable, Callable
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +22,9 @@ from openapi_spec_validator import validate
 
 from service.app import create_app
 from service.config import Settings
+from service.localdb import free_port
 from service.store import TaskStore
+from tests.conftest import settings_env
 
 Client = TestClient[Any, Any]
 MakeClient = Callable[[web.Application], Awaitable[Client]]
@@ -93,6 +103,71 @@ async def test_bad_legacy_creates_are_400_and_store_nothing(api: Client, store: 
     assert await store.tasks.count_documents({}) == 0
 
 
+async def test_hostile_bodies_are_400_not_500(api: Client, store: TaskStore) -> None:
+    deep = "[" * 30_000 + "]" * 30_000  # 60 KB: RecursionError in json.loads
+    raw_bodies = {
+        "deep arrays": deep,
+        "deep in a field": '{"type": "foo", "run_at": ' + "[" * 500 + "]" * 500 + "}",
+        "deep objects": '{"a": ' * 200 + "1" + "}" * 200,
+        "400-digit run_at": '{"type": "foo", "run_at": ' + "9" * 400 + "}",
+        "negative 400 digits": '{"type": "foo", "run_at": -' + "9" * 400 + "}",
+        "huge max_attempts": '{"type": "foo", "max_attempts": ' + "9" * 400 + "}",
+        "5000-digit number": '{"type": "foo", "run_at": ' + "9" * 5000 + "}",
+    }
+    for name, raw in raw_bodies.items():
+        response = await api.post("/tasks", data=raw, headers={"Content-Type": "application/json"})
+        error = await assert_error(response, 400, "invalid_request")
+        assert error["details"], name
+    for run_at in (
+        "9999-12-31T23:00:00-14:00",
+        "0001-01-01T00:00:00+14:00",
+        "9999-12-31T23:59:59.999999-00:01",
+        "0001-01-01T00:00:00+00:01",
+        "\u0662\u0660\u0663\u0660-01-01T00:00:00Z",  # Arabic-Indic digits
+        "\uff12\uff10\uff13\uff10-01-01T00:00:00Z",  # full-width digits
+    ):
+        body = json.loads('{"type": "foo", "run_at": "' + run_at + '"}')
+        error = await assert_error(await api.post("/tasks", json=body), 400, "invalid_request")
+        assert "run_at" in error["details"], (run_at, error)
+    assert await store.tasks.count_documents({}) == 0
+    # The extremes that do fall in years 0001 to 9999 in UTC are accepted.
+    for run_at in ("9999-12-31T10:00:00-13:59", "0001-01-01T00:00:00-14:00"):
+        assert (await api.post("/tasks", json={"type": "foo", "run_at": run_at})).status == 201
+
+
+async def test_legacy_seconds_are_ascii_digits_only(api: Client, store: TaskStore) -> None:
+    refused = (
+        "9" * 400,  # OverflowError in float conversion
+        "9" * 5000,  # beyond int()'s digit limit
+        "9" * 400 + ".5",
+        "1_000",
+        "%D9%A1%D9%A2",  # Arabic-Indic 12
+        "%EF%BC%91%EF%BC%92",  # full-width 12
+        "%E0%A5%A7",  # Devanagari 1
+        "%2012",  # " 12"
+        "12%20",
+        "+12",
+        "1e3",
+        "0x10",
+        "1.",
+        ".5",
+        "1.2.3",
+        "inf",
+    )
+    for seconds in refused:
+        error = await assert_error(await api.post(f"/FOO/{seconds}"), 400, "invalid_request")
+        assert "run_at" in error["details"], (seconds, error)
+    assert await store.tasks.count_documents({}) == 0
+    for seconds in ("0", "1700000000", "1700000000.25", "0001700000000"):
+        assert (await api.post(f"/FOO/{seconds}")).status == 201, seconds
+
+
+async def test_query_integers_are_ascii_digits_only(api: Client) -> None:
+    for limit in ("%D9%A1%D9%A0", "1_0", "%2010", "10%20", "+10", "9" * 5000):
+        error = await assert_error(await api.get(f"/tasks?limit={limit}"), 400, "invalid_request")
+        assert "limit" in error["details"], limit
+
+
 async def test_bad_ids_are_404_with_the_error_shape(api: Client) -> None:
     for path in ("/tasks/zzz", "/tasks/6b05ceaf9af4ef7f5df5957c", "/id/%24ne", "/id/1"):
         await assert_error(await api.get(path), 404, "task_not_found")
@@ -139,6 +214,162 @@ async def test_methods_a_route_does_not_allow_are_405_with_allow(api: Client) ->
         response = await api.request(method, path)
         await assert_error(response, 405, "method_not_allowed")
         assert response.headers["Allow"]
+
+
+# -- hostile requests against a real `task-runner api` process ----------------------------
+
+
+class ApiProcess:
+    """A real `task-runner api` process (web.run_app, as deployed), its log in a file."""
+
+    def __init__(self, settings: Settings, log: Path) -> None:
+        self.port = free_port()
+        self.log = log
+        # api_tokens="": settings_env would write the empty tuple as the token "()".
+        env = settings_env(
+            settings, host="127.0.0.1", port=self.port, log_level="INFO", api_tokens=""
+        )
+        with log.open("wb") as err:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "service.cli", "api"],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+        deadline = time.monotonic() + 30
+        while True:
+            assert self.process.poll() is None, log.read_text()
+            try:
+                url = f"http://127.0.0.1:{self.port}/health"
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+
+    def send(self, *parts: bytes, pause: float = 0.0) -> tuple[int, dict[str, str], bytes]:
+        """Send raw bytes (pausing between parts); the status, headers and body answered."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+            for part in parts:
+                sock.sendall(part)
+                time.sleep(pause)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        headers = dict(line.split(": ", 1) for line in header_lines)
+        return int(status_line.split()[1]), headers, body
+
+    def stop(self) -> str:
+        """SIGTERM, wait, and return the whole log."""
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(30)
+        return self.log.read_text()
+
+
+@pytest.fixture
+def api_process(settings: Settings, store: TaskStore, tmp_path: Path) -> Iterator[ApiProcess]:
+    server = ApiProcess(settings, tmp_path / "api.log")
+    yield server
+    if server.process.poll() is None:
+        server.process.kill()
+        server.process.wait()
+
+
+def http(request_line: bytes, *headers: bytes, body: bytes = b"") -> bytes:
+    """A raw HTTP/1.1 request that asks the server to close the connection after answering."""
+    lines = [request_line, b"Host: x", b"Connection: close", *headers]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def json_post(path: bytes, body: bytes) -> bytes:
+    return http(
+        b"POST " + path + b" HTTP/1.1",
+        b"Content-Type: application/json",
+        b"Content-Length: %d" % len(body),
+        body=body,
+    )
+
+
+def assert_json_error(answer: tuple[int, dict[str, str], bytes], status: int) -> None:
+    code, headers, body = answer
+    assert code == status, answer
+    assert headers["Content-Type"].startswith("application/json"), answer
+    error = json.loads(body)["error"]
+    assert set(error) == {"code", "message", "details"}, answer
+
+
+def test_hostile_requests_to_a_real_server_are_400_and_logged_briefly(
+    api_process: ApiProcess, store: TaskStore
+) -> None:
+    # Refused by the handlers: the JSON error shape, and nothing in the log.
+    in_handlers = [
+        json_post(b"/tasks", b"[" * 30_000 + b"]" * 30_000),
+        json_post(b"/tasks", b'{"type": "foo", "run_at": "9999-12-31T23:00:00-14:00"}'),
+        json_post(b"/tasks", b'{"type": "foo", "run_at": "0001-01-01T00:00:00+14:00"}'),
+        json_post(b"/tasks", b'{"type": "foo", "run_at": ' + b"9" * 400 + b"}"),
+        http(b"POST /FOO/" + b"9" * 400 + b" HTTP/1.1", b"Content-Length: 0"),
+        http(b"POST /FOO/1_000 HTTP/1.1", b"Content-Length: 0"),
+        http(b"POST /FOO/%D9%A1%D9%A2 HTTP/1.1", b"Content-Length: 0"),
+    ]
+    for request in in_handlers:
+        assert_json_error(api_process.send(request), 400)
+    # Refused by aiohttp's HTTP parser before any handler or middleware runs: a 400 (its
+    # body is aiohttp's short text; no supported hook lets an application shape it).
+    in_parser = [
+        http(b"GET /" + b"a" * 100_000 + b" HTTP/1.1"),
+        http(b"GET /health HTTP/1.1", b"X-Pad: " + b"a" * 100_000),
+        http("GET /t\u00e9\u0661 HTTP/1.1".encode()),
+        http(b"POST /FOO/\xd9\xa1\xd9\xa2 HTTP/1.1", b"Content-Length: 0"),
+        http(
+            b"POST /tasks HTTP/1.1",
+            b"Content-Type: application/json",
+            b"Transfer-Encoding: chunked",
+            body=b"zz\r\n{}\r\n0\r\n\r\n",
+        ),
+        http(
+            b"POST /tasks HTTP/1.1",
+            b"Content-Type: application/json",
+            b"Content-Length: 4",
+            b"Transfer-Encoding: chunked",
+            body=b"2\r\n{}\r\n0\r\n\r\n",
+        ),
+    ]
+    for request in in_parser:
+        status, _, body = api_process.send(request)
+        assert status == 400, (request[:60], body)
+        assert len(body) < 400, body
+    log = api_process.stop()
+    assert "Traceback" not in log, log
+    assert " ERROR " not in log, log
+    refused = [line for line in log.splitlines() if "malformed HTTP" in line]
+    assert len(refused) == len(in_parser), log
+    for line in refused:
+        assert len(line) < 400, line
+        assert line.isascii() and line.isprintable(), line
+
+
+def test_a_body_cut_off_by_the_client_is_not_a_logged_500(
+    api_process: ApiProcess, store: TaskStore
+) -> None:
+    # The headers promise a chunked body; the chunk that follows later is malformed, so
+    # aiohttp's parser drops the body and the handler waits until the client gives up.
+    head = http(
+        b"POST /tasks HTTP/1.1", b"Content-Type: application/json", b"Transfer-Encoding: chunked"
+    )
+    with socket.create_connection(("127.0.0.1", api_process.port), timeout=10) as sock:
+        sock.sendall(head)
+        time.sleep(0.3)
+        sock.sendall(b"zz\r\n{}\r\n0\r\n\r\n")
+        time.sleep(0.3)
+    # A later request still works, and the log holds no traceback.
+    assert_json_error(api_process.send(json_post(b"/tasks", b"{}")), 400)
+    log = api_process.stop()
+    assert "Traceback" not in log, log
+    assert " ERROR " not in log, log
 
 
 # -- tokens -------------------------------------------------------------------------------
@@ -236,3 +467,63 @@ async def test_docs_page_serves_swagger_ui_locally(api: Client) -> None:
     script = await api.get("/docs/static/swagger-ui-bundle.js")
     assert script.status == 200
     assert len(await script.read()) > 100_000
+
+
+def swagger_ui_sample(schema: dict[str, Any], document: dict[str, Any]) -> Any:
+    """The value Swagger UI pre-fills for a schema: its example, else the first enum value,
+    else the first alternative of a oneOf, else a placeholder of its type ("string", 0)."""
+    if "$ref" in schema:
+        name = schema["$ref"].rsplit("/", 1)[-1]
+        return swagger_ui_sample(document["components"]["schemas"][name], document)
+    if "example" in schema:
+        return schema["example"]
+    if "enum" in schema:
+        return schema["enum"][0]
+    if "oneOf" in schema:
+        return swagger_ui_sample(schema["oneOf"][0], document)
+    if schema.get("type") == "object" or "properties" in schema:
+        return {
+            name: swagger_ui_sample(prop, document)
+            for name, prop in schema.get("properties", {}).items()
+            if not prop.get("readOnly")
+        }
+    placeholders = {"string": "string", "integer": 0, "number": 0, "boolean": True}
+    return placeholders[schema.get("type", "string")]
+
+
+async def test_the_docs_page_pre_filled_create_request_works(api: Client, store: TaskStore) -> None:
+    document = await (await api.get("/openapi.json")).json()
+    body_schema = document["paths"]["/tasks"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"
+    ]
+    sample = swagger_ui_sample(body_schema, document)
+    assert set(sample) == {"type", "run_at", "max_attempts"}, sample
+    response = await api.post("/tasks", json=sample)
+    assert response.status == 201, (sample, await response.text())
+    created = await response.json()
+    assert created["type"] == sample["type"]
+    assert created["max_attempts"] == sample["max_attempts"]
+    assert await store.tasks.count_documents({}) == 1
+    # The choices are listed, so the docs page offers them.
+    properties = document["components"]["schemas"]["CreateTask"]["properties"]
+    assert properties["type"]["enum"] == ["foo", "bar", "baz"]
+
+
+async def test_earlier_version_routes_share_one_tag_in_the_docs(api: Client) -> None:
+    document = await (await api.get("/openapi.json")).json()
+    earlier = {
+        (path, method)
+        for path, ops in document["paths"].items()
+        for method, op in ops.items()
+        if op.get("tags") == ["earlier version"]
+    }
+    assert earlier == {
+        ("/{type}/{unix_seconds}", "post"),
+        ("/id/{id}", "get"),
+        ("/id/{id}", "delete"),
+        ("/taskstate/{state}", "get"),
+        ("/", "delete"),
+    }
+    # The REST routes that share a handler with /id/{id} stay untagged.
+    assert "tags" not in document["paths"]["/tasks/{id}"]["get"]
+    assert "tags" not in document["paths"]["/tasks/{id}"]["delete"]
