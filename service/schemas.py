@@ -19,11 +19,11 @@ from service.models import State, TaskType
 MAX_ATTEMPTS_LIMIT = 100
 # The first instant BSON dates and ISO 8601 four-digit years cannot hold.
 YEAR_10000 = 253_402_300_800
-
 # Unix seconds in a path: ASCII digits, at most one decimal point. int() and float() also
 # take "1_000", " 12", "1e3" and every script's digits ("١٢"); the API does not.
 UNIX_SECONDS_PATH = re.compile(r"[0-9]+(\.[0-9]+)?")
 ASCII_DIGITS = re.compile(r"[0-9]+")
+
 
 class AnyCaseEnum(fields.Field[StrEnum]):
     """A string enum matched without regard to letter case ("FOO", "foo", "Foo")."""
