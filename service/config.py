@@ -3,16 +3,43 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_BAR_URL = "https://www.whattimeisitrightnow.com/"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# TASK_RUNNER_* variables that are read but are not fields of Settings.
+OTHER_VARIABLES = frozenset({"TASK_RUNNER_TASK_MODULES"})
 
 
 class SettingsError(ValueError):
-    """A setting has a value the service cannot run with; the message names the variable."""
+    """A setting has a value the service cannot run with; the message names the variable.
+
+    The message is a template whose `{field}` placeholders are filled with each field's
+    environment variable, or with the flag the user typed (see `rename`).
+    """
+
+    def __init__(self, template: str, *fields: str) -> None:
+        super().__init__(template)
+        self.template = template
+        self.fields = fields
+        self.names: dict[str, str] = {}
+
+    def rename(self, names: Mapping[str, str]) -> SettingsError:
+        """Name these fields differently (a flag instead of the variable); returns self."""
+        self.names.update(names)
+        return self
+
+    def __str__(self) -> str:
+        message = self.template
+        for name in self.fields:
+            message = message.replace("{" + name + "}", self.names.get(name, env_name(name)))
+        return message
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,6 +77,30 @@ class Settings:
     clock_skew: float = 0.0
 
     def __post_init__(self) -> None:
+        self._check_numbers()
+        self._check_ranges()
+        level = str(self.log_level).upper()
+        if level not in LOG_LEVELS:
+            raise SettingsError(
+                f"{{log_level}} must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}",
+                "log_level",
+            )
+        object.__setattr__(self, "log_level", level)
+        if not self.bar_url.startswith(("http://", "https://")):
+            raise SettingsError("{bar_url} must be an http:// or https:// URL", "bar_url")
+        if self.mongodb_url is not None and not self.mongodb_url.startswith(
+            ("mongodb://", "mongodb+srv://")
+        ):
+            raise SettingsError(
+                "{mongodb_url} must start with mongodb:// or mongodb+srv://", "mongodb_url"
+            )
+
+    def _check_numbers(self) -> None:
+        # NaN passes every `<= 0` test and an infinite interval never fires: refuse both.
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            if spec.type in ("float", "int") and not math.isfinite(value):
+                raise SettingsError(f"{{{spec.name}}} must be a finite number", spec.name)
         for name in (
             "bar_timeout",
             "heartbeat_interval",
@@ -61,32 +112,41 @@ class Settings:
             "request_timeout",
         ):
             if getattr(self, name) <= 0:
-                raise SettingsError(f"{env_name(name)} must be greater than 0")
+                raise SettingsError(f"{{{name}}} must be greater than 0", name)
         for name in ("concurrency", "max_attempts", "workers", "max_body_bytes", "max_page_size"):
             if getattr(self, name) < 1:
-                raise SettingsError(f"{env_name(name)} must be at least 1")
-        if self.foo_seconds < 0 or self.shutdown_grace < 0:
-            name = "foo_seconds" if self.foo_seconds < 0 else "shutdown_grace"
-            raise SettingsError(f"{env_name(name)} must not be negative")
-        if not 0 < self.port < 65536 or not 0 < self.local_db_port < 65536:
-            name = "port" if not 0 < self.port < 65536 else "local_db_port"
-            raise SettingsError(f"{env_name(name)} must be a TCP port (1-65535)")
+                raise SettingsError(f"{{{name}}} must be at least 1", name)
+        for name in ("foo_seconds", "shutdown_grace"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{{{name}}} must not be negative", name)
+        for name in ("port", "local_db_port"):
+            if not 0 < getattr(self, name) < 65536:
+                raise SettingsError(f"{{{name}}} must be a TCP port (1-65535)", name)
+
+    def _check_ranges(self) -> None:
         # A worker that misses two heartbeats in a row must not be declared dead.
         if self.stale_after < 3 * self.heartbeat_interval:
             raise SettingsError(
-                f"TASK_RUNNER_STALE_AFTER ({self.stale_after:g}) must be at least three times "
-                f"TASK_RUNNER_HEARTBEAT_INTERVAL ({self.heartbeat_interval:g})"
+                f"{{stale_after}} ({self.stale_after:g}) must be at least three times "
+                f"{{heartbeat_interval}} ({self.heartbeat_interval:g})",
+                "stale_after",
+                "heartbeat_interval",
             )
         if self.max_page_size > 1000:
-            raise SettingsError("TASK_RUNNER_MAX_PAGE_SIZE must be at most 1000")
+            raise SettingsError("{max_page_size} must be at most 1000", "max_page_size")
         if self.retry_max < self.retry_base:
-            raise SettingsError("TASK_RUNNER_RETRY_MAX must be at least TASK_RUNNER_RETRY_BASE")
-        if not self.bar_url.startswith(("http://", "https://")):
-            raise SettingsError("TASK_RUNNER_BAR_URL must be an http:// or https:// URL")
-        if self.mongodb_url is not None and not self.mongodb_url.startswith(
-            ("mongodb://", "mongodb+srv://")
-        ):
-            raise SettingsError("MONGODB_URL must start with mongodb:// or mongodb+srv://")
+            raise SettingsError(
+                "{retry_max} must be at least {retry_base}", "retry_max", "retry_base"
+            )
+
+    def __repr__(self) -> str:
+        # The URL may carry a password, and tokens never appear: a repr may reach a log.
+        shown = {
+            spec.name: getattr(self, spec.name) for spec in dataclasses.fields(self) if spec.repr
+        }
+        if self.mongodb_url is not None:
+            shown["mongodb_url"] = redact(self.mongodb_url)
+        return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     @property
     def local_db_url(self) -> str:
@@ -99,16 +159,29 @@ class Settings:
         return self.mongodb_url or self.local_db_url
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Read every setting from the environment, then apply non-None overrides (CLI flags)."""
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        names: Mapping[str, str] | None = None,
+        **overrides: Any,
+    ) -> Settings:
+        """Read every setting from the environment, then apply non-None overrides (CLI flags).
+
+        `names` maps fields to how the user gave them (a flag such as `--stale-after`), so
+        a bad value is reported under the name the user typed.
+        """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for spec in dataclasses.fields(cls):
             raw = env.get(env_name(spec.name))
-            if raw is not None and raw.strip() != "":
+            if overrides.get(spec.name) is None and raw is not None and raw.strip() != "":
                 values[spec.name] = _parse(spec.name, str(spec.type), raw.strip())
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        try:
+            return cls(**values)
+        except SettingsError as exc:
+            raise exc.rename(names or {}) from None
 
 
 HELP: dict[str, str] = {
@@ -131,7 +204,7 @@ HELP: dict[str, str] = {
     "local_db_port": "port of the embedded local database server",
     "local_db_path": "directory where the embedded local database keeps its data",
     "workers": "worker processes `task-runner dev` starts",
-    "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "log_level": "how much to log",
     "db_timeout": "seconds to wait for the database before giving up on a call",
     "max_body_bytes": "largest request body the API accepts",
     "clock_skew": "testing only: shift this process's clock by this many seconds",
@@ -148,6 +221,47 @@ def env_name(field: str) -> str:
     return "MONGODB_URL" if field == "mongodb_url" else f"TASK_RUNNER_{field.upper()}"
 
 
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One warning per TASK_RUNNER_* variable that is no setting, naming the closest one."""
+    env = os.environ if environ is None else environ
+    known = {env_name(spec.name) for spec in dataclasses.fields(Settings)} | OTHER_VARIABLES
+    warnings = []
+    for name in sorted(env):
+        if not name.upper().startswith("TASK_RUNNER_") or name in known:
+            continue
+        # Compare what follows the prefix, which every name shares.
+        suffixes = {k.removeprefix("TASK_RUNNER_"): k for k in known if k.startswith("TASK_")}
+        close = [
+            suffixes[match]
+            for match in difflib.get_close_matches(
+                name.upper().removeprefix("TASK_RUNNER_"), sorted(suffixes), n=1, cutoff=0.6
+            )
+        ]
+        hint = f"; did you mean {close[0]}?" if close else ""
+        warnings.append(f"{name} is not a setting and is ignored{hint}")
+    if "MONGODB_URL" not in env:
+        for alias in ("MONGODB_URI", "MONGO_URL", "MONGO_URI"):
+            if alias in env:
+                warnings.append(f"{alias} is ignored; did you mean MONGODB_URL?")
+    return warnings
+
+
+def is_known_variable(name: str) -> bool:
+    """True for the environment variable of a setting (or one the service reads otherwise)."""
+    known = {env_name(spec.name) for spec in dataclasses.fields(Settings)} | OTHER_VARIABLES
+    return name in known
+
+
+_CREDENTIALS = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/?#\s]*):[^@/?#\s]*@"
+)
+
+
+def redact(text: str) -> str:
+    """`text` with the password of every URL in it replaced by `***`."""
+    return _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+
+
 def _parse_bool(raw: str) -> bool:
     lowered = raw.lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -157,9 +271,16 @@ def _parse_bool(raw: str) -> bool:
     raise ValueError("expected true or false")
 
 
+def _parse_float(raw: str) -> float:
+    value = float(raw)
+    if not math.isfinite(value):
+        raise ValueError("not a finite number")
+    return value
+
+
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "int": int,
-    "float": float,
+    "float": _parse_float,
     "bool": _parse_bool,
     "str": str,
     "str | None": str,
@@ -170,6 +291,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
 def _parse(field: str, type_name: str, raw: str) -> Any:
     try:
         return _PARSERS[type_name](raw)
-    except ValueError as exc:
-        message = f"{env_name(field)}={raw!r} is not a valid {type_name}: {exc}"
-        raise SettingsError(message) from exc
+    except ValueError:
+        kind = {"int": "an integer", "float": "a finite number", "bool": "true or false"}
+        shown = redact(raw) if field == "mongodb_url" else raw
+        message = f"{{{field}}}={shown!r} is not {kind.get(type_name, type_name)}"
+        raise SettingsError(message, field) from None

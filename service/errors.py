@@ -27,3 +27,22 @@ class DatabaseUnavailable(TaskRunnerError):
 
 class ChangeStreamsUnavailable(TaskRunnerError):
     """The server offers no change streams (a standalone mongod): workers poll instead."""
+
+
+class InvalidTaskId(TaskNotFound):
+    """A task id that no task can have: ids are 24 hexadecimal digits."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(task_id)
+        self.args = (f"{task_id!r} is not a task id (ids are 24 hexadecimal digits)",)
+
+
+class TaskNotRequeueable(TaskRunnerError):
+    """Only a FAILED task can be put back in the queue; this one is in another state."""
+
+    def __init__(self, task_id: str, state: str) -> None:
+        super().__init__(
+            f"task {task_id} is {state}, not FAILED: only a FAILED task can be requeued"
+        )
+        self.task_id = task_id
+        self.state = state

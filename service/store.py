@@ -415,9 +415,19 @@ class TaskStore:
 
     @_unavailable
     async def requeue(self, task_id: str) -> Task:
-        """A FAILED task back to NOTSTARTED, due now, with a fresh set of attempts."""
+        """A FAILED task back to NOTSTARTED, due now, with a fresh set of attempts.
+
+        Raises InvalidTaskId for an id no task can have, TaskNotFound when no task has it,
+        and TaskNotRequeueable when the task is in another state than FAILED.
+        """
+        from service.errors import InvalidTaskId, TaskNotRequeueable
+
+        try:
+            _id = ObjectId(task_id)
+        except (InvalidId, TypeError):
+            raise InvalidTaskId(task_id) from None
         doc = await self.tasks.find_one_and_update(
-            {"_id": object_id(task_id), "state": State.FAILED.value},
+            {"_id": _id, "state": State.FAILED.value},
             {
                 "$set": {
                     "state": State.NOTSTARTED.value,
@@ -429,7 +439,10 @@ class TaskStore:
             return_document=ReturnDocument.AFTER,
         )
         if doc is None:
-            raise TaskNotFound(task_id)
+            current = await self.tasks.find_one({"_id": _id}, {"state": 1})
+            if current is None:
+                raise TaskNotFound(task_id)
+            raise TaskNotRequeueable(task_id, str(current.get("state")))
         return Task.from_document(doc)
 
     @_unavailable

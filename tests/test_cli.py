@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
+import signal
 import subprocess
 import sys
 from datetime import timedelta
+from pathlib import Path
 
+import pytest
 from bson import ObjectId
 
 from service.config import Settings
+from service.localdb import free_port
 from service.models import State, TaskType
 from service.store import TaskStore, new_lease
 from tests.conftest import settings_env
@@ -106,3 +111,179 @@ async def test_help_documents_the_settings(settings: Settings) -> None:
     assert "--port" in api.stdout and "MONGODB_URL" in api.stdout
     worker = await task_runner(settings, "worker", "--help")
     assert "TASK_RUNNER_BAR_URL" in worker.stdout and "--concurrency" in worker.stdout
+
+
+# -- the real `task-runner` command: settings, messages, help -------------------------
+
+TASK_RUNNER = str(Path(sys.executable).with_name("task-runner"))
+
+
+async def command(
+    settings: Settings, *args: str, env: dict[str, str] | None = None, **overrides: object
+) -> subprocess.CompletedProcess[str]:
+    """The installed `task-runner` console script, as a user runs it."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        [TASK_RUNNER, *args],
+        env={**settings_env(settings, **overrides), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def one_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The only line on stderr; no traceback."""
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        (["worker"], {"TASK_RUNNER_LOG_LEVEL": "verbose"}, "TASK_RUNNER_LOG_LEVEL"),
+        (["worker"], {"TASK_RUNNER_HEARTBEAT_INTERVAL": "nan"}, "TASK_RUNNER_HEARTBEAT_INTERVAL"),
+        (["api"], {"TASK_RUNNER_REQUEST_TIMEOUT": "inf"}, "TASK_RUNNER_REQUEST_TIMEOUT"),
+        (["worker"], {"TASK_RUNNER_FOO_SECONDS": "-inf"}, "TASK_RUNNER_FOO_SECONDS"),
+        (["dev"], {"TASK_RUNNER_SHUTDOWN_GRACE": "NaN"}, "TASK_RUNNER_SHUTDOWN_GRACE"),
+        (["worker", "--heartbeat-interval", "nan"], {}, "--heartbeat-interval"),
+        (["stats", "--db-timeout", "inf"], {}, "--db-timeout"),
+        (["recover", "--stale-after", "x"], {}, "--stale-after"),
+        (["recover", "--log-level", "verbose"], {}, "--log-level"),
+        (["dev", "--port", "70000"], {}, "--port"),
+        (["stats"], {"MONGODB_URL": "mongodb://admin:s3cret@db:notaport/"}, "MONGODB_URL"),
+    ],
+)
+async def test_a_bad_setting_stops_with_one_line_naming_it(
+    settings: Settings, args: list[str], env: dict[str, str], named: str
+) -> None:
+    result = await command(settings, *args, env=env)
+    assert result.returncode == 2
+    line = one_line(result)
+    assert named in line
+    assert "s3cret" not in line
+
+
+async def test_recover_names_the_flag_the_user_typed(settings: Settings) -> None:
+    result = await command(settings, "recover", "--stale-after", "3", heartbeat_interval=2)
+    assert result.returncode == 2
+    line = one_line(result)
+    assert "--stale-after (3)" in line and "TASK_RUNNER_HEARTBEAT_INTERVAL (2)" in line
+    result = await command(
+        settings, "recover", "--stale-after", "3", "--heartbeat-interval", "1", heartbeat_interval=2
+    )
+    assert result.returncode == 0, result.stderr
+    assert "no stale tasks (threshold 3s)" in result.stdout
+
+
+async def test_a_misspelt_variable_is_named_with_the_closest_setting(settings: Settings) -> None:
+    result = await command(settings, "stats", env={"TASK_RUNNER_HEARTBEAT_INTERVL": "1"})
+    assert result.returncode == 0, result.stderr
+    assert (
+        "TASK_RUNNER_HEARTBEAT_INTERVL is not a setting and is ignored; "
+        "did you mean TASK_RUNNER_HEARTBEAT_INTERVAL?"
+    ) in result.stderr
+
+
+async def test_passwords_in_the_url_are_never_printed(settings: Settings) -> None:
+    result = await command(
+        settings, "stats", mongodb_url="mongodb://admin:s3cret@127.0.0.1:9/", db_timeout=0.5
+    )
+    assert result.returncode == 1
+    line = one_line(result)
+    assert "cannot reach the database at mongodb://admin:***@127.0.0.1:9/" in line
+    assert "s3cret" not in result.stdout + result.stderr
+
+
+async def test_dev_redacts_the_url_it_uses(settings: Settings, tmp_path: Path) -> None:
+    port = free_port()
+    process = await asyncio.to_thread(
+        subprocess.Popen,
+        [TASK_RUNNER, "dev", "--port", str(port), "--workers", "1"],
+        env=settings_env(
+            settings, mongodb_url=f"mongodb://admin:s3cret@127.0.0.1:{free_port()}/", db_timeout=0.5
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
+    try:
+        assert process.stdout is not None
+        said = ""
+        while "Ctrl-C stops" not in said:
+            line = await asyncio.to_thread(process.stdout.readline)
+            assert line, said
+            said += line.decode()
+        process.send_signal(signal.SIGINT)
+        rest = await asyncio.to_thread(process.communicate, timeout=60)
+        said += rest[0].decode()
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+    assert "dev: using the database at mongodb://admin:***@127.0.0.1" in said
+    assert "s3cret" not in said
+    assert process.returncode == 0
+
+
+async def test_help_says_where_settings_live_and_shows_real_defaults(settings: Settings) -> None:
+    for name in ("api", "worker", "db", "dev", "stats", "recover", "requeue"):
+        result = await command(settings, name, "--help")
+        assert result.returncode == 0
+        text = " ".join(result.stdout.split())
+        assert "None" not in text, name
+        assert 'README.md, section "Running the parts"' in text, name
+        assert "service.config" not in text
+        if name != "requeue":
+            assert "--log-level {DEBUG,INFO,WARNING,ERROR}" in text, name
+    dev = " ".join((await command(settings, "dev", "--help")).stdout.split())
+    assert "[TASK_RUNNER_HOST; default 127.0.0.1]" in dev
+    assert "[TASK_RUNNER_ALLOW_DELETE_ALL; default true]" in dev
+    api = " ".join((await command(settings, "api", "--help")).stdout.split())
+    assert "[TASK_RUNNER_HOST; default 0.0.0.0]" in api
+    assert "[TASK_RUNNER_ALLOW_DELETE_ALL; default false]" in api
+    assert "[MONGODB_URL; default unset]" in api
+    recover = (await command(settings, "recover", "--help")).stdout
+    assert "--heartbeat-interval" in recover
+    version = await command(settings, "--version")
+    assert version.returncode == 0
+    assert version.stdout.strip() == f"task-runner {importlib.metadata.version('task-runner')}"
+
+
+async def test_requeue_tells_a_bad_id_an_unknown_id_and_another_state_apart(
+    settings: Settings, store: TaskStore
+) -> None:
+    waiting = await store.create(task_type=TaskType.FOO, run_at=None, max_attempts=1)
+    malformed = await command(settings, "requeue", "6b05d02e")
+    assert malformed.returncode == 1
+    assert "'6b05d02e' is not a task id" in one_line(malformed)
+    unknown = str(ObjectId())
+    missing = await command(settings, "requeue", unknown)
+    assert missing.returncode == 1
+    assert f"no FAILED task with id {unknown}: no task has this id" in one_line(missing)
+    other = await command(settings, "requeue", waiting.id)
+    assert other.returncode == 1
+    assert f"no FAILED task with id {waiting.id}: it is NOTSTARTED" in one_line(other)
+
+
+async def test_recover_reports_which_tasks_went_back_and_which_failed(
+    settings: Settings, store: TaskStore
+) -> None:
+    back = await stuck_task(store, max_attempts=3)
+    failed = await stuck_task(store, max_attempts=1)
+    result = await command(settings, "recover", "--stale-after", "300")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert f"{back} -> NOTSTARTED: back in the queue" in lines
+    assert f"{failed} -> FAILED: attempts used up" in lines
+    assert "recovered 2 task(s): 1 back to NOTSTARTED, 1 FAILED (attempts used up)" in lines
+
+
+async def test_stats_counts_unreadable_documents(settings: Settings, store: TaskStore) -> None:
+    result = await command(settings, "stats")
+    assert result.returncode == 0, result.stderr
+    assert "unreadable documents: 0" in result.stdout.splitlines()
