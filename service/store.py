@@ -45,6 +45,16 @@ INDEXES: dict[str, list[tuple[str, int]]] = {
     "stale": [("state", ASCENDING), ("heartbeat_at", ASCENDING)],
 }
 EMPTY_BATCH_PAUSE = 0.05
+# The dates a run_at may hold: a range matches dates only (not strings, numbers or null),
+# uses the index, and leaves out dates that Python cannot decode.
+EARLIEST_RUN_AT = datetime.fromisoformat("0001-01-01T00:00:00+00:00")
+LATEST_RUN_AT = datetime.fromisoformat("9999-12-31T23:59:59.999+00:00")
+WAKEUP_FIELDS = (
+    "operationType",
+    "documentKey",
+    "fullDocument.run_at",
+    "updateDescription.updatedFields.run_at",
+)
 WORKER_LOST = "worker lost: no heartbeat within the stale threshold"
 
 
@@ -241,36 +251,65 @@ class TaskStore:
         return None if doc is None else Task.from_document(doc)
 
     @_unavailable
-    async def next_run_at(self) -> datetime | None:
-        """The earliest run_at among waiting tasks, to sleep until it."""
+    async def next_run_at(
+        self, *, types: Iterable[str] | None = None, excluding: Iterable[Any] = ()
+    ) -> datetime | None:
+        """The earliest run_at among waiting tasks (of these types), to sleep until it.
+
+        `excluding` lists `_id`s to pass over (tasks the caller already knows of). A
+        document whose run_at is missing or not a date is ignored: the range matches only
+        dates (and dates that Python can hold), and it keeps the index.
+        """
+        query: dict[str, Any] = {
+            "state": State.NOTSTARTED.value,
+            "run_at": {"$gte": EARLIEST_RUN_AT, "$lte": LATEST_RUN_AT},
+        }
+        if types is not None:
+            query["type"] = {"$in": list(types)}
+        excluding = list(excluding)
+        if excluding:
+            query["_id"] = {"$nin": excluding}
         doc = await self.tasks.find_one(
-            {"state": State.NOTSTARTED.value},
-            projection={"run_at": True, "_id": False},
-            sort=CLAIM_SORT,
+            query, projection={"run_at": True, "_id": False}, sort=CLAIM_SORT
         )
-        return None if doc is None else doc["run_at"]
+        run_at = None if doc is None else doc.get("run_at")
+        return run_at if isinstance(run_at, datetime) else None
 
     async def wakeups(
-        self, *, max_await: float, on_open: Callable[[], None], ready: asyncio.Event | None = None
-    ) -> AsyncIterator[datetime | None]:
-        """Yield as tasks become claimable: their run_at, or None for "now".
+        self,
+        *,
+        types: Iterable[str] | None = None,
+        max_await: float,
+        on_open: Callable[[], None],
+        ready: asyncio.Event | None = None,
+    ) -> AsyncIterator[tuple[Any, datetime | None]]:
+        """Yield as tasks become claimable: (their `_id`, their run_at or None for "now").
 
-        A change stream over inserts and every update that puts a task back to NOTSTARTED
-        (retry, release, recovery, requeue), so idle workers learn of new work without
-        polling. `on_open` is called once the stream is open. Each read waits for `ready`,
-        at most `max_await` seconds so the server keeps the cursor (what happens meanwhile
-        stays in the stream). Raises ChangeStreamsUnavailable where the server has none (a
+        A change stream over inserts (of these types) and every update that puts a task
+        back to NOTSTARTED (retry, release, recovery, requeue; an update event does not
+        carry the type, so those come whatever their type), so idle workers learn of new
+        work without polling. An event whose run_at is missing or not a date is skipped.
+        `on_open` is called once the stream is open. Each read waits for `ready`, at most
+        `max_await` seconds so the server keeps the cursor (what happens meanwhile stays in
+        the stream). Raises ChangeStreamsUnavailable where the server has none (a
         standalone mongod).
         """
-        pipeline = [
-            {
-                "$match": {
-                    "$or": [
-                        {"operationType": "insert"},
-                        {"updateDescription.updatedFields.state": State.NOTSTARTED.value},
-                    ]
-                }
-            },
+        dated = {"$gte": EARLIEST_RUN_AT, "$lte": LATEST_RUN_AT}
+        insert: dict[str, Any] = {"operationType": "insert", "fullDocument.run_at": dated}
+        if types is not None:
+            insert["fullDocument.type"] = {"$in": list(types)}
+        requeued = {
+            "operationType": "update",
+            "updateDescription.updatedFields.state": State.NOTSTARTED.value,
+            "$or": [
+                {"updateDescription.updatedFields.run_at": {"$exists": False}},
+                {"updateDescription.updatedFields.run_at": dated},
+            ],
+        }
+        pipeline: list[dict[str, Any]] = [
+            {"$match": {"$or": [insert, requeued]}},
+            # Only what is read: no other field of an odd document can fail to decode.
+            {"$project": dict.fromkeys(WAKEUP_FIELDS, 1)},
         ]
         opened = False
         try:
@@ -281,8 +320,12 @@ class TaskStore:
                 opened = True
                 while True:
                     if ready is not None:
+                        # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns
+                        # normally when cancelled just as the event is set, swallowing
+                        # the cancellation, and the watcher would never stop.
                         with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(ready.wait(), max_await)
+                            async with asyncio.timeout(max_await):
+                                await ready.wait()
                     change = await stream.try_next()
                     if change is None:
                         # MongoDB answers a getMore when a matching event comes or after
@@ -290,10 +333,18 @@ class TaskStore:
                         # on any write. Pace those empty answers so that busy databases
                         # do not cost a getMore per write.
                         await asyncio.sleep(EMPTY_BATCH_PAUSE)
-                    elif change["operationType"] == "insert":
-                        yield change["fullDocument"]["run_at"]
+                        continue
+                    task_id = change.get("documentKey", {}).get("_id")
+                    if change.get("operationType") == "insert":
+                        fields = change.get("fullDocument") or {}
                     else:
-                        yield change["updateDescription"]["updatedFields"].get("run_at")
+                        fields = change.get("updateDescription", {}).get("updatedFields", {})
+                        if "run_at" not in fields:  # a release or a recovery: due as it was
+                            yield task_id, None
+                            continue
+                    run_at = fields.get("run_at")
+                    if isinstance(run_at, datetime):  # else not a date: nobody can claim it
+                        yield task_id, run_at
         except ConnectionFailure as exc:
             raise DatabaseUnavailable(f"change stream lost: {exc.__class__.__name__}") from exc
         except OperationFailure as exc:

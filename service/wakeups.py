@@ -1,13 +1,26 @@
 """When a worker's claimer should try to claim: on time, without polling in a loop.
 
 A change stream announces every task that becomes claimable (an insert, a retry, a
-release, a recovery, a requeue) with its run_at. The claimer tries a claim only when an
+release, a recovery, a requeue) with its id and run_at. The claimer tries a claim when an
 announced task is due, or when it must look for itself: at start, after the stream was
-(re)opened, and at a safety poll every `max_poll` seconds. After a claim comes back empty
-it asks the database for the earliest waiting run_at and sleeps until then. So a task
-created into an idle worker costs one claim, not a claim plus an empty one plus a look-up,
-and an idle worker sends a few commands per poll interval. Where the server has no change
-streams, the safety poll and the earliest-run_at look-up do all the work.
+(re)opened, and at a safety poll every `max_poll` seconds. So a task created into an idle
+worker costs one claim, and an idle worker sends a few commands per poll interval. Where
+the server has no change streams, the safety poll and the earliest-run_at look-up do all
+the work.
+
+The bookkeeping cannot drift from what the database holds:
+
+- An announcement is forgotten when a claim returns *that* task (by id), never because
+  some other claim succeeded: a claim that takes another task than expected leaves the
+  expected one due, and the claimer claims again.
+- After a claim comes back empty, the database has said that nothing due before the claim
+  is waiting: only then are announcements older than the claim dropped (those that came
+  while it was in flight stay). The claimer then asks for the earliest waiting run_at
+  *among tasks not announced* (the earliest announced ones are excluded by id), so a
+  look-up and an announcement of the same task are not counted twice.
+- A task is due once the database clock is certainly past its run_at, not at it: BSON
+  dates hold milliseconds, and SecantusDB's `$lte` over the claim index leaves out a
+  run_at equal to the bound, so a claim at `run_at` itself may not find the task.
 """
 
 from __future__ import annotations
@@ -16,62 +29,104 @@ import asyncio
 import contextlib
 import heapq
 import logging
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
+from typing import Any
 
 from service.errors import ChangeStreamsUnavailable, DatabaseUnavailable
+from service.models import Task
 from service.store import TaskStore
 
 logger = logging.getLogger(__name__)
 
-# Announced run_ats kept at most; beyond, the safety poll finds the rest.
+# Announced tasks kept at most; beyond, the look-up and the safety poll find the rest.
 MAX_KNOWN = 100_000
+# The earliest announced tasks a look-up passes over by id. A later announced task it
+# finds costs at most one empty claim when it comes due.
+LOOKUP_EXCLUDES = 100
+# A claim finds a task once the clock is past its run_at: one BSON millisecond later.
+RESOLUTION = timedelta(milliseconds=1)
+# Stopping the watcher: cancel it again this often, give up waiting after STOP_WITHIN.
+RECANCEL_EVERY = 0.2
+STOP_WITHIN = 5.0
 
 
 class WakeUps:
     """Tracks what is known to be due and wakes the claimer when something is."""
 
-    def __init__(self, store: TaskStore, *, max_poll: float, change_stream: bool) -> None:
+    def __init__(
+        self, store: TaskStore, *, types: Iterable[str], max_poll: float, change_stream: bool
+    ) -> None:
         self.store = store
+        self.types = tuple(types)
         self.max_poll = max_poll
         self.change_stream = change_stream
-        self._known: list[datetime] = []  # heap of announced run_ats
+        # Announced tasks by id: (run_at, sequence number of the announcement, raw _id).
+        self._known: dict[str, tuple[datetime, int, Any]] = {}
+        self._heap: list[tuple[datetime, int, str]] = []  # may hold outdated entries
+        self._seq = 0
+        # The earliest waiting run_at the last look-up found among tasks not announced.
+        self._next: datetime | None = None
         self._drain = True  # claim until empty: we do not know what is waiting
+        self._claim_floor = store.clock.surely_now()  # the claim's filter time is later
+        self._claim_seq = 0  # announcements before the claim
         self._poll_at = store.clock.surely_now()
         self._changed = asyncio.Event()
         # Set while the claimer waits. A claimer that is busy claiming needs no
         # announcements (it claims until empty, then looks up what is next), so the stream
         # is not read meanwhile: no getMore per write while a backlog drains.
         self._listening = asyncio.Event()
+        self._watcher: asyncio.Task[None] | None = None
+        # Told when the watcher fails unexpectedly (the worker then stops).
+        self.on_crash: Callable[[BaseException], None] | None = None
+
+    # -- the claimer's side -----------------------------------------------------------
 
     def due(self) -> bool:
-        """Should the claimer try a claim now?"""
-        return self._drain or bool(self._known and self._known[0] <= self.store.clock.surely_now())
+        """Should the claimer try a claim now? The claimer claims right after a yes."""
+        now = self.store.clock.surely_now()
+        head = self._head()
+        if self._drain or (head is not None and head < now):
+            self._claim_floor, self._claim_seq = now, self._seq
+            return True
+        return False
 
-    def claimed(self) -> None:
-        """A claim took a task: one announced due task is accounted for."""
-        if self._known and self._known[0] <= self.store.clock.surely_now():
-            heapq.heappop(self._known)
+    def claimed(self, task: Task) -> None:
+        """A claim took `task`: its announcement, if any, is accounted for."""
+        self._known.pop(task.id, None)
 
     async def found_nothing(self) -> None:
-        """A claim came back empty: what was announced as due is taken; find what is next."""
+        """A claim came back empty: nothing due before it is waiting; find what is next."""
         self._drain = False
-        now = self.store.clock.surely_now()
-        while self._known and self._known[0] <= now:
-            heapq.heappop(self._known)
-        next_run_at = await self.store.next_run_at()
-        if next_run_at is not None and next_run_at > now and next_run_at not in self._known:
-            self._remember(next_run_at)
-        self._poll_at = now + timedelta(seconds=self.max_poll)
+        self._drop_before(self._claim_floor, self._claim_seq)
+        floor = self._claim_floor
+        self._next = None
+        earliest = heapq.nsmallest(LOOKUP_EXCLUDES, self._live())
+        excluding = [self._known[key][2] for _, _, key in earliest]
+        next_run_at = await self.store.next_run_at(types=self.types, excluding=excluding)
+        # Earlier than the claim's filter yet not claimed: not ours to claim (or inserted
+        # since, and then announced); remembering it would make the claimer spin.
+        if next_run_at is not None and next_run_at >= floor:
+            self._next = next_run_at
+        self._poll_at = self.store.clock.surely_now() + timedelta(seconds=self.max_poll)
 
     async def wait(self) -> None:
         """Sleep until something may be due: an announcement, the earliest known run_at, a
         safety poll, or a nudge (a slot freed, a stop)."""
-        wake_at = min(self._poll_at, self._known[0]) if self._known else self._poll_at
-        seconds = max((wake_at - self.store.clock.surely_now()).total_seconds(), 0.0)
+        now = self.store.clock.surely_now()
+        head = self._head()
+        wake_at = self._poll_at
+        # A head already due means the claimer's slots are full: a freed slot nudges it.
+        if head is not None and head + RESOLUTION > now:
+            wake_at = min(wake_at, head + RESOLUTION)
+        seconds = max((wake_at - now).total_seconds(), 0.0)
         self._listening.set()
         try:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+            # cancellation that comes just as the event is set.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), seconds)
+                async with asyncio.timeout(seconds):
+                    await self._changed.wait()
         finally:
             self._listening.clear()
         self._changed.clear()
@@ -82,6 +137,45 @@ class WakeUps:
         """Make a waiting claimer look again."""
         self._changed.set()
 
+    # -- the change stream ------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start listening to the change stream."""
+        self._watcher = asyncio.create_task(self.watch(), name="wakeups")
+        self._watcher.add_done_callback(self._watcher_done)
+
+    async def stop(self) -> None:
+        """Stop listening, within STOP_WITHIN seconds whatever the stream is doing.
+
+        A cancelled read closes its cursor, which is a round trip to the server; and a
+        cancellation can be lost (on Python 3.11, `asyncio.wait_for` inside the driver
+        returns normally when cancelled just as its operation completes), after which the
+        watcher would read on forever and the worker could never exit. So the watcher is
+        cancelled again until it ends, and given up on after the bound.
+        """
+        watcher, self._watcher = self._watcher, None
+        if watcher is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STOP_WITHIN
+        while not watcher.done():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                logger.warning("change stream watcher not stopped after %.1fs", STOP_WITHIN)
+                return
+            watcher.cancel()
+            await asyncio.wait({watcher}, timeout=min(RECANCEL_EVERY, remaining))
+
+    def _watcher_done(self, watcher: asyncio.Task[None]) -> None:
+        if watcher.cancelled() or watcher.exception() is None:
+            return
+        exc = watcher.exception()
+        assert exc is not None
+        if self.on_crash is None:
+            logger.error("change stream watcher failed; polling only", exc_info=exc)
+        else:
+            self.on_crash(exc)
+
     async def watch(self) -> None:
         """Listen to the change stream until cancelled (or for good, if there is none)."""
         if not self.change_stream:
@@ -90,10 +184,13 @@ class WakeUps:
         backoff = 1.0
         while True:
             try:
-                async for run_at in self.store.wakeups(
-                    max_await=self.max_poll, on_open=self._stream_opened, ready=self._listening
+                async for task_id, run_at in self.store.wakeups(
+                    types=self.types,
+                    max_await=self.max_poll,
+                    on_open=self._stream_opened,
+                    ready=self._listening,
                 ):
-                    self._remember(run_at or self.store.clock.surely_now())
+                    self._announce(task_id, run_at or self.store.clock.surely_now())
                     self.nudge()
                     backoff = 1.0
             except ChangeStreamsUnavailable as exc:
@@ -111,6 +208,44 @@ class WakeUps:
         self._drain = True
         self.nudge()
 
-    def _remember(self, run_at: datetime) -> None:
-        if len(self._known) < MAX_KNOWN:
-            heapq.heappush(self._known, run_at)
+    # -- bookkeeping ------------------------------------------------------------------
+
+    def _announce(self, task_id: Any, run_at: datetime) -> None:
+        key = str(task_id)
+        if key not in self._known and len(self._known) >= MAX_KNOWN:
+            return
+        self._seq += 1
+        self._known[key] = (run_at, self._seq, task_id)
+        heapq.heappush(self._heap, (run_at, self._seq, key))
+
+    def _is_live(self, entry: tuple[datetime, int, str]) -> bool:
+        known = self._known.get(entry[2])
+        return known is not None and known[:2] == entry[:2]
+
+    def _live(self) -> list[tuple[datetime, int, str]]:
+        return [entry for entry in self._heap if self._is_live(entry)]
+
+    def _head(self) -> datetime | None:
+        """The earliest run_at known to be waiting: announced, or found by a look-up."""
+        while self._heap and not self._is_live(self._heap[0]):
+            heapq.heappop(self._heap)
+        announced = self._heap[0][0] if self._heap else None
+        if announced is None or (self._next is not None and self._next < announced):
+            return self._next
+        return announced
+
+    def _drop_before(self, floor: datetime, seq: int) -> None:
+        """Forget announcements made before an empty claim of run_ats before its time."""
+        kept = []
+        while self._heap and self._heap[0][0] < floor:
+            entry = heapq.heappop(self._heap)
+            if self._is_live(entry):
+                if entry[1] <= seq:
+                    del self._known[entry[2]]
+                else:  # announced while the claim was in flight: maybe inserted after it
+                    kept.append(entry)
+        for entry in kept:
+            heapq.heappush(self._heap, entry)
+        if len(self._heap) > 2 * len(self._known) + 1000:  # outdated entries pile up
+            self._heap = self._live()
+            heapq.heapify(self._heap)

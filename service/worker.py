@@ -19,7 +19,7 @@ from datetime import timedelta
 from service.clock import DbClock
 from service.config import Settings
 from service.errors import DatabaseUnavailable
-from service.models import Task
+from service.models import Task, TaskType
 from service.periodic import Periodic
 from service.recovery import Recoverer
 from service.store import TaskStore, new_lease, open_client
@@ -98,7 +98,10 @@ class Worker:
             store, stale_after=settings.stale_after, interval=settings.stale_after / 2
         )
         self.wakeups = WakeUps(
-            store, max_poll=settings.max_poll_interval, change_stream=settings.change_streams
+            store,
+            types=[t.value for t in TaskType],
+            max_poll=settings.max_poll_interval,
+            change_stream=settings.change_streams,
         )
         self._stopping = asyncio.Event()
         self._hurry = asyncio.Event()
@@ -112,14 +115,12 @@ class Worker:
         logger.info("worker %s started: concurrency %d", self.worker_id, self.settings.concurrency)
         self.heartbeat.start()
         self.recoverer.start()
-        watcher = asyncio.create_task(self.wakeups.watch(), name="wakeups")
+        self.wakeups.start()
         try:
             await self._claim_loop()
             await self._drain(self.settings.shutdown_grace)
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            await self.wakeups.stop()
             await self.recoverer.stop()
             await self.heartbeat.stop()
             await self._release_all()
@@ -162,7 +163,7 @@ class Worker:
                     await self.wakeups.found_nothing()
                 else:
                     self._start(task)
-                    self.wakeups.claimed()
+                    self.wakeups.claimed(task)
                 backoff = 0.1
             except DatabaseUnavailable as exc:
                 self.recoverer.database_lost()

@@ -1,0 +1,205 @@
+"""Wake-ups: a due task starts on time, every time; the earliest-run_at look-up and the
+change stream consider only the worker's types and skip documents without a date; the
+watcher always stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+from bson import ObjectId
+
+from service.clock import DbClock
+from service.config import Settings
+from service.models import TaskType
+from service.store import TaskStore, open_client
+from service.tasks import TaskContext, http_session
+from service.worker import Worker
+from tests.conftest import WorkerProcess, eventually, wait_until_started
+
+SLOT = 0.150  # seconds between two tasks' run_at
+
+
+async def test_tasks_created_through_the_api_each_start_on_time(
+    api: TestClient[Any, Any], store: TaskStore, spawn_worker: Callable[..., WorkerProcess]
+) -> None:
+    # Forty tasks due 3 s ahead at 150 ms spacing, one idle worker (production poll
+    # interval, so a task that waits for the safety poll shows). Accounting that drifted
+    # started most of them one slot late and the last one at the next poll.
+    worker = spawn_worker(max_poll_interval=5.0)
+    await wait_until_started(worker)
+    await asyncio.sleep(1.0)  # first look done, stream open: idle
+    count = 40
+    start = store.clock.surely_now() + timedelta(seconds=3)
+    for i in range(count):
+        run_at = start + timedelta(seconds=i * SLOT)
+        response = await api.post("/tasks", json={"type": "baz", "run_at": run_at.isoformat()})
+        assert response.status == 201, await response.text()
+
+    async def all_complete() -> bool:
+        assert worker.alive(), worker.stderr()
+        return await store.tasks.count_documents({"state": "COMPLETE"}) == count
+
+    await eventually(all_complete, within=30)
+    docs = [doc async for doc in store.tasks.find({}).sort("run_at", 1)]
+    lags = [(doc["started_at"] - doc["run_at"]).total_seconds() for doc in docs]
+    print("lags (ms):", [round(lag * 1000) for lag in lags])
+    assert all(lag >= 0 for lag in lags), lags
+    late = [(i, round(lag * 1000)) for i, lag in enumerate(lags) if lag >= SLOT]
+    assert not late, f"started a slot late or more (index, ms): {late}"
+
+
+def malformed_waiting(now: datetime) -> list[dict[str, Any]]:
+    """NOTSTARTED documents nobody can schedule: run_at missing or not a date."""
+    base = {"state": "NOTSTARTED", "type": "baz", "attempts": 0, "max_attempts": 1}
+    return [
+        {"_id": ObjectId(), **base},
+        {"_id": ObjectId(), **base, "run_at": None},
+        {"_id": ObjectId(), **base, "run_at": "2020-01-01T00:00:00Z"},
+        {"_id": ObjectId(), **base, "run_at": 1_700_000_000},
+        {"_id": ObjectId(), **base, "run_at": 1.5},
+        {"_id": ObjectId(), **base, "run_at": {"$date": "soon"}},
+        {"_id": "a-string-id", **base, "run_at": "tomorrow"},
+    ]
+
+
+async def test_the_look_up_ignores_undated_documents_and_other_types(store: TaskStore) -> None:
+    now = store.clock.surely_now()
+    await store.tasks.insert_many(malformed_waiting(now))
+    assert await store.next_run_at(types=["baz"]) is None
+    await store.tasks.insert_one(
+        {"_id": ObjectId(), "state": "NOTSTARTED", "type": "qux", "run_at": now, "attempts": 0}
+    )
+    assert await store.next_run_at(types=["baz"]) is None
+    assert await store.next_run_at() == now
+    later = await store.create(
+        task_type=TaskType.BAZ, run_at=now + timedelta(seconds=60), max_attempts=1
+    )
+    latest = await store.create(
+        task_type=TaskType.BAZ, run_at=now + timedelta(seconds=90), max_attempts=1
+    )
+    assert await store.next_run_at(types=["baz", "foo"]) == later.run_at
+    assert await store.next_run_at(types=["baz"], excluding=[ObjectId(later.id)]) == latest.run_at
+    excluding = [ObjectId(later.id), ObjectId(latest.id)]
+    assert await store.next_run_at(types=["baz"], excluding=excluding) is None
+
+
+async def test_the_stream_skips_undated_documents_and_other_types(store: TaskStore) -> None:
+    opened = asyncio.Event()
+    seen: list[tuple[Any, datetime | None]] = []
+
+    async def listen() -> None:
+        async for wakeup in store.wakeups(types=["baz"], max_await=0.5, on_open=opened.set):
+            seen.append(wakeup)
+
+    listener = asyncio.create_task(listen())
+    try:
+        async with asyncio.timeout(10):
+            await opened.wait()
+        now = store.clock.surely_now()
+        await store.tasks.insert_many(malformed_waiting(now))
+        await store.tasks.insert_one(
+            {"_id": ObjectId(), "state": "NOTSTARTED", "type": "qux", "run_at": now}
+        )
+        # Back to NOTSTARTED with a run_at that is not a date: skipped too.
+        await store.tasks.update_many(
+            {"type": "baz"}, {"$set": {"state": "NOTSTARTED", "run_at": "later"}}
+        )
+        good = await store.create(task_type=TaskType.BAZ, run_at=None, max_attempts=1)
+        # A release: back to NOTSTARTED without a run_at, due as it was.
+        await store.tasks.update_one(
+            {"_id": ObjectId(good.id)}, {"$set": {"state": "STARTED", "lease": "x"}}
+        )
+        await store.tasks.update_one({"_id": ObjectId(good.id)}, {"$set": {"state": "NOTSTARTED"}})
+
+        async def both_seen() -> bool:
+            assert not listener.done() or listener.result() is None
+            return len(seen) >= 2
+
+        await eventually(both_seen, within=10)
+        await asyncio.sleep(0.5)  # nothing else comes
+    finally:
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
+    assert seen == [(ObjectId(good.id), good.run_at), (ObjectId(good.id), None)]
+
+
+async def test_a_worker_stays_up_beside_undated_documents(
+    store: TaskStore, spawn_worker: Callable[..., WorkerProcess]
+) -> None:
+    await store.tasks.insert_many(malformed_waiting(store.clock.surely_now()))
+    worker = spawn_worker()
+    await wait_until_started(worker)
+    task = await store.create(
+        task_type=TaskType.BAZ,
+        run_at=store.clock.surely_now() + timedelta(seconds=1),
+        max_attempts=1,
+    )
+
+    async def complete() -> bool:
+        assert worker.alive(), worker.stderr()
+        return (await store.get(task.id)).state.value == "COMPLETE"
+
+    await eventually(complete, within=20)
+    await asyncio.sleep(2.5)  # a couple of safety polls: each looks the documents up
+    assert worker.alive(), worker.stderr()
+    assert "Traceback" not in worker.stderr(), worker.stderr()
+
+
+class LosesACancellation(TaskStore):
+    """A change stream whose read loses the first cancellation, as a read can inside the
+    driver: on Python 3.11 `asyncio.wait_for` (which the driver's send uses) returns
+    normally when it is cancelled just as its operation completes."""
+
+    async def wakeups(
+        self,
+        *,
+        types: Any = None,
+        max_await: float,
+        on_open: Callable[[], None],
+        ready: asyncio.Event | None = None,
+    ) -> AsyncIterator[tuple[Any, datetime | None]]:
+        on_open()
+        lost = False
+        while True:
+            try:
+                await asyncio.sleep(max_await)
+            except asyncio.CancelledError:
+                if lost:
+                    raise
+                lost = True
+            if False:  # an async generator that yields nothing
+                yield None, None
+
+
+async def test_a_worker_stops_even_if_its_stream_read_loses_a_cancellation(
+    settings: Settings,
+) -> None:
+    assert settings.mongodb_url is not None
+    client = open_client(settings.mongodb_url, timeout=settings.db_timeout, appname="tests")
+    store = LosesACancellation(client, database=settings.database, clock=DbClock())
+    await store.sync_clock()
+    try:
+        async with http_session() as http:
+            ctx = TaskContext(
+                http=http, bar_url="http://127.0.0.1:9/", bar_timeout=1, foo_seconds=0
+            )
+            for _ in range(3):
+                worker = Worker(store, dataclasses.replace(settings), ctx, worker_id="stop")
+                running = asyncio.create_task(worker.run())
+                await asyncio.sleep(0.3)
+                began = time.monotonic()
+                worker.stop()
+                done, _ = await asyncio.wait({running}, timeout=15)
+                assert running in done, "the worker hung stopping its change-stream watcher"
+                running.result()
+                assert time.monotonic() - began < 8
+    finally:
+        await client.drop_database(settings.database)
+        await client.close()
