@@ -114,12 +114,16 @@ class WakeUps:
         """Sleep until something may be due: an announcement, the earliest known run_at, a
         safety poll, or a nudge (a slot freed, a stop)."""
         now = self.store.clock.surely_now()
+        if now >= self._poll_at and not self._drain:
+            self._drain = True  # the safety poll is due
+            return
         head = self._head()
-        wake_at = self._poll_at
-        # A head already due means the claimer's slots are full: a freed slot nudges it.
-        if head is not None and head + RESOLUTION > now:
-            wake_at = min(wake_at, head + RESOLUTION)
-        seconds = max((wake_at - now).total_seconds(), 0.0)
+        # What is already due (a task, the poll) waits for a free slot, and a freed slot
+        # nudges: sleeping zero seconds would spin while the slots are full.
+        wake_at = [t for t in (self._poll_at, head and head + RESOLUTION) if t and t > now]
+        seconds = self.max_poll
+        if wake_at:
+            seconds = min(seconds, (min(wake_at) - now).total_seconds())
         self._listening.set()
         try:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
