@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -38,22 +40,27 @@ class TaskType(StrEnum):
 class AttemptError:
     """Why one attempt failed."""
 
-    attempt: int
+    attempt: int | None
     error: str
-    at: datetime
+    at: datetime | None
     worker: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
 class Task:
-    """One task document, as the store returns it."""
+    """One task document, as the store reads it.
+
+    Documents are read defensively: the database may hold what an older or newer version, a
+    migration or a person wrote. A field of the wrong shape reads as None (or is left out of
+    `errors`) and is named in `problems`; nothing stored makes reading fail.
+    """
 
     id: str
-    type: TaskType
-    state: State
-    run_at: datetime
-    created_at: datetime
-    max_attempts: int
+    type: str  # lowercase; may name a type that no worker here knows
+    state: str  # a State when the document is well formed
+    run_at: datetime | None
+    created_at: datetime | None
+    max_attempts: int | None
     attempts: int = 0
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -63,24 +70,114 @@ class Task:
     output: str | None = None
     error: str | None = None
     errors: tuple[AttemptError, ...] = field(default_factory=tuple)
+    problems: tuple[str, ...] = ()
+    # The stored _id, whatever its BSON type: writes address the document by it.
+    key: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def from_document(cls, doc: dict[str, Any]) -> Task:
-        """Build a Task from a MongoDB document."""
+    def from_document(cls, doc: Mapping[str, Any]) -> Task:
+        """Build a Task from a MongoDB document of any shape; never raises."""
+        reader = _Reader(doc)
+        state = reader.text("state", required=True)
+        known_state = state in State.__members__
+        if state is not None and not known_state:
+            reader.problems.append(f"state {state!r} is not one of {', '.join(State)}")
+        task_type = reader.text("type", required=True)
         return cls(
-            id=str(doc["_id"]),
-            type=TaskType(doc["type"]),
-            state=State(doc["state"]),
-            run_at=doc["run_at"],
-            created_at=doc["created_at"],
-            max_attempts=doc["max_attempts"],
-            attempts=doc.get("attempts", 0),
-            started_at=doc.get("started_at"),
-            finished_at=doc.get("finished_at"),
-            heartbeat_at=doc.get("heartbeat_at"),
-            lease=doc.get("lease"),
-            worker=doc.get("worker"),
-            output=doc.get("output"),
-            error=doc.get("error"),
-            errors=tuple(AttemptError(**e) for e in doc.get("errors", ())),
+            id=str(doc.get("_id")),
+            key=doc.get("_id"),
+            type=(task_type or "").lower(),
+            state=State(state) if known_state and state is not None else (state or ""),
+            run_at=reader.time("run_at", required=True),
+            created_at=reader.time("created_at", required=True),
+            max_attempts=reader.count("max_attempts", required=True, least=1),
+            attempts=reader.count("attempts", required=False, least=0) or 0,
+            started_at=reader.time("started_at"),
+            finished_at=reader.time("finished_at"),
+            heartbeat_at=reader.time("heartbeat_at"),
+            lease=reader.text("lease"),
+            worker=reader.text("worker"),
+            output=reader.text("output"),
+            error=reader.text("error"),
+            errors=reader.attempt_errors(),
+            problems=tuple(reader.problems),
         )
+
+    @property
+    def unrunnable(self) -> tuple[str, ...]:
+        """The problems that stop a worker from running this task (none: it can run)."""
+        needed = ("type", "max_attempts", "attempts")
+        return tuple(p for p in self.problems if p.split(" ", 1)[0] in needed)
+
+
+class _Reader:
+    """Reads typed fields out of a document, noting each one of the wrong shape."""
+
+    def __init__(self, doc: Mapping[str, Any]) -> None:
+        self.doc = doc
+        self.problems: list[str] = []
+
+    def _get(self, name: str, required: bool) -> Any:
+        if name not in self.doc:
+            if required:
+                self.problems.append(f"{name} is missing")
+            return None
+        return self.doc[name]
+
+    def _wrong(self, name: str, value: Any, expected: str) -> None:
+        self.problems.append(f"{name} is {type(value).__name__} {_short(value)}, not {expected}")
+
+    def text(self, name: str, *, required: bool = False) -> str | None:
+        value = self._get(name, required)
+        if value is None or isinstance(value, str):
+            if value is None and required and name in self.doc:
+                self.problems.append(f"{name} is null")
+            return value
+        self._wrong(name, value, "a string")
+        return None
+
+    def time(self, name: str, *, required: bool = False) -> datetime | None:
+        value = self._get(name, required)
+        if isinstance(value, datetime):
+            return value
+        if value is not None or (required and name in self.doc):
+            self._wrong(name, value, "a date")
+        return None
+
+    def count(self, name: str, *, required: bool, least: int) -> int | None:
+        value = self._get(name, required)
+        if value is None and not (required and name in self.doc):
+            return None
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if number and math.isfinite(value) and value == int(value) and value >= least:
+            return int(value)
+        self._wrong(name, value, f"a whole number of at least {least}")
+        return None
+
+    def attempt_errors(self) -> tuple[AttemptError, ...]:
+        raw = self.doc.get("errors", [])
+        if not isinstance(raw, list):
+            self._wrong("errors", raw, "a list")
+            return ()
+        read: list[AttemptError] = []
+        for index, entry in enumerate(raw):
+            if isinstance(entry, Mapping) and isinstance(entry.get("error"), str):
+                attempt = entry.get("attempt")
+                at = entry.get("at")
+                worker = entry.get("worker")
+                read.append(
+                    AttemptError(
+                        attempt=attempt if type(attempt) is int else None,
+                        error=entry["error"],
+                        at=at if isinstance(at, datetime) else None,
+                        worker=worker if isinstance(worker, str) else None,
+                    )
+                )
+            else:
+                self._wrong(f"errors[{index}]", entry, "an attempt record")
+        return tuple(read)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections.abc import Callable
 
 from service.errors import DatabaseUnavailable
 
@@ -13,11 +14,24 @@ logger = logging.getLogger(__name__)
 
 
 class Periodic:
-    """Calls `run_once()` every `interval` seconds (with a little jitter) until stopped."""
+    """Calls `run_once()` every `interval` seconds (with a little jitter) until stopped.
 
-    def __init__(self, *, interval: float, jitter: float = 0.1) -> None:
+    A round that fails because the database did not answer is skipped. Any other exception
+    is a bug or a state nobody planned for: with `on_crash` set (the worker), the loop ends
+    and hands it over, so the process can exit rather than run on half-broken; without it
+    (the API), it is logged and the next round tries again.
+    """
+
+    def __init__(
+        self,
+        *,
+        interval: float,
+        jitter: float = 0.1,
+        on_crash: Callable[[BaseException], None] | None = None,
+    ) -> None:
         self.interval = interval
         self.jitter = jitter
+        self.on_crash = on_crash
         self._task: asyncio.Task[None] | None = None
 
     async def run_once(self) -> object:
@@ -47,5 +61,8 @@ class Periodic:
             except DatabaseUnavailable as exc:
                 logger.warning("%s skipped: %s", type(self).__name__, exc)
                 self.on_unavailable()
-            except Exception:
+            except Exception as exc:
+                if self.on_crash is not None:
+                    self.on_crash(exc)
+                    return
                 logger.exception("%s failed; will try again", type(self).__name__)

@@ -11,7 +11,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from bson import ObjectId
+from bson import DatetimeMS, Int64, ObjectId, json_util
+from bson.json_util import CANONICAL_JSON_OPTIONS
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
 
 from service.models import State, TaskType
@@ -166,29 +167,45 @@ class ListQuerySchema(Schema):
 class AttemptErrorSchema(Schema):
     """One failed attempt."""
 
-    attempt = fields.Integer(required=True)
+    attempt = fields.Integer(required=True, allow_none=True)
     error = fields.String(required=True)
-    at = Timestamp(required=True)
+    at = Timestamp(required=True, allow_none=True)
     worker = fields.String(allow_none=True)
 
 
 class TaskSchema(Schema):
-    """A task as the API shows it; every time is ISO 8601 UTC."""
+    """A task as the API shows it; every time is ISO 8601 UTC.
+
+    A document stored in another shape (by hand, a migration, another version) is shown as
+    far as it can be read: a field of the wrong shape is null and `problems` says why.
+    """
 
     id = fields.String(required=True)
-    type = AnyCaseEnum(TaskType, required=True)
-    state = AnyCaseEnum(State, required=True)
-    run_at = Timestamp(required=True)
-    created_at = Timestamp(required=True)
+    type = fields.String(
+        required=True, metadata={"description": f"lowercase: {', '.join(TaskType)}"}
+    )
+    state = fields.String(
+        required=True,
+        metadata={
+            "description": f"{', '.join(State)}; anything else only with `problems`",
+        },
+    )
+    run_at = Timestamp(required=True, allow_none=True)
+    created_at = Timestamp(required=True, allow_none=True)
     started_at = Timestamp(required=True, allow_none=True)
     finished_at = Timestamp(required=True, allow_none=True)
     heartbeat_at = Timestamp(required=True, allow_none=True)
     attempts = fields.Integer(required=True)
-    max_attempts = fields.Integer(required=True)
+    max_attempts = fields.Integer(required=True, allow_none=True)
     worker = fields.String(required=True, allow_none=True)
     output = fields.String(required=True, allow_none=True)
     error = fields.String(required=True, allow_none=True)
     errors = fields.List(fields.Nested(AttemptErrorSchema), required=True)
+    problems = fields.List(
+        fields.String(),
+        required=True,
+        metadata={"description": "what is malformed in the stored document; empty when none"},
+    )
 
 
 class TaskPageSchema(Schema):
@@ -226,24 +243,37 @@ class DeletedSchema(Schema):
     deleted = fields.Integer(required=True)
 
 
-def encode_cursor(after: tuple[datetime, str]) -> str:
-    """The opaque cursor for the page after a task's (run_at, id)."""
-    run_at, task_id = after
-    millis = round(run_at.timestamp() * 1000)
-    return base64.urlsafe_b64encode(json.dumps([millis, task_id]).encode()).decode().rstrip("=")
+def encode_cursor(after: tuple[Any, Any]) -> str:
+    """The opaque cursor for the page after a task's stored (run_at, _id).
+
+    The usual key (a date and an ObjectId) is written compactly; a document of another
+    shape as BSON's extended JSON, so paging goes on past it.
+    """
+    run_at, key = after
+    if isinstance(run_at, datetime) and isinstance(key, ObjectId):
+        value: list[Any] = [round(run_at.timestamp() * 1000), str(key)]
+    else:
+        value = ["bson", json_util.dumps([run_at, key], json_options=CANONICAL_JSON_OPTIONS)]
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
+# What a stored sort key may hold; anything else in a cursor (a document with operators,
+# a regular expression, code) was not written by this API.
+CURSOR_SCALARS = (type(None), bool, int, float, str, datetime, DatetimeMS, ObjectId, Int64)
+
+
+def decode_cursor(cursor: str) -> tuple[Any, Any]:
     """Undo encode_cursor; anything else is a ValidationError."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        millis, task_id = json.loads(raw)
-        if (
-            isinstance(millis, bool)
-            or not isinstance(millis, int)
-            or not ObjectId.is_valid(task_id)
-        ):
+        first, second = json.loads(raw)
+        if first == "bson" and isinstance(second, str):
+            run_at, key = json_util.loads(second, json_options=CANONICAL_JSON_OPTIONS)
+            if not all(isinstance(v, CURSOR_SCALARS) for v in (run_at, key)):
+                raise ValueError(cursor)
+            return run_at, key
+        if isinstance(first, bool) or not isinstance(first, int) or not ObjectId.is_valid(second):
             raise ValueError(cursor)
-        return datetime.fromtimestamp(millis / 1000, UTC), task_id
-    except (ValueError, TypeError, binascii.Error, OverflowError, OSError):
+        return datetime.fromtimestamp(first / 1000, UTC), ObjectId(second)
+    except (ValueError, TypeError, binascii.Error, OverflowError, OSError, RecursionError):
         raise ValidationError({"cursor": ["not a cursor this API issued"]}) from None

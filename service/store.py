@@ -12,15 +12,15 @@ import contextlib
 import functools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
 import pymongo
-from bson import ObjectId
+from bson import DatetimeMS, Decimal128, Int64, ObjectId, Timestamp
 from bson.errors import InvalidId
-from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument
+from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument, WriteConcern
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
@@ -55,6 +55,8 @@ WAKEUP_FIELDS = (
     "fullDocument.run_at",
     "updateDescription.updatedFields.run_at",
 )
+DURABLE = WriteConcern(w="majority", j=True)
+KNOWN_TYPES: tuple[str, ...] = tuple(t.value for t in TaskType)
 WORKER_LOST = "worker lost: no heartbeat within the stale threshold"
 
 
@@ -88,12 +90,70 @@ def object_id(task_id: str) -> ObjectId:
         raise TaskNotFound(task_id) from None
 
 
+def id_filter(task_id: str) -> dict[str, Any]:
+    """Match the task an API id names: its ObjectId, or an _id stored as a string or an
+    integer by hand or by another version (ids are shown as str(_id))."""
+    candidates: list[Any] = [task_id]
+    if ObjectId.is_valid(task_id):
+        candidates.append(ObjectId(task_id))
+    if task_id.isascii() and task_id.lstrip("-").isdigit() and len(task_id) < 20:
+        candidates.append(int(task_id))
+    return {"_id": {"$in": candidates}}
+
+
+def after_value(field: str, value: Any) -> list[dict[str, Any]]:
+    """Clauses matching the values of `field` that sort after `value` in MongoDB's order.
+
+    `$gt` compares within one BSON type only, so values of the types that sort later are
+    matched by `$type`: a page cursor then moves on past documents of odd shapes too.
+    """
+    bracket = _bracket(value)
+    clauses: list[dict[str, Any]] = [{field: {"$gt": value}}]
+    later = [alias for brackets in SORT_BRACKETS[bracket + 1 :] for alias in brackets]
+    if later:
+        clauses.append({field: {"$type": later}})
+    return clauses
+
+
+# BSON types in the order MongoDB sorts them (null and missing first).
+SORT_BRACKETS: list[tuple[str, ...]] = [
+    ("null",),
+    ("number",),
+    ("string",),
+    ("object",),
+    ("array",),
+    ("binData",),
+    ("objectId",),
+    ("bool",),
+    ("date",),
+    ("timestamp",),
+    ("regex",),
+]
+
+
+def _bracket(value: Any) -> int:
+    checks: list[tuple[type | tuple[type, ...], str]] = [
+        (bool, "bool"),
+        ((int, float, Decimal128, Int64), "number"),
+        (str, "string"),
+        (ObjectId, "objectId"),
+        ((datetime, DatetimeMS), "date"),
+        (Timestamp, "timestamp"),
+        (bytes, "binData"),
+    ]
+    for kind, alias in checks:
+        if isinstance(value, kind):
+            return SORT_BRACKETS.index((alias,))
+    return 0
+
+
 @dataclass(frozen=True)
 class Page:
-    """One page of a listing; `after` is the sort key of its last task when more follow."""
+    """One page of a listing; `after` is the sort key of its last task when more follow:
+    its stored run_at and _id, whatever their BSON types."""
 
     tasks: list[Task]
-    after: tuple[datetime, str] | None
+    after: tuple[Any, Any] | None
 
 
 @dataclass(frozen=True)
@@ -103,19 +163,60 @@ class Stats:
     by_state_and_type: dict[tuple[str, str], int]
     oldest_due: Task | None
     stale: int
+    unreadable: int = 0
 
 
 def open_client(url: str, *, timeout: float, appname: str) -> AsyncMongoClient[dict[str, Any]]:
-    """A client configured the same way by every part of the service."""
+    """A client configured the same way by every part of the service.
+
+    Every document decodes, whatever it holds: a date outside Python's range comes back as
+    a DatetimeMS, invalid UTF-8 with replacement characters (both then read as malformed).
+    """
     ms = int(timeout * 1000)
     return AsyncMongoClient(
         url,
         tz_aware=True,
+        datetime_conversion="DATETIME_AUTO",
+        unicode_decode_error_handler="replace",
         appname=appname,
         serverSelectionTimeoutMS=ms,
         connectTimeoutMS=ms,
         socketTimeoutMS=max(ms * 3, 30_000),
     )
+
+
+# Documents stuck because of their shape: in no known state, typeless, waiting without a
+# date to wait for or with attempts no claim can count, or started without a heartbeat
+# that recovery could judge (an earlier version's STARTED task may still be running).
+UNREADABLE: dict[str, Any] = {
+    "$or": [
+        {"state": {"$nin": [s.value for s in State]}},
+        {"type": {"$not": {"$type": "string"}}},
+        {"state": State.NOTSTARTED.value, "run_at": {"$not": {"$type": "date"}}},
+        {
+            "state": State.NOTSTARTED.value,
+            "attempts": {"$exists": True, "$not": {"$type": "number"}},
+        },
+        {"state": State.STARTED.value, "heartbeat_at": {"$not": {"$type": "date"}}},
+    ]
+}
+
+
+def type_names(types: Iterable[str]) -> list[str]:
+    """How the given types may be stored: lowercase as the API writes them, or as a person or
+    an earlier version wrote them ("FOO", "Foo")."""
+    return sorted({variant for t in types for variant in (t, t.upper(), t.capitalize())})
+
+
+def claimable(types: Collection[str], *, due_by: datetime) -> dict[str, Any]:
+    """The claim's filter: due, of a type the worker runs, and with `attempts` that the
+    claim's `$inc` can count on (a number, or missing)."""
+    return {
+        "state": State.NOTSTARTED.value,
+        "run_at": {"$lte": due_by},
+        "type": {"$in": type_names(types)},
+        "$or": [{"attempts": {"$type": "number"}}, {"attempts": {"$exists": False}}],
+    }
 
 
 class TaskStore:
@@ -126,7 +227,11 @@ class TaskStore:
     ) -> None:
         self.client = client
         self.clock = clock
-        self.tasks: AsyncCollection[dict[str, Any]] = client[database][COLLECTION]
+        # Durable acknowledgement asked for explicitly, whatever the server's or the URL's
+        # default: a write the guarantees rest on must survive a crash of the server.
+        self.tasks: AsyncCollection[dict[str, Any]] = client[database].get_collection(
+            COLLECTION, write_concern=DURABLE
+        )
 
     # -- set-up and health ------------------------------------------------------------
 
@@ -172,7 +277,7 @@ class TaskStore:
     @_unavailable
     async def get(self, task_id: str) -> Task:
         """The task with this id, or TaskNotFound."""
-        doc = await self.tasks.find_one({"_id": object_id(task_id)})
+        doc = await self.tasks.find_one(id_filter(task_id))
         if doc is None:
             raise TaskNotFound(task_id)
         return Task.from_document(doc)
@@ -184,7 +289,7 @@ class TaskStore:
         states: Iterable[State] = (),
         task_type: TaskType | None = None,
         limit: int,
-        after: tuple[datetime, str] | None = None,
+        after: tuple[Any, Any] | None = None,
     ) -> Page:
         """Tasks ordered by (run_at, id), optionally filtered, starting after a sort key."""
         query: dict[str, Any] = {}
@@ -196,23 +301,23 @@ class TaskStore:
         if task_type is not None:
             query["type"] = task_type.value
         if after is not None:
-            run_at, last_id = after
-            oid = object_id(last_id)
+            run_at, key = after
             query["$or"] = [
-                {"run_at": {"$gt": run_at}},
-                {"run_at": run_at, "_id": {"$gt": oid}},
+                *after_value("run_at", run_at),
+                *({"run_at": run_at, **clause} for clause in after_value("_id", key)),
             ]
         cursor = self.tasks.find(query).sort(CLAIM_SORT).limit(limit + 1)
-        tasks = [Task.from_document(doc) async for doc in cursor]
-        if len(tasks) > limit:
-            tasks = tasks[:limit]
-            return Page(tasks, (tasks[-1].run_at, tasks[-1].id))
+        docs = [doc async for doc in cursor]
+        tasks = [Task.from_document(doc) for doc in docs[:limit]]
+        if len(docs) > limit:
+            last = docs[limit - 1]
+            return Page(tasks, (last.get("run_at"), last["_id"]))
         return Page(tasks, None)
 
     @_unavailable
     async def delete(self, task_id: str) -> None:
         """Remove a task; a worker running it notices at its next heartbeat."""
-        result = await self.tasks.delete_one({"_id": object_id(task_id)})
+        result = await self.tasks.delete_one(id_filter(task_id))
         if result.deleted_count == 0:
             raise TaskNotFound(task_id)
 
@@ -225,14 +330,17 @@ class TaskStore:
     # -- the worker's operations ------------------------------------------------------
 
     @_unavailable
-    async def claim(self, worker_id: str, *, lease: str) -> Task | None:
-        """Atomically take the next due task: one find_one_and_update, or None.
+    async def claim(
+        self, worker_id: str, *, lease: str, types: Collection[str] = KNOWN_TYPES
+    ) -> Task | None:
+        """Atomically take the next due task of one of `types`: one find_one_and_update.
 
         The caller picks the lease, so that if the reply is lost it can ask with
-        `claimed(lease)` whether the claim landed.
+        `claimed(lease)` whether the claim landed. Only the types the caller can run are
+        taken: in a rolling upgrade, an older worker leaves a newer type to newer workers.
         """
         doc = await self.tasks.find_one_and_update(
-            {"state": State.NOTSTARTED.value, "run_at": {"$lte": self.clock.surely_now()}},
+            claimable(types, due_by=self.clock.surely_now()),
             {
                 "$set": {"state": State.STARTED.value, "lease": lease, "worker": worker_id},
                 # Stamped by the server's own clock: the times that staleness is judged on.
@@ -265,7 +373,7 @@ class TaskStore:
             "run_at": {"$gte": EARLIEST_RUN_AT, "$lte": LATEST_RUN_AT},
         }
         if types is not None:
-            query["type"] = {"$in": list(types)}
+            query["type"] = {"$in": type_names(types)}
         excluding = list(excluding)
         if excluding:
             query["_id"] = {"$nin": excluding}
@@ -297,7 +405,7 @@ class TaskStore:
         dated = {"$gte": EARLIEST_RUN_AT, "$lte": LATEST_RUN_AT}
         insert: dict[str, Any] = {"operationType": "insert", "fullDocument.run_at": dated}
         if types is not None:
-            insert["fullDocument.type"] = {"$in": list(types)}
+            insert["fullDocument.type"] = {"$in": type_names(types)}
         requeued = {
             "operationType": "update",
             "updateDescription.updatedFields.state": State.NOTSTARTED.value,
@@ -392,7 +500,10 @@ class TaskStore:
                 "$unset": {"worker": "", "heartbeat_at": ""},
             }
         update["$set"]["error"] = error
-        update["$push"] = {"errors": entry}
+        if any(problem.startswith("errors is ") for problem in task.problems):
+            update["$set"]["errors"] = [entry]  # what was there is not a list to push onto
+        else:
+            update["$push"] = {"errors": entry}
         return await self._fenced(task, update, state)
 
     @_unavailable
@@ -412,12 +523,11 @@ class TaskStore:
         (a database outage), finding our lease already in the target state shows it landed.
         Nobody else can put our lease there: recovery removes it, a new claim replaces it.
         """
-        oid = ObjectId(task.id)
-        fence = {"_id": oid, "lease": task.lease, "state": State.STARTED.value}
+        fence = {"_id": task.key, "lease": task.lease, "state": State.STARTED.value}
         result = await self.tasks.update_one(fence, update)
         if result.modified_count == 1:
             return True
-        landed = {"_id": oid, "lease": task.lease, "state": state.value}
+        landed = {"_id": task.key, "lease": task.lease, "state": state.value}
         return await self.tasks.count_documents(landed, limit=1) == 1
 
     # -- recovery and operations ------------------------------------------------------
@@ -445,9 +555,10 @@ class TaskStore:
         """
         query = self._stale_filter(stale_after)
         if only is not None:
-            query["_id"] = {"$in": [object_id(i) for i in only]}
+            query["_id"] = {"$in": [key for i in only for key in id_filter(i)["_id"]["$in"]]}
         now = self.clock.now()
         exhausted = {"$gte": ["$attempts", "$max_attempts"]}
+        is_list = {"$isArray": "$errors"}  # a document of another shape must not fail this
         lost = {"attempt": "$attempts", "error": WORKER_LOST, "at": now, "worker": "$worker"}
         pipeline: list[dict[str, Any]] = [
             {
@@ -455,7 +566,7 @@ class TaskStore:
                     "state": {"$cond": [exhausted, State.FAILED.value, State.NOTSTARTED.value]},
                     "finished_at": {"$cond": [exhausted, now, "$$REMOVE"]},
                     "error": WORKER_LOST,
-                    "errors": {"$concatArrays": [{"$ifNull": ["$errors", []]}, [lost]]},
+                    "errors": {"$concatArrays": [{"$cond": [is_list, "$errors", []]}, [lost]]},
                 }
             },
             {"$unset": ["lease", "worker", "heartbeat_at"]},
@@ -508,4 +619,13 @@ class TaskStore:
             sort=CLAIM_SORT,
         )
         stale = await self.tasks.count_documents(self._stale_filter(stale_after))
-        return Stats(counts, None if oldest is None else Task.from_document(oldest), stale)
+        unreadable = await self.tasks.count_documents(UNREADABLE)
+        oldest_task = None if oldest is None else Task.from_document(oldest)
+        return Stats(counts, oldest_task, stale, unreadable)
+
+    @_unavailable
+    async def unreadable(self, *, limit: int) -> list[Task]:
+        """Documents no worker will claim or recover because of what they hold (see
+        UNREADABLE); they stay as they are until a person fixes or deletes them."""
+        cursor = self.tasks.find(UNREADABLE).sort("_id", ASCENDING).limit(limit)
+        return [Task.from_document(doc) async for doc in cursor]

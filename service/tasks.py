@@ -62,8 +62,8 @@ RUNNERS: dict[TaskType, Callable[[str, TaskContext], Awaitable[str]]] = {
 }
 
 
-async def run_task(task_type: TaskType, task_id: str, ctx: TaskContext) -> str:
+async def run_task(task_type: str, task_id: str, ctx: TaskContext) -> str:
     """Run one task, print its one line of output to stdout (flushed) and return it."""
-    output = await RUNNERS[task_type](task_id, ctx)
+    output = await RUNNERS[TaskType(task_type)](task_id, ctx)
     print(output, flush=True)
     return output

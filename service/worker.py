@@ -19,14 +19,21 @@ from datetime import timedelta
 from service.clock import DbClock
 from service.config import Settings
 from service.errors import DatabaseUnavailable
-from service.models import Task, TaskType
+from service.malformed import MalformedScan
+from service.models import Task
 from service.periodic import Periodic
 from service.recovery import Recoverer
-from service.store import TaskStore, new_lease, open_client
+from service.store import KNOWN_TYPES, TaskStore, new_lease, open_client
 from service.tasks import TaskContext, http_session, run_task
 from service.wakeups import WakeUps
 
 logger = logging.getLogger(__name__)
+
+MALFORMED_SCAN_INTERVAL = 300.0
+
+
+class WorkerCrashed(Exception):
+    """The worker stopped because of an unexpected error (its cause is chained)."""
 
 
 def default_worker_id() -> str:
@@ -97,16 +104,22 @@ class Worker:
         self.recoverer = Recoverer(
             store, stale_after=settings.stale_after, interval=settings.stale_after / 2
         )
+        # The types this worker runs: it claims, looks up and listens for no others.
+        self.types: tuple[str, ...] = KNOWN_TYPES
         self.wakeups = WakeUps(
             store,
-            types=[t.value for t in TaskType],
+            types=self.types,
             max_poll=settings.max_poll_interval,
             change_stream=settings.change_streams,
         )
+        self.malformed = MalformedScan(store, interval=MALFORMED_SCAN_INTERVAL)
+        for job in (self.heartbeat, self.recoverer, self.malformed, self.wakeups):
+            job.on_crash = self._crash
         self._stopping = asyncio.Event()
         self._hurry = asyncio.Event()
         self._finished = asyncio.Event()  # a running task ended
         self._unconfirmed_lease: str | None = None
+        self.fatal: BaseException | None = None
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -115,15 +128,19 @@ class Worker:
         logger.info("worker %s started: concurrency %d", self.worker_id, self.settings.concurrency)
         self.heartbeat.start()
         self.recoverer.start()
+        self.malformed.start()
         self.wakeups.start()
         try:
             await self._claim_loop()
             await self._drain(self.settings.shutdown_grace)
         finally:
             await self.wakeups.stop()
+            await self.malformed.stop()
             await self.recoverer.stop()
             await self.heartbeat.stop()
             await self._release_all()
+        if self.fatal is not None:
+            raise WorkerCrashed(f"worker {self.worker_id} stopped on an error") from self.fatal
         logger.info("worker %s stopped", self.worker_id)
 
     def stop(self) -> None:
@@ -136,6 +153,18 @@ class Worker:
         self._hurry.set()
         self._finished.set()
         self.stop()
+
+    def _crash(self, exc: BaseException) -> None:
+        """An error nobody planned for: stop now; run() then raises, and the process exits
+        non-zero for its supervisor to restart it."""
+        if self.fatal is None:
+            self.fatal = exc
+            logger.critical("unexpected error; stopping", exc_info=exc)
+        self.stop_now()
+
+    def _execution_done(self, execution: asyncio.Task[None]) -> None:
+        if not execution.cancelled() and execution.exception() is not None:
+            self._crash(execution.exception())  # type: ignore[arg-type]
 
     def abandon(self, lease: str) -> None:
         """The task's lease is gone (deleted or recovered): stop it and write nothing back."""
@@ -171,6 +200,9 @@ class Worker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), backoff)
                 backoff = min(backoff * 2, self.settings.max_poll_interval)
+            except Exception as exc:
+                self._crash(exc)
+                return
 
     async def _claim(self) -> Task | None:
         # A claim whose reply was lost (the database went away mid-call) may have landed:
@@ -184,7 +216,7 @@ class Worker:
                 return task
         lease = new_lease()
         self._unconfirmed_lease = lease
-        task = await self.store.claim(self.worker_id, lease=lease)
+        task = await self.store.claim(self.worker_id, lease=lease, types=self.types)
         self._unconfirmed_lease = None
         return task
 
@@ -193,10 +225,18 @@ class Worker:
     def _start(self, task: Task) -> None:
         assert task.lease is not None
         execution = asyncio.create_task(self._execute(task), name=f"task-{task.id}")
+        execution.add_done_callback(self._execution_done)
         self.running[task.lease] = Running(task, execution)
 
     async def _execute(self, task: Task) -> None:
         started = time.monotonic()
+        if task.unrunnable:
+            # Claimed (the filter could not see it) but not runnable as stored: fail it for
+            # good, once, saying why; retrying cannot make the document well formed.
+            self._mark_finishing(task)
+            error = "malformed task: " + "; ".join(task.unrunnable)
+            await self._finish(task, started, error=error, retry=False)
+            return
         try:
             output = await run_task(task.type, task.id, self.ctx)
         except asyncio.CancelledError:
@@ -216,7 +256,13 @@ class Worker:
             running.finishing = True
 
     async def _finish(
-        self, task: Task, started: float, *, output: str | None = None, error: str | None = None
+        self,
+        task: Task,
+        started: float,
+        *,
+        output: str | None = None,
+        error: str | None = None,
+        retry: bool = True,
     ) -> None:
         try:
             if error is None:
@@ -224,7 +270,7 @@ class Worker:
                 outcome = "COMPLETE"
             else:
                 retry_at = None
-                if task.attempts < task.max_attempts:
+                if retry and task.max_attempts is not None and task.attempts < task.max_attempts:
                     delay = retry_delay(
                         task.attempts, base=self.settings.retry_base, cap=self.settings.retry_max
                     )
@@ -238,7 +284,7 @@ class Worker:
                 logger.info(
                     "task %s type=%s attempt=%d %s in %.3fs%s",
                     task.id,
-                    task.type.value,
+                    task.type,
                     task.attempts,
                     outcome,
                     took,
@@ -248,7 +294,7 @@ class Worker:
                 logger.warning(
                     "task %s type=%s attempt=%d: lease lost, result dropped",
                     task.id,
-                    task.type.value,
+                    task.type,
                     task.attempts,
                 )
         finally:
@@ -306,14 +352,26 @@ def _seconds(value: float) -> timedelta:
 
 
 async def serve(settings: Settings) -> None:
-    """Run one worker process until SIGTERM/SIGINT; a second signal stops at once."""
+    """Run one worker process until SIGTERM/SIGINT; a second signal stops at once.
+
+    Signals work from the first moment: before the worker runs (the database not reachable
+    yet, indexes being built) a signal simply ends the start-up.
+    """
+    signals = _Signals(settings.shutdown_grace)
+    signals.install()
     client = open_client(
         settings.effective_mongodb_url, timeout=settings.db_timeout, appname="task-runner-worker"
     )
     store = TaskStore(client, database=settings.database, clock=DbClock(skew=settings.clock_skew))
     try:
-        await _wait_for_database(store)
-        await store.ensure_indexes()
+        try:
+            await _wait_for_database(store)
+            await store.ensure_indexes()
+        except asyncio.CancelledError:
+            if not signals.seen:
+                raise
+            logger.info("stopped before the worker started")
+            return
         async with http_session() as http:
             ctx = TaskContext(
                 http=http,
@@ -322,7 +380,9 @@ async def serve(settings: Settings) -> None:
                 foo_seconds=settings.foo_seconds,
             )
             worker = Worker(store, settings, ctx)
-            _install_signal_handlers(worker)
+            signals.worker = worker
+            if signals.seen:
+                worker.stop()
             await worker.run()
     finally:
         await client.close()
@@ -340,23 +400,31 @@ async def _wait_for_database(store: TaskStore) -> None:
             backoff = min(backoff * 2, 10.0)
 
 
-def _install_signal_handlers(worker: Worker) -> None:
-    loop = asyncio.get_running_loop()
-    signals_seen = 0
+class _Signals:
+    """SIGTERM/SIGINT: the first stops gracefully, the second at once; before the worker
+    exists, the first cancels the start-up."""
 
-    def on_signal(signum: int) -> None:
-        nonlocal signals_seen
-        signals_seen += 1
-        if signals_seen == 1:
-            logger.info(
-                "%s: stopping; running tasks get %.1fs to finish",
-                signal.Signals(signum).name,
-                worker.settings.shutdown_grace,
-            )
-            worker.stop()
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self.seen = 0
+        self.worker: Worker | None = None
+        self._main = asyncio.current_task()
+
+    def install(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+
+    def _on_signal(self, signum: int) -> None:
+        self.seen += 1
+        name = signal.Signals(signum).name
+        if self.worker is None:
+            logger.info("%s: stopping before the worker started", name)
+            if self._main is not None:
+                self._main.cancel()
+        elif self.seen == 1:
+            logger.info("%s: stopping; running tasks get %.1fs to finish", name, self.grace)
+            self.worker.stop()
         else:
-            logger.warning("second signal: stopping now")
-            worker.stop_now()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
+            logger.warning("%s again: stopping now", name)
+            self.worker.stop_now()

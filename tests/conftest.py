@@ -103,6 +103,8 @@ def settings_env(settings: Settings, **overrides: Any) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TASK_RUNNER_")}
     values = {**{f: getattr(settings, f) for f in settings.__dataclass_fields__}, **overrides}
     for name, value in values.items():
+        if isinstance(value, tuple):
+            value = ",".join(value) or None
         if value is not None:
             env[env_name(name)] = str(value).lower() if isinstance(value, bool) else str(value)
     env["PYTHONUNBUFFERED"] = "1"

@@ -39,16 +39,17 @@ async def test_three_workers_run_200_mixed_tasks_exactly_once(
     for task in created:
         done = tasks[task.id]
         assert done.attempts == 1
-        assert done.started_at is not None and done.started_at >= done.run_at
-        if task.type is TaskType.FOO:
+        assert done.started_at is not None and done.run_at is not None
+        assert done.started_at >= done.run_at
+        if task.type == TaskType.FOO:
             assert done.output == f"Foo {task.id}"
-        elif task.type is TaskType.BAR:
+        elif task.type == TaskType.BAR:
             assert done.output == "503"
         else:
             assert done.output is not None and re.fullmatch(r"Baz (\d+)", done.output)
             assert 0 <= int(done.output.split()[1]) <= 343
     foo_lines = [line for line in lines if line.startswith("Foo ")]
-    assert sorted(foo_lines) == sorted(f"Foo {t.id}" for t in created if t.type is TaskType.FOO)
+    assert sorted(foo_lines) == sorted(f"Foo {t.id}" for t in created if t.type == TaskType.FOO)
     assert http_stub.requests == types.count(TaskType.BAR)
     # The work was shared: every worker process completed some of it.
     by_worker = Counter(task.worker for task in tasks.values())

@@ -92,7 +92,7 @@ async def test_database_restart_mid_run(
     foo_lines = Counter(
         line for w in workers for line in w.stdout_lines() if line.startswith("Foo ")
     )
-    assert foo_lines == Counter(f"Foo {t.id}" for t in created if t.type is TaskType.FOO)
+    assert foo_lines == Counter(f"Foo {t.id}" for t in created if t.type == TaskType.FOO)
     errors = [d async for d in store.tasks.find({"errors.0": {"$exists": True}})]
     assert errors == [], [(d["_id"], d["errors"], d["worker"]) for d in errors]
     assert all(w.alive() for w in workers)

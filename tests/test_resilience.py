@@ -239,7 +239,8 @@ async def test_bar_retries_with_backoff_then_completes(
     assert done.output == "500"
     assert [e.attempt for e in done.errors] == [1, 2]
     assert all("ServerDisconnected" in e.error for e in done.errors)
-    assert done.errors[0].at < done.errors[1].at
+    first, second = done.errors[0].at, done.errors[1].at
+    assert first is not None and second is not None and first < second
     assert http_stub.requests == 3
 
 

@@ -36,7 +36,8 @@ async def test_claim_takes_due_tasks_in_run_at_order_and_never_future(store: Tas
     assert task.attempts == 1
     assert task.worker == "w1"
     assert task.lease and task.lease != claimed[1].lease  # type: ignore[union-attr]
-    assert task.started_at is not None and task.started_at >= task.run_at
+    assert task.started_at is not None and task.run_at is not None
+    assert task.started_at >= task.run_at
     assert (await store.get(later)).state is State.NOTSTARTED
 
 

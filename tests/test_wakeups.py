@@ -144,7 +144,7 @@ async def test_a_worker_stays_up_beside_undated_documents(
 
     async def complete() -> bool:
         assert worker.alive(), worker.stderr()
-        return (await store.get(task.id)).state.value == "COMPLETE"
+        return (await store.get(task.id)).state == "COMPLETE"
 
     await eventually(complete, within=20)
     await asyncio.sleep(2.5)  # a couple of safety polls: each looks the documents up
