@@ -71,6 +71,7 @@ class Task:
     error: str | None = None
     errors: tuple[AttemptError, ...] = field(default_factory=tuple)
     problems: tuple[str, ...] = ()
+    malformed: frozenset[str] = frozenset()  # the fields named in `problems`
     # The stored _id, whatever its BSON type: writes address the document by it.
     key: Any = field(default=None, repr=False, compare=False)
 
@@ -81,7 +82,7 @@ class Task:
         state = reader.text("state", required=True)
         known_state = state in State.__members__
         if state is not None and not known_state:
-            reader.problems.append(f"state {state!r} is not one of {', '.join(State)}")
+            reader.problems.append(("state", f"state {state!r} is not one of {', '.join(State)}"))
         task_type = reader.text("type", required=True)
         return cls(
             id=str(doc.get("_id")),
@@ -100,13 +101,15 @@ class Task:
             output=reader.text("output"),
             error=reader.text("error"),
             errors=reader.attempt_errors(),
-            problems=tuple(reader.problems),
+            problems=tuple(problem for _, problem in reader.problems),
+            malformed=frozenset(name for name, _ in reader.problems),
         )
 
     @property
     def unrunnable(self) -> tuple[str, ...]:
         """The problems that stop a worker from running this task (none: it can run)."""
         needed = ("type", "max_attempts", "attempts")
+        # Each problem begins with the name of its field.
         return tuple(p for p in self.problems if p.split(" ", 1)[0] in needed)
 
 
@@ -115,23 +118,24 @@ class _Reader:
 
     def __init__(self, doc: Mapping[str, Any]) -> None:
         self.doc = doc
-        self.problems: list[str] = []
+        self.problems: list[tuple[str, str]] = []  # (field, what is wrong with it)
 
     def _get(self, name: str, required: bool) -> Any:
         if name not in self.doc:
             if required:
-                self.problems.append(f"{name} is missing")
+                self.problems.append((name, f"{name} is missing"))
             return None
         return self.doc[name]
 
     def _wrong(self, name: str, value: Any, expected: str) -> None:
-        self.problems.append(f"{name} is {type(value).__name__} {_short(value)}, not {expected}")
+        described = f"{name} is {type(value).__name__} {_short(value)}, not {expected}"
+        self.problems.append((name, described))
 
     def text(self, name: str, *, required: bool = False) -> str | None:
         value = self._get(name, required)
         if value is None or isinstance(value, str):
             if value is None and required and name in self.doc:
-                self.problems.append(f"{name} is null")
+                self.problems.append((name, f"{name} is null"))
             return value
         self._wrong(name, value, "a string")
         return None

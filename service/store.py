@@ -500,7 +500,7 @@ class TaskStore:
                 "$unset": {"worker": "", "heartbeat_at": ""},
             }
         update["$set"]["error"] = error
-        if any(problem.startswith("errors is ") for problem in task.problems):
+        if "errors" in task.malformed:
             update["$set"]["errors"] = [entry]  # what was there is not a list to push onto
         else:
             update["$push"] = {"errors": entry}
