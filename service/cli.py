@@ -1,3 +1,4 @@
+# ruff: noqa: E402  (a Ctrl-C is caught before the other imports run; see _EARLY)
 """`task-runner api|worker|db|dev|stats|recover|requeue`: every part from one command.
 
 Settings come from environment variables; a command's flags override them. Every setting,
@@ -6,16 +7,24 @@ its variable and its default are listed in the README, section "Running the part
 
 from __future__ import annotations
 
+import signal
+import sys
+
+# From its first instant, the `task-runner` command only notes a Ctrl-C until a command
+# takes over its signals: a KeyboardInterrupt while the modules below load would print a
+# traceback, and nothing has been started yet. (Not when imported by other code.)
+_EARLY: list[int] = []
+if __name__ == "__main__" or sys.argv[0].endswith("task-runner"):
+    signal.signal(signal.SIGINT, lambda signum, frame: _EARLY.append(signum))
+
 import argparse
 import contextlib
 import dataclasses
 import errno
 import logging
 import os
-import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
@@ -206,6 +215,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    if _EARLY:
+        return 130
+    # From here on a Ctrl-C raises KeyboardInterrupt (caught in `main`) until a command
+    # installs its own handling.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if _EARLY:
+        return 130
     args = _parser().parse_args(argv)
     try:
         settings = _settings(args)
