@@ -14,7 +14,9 @@ import sys
 # takes over its signals: a KeyboardInterrupt while the modules below load would print a
 # traceback, and nothing has been started yet. (Not when imported by other code.)
 _EARLY: list[int] = []
-if __name__ == "__main__" or sys.argv[0].endswith("task-runner"):
+# Started in the background by a shell script, SIGINT is ignored: it stays so.
+_SIGINT_IGNORED = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+if not _SIGINT_IGNORED and (__name__ == "__main__" or sys.argv[0].endswith("task-runner")):
     signal.signal(signal.SIGINT, lambda signum, frame: _EARLY.append(signum))
 
 import argparse
@@ -219,7 +221,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return 130
     # From here on a Ctrl-C raises KeyboardInterrupt (caught in `main`) until a command
     # installs its own handling.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if not _SIGINT_IGNORED:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if _EARLY:
         return 130
     args = _parser().parse_args(argv)
@@ -292,7 +295,7 @@ class _Signals:
 
     def __init__(self) -> None:
         self.count = 0
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in (signal.SIGTERM,) if _SIGINT_IGNORED else (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: object) -> None:
