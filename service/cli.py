@@ -617,7 +617,7 @@ async def _stats(store: Any, settings: Settings, args: argparse.Namespace) -> in
         print(
             f"oldest due task: {oldest.id} ({oldest.type!s}), due {_ago(store, oldest.run_at)} ago"
         )
-    print(f"unreadable documents: {getattr(stats, 'unreadable', 0)}")
+    print(f"unreadable documents: {stats.unreadable}")
     print(f"stale STARTED tasks (no heartbeat for {settings.stale_after:g}s): {stats.stale}")
     return 0
 
