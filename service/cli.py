@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("service.cli")
 
-DB_FIELDS = ("mongodb_url", "database", "db_timeout", "log_level")
+DB_FIELDS = ("mongodb_url", "database", "db_timeout", "log_level", "log_format")
 TASK_FIELDS = ("max_attempts",)
 API_FIELDS = (
     *DB_FIELDS,
@@ -61,6 +61,7 @@ API_FIELDS = (
     "max_page_size",
     "request_timeout",
     "auth_reads",
+    "metrics_cache",
 )
 WORKER_FIELDS = (
     *DB_FIELDS,
@@ -76,8 +77,9 @@ WORKER_FIELDS = (
     "shutdown_grace",
     "clock_skew",
     "change_streams",
+    "metrics_port",
 )
-LOCAL_DB_FIELDS = ("local_db_port", "local_db_path", "log_level")
+LOCAL_DB_FIELDS = ("local_db_port", "local_db_path", "log_level", "log_format")
 OPS_FIELDS = (*DB_FIELDS, "stale_after", "heartbeat_interval")
 # What `dev` changes from the defaults: it serves this machine only, for testing.
 DEV_DEFAULTS: dict[str, Any] = {"host": "127.0.0.1", "allow_delete_all": True}
@@ -125,7 +127,7 @@ def _add_setting_flags(
                 flag, type=str.upper, choices=LOG_LEVELS, default=None, help=help_text
             )
         else:
-            kind = {"int": int, "float": float}.get(str(field.type), str)
+            kind = {"int": int, "int | None": int, "float": float}.get(str(field.type), str)
             parser.add_argument(
                 flag, type=kind, default=None, help=help_text, metavar=field.name.upper()
             )

@@ -13,6 +13,7 @@ from typing import Any
 
 DEFAULT_BAR_URL = "https://www.whattimeisitrightnow.com/"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
 # TASK_RUNNER_* variables that are read but are not fields of Settings.
 OTHER_VARIABLES = frozenset({"TASK_RUNNER_TASK_MODULES"})
 
@@ -75,6 +76,9 @@ class Settings:
     auth_reads: bool = False
     change_streams: bool = True
     clock_skew: float = 0.0
+    log_format: str = "text"
+    metrics_port: int | None = None
+    metrics_cache: float = 5.0
 
     def __post_init__(self) -> None:
         self._check_numbers()
@@ -86,6 +90,13 @@ class Settings:
                 "log_level",
             )
         object.__setattr__(self, "log_level", level)
+        log_format = str(self.log_format).lower()
+        if log_format not in LOG_FORMATS:
+            raise SettingsError(
+                f"{{log_format}} must be one of {', '.join(LOG_FORMATS)}, not {self.log_format!r}",
+                "log_format",
+            )
+        object.__setattr__(self, "log_format", log_format)
         if not self.bar_url.startswith(("http://", "https://")):
             raise SettingsError("{bar_url} must be an http:// or https:// URL", "bar_url")
         if self.mongodb_url is not None and not self.mongodb_url.startswith(
@@ -99,7 +110,11 @@ class Settings:
         # NaN passes every `<= 0` test and an infinite interval never fires: refuse both.
         for spec in dataclasses.fields(self):
             value = getattr(self, spec.name)
-            if spec.type in ("float", "int") and not math.isfinite(value):
+            if (
+                spec.type in ("float", "int", "int | None")
+                and value is not None
+                and not math.isfinite(value)
+            ):
                 raise SettingsError(f"{{{spec.name}}} must be a finite number", spec.name)
         for name in (
             "bar_timeout",
@@ -110,6 +125,7 @@ class Settings:
             "retry_max",
             "db_timeout",
             "request_timeout",
+            "metrics_cache",
         ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{{{name}}} must be greater than 0", name)
@@ -119,8 +135,8 @@ class Settings:
         for name in ("foo_seconds", "shutdown_grace"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{{{name}}} must not be negative", name)
-        for name in ("port", "local_db_port"):
-            if not 0 < getattr(self, name) < 65536:
+        for name in ("port", "local_db_port", "metrics_port"):
+            if getattr(self, name) is not None and not 0 < getattr(self, name) < 65536:
                 raise SettingsError(f"{{{name}}} must be a TCP port (1-65535)", name)
 
     def _check_ranges(self) -> None:
@@ -205,6 +221,9 @@ HELP: dict[str, str] = {
     "local_db_path": "directory where the embedded local database keeps its data",
     "workers": "worker processes `task-runner dev` starts",
     "log_level": "how much to log",
+    "log_format": "text (one line per event) or json (one JSON object per line)",
+    "metrics_port": "port a worker serves its Prometheus /metrics on (off when unset)",
+    "metrics_cache": "seconds the API caches the queue figures it serves on /metrics",
     "db_timeout": "seconds to wait for the database before giving up on a call",
     "max_body_bytes": "largest request body the API accepts",
     "clock_skew": "testing only: shift this process's clock by this many seconds",
@@ -280,6 +299,7 @@ def _parse_float(raw: str) -> float:
 
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "int": int,
+    "int | None": int,
     "float": _parse_float,
     "bool": _parse_bool,
     "str": str,
