@@ -42,6 +42,17 @@ from service.tasks import TaskContext, http_session  # noqa: E402
 from service.worker import Worker  # noqa: E402
 
 
+async def lag_percentiles(store: TaskStore, count: int) -> tuple[float, float, float]:
+    """Wait until `count` tasks are COMPLETE; p50/p95/p99 of started_at - run_at in ms."""
+    # Polling the database is the point here: the workers run in other processes.
+    while await store.tasks.count_documents({"state": "COMPLETE"}) < count:  # noqa: ASYNC110
+        await asyncio.sleep(0.1)
+    lags = [
+        (d["started_at"] - d["run_at"]).total_seconds() * 1000 async for d in store.tasks.find({})
+    ]
+    return percentile(lags, 50), percentile(lags, 95), percentile(lags, 99)
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
@@ -148,17 +159,10 @@ class Bench:
             for i in range(count):
                 run_at = start + timedelta(seconds=i * self.args.lag_seconds / count)
                 await store.create(task_type=TaskType.BAZ, run_at=run_at, max_attempts=1)
-            # Polling the database is the point here: the workers run in other processes.
-            while await store.tasks.count_documents({"state": "COMPLETE"}) < count:  # noqa: ASYNC110
-                await asyncio.sleep(0.1)
-            lags = [
-                (d["started_at"] - d["run_at"]).total_seconds() * 1000
-                async for d in store.tasks.find({})
-            ]
+            return await lag_percentiles(store, count)
         finally:
             self.stop(children)
             await self.drop(store)
-        return percentile(lags, 50), percentile(lags, 95), percentile(lags, 99)
 
     async def lag_api(self) -> tuple[float, float, float]:
         """started_at - run_at (ms) for tasks created through POST /tasks ahead of time at
@@ -186,16 +190,10 @@ class Bench:
                     body = {"type": "baz", "run_at": run_at.isoformat()}
                     async with http.post(f"{base}/tasks", json=body) as response:
                         assert response.status == 201, await response.text()
-            while await store.tasks.count_documents({"state": "COMPLETE"}) < count:  # noqa: ASYNC110
-                await asyncio.sleep(0.1)
-            lags = [
-                (d["started_at"] - d["run_at"]).total_seconds() * 1000
-                async for d in store.tasks.find({})
-            ]
+            return await lag_percentiles(store, count)
         finally:
             self.stop(children)
             await self.drop(store)
-        return percentile(lags, 50), percentile(lags, 95), percentile(lags, 99)
 
     # -- 3. API throughput ---------------------------------------------------------------
 

@@ -83,20 +83,8 @@ class Settings:
     def __post_init__(self) -> None:
         self._check_numbers()
         self._check_ranges()
-        level = str(self.log_level).upper()
-        if level not in LOG_LEVELS:
-            raise SettingsError(
-                f"{{log_level}} must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}",
-                "log_level",
-            )
-        object.__setattr__(self, "log_level", level)
-        log_format = str(self.log_format).lower()
-        if log_format not in LOG_FORMATS:
-            raise SettingsError(
-                f"{{log_format}} must be one of {', '.join(LOG_FORMATS)}, not {self.log_format!r}",
-                "log_format",
-            )
-        object.__setattr__(self, "log_format", log_format)
+        self._check_choice("log_level", LOG_LEVELS)
+        self._check_choice("log_format", LOG_FORMATS)
         if not self.bar_url.startswith(("http://", "https://")):
             raise SettingsError("{bar_url} must be an http:// or https:// URL", "bar_url")
         if self.mongodb_url is not None and not self.mongodb_url.startswith(
@@ -105,6 +93,15 @@ class Settings:
             raise SettingsError(
                 "{mongodb_url} must start with mongodb:// or mongodb+srv://", "mongodb_url"
             )
+
+    def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
+        """One of `choices` in any letter case; stored as the choice is spelt."""
+        given = str(getattr(self, name))
+        for choice in choices:
+            if given.lower() == choice.lower():
+                object.__setattr__(self, name, choice)
+                return
+        raise SettingsError(f"{{{name}}} must be one of {', '.join(choices)}, not {given!r}", name)
 
     def _check_numbers(self) -> None:
         # NaN passes every `<= 0` test and an infinite interval never fires: refuse both.
