@@ -10,6 +10,7 @@ from marshmallow import ValidationError
 
 from service.config import Settings
 from service.errors import DeleteAllDisabled
+from service.metrics import METRICS
 from service.models import Task
 from service.openapi import DOCS_PAGE, operation, undocumented
 from service.schemas import (
@@ -167,6 +168,24 @@ async def health(request: web.Request) -> web.Response:
     """200 when the database answers, 503 (from the error middleware) when it does not."""
     await request.app[STORE].ping()
     return web.json_response({"status": "ok"})
+
+
+@routes.get("/metrics")
+@operation("Prometheus metrics: the queue and this API's requests", responses={200: None})
+async def metrics(request: web.Request) -> web.Response:
+    """The Prometheus text format (OpenMetrics if the Accept header asks for it). The queue
+    figures are cached for TASK_RUNNER_METRICS_CACHE seconds; a database that does not
+    answer shows as task_runner_database_up 0, not as an error."""
+    body, content_type = await request.app[METRICS].render(
+        request.app[STORE], request.headers.get("Accept", "")
+    )
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+# Answered in the Prometheus text format, not JSON.
+metrics.openapi["responses"]["200"]["content"] = {  # type: ignore[union-attr]
+    "text/plain": {"schema": {"type": "string"}}
+}
 
 
 @routes.get("/taskstate/{state}")

@@ -12,10 +12,14 @@ from service.api import EARLIER_ALIASES, OPENAPI, SETTINGS, STORE, routes
 from service.clock import DbClock
 from service.config import Settings
 from service.errors import DatabaseUnavailable
+from service.metrics import METRICS, ApiMetrics
 from service.middlewares import (
+    ACCESS_LOGGER,
+    AccessLog,
     ProtocolLog,
     auth_middleware,
     error_middleware,
+    metrics_middleware,
     timeout_middleware,
 )
 from service.openapi import build_spec
@@ -65,14 +69,26 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings) -> web.Application:
     """The API application for these settings."""
-    middlewares = [error_middleware, timeout_middleware(settings), auth_middleware(settings)]
+    metrics = ApiMetrics(settings)
+    # Outermost: the metrics count the status the client gets, error answers included.
+    middlewares = [
+        metrics_middleware(metrics),
+        error_middleware,
+        timeout_middleware(settings),
+        auth_middleware(settings),
+    ]
     app = web.Application(
         middlewares=middlewares,
         client_max_size=settings.max_body_bytes,
         # Passed to aiohttp's connection handler by every runner (web.run_app included).
-        handler_args={"logger": ProtocolLog(logging.getLogger("aiohttp.server"))},
+        handler_args={
+            "logger": ProtocolLog(logging.getLogger("aiohttp.server")),
+            "access_log": logging.getLogger(ACCESS_LOGGER),
+            "access_log_class": AccessLog,
+        },
     )
     app[SETTINGS] = settings
+    app[METRICS] = metrics
     app.cleanup_ctx.append(_database)
     app.add_routes(routes)
     app.router.add_static("/docs/static", swagger_ui_path, name="docs-static")

@@ -201,12 +201,10 @@ def _url_problem(url: str | None) -> str | None:
     return None
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)-7s %(name)s[%(process)d] %(message)s",
-        stream=sys.stderr,
-    )
+def _configure_logging(settings: Settings) -> None:
+    from service import logs
+
+    logs.configure(settings)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -237,7 +235,7 @@ def _main(argv: Sequence[str] | None) -> int:
         flag = "--mongodb-url" if args.mongodb_url is not None else "MONGODB_URL"
         print(f"task-runner: bad setting: {flag}: {problem}", file=sys.stderr)
         return 2
-    _configure_logging(settings.log_level)
+    _configure_logging(settings)
     for warning in unknown_variables():
         logger.warning("%s", warning)
     handlers: dict[str, Callable[[Settings, argparse.Namespace], int]] = {

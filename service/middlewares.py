@@ -9,15 +9,18 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from typing import Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler, Middleware
 from marshmallow import ValidationError
 
 from service.config import Settings
 from service.errors import DatabaseUnavailable, DeleteAllDisabled, InvalidTask, TaskNotFound
+from service.metrics import UNMATCHED, ApiMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -163,3 +166,88 @@ def one_line(exc: HttpProcessingError, *, limit: int = 160) -> str:
     it quotes comes from the client, so it must not forge log lines or fill them."""
     text = " ".join(str(exc.message).encode("ascii", "backslashreplace").decode().split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# The request's route pattern, for the access log.
+ROUTE_KEY = web.RequestKey("route", str)
+# Methods outside this set are counted as "other": a client cannot invent label values.
+COUNTED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def route_label(request: web.Request) -> str:
+    """The route's pattern (`/tasks/{id}`), never the raw path; `unmatched` when no route
+    matched (404, 405): the label's values are bounded by the route table."""
+    resource = request.match_info.route.resource
+    return UNMATCHED if resource is None else resource.canonical
+
+
+def metrics_middleware(metrics: ApiMetrics) -> Middleware:
+    """Count every answer and time it, by route pattern, method and status. Installed
+    outermost, so it sees the status the client gets, error answers included."""
+
+    @web.middleware
+    async def measure(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        status = 500
+        request[ROUTE_KEY] = route = route_label(request)
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:  # what the error middleware lets through (< 400)
+            status = exc.status
+            raise
+        finally:
+            method = request.method if request.method in COUNTED_METHODS else "other"
+            metrics.observe(
+                route=route,
+                method=method,
+                status=status,
+                seconds=time.perf_counter() - started,
+            )
+
+    return measure
+
+
+ACCESS_LOGGER = "service.access"
+# Longest request path an access line repeats: the path comes from the client.
+PATH_LIMIT = 200
+
+
+def _printable(text: str, *, limit: int = PATH_LIMIT) -> str:
+    text = text.encode("ascii", "backslashreplace").decode()
+    text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class AccessLog(AbstractAccessLogger):
+    """One line per answered request (aiohttp's access logger interface): at INFO, so a
+    level of WARNING turns it off. The raw path is cut and made printable: it is the
+    client's."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        """Write the line."""
+        # Set by the metrics middleware; a request the HTTP parser refused has no route.
+        route = request.get(ROUTE_KEY, UNMATCHED)
+        path = _printable(request.rel_url.raw_path)
+        self.logger.info(
+            "%s %s %d %.3fs",
+            request.method,
+            path,
+            response.status,
+            time,
+            extra={
+                "method": request.method,
+                "path": path,
+                "route": route,
+                "status": response.status,
+                "duration": round(time, 6),
+                "remote": request.remote,
+                "bytes": response.body_length,
+            },
+        )
+
+    @property
+    def enabled(self) -> bool:
+        """Skip the work when INFO is off."""
+        return self.logger.isEnabledFor(logging.INFO)

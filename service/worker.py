@@ -289,6 +289,14 @@ class Worker:
                     outcome,
                     took,
                     "" if error is None else f": {error}",
+                    extra={
+                        "task_id": task.id,
+                        "type": task.type,
+                        "attempt": task.attempts,
+                        "duration": round(took, 6),
+                        "worker": self.worker_id,
+                        "outcome": outcome.split(" ")[0],
+                    },
                 )
             else:
                 logger.warning(
@@ -296,6 +304,14 @@ class Worker:
                     task.id,
                     task.type,
                     task.attempts,
+                    extra={
+                        "task_id": task.id,
+                        "type": task.type,
+                        "attempt": task.attempts,
+                        "duration": round(took, 6),
+                        "worker": self.worker_id,
+                        "outcome": "lease_lost",
+                    },
                 )
         finally:
             self._forget(task)

@@ -1,0 +1,154 @@
+"""TASK_RUNNER_LOG_FORMAT=json: real `task-runner api` and `worker` processes write one JSON
+object per stderr line, task events with their fields; tasks' output stays plain on stdout."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.config import Settings
+from service.localdb import free_port
+from service.logs import formatter
+from service.store import TaskStore
+from tests.conftest import WorkerProcess, eventually, settings_env, wait_until_started
+
+REQUIRED = {"time", "level", "logger", "message"}
+TASK_FIELDS = {"task_id", "type", "attempt", "duration", "worker"}
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """Every line parsed; fails on the first line that is not a JSON object with the keys."""
+    records = []
+    for line in text.splitlines():
+        record = json.loads(line)
+        assert isinstance(record, dict), line
+        assert set(record) >= REQUIRED, line
+        records.append(record)
+    return records
+
+
+class ApiProcess:
+    """A real `task-runner api` with its stderr and stdout in files."""
+
+    def __init__(self, env: dict[str, str], port: int, directory: Path) -> None:
+        self.port = port
+        self.stderr_path = directory / "api.err"
+        self.stdout_path = directory / "api.out"
+        with self.stderr_path.open("wb") as err, self.stdout_path.open("wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "service.cli", "api"], env=env, stdout=out, stderr=err
+            )
+
+    def request(self, method: str, path: str, body: bytes | None = None) -> Any:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}",
+            data=body,
+            method=method,
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read() or b"null")
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            assert self.process.poll() is None, self.stderr_path.read_text()
+            try:
+                self.request("GET", "/health")
+                return
+            except OSError:
+                assert time.monotonic() < deadline, self.stderr_path.read_text()
+                time.sleep(0.05)
+
+
+@pytest.fixture
+def api_process(settings: Settings, store: TaskStore, tmp_path: Path) -> Iterator[ApiProcess]:
+    port = free_port()
+    env = settings_env(settings, host="127.0.0.1", port=port, api_tokens="", log_format="json")
+    api = ApiProcess(env, port, tmp_path)
+    yield api
+    if api.process.poll() is None:
+        api.process.kill()
+        api.process.wait()
+
+
+async def test_api_and_worker_write_json_lines(
+    api_process: ApiProcess,
+    spawn_worker: Callable[..., WorkerProcess],
+    store: TaskStore,
+) -> None:
+    api_process.wait_ready()
+    worker = spawn_worker(log_format="json", bar_url="http://127.0.0.1:9/")
+    await wait_until_started(worker)
+    baz = api_process.request("POST", "/tasks", b'{"type": "baz"}')
+    bar = api_process.request(
+        "POST", "/tasks", b'{"type": "bar", "max_attempts": 2}'
+    )  # port 9: refused
+
+    async def finished() -> bool:
+        states = {t["state"] for t in (await store.tasks.find({}).to_list())}
+        return states == {"COMPLETE", "FAILED"}
+
+    await eventually(finished, within=30)
+    api_process.request("GET", f"/tasks/{baz['id']}")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0
+    api_process.process.send_signal(signal.SIGTERM)
+    api_process.process.wait(30)
+
+    records = json_lines(worker.stderr())
+    events = [r for r in records if "task_id" in r]
+    assert {e["task_id"] for e in events} == {baz["id"], bar["id"]}
+    for event in events:
+        assert set(event) >= TASK_FIELDS, event
+        assert event["worker"] == worker.worker_id
+        assert isinstance(event["duration"], float)
+    done = next(e for e in events if e["task_id"] == baz["id"])
+    assert (done["type"], done["attempt"], done["outcome"]) == ("baz", 1, "COMPLETE")
+    failed = [e for e in events if e["task_id"] == bar["id"]]
+    assert [(e["attempt"], e["outcome"]) for e in failed] == [(1, "retry"), (2, "FAILED")]
+    assert all(e["level"] == "INFO" for e in events)
+    # The task's own output: plain lines on stdout, nothing else.
+    assert worker.stdout_lines() and all(line.startswith("Baz ") for line in worker.stdout_lines())
+
+    api_records = json_lines(api_process.stderr_path.read_text())
+    access = [r for r in api_records if r["logger"] == "service.access"]
+    get = next(r for r in access if r["method"] == "GET" and r["route"] == "/tasks/{id}")
+    assert (get["path"], get["status"]) == (f"/tasks/{baz['id']}", 200)
+    assert {"duration", "remote", "bytes"} <= set(get)
+    assert api_process.stdout_path.read_text() == ""
+
+
+def test_text_format_is_unchanged() -> None:
+    record = logging.LogRecord("service.worker", logging.INFO, "x", 1, "task %s", ("a",), None)
+    line = formatter("text").format(record)
+    assert line.endswith(f" INFO    service.worker[{record.process}] task a")
+
+
+def test_json_format_keeps_extra_fields_and_tracebacks_on_one_line() -> None:
+    try:
+        raise ValueError("boom\nsecond line")
+    except ValueError:
+        record = logging.LogRecord(
+            "service", logging.ERROR, "x", 1, "failed %d", (3,), sys.exc_info()
+        )
+    record.task_id = "abc"
+    line = formatter("json").format(record)
+    assert "\n" not in line
+    parsed = json.loads(line)
+    assert parsed["message"] == "failed 3"
+    assert parsed["level"] == "ERROR"
+    assert parsed["logger"] == "service"
+    assert parsed["task_id"] == "abc"
+    assert "ValueError: boom" in parsed["exc_info"]
+    assert parsed["time"].startswith("20")
