@@ -20,6 +20,7 @@ from service.schemas import (
     ListQuerySchema,
     TaskPageSchema,
     TaskSchema,
+    WorkerListSchema,
     decode_cursor,
     encode_cursor,
     parse_number,
@@ -34,6 +35,7 @@ create_schema = CreateTaskSchema()
 list_schema = ListQuerySchema()
 task_schema = TaskSchema()
 page_schema = TaskPageSchema()
+worker_list_schema = WorkerListSchema()
 
 routes = web.RouteTableDef()
 # The earlier version's paths served by a REST route's handler: the docs file them with the
@@ -186,6 +188,18 @@ async def metrics(request: web.Request) -> web.Response:
 metrics.openapi["responses"]["200"]["content"] = {  # type: ignore[union-attr]
     "text/plain": {"schema": {"type": "string"}}
 }
+
+
+@routes.get("/workers")
+@operation("the worker processes, alive or gone", responses={200: WorkerListSchema})
+async def list_workers(request: web.Request) -> web.Response:
+    """Every registered worker: what it holds, when it was last heard from, and whether it
+    is alive (heard from within TASK_RUNNER_STALE_AFTER seconds, on the database clock)."""
+    stale_after = request.app[SETTINGS].stale_after
+    workers = await request.app[STORE].list_workers(stale_after)
+    return web.json_response(
+        worker_list_schema.dump({"stale_after": stale_after, "workers": workers})
+    )
 
 
 @routes.get("/taskstate/{state}")

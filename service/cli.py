@@ -1,5 +1,5 @@
 # ruff: noqa: E402  (a Ctrl-C is caught before the other imports run; see _EARLY)
-"""`task-runner api|worker|db|dev|stats|recover|requeue`: every part from one command.
+"""`task-runner api|worker|db|dev|stats|workers|recover|requeue`: every part from one command.
 
 Settings come from environment variables; a command's flags override them. Every setting,
 its variable and its default are listed in the README, section "Running the parts".
@@ -166,6 +166,7 @@ def _parser() -> argparse.ArgumentParser:
         DEV_DEFAULTS,
     )
     command("stats", "counts by state and type, oldest due task, stale tasks", OPS_FIELDS)
+    command("workers", "the worker processes, alive or gone, and the tasks each holds", OPS_FIELDS)
     recover = command("recover", "list and recover tasks stuck in STARTED", OPS_FIELDS)
     recover.add_argument("--dry-run", action="store_true", help="list only; change nothing")
     requeue = command("requeue", "put a FAILED task back in the queue, due now", DB_FIELDS)
@@ -244,6 +245,7 @@ def _main(argv: Sequence[str] | None) -> int:
         "db": _run_db,
         "dev": _run_dev,
         "stats": _ops(_stats),
+        "workers": _ops(_workers),
         "recover": _ops(_recover),
         "requeue": _ops(_requeue),
     }
@@ -283,8 +285,13 @@ def _run_worker(settings: Settings, args: argparse.Namespace) -> int:
     import asyncio
 
     from service import worker
+    from service.worker_metrics import MetricsPortUnusable
 
-    asyncio.run(worker.serve(settings))
+    try:
+        asyncio.run(worker.serve(settings))
+    except MetricsPortUnusable as exc:
+        print(f"task-runner worker: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -498,10 +505,14 @@ def _start_dev(settings: Settings, args: argparse.Namespace, stack: _Stack) -> N
     env = _child_env(settings, args)
     logger.info("dev: starting the API and %d worker(s)", settings.workers)
     stack.spawn("api", ["api"], env)
-    for number in range(1, settings.workers + 1):
+    metrics = _dev_metrics_ports(settings)
+    for number, port in enumerate(metrics, start=1):
         stack.check()
-        stack.spawn(f"worker {number}", ["worker"], env)
+        stack.spawn(f"worker {number}", ["worker"], {**env, env_name("metrics_port"): str(port)})
     _wait_listening(settings, stack)
+    shown = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
+    for number, port in enumerate(metrics, start=1):
+        logger.info("dev: worker %d metrics on http://%s:%d/metrics", number, shown, port)
     where = "this machine only" if settings.host.startswith("127.") else "every interface"
     logger.info(
         "dev: API on http://%s:%d (%s), %d worker(s), database %s; Ctrl-C stops",
@@ -511,6 +522,15 @@ def _start_dev(settings: Settings, args: argparse.Namespace, stack: _Stack) -> N
         settings.workers,
         redact(settings.effective_mongodb_url),
     )
+
+
+def _dev_metrics_ports(settings: Settings) -> list[int]:
+    """A metrics port for each worker: from --metrics-port on, one each, or free ports."""
+    from service.localdb import free_port
+
+    if settings.metrics_port is not None:
+        return [settings.metrics_port + n for n in range(settings.workers)]
+    return [free_port() for _ in range(settings.workers)]
 
 
 def _check_can_listen(settings: Settings) -> None:
@@ -619,6 +639,33 @@ async def _stats(store: Any, settings: Settings, args: argparse.Namespace) -> in
         )
     print(f"unreadable documents: {stats.unreadable}")
     print(f"stale STARTED tasks (no heartbeat for {settings.stale_after:g}s): {stats.stale}")
+    return 0
+
+
+async def _workers(store: Any, settings: Settings, args: argparse.Namespace) -> int:
+    workers = await store.list_workers(settings.stale_after)
+    if not workers:
+        print("no workers registered")
+        return 0
+    width = max(len("worker"), *(len(w.id) for w in workers)) + 2
+    print(
+        f"{'worker':<{width}}{'state':<7}{'seen':>8}  {'running':>9}  {'version':<10}"
+        f"{'metrics':<9}{'up since':<21}tasks held"
+    )
+    for w in workers:
+        seen = "never" if w.seconds_since_seen is None else f"{w.seconds_since_seen:.1f}s"
+        load = f"{w.running}/{'?' if w.concurrency is None else w.concurrency}"
+        port = "-" if w.metrics_port is None else str(w.metrics_port)
+        since = "unknown" if w.started_at is None else w.started_at.strftime("%Y-%m-%d %H:%M:%S")
+        print(
+            f"{w.id:<{width}}{'alive' if w.alive else 'gone':<7}{seen:>8}  {load:>9}  "
+            f"{w.version or '?':<10}{port:<9}{since:<21}{' '.join(w.tasks) or '-'}"
+        )
+    alive = sum(w.alive for w in workers)
+    print(
+        f"{len(workers)} worker(s): {alive} alive, {len(workers) - alive} gone "
+        f"(silent for over {settings.stale_after:g}s)"
+    )
     return 0
 
 

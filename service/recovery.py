@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
+from service import worker_metrics as metrics
 from service.periodic import Periodic
 from service.store import TaskStore
 
@@ -47,6 +48,7 @@ class Recoverer(Periodic):
             moved,
         )
         if moved:
+            metrics.RECOVERED.inc(moved)
             logger.warning(
                 "recovered %d stale task(s) (no heartbeat for %.1fs)", moved, self.stale_after
             )
@@ -54,4 +56,5 @@ class Recoverer(Periodic):
 
     def on_unavailable(self) -> None:
         """Periodic's hook: the last round failed for want of the database."""
+        metrics.DATABASE_ERRORS.inc()
         self.database_lost()

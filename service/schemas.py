@@ -243,6 +243,39 @@ class DeletedSchema(Schema):
     deleted = fields.Integer(required=True)
 
 
+class WorkerSchema(Schema):
+    """A worker process as it registered itself, and whether it is alive."""
+
+    id = fields.String(required=True, metadata={"description": "host:pid"})
+    host = fields.String(required=True, allow_none=True)
+    pid = fields.Integer(required=True, allow_none=True)
+    started_at = Timestamp(required=True, allow_none=True)
+    concurrency = fields.Integer(required=True, allow_none=True)
+    running = fields.Integer(required=True, metadata={"description": "tasks it runs now"})
+    tasks = fields.List(
+        fields.String(), required=True, metadata={"description": "the ids of those tasks"}
+    )
+    version = fields.String(required=True, allow_none=True)
+    types = fields.List(fields.String(), required=True, metadata={"description": "it runs"})
+    metrics_port = fields.Integer(
+        required=True, allow_none=True, metadata={"description": "its /metrics; null: none"}
+    )
+    last_seen = Timestamp(required=True, allow_none=True, metadata={"description": "DB clock"})
+    alive = fields.Boolean(
+        required=True, metadata={"description": "heard from within stale_after seconds"}
+    )
+    seconds_since_seen = fields.Float(required=True, allow_none=True)
+
+
+class WorkerListSchema(Schema):
+    """GET /workers: every registered worker, alive or gone, by id."""
+
+    stale_after = fields.Float(
+        required=True, metadata={"description": "seconds of silence after which one is gone"}
+    )
+    workers = fields.List(fields.Nested(WorkerSchema), required=True)
+
+
 def encode_cursor(after: tuple[Any, Any]) -> str:
     """The opaque cursor for the page after a task's stored (run_at, _id).
 

@@ -630,6 +630,49 @@ class TaskStore:
         cursor = self.tasks.find(UNREADABLE).sort("_id", ASCENDING).limit(limit)
         return [Task.from_document(doc) async for doc in cursor]
 
+    # -- the workers' registry: who is alive and what each holds ---------------------------
+
+    @functools.cached_property
+    def workers(self) -> AsyncCollection[dict[str, Any]]:
+        """One document per worker process, refreshed by its heartbeat."""
+        # Acknowledged by the primary only: no guarantee rests on this advisory record, it is
+        # rewritten within a stale threshold, and a replicated, journaled write would make
+        # every heartbeat wait for it.
+        database = self.client[self.tasks.database.name]
+        return database.get_collection(WORKERS_COLLECTION, write_concern=WriteConcern(w=1))
+
+    @_unavailable
+    async def ensure_worker_indexes(self) -> None:
+        """A TTL index: the server deletes a worker's record GONE_WORKERS_KEPT seconds after
+        it was last seen (MongoDB and SecantusDB sweep once a minute); no client round trip."""
+        await self.workers.create_index(
+            [("last_seen", ASCENDING)], name="gone", expireAfterSeconds=GONE_WORKERS_KEPT
+        )
+
+    @_unavailable
+    async def register_worker(self, worker_id: str, fields: dict[str, Any]) -> None:
+        """Write this worker's record (one upsert); `last_seen` is the server's clock."""
+        await self.workers.update_one(
+            {"_id": worker_id},
+            {"$set": fields, "$currentDate": {"last_seen": True}},
+            upsert=True,
+        )
+
+    @_unavailable
+    async def unregister_worker(self, worker_id: str) -> None:
+        """Remove this worker's record (a clean stop)."""
+        await self.workers.delete_one({"_id": worker_id})
+
+    @_unavailable
+    async def list_workers(self, stale_after: float, *, limit: int = 1000) -> list[WorkerSeen]:
+        """Registered workers by id; one silent for over `stale_after` seconds (on the
+        database clock) is gone."""
+        now = self.clock.now()
+        cursor = self.workers.find({}).sort("_id", ASCENDING).limit(limit)
+        return [
+            WorkerSeen.from_document(doc, now=now, stale_after=stale_after) async for doc in cursor
+        ]
+
     # -- queue figures for /metrics ---------------------------------------------------
     #
     # Five reads, each served by an index of INDEXES. On MongoDB three of them read index
@@ -683,6 +726,62 @@ class TaskStore:
             (row["_id"].get("state"), row["_id"].get("type")): row["n"]
             async for row in await self.tasks.aggregate(pipeline)
         }
+
+
+WORKERS_COLLECTION = "workers"
+# How long a gone worker's record stays to be seen (who died, holding what) before the
+# server's TTL monitor deletes it.
+GONE_WORKERS_KEPT = 3600
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerSeen:
+    """A worker's record as read, and whether it is alive: heard from within the stale
+    threshold. Read defensively: a field of another shape reads as empty."""
+
+    id: str
+    host: str | None
+    pid: int | None
+    started_at: datetime | None
+    concurrency: int | None
+    running: int
+    tasks: tuple[str, ...]
+    version: str | None
+    types: tuple[str, ...]
+    metrics_port: int | None
+    last_seen: datetime | None
+    alive: bool
+    seconds_since_seen: float | None
+
+    @classmethod
+    def from_document(cls, doc: dict[str, Any], *, now: datetime, stale_after: float) -> WorkerSeen:
+        """Build from a stored record; never raises."""
+
+        def of(kind: type, name: str) -> Any:
+            value = doc.get(name)
+            return value if isinstance(value, kind) and not isinstance(value, bool) else None
+
+        def strings(name: str) -> tuple[str, ...]:
+            value = doc.get(name)
+            return tuple(str(v) for v in value) if isinstance(value, list) else ()
+
+        last_seen = of(datetime, "last_seen")
+        since = None if last_seen is None else (now - last_seen).total_seconds()
+        return cls(
+            id=str(doc.get("_id")),
+            host=of(str, "host"),
+            pid=of(int, "pid"),
+            started_at=of(datetime, "started_at"),
+            concurrency=of(int, "concurrency"),
+            running=of(int, "running") or 0,
+            tasks=strings("tasks"),
+            version=of(str, "version"),
+            types=strings("types"),
+            metrics_port=of(int, "metrics_port"),
+            last_seen=last_seen,
+            alive=since is not None and since <= stale_after,
+            seconds_since_seen=since,
+        )
 
 
 @dataclass(frozen=True)

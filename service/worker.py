@@ -15,7 +15,10 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
+from service import worker_metrics as metrics
 from service.clock import DbClock
 from service.config import Settings
 from service.errors import DatabaseUnavailable
@@ -58,11 +61,19 @@ class Running:
 
 
 class Heartbeat(Periodic):
-    """One write per interval refreshes every running task; lost leases are cancelled."""
+    """One write per interval refreshes every running task; lost leases are cancelled.
 
-    def __init__(self, worker: Worker, *, interval: float) -> None:
+    The worker's record in the registry is refreshed in the same round: whenever the tasks
+    it holds changed, and otherwise every `refresh_every` rounds (a third of the stale
+    threshold), so an idle worker stays alive in the registry for a write every few seconds.
+    """
+
+    def __init__(self, worker: Worker, *, interval: float, stale_after: float) -> None:
         super().__init__(interval=interval, jitter=0.0)
         self.worker = worker
+        self.refresh_every = max(1, int(stale_after / 3 / interval))
+        self._rounds_unregistered = 0
+        self._registered: tuple[str, ...] | None = None
 
     async def run_once(self) -> set[str]:
         """Refresh the leases; stop the tasks whose lease is gone. Returns the lost leases."""
@@ -77,10 +88,25 @@ class Heartbeat(Periodic):
             logger.warning("heartbeat for %d task(s) took %.2fs", len(self.worker.running), took)
         for lease in lost:
             self.worker.abandon(lease)
+        await self.register()
         return lost
+
+    async def register(self, *, force: bool = False) -> None:
+        """Write the worker's record if what it holds changed or it is due for a refresh."""
+        holds = self.worker.holds()
+        self._rounds_unregistered += 1
+        if force or holds != self._registered or self._rounds_unregistered >= self.refresh_every:
+            # Marked first: a failed write is retried by the next round, not every one after.
+            self._rounds_unregistered = 0
+            self._registered = None
+            await self.worker.store.register_worker(
+                self.worker.worker_id, self.worker.registration(holds)
+            )
+            self._registered = holds
 
     def on_unavailable(self) -> None:
         """A heartbeat failed: recovery must wait for the database to be back long enough."""
+        metrics.DATABASE_ERRORS.inc()
         self.worker.recoverer.database_lost()
 
 
@@ -100,7 +126,9 @@ class Worker:
         self.ctx = ctx
         self.worker_id = worker_id or default_worker_id()
         self.running: dict[str, Running] = {}
-        self.heartbeat = Heartbeat(self, interval=settings.heartbeat_interval)
+        self.heartbeat = Heartbeat(
+            self, interval=settings.heartbeat_interval, stale_after=settings.stale_after
+        )
         self.recoverer = Recoverer(
             store, stale_after=settings.stale_after, interval=settings.stale_after / 2
         )
@@ -120,12 +148,17 @@ class Worker:
         self._finished = asyncio.Event()  # a running task ended
         self._unconfirmed_lease: str | None = None
         self.fatal: BaseException | None = None
+        self.version = installed_version()
+        self.started_at = store.clock.now()
 
     # -- lifecycle --------------------------------------------------------------------
 
     async def run(self) -> None:
         """Claim and run tasks until stop(); then drain within the grace period."""
         logger.info("worker %s started: concurrency %d", self.worker_id, self.settings.concurrency)
+        metrics.prepare(worker_id=self.worker_id, version=self.version, types=self.types)
+        metrics.count_running(lambda: len(self.running))
+        await self._register()
         self.heartbeat.start()
         self.recoverer.start()
         self.malformed.start()
@@ -139,6 +172,8 @@ class Worker:
             await self.recoverer.stop()
             await self.heartbeat.stop()
             await self._release_all()
+            if self.fatal is None:
+                await self._unregister()
         if self.fatal is not None:
             raise WorkerCrashed(f"worker {self.worker_id} stopped on an error") from self.fatal
         logger.info("worker %s stopped", self.worker_id)
@@ -162,6 +197,41 @@ class Worker:
             logger.critical("unexpected error; stopping", exc_info=exc)
         self.stop_now()
 
+    # -- the registry: who this worker is and what it holds -------------------------------
+
+    def holds(self) -> tuple[str, ...]:
+        """The ids of the tasks this worker runs now, sorted."""
+        return tuple(sorted(r.task.id for r in self.running.values()))
+
+    def registration(self, holds: tuple[str, ...]) -> dict[str, Any]:
+        """This worker's record in the registry (the store adds last_seen)."""
+        host, _, pid = self.worker_id.rpartition(":")
+        return {
+            "host": host or socket.gethostname(),
+            "pid": int(pid) if pid.isdigit() else os.getpid(),
+            "started_at": self.started_at,
+            "concurrency": self.settings.concurrency,
+            "running": len(holds),
+            "tasks": list(holds),
+            "version": self.version,
+            "types": list(self.types),
+            "metrics_port": self.settings.metrics_port,
+        }
+
+    async def _register(self) -> None:
+        try:
+            await self.heartbeat.register(force=True)
+        except DatabaseUnavailable as exc:
+            metrics.DATABASE_ERRORS.inc()
+            logger.warning("worker not registered yet (%s); the heartbeat will", exc)
+
+    async def _unregister(self) -> None:
+        try:
+            await self.store.unregister_worker(self.worker_id)
+        except DatabaseUnavailable as exc:
+            metrics.DATABASE_ERRORS.inc()
+            logger.warning("worker record not removed (%s); it will show as gone", exc)
+
     def _execution_done(self, execution: asyncio.Task[None]) -> None:
         if not execution.cancelled() and execution.exception() is not None:
             self._crash(execution.exception())  # type: ignore[arg-type]
@@ -173,6 +243,7 @@ class Worker:
         if running is not None and not running.lost and not running.finishing:
             running.lost = True
             running.execution.cancel()
+            metrics.lease_lost(running.task.type)
             logger.warning(
                 "task %s lease lost (deleted or recovered); stopped without writing",
                 running.task.id,
@@ -189,12 +260,15 @@ class Worker:
             try:
                 task = await self._claim()
                 if task is None:
+                    metrics.EMPTY.inc()
                     await self.wakeups.found_nothing()
                 else:
+                    metrics.CLAIMED.inc()
                     self._start(task)
                     self.wakeups.claimed(task)
                 backoff = 0.1
             except DatabaseUnavailable as exc:
+                metrics.DATABASE_ERRORS.inc()
                 self.recoverer.database_lost()
                 logger.warning("claim failed: %s; retrying in %.1fs", exc, backoff)
                 with contextlib.suppress(TimeoutError):
@@ -224,6 +298,7 @@ class Worker:
 
     def _start(self, task: Task) -> None:
         assert task.lease is not None
+        metrics.started(task.run_at, task.started_at)
         execution = asyncio.create_task(self._execute(task), name=f"task-{task.id}")
         execution.add_done_callback(self._execution_done)
         self.running[task.lease] = Running(task, execution)
@@ -268,6 +343,7 @@ class Worker:
             if error is None:
                 written = await self._persist(lambda: self.store.complete(task, output or ""))
                 outcome = "COMPLETE"
+                kind = "complete"
             else:
                 retry_at = None
                 if retry and task.max_attempts is not None and task.attempts < task.max_attempts:
@@ -279,7 +355,9 @@ class Worker:
                     lambda: self.store.fail(task, error, retry_at=retry_at)
                 )
                 outcome = "FAILED" if retry_at is None else f"retry at {retry_at.isoformat()}"
+                kind = "failed" if retry_at is None else "retry"
             took = time.monotonic() - started
+            metrics.finished(task.type, kind if written else "lease_lost", took)
             if written:
                 logger.info(
                     "task %s type=%s attempt=%d %s in %.3fs%s",
@@ -323,6 +401,7 @@ class Worker:
             try:
                 return await write()
             except DatabaseUnavailable as exc:
+                metrics.DATABASE_ERRORS.inc()
                 logger.warning("writing a result failed: %s; retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.settings.heartbeat_interval)
@@ -358,6 +437,7 @@ class Worker:
                 if await self.store.release(running.task):
                     logger.info("task %s released back to the queue", running.task.id)
             except DatabaseUnavailable as exc:
+                metrics.DATABASE_ERRORS.inc()
                 logger.warning(
                     "task %s not released (%s); recovery will return it", running.task.id, exc
                 )
@@ -367,12 +447,35 @@ def _seconds(value: float) -> timedelta:
     return timedelta(seconds=value)
 
 
+def installed_version() -> str:
+    """The installed task-runner package's version, as `task-runner --version` shows it."""
+    try:
+        return version("task-runner")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 async def serve(settings: Settings) -> None:
     """Run one worker process until SIGTERM/SIGINT; a second signal stops at once.
 
     Signals work from the first moment: before the worker runs (the database not reachable
-    yet, indexes being built) a signal simply ends the start-up.
+    yet, indexes being built) a signal simply ends the start-up. With a metrics port set, its
+    /metrics is served from the start; a port that cannot be used raises MetricsPortUnusable
+    before anything else is done.
     """
+    exporter = None
+    if settings.metrics_port is not None:
+        exporter, _ = metrics.serve(host=settings.host, port=settings.metrics_port)
+        logger.info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
+    try:
+        await _serve(settings)
+    finally:
+        if exporter is not None:
+            await asyncio.to_thread(exporter.shutdown)
+            exporter.server_close()
+
+
+async def _serve(settings: Settings) -> None:
     signals = _Signals(settings.shutdown_grace)
     signals.install()
     client = open_client(
@@ -383,6 +486,7 @@ async def serve(settings: Settings) -> None:
         try:
             await _wait_for_database(store)
             await store.ensure_indexes()
+            await store.ensure_worker_indexes()
         except asyncio.CancelledError:
             if not signals.seen:
                 raise
