@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import signal
 import socket
 import subprocess
@@ -221,3 +222,27 @@ async def test_a_busy_metrics_port_stops_the_worker_with_one_line(
     assert lines[0].startswith(f"task-runner worker: cannot serve metrics on 127.0.0.1:{port}: ")
     assert "address already in use" in lines[0] and "--metrics-port" in lines[0]
     assert await store.workers.count_documents({}) == 0, "it stopped before registering"
+
+
+async def test_dev_gives_each_worker_a_metrics_port_and_prints_it(settings: Settings) -> None:
+    env = settings_env(settings, port=free_port(), workers=2, log_format="text")
+    dev = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service.cli", "dev", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    assert dev.stderr is not None
+    printed: list[str] = []
+    try:
+        async with asyncio.timeout(60):
+            while not printed or "Ctrl-C stops" not in printed[-1]:
+                printed.append((await dev.stderr.readline()).decode())
+                assert printed[-1], "".join(printed)
+        pattern = re.compile(r"dev: worker \d metrics on http://127\.0\.0\.1:(\d+)/metrics")
+        ports = [int(m.group(1)) for line in printed if (m := pattern.search(line))]
+        assert len(set(ports)) == 2, "".join(printed)
+        named = [total(await scrape(port), "task_runner_worker_info") for port in ports]
+        assert named == [1, 1]
+    finally:
+        dev.send_signal(signal.SIGINT)
+        async with asyncio.timeout(60):
+            await dev.communicate()
+    assert dev.returncode == 0
