@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from aiohttp import web
 from marshmallow import ValidationError
@@ -11,13 +12,16 @@ from marshmallow import ValidationError
 from service.config import Settings
 from service.errors import DeleteAllDisabled
 from service.metrics import METRICS
-from service.models import Task
+from service.models import State, Task
 from service.openapi import DOCS_PAGE, operation, undocumented
 from service.schemas import (
     CreateTaskSchema,
     DeletedSchema,
+    ErrorSchema,
     HealthSchema,
     ListQuerySchema,
+    RecoverSchema,
+    StatsSchema,
     TaskPageSchema,
     TaskSchema,
     WorkerListSchema,
@@ -30,6 +34,7 @@ from service.store import TaskStore
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", TaskStore)
 OPENAPI = web.AppKey("openapi", dict)
+H = TypeVar("H", bound=Callable[..., Any])
 
 create_schema = CreateTaskSchema()
 list_schema = ListQuerySchema()
@@ -266,3 +271,119 @@ async def openapi_document(request: web.Request) -> web.Response:
 async def docs(request: web.Request) -> web.Response:
     """A page to read and try the API (Swagger UI)."""
     return web.Response(text=DOCS_PAGE, content_type="text/html")
+
+
+# -- the operator's actions and the dashboard's summary (issue 11) -----------------------------
+
+
+def also_error(status: int, description: str) -> Callable[[H], H]:
+    """Document one more error answer of an operation (put above @operation)."""
+
+    def attach(handler: H) -> H:
+        handler.openapi["responses"][str(status)] = {  # type: ignore[attr-defined]
+            "description": description,
+            "content": {"application/json": {"schema": ErrorSchema}},
+        }
+        return handler
+
+    return attach
+
+
+@routes.post("/tasks/{id}/requeue")
+@also_error(409, "the task is not FAILED; `details` says which state it is in")
+@operation("requeue a FAILED task", responses={200: TaskSchema}, errors=(404,))
+async def requeue_task(request: web.Request) -> web.Response:
+    """The task back to NOTSTARTED, due now, with its attempts reset (its errors kept)."""
+    return _task_response(await request.app[STORE].requeue(request.match_info["id"]))
+
+
+@routes.post("/recover")
+@operation("recover stale tasks now", responses={200: RecoverSchema})
+async def recover(request: web.Request) -> web.Response:
+    """What `task-runner recover` does, once: every STARTED task whose worker has been silent
+    for TASK_RUNNER_STALE_AFTER goes back to NOTSTARTED, or FAILED when out of attempts."""
+    store = request.app[STORE]
+    stale_after = request.app[SETTINGS].stale_after
+    stale = await store.find_stale(stale_after)
+    if stale:
+        await store.recover_stale(stale_after, only=[task.id for task in stale])
+    after = await store.get_many(task.id for task in stale)
+    result: dict[str, Any] = {
+        "stale_after": stale_after,
+        "found": len(stale),
+        "requeued": [],
+        "failed": [],
+        "not_recovered": [],
+    }
+    for before in stale:
+        outcome, reason = _recovery_outcome(before, after.get(before.id))
+        if outcome == "not_recovered":
+            result[outcome].append({"id": before.id, "reason": reason})
+        else:
+            result[outcome].append(before.id)
+    return web.json_response(RecoverSchema().dump(result))
+
+
+def _recovery_outcome(before: Task, now: Task | None) -> tuple[str, str]:
+    """What recovery did to a stale task, judged from its state now (as `recover` prints)."""
+    if now is None:
+        return "not_recovered", "deleted meanwhile"
+    if now.state == State.STARTED and now.lease == before.lease:
+        return "not_recovered", "its worker was heard from again"
+    if now.state == State.STARTED:  # recovered, then claimed again at once
+        return "requeued", ""
+    if now.state == State.FAILED and now.finished_at != before.finished_at:
+        return "failed", ""
+    if now.state == State.NOTSTARTED:
+        return "requeued", ""
+    return "not_recovered", f"{now.state} meanwhile"
+
+
+@routes.get("/stats")
+@operation("the queue at a glance", responses={200: StatsSchema})
+async def stats(request: web.Request) -> web.Response:
+    """Counts by state and type, the due backlog and the oldest due task's lag, stale
+    tasks, unreadable documents and the latest failures: what the dashboard shows."""
+    store = request.app[STORE]
+    stale_after = request.app[SETTINGS].stale_after
+    summary = await store.stats(stale_after)
+    now = store.clock.now()
+    by_state: dict[str, int] = dict.fromkeys(State, 0)
+    by_type: dict[str, int] = {}
+    counts: list[dict[str, Any]] = []
+    for (state, task_type), count in sorted(
+        summary.by_state_and_type.items(), key=lambda item: tuple(map(str, item[0]))
+    ):
+        counts.append({"state": _text(state), "type": _text(task_type), "count": count})
+        by_state[str(state)] = by_state.get(str(state), 0) + count
+        by_type[str(task_type)] = by_type.get(str(task_type), 0) + count
+    oldest = summary.oldest_due
+    body = {
+        "now": now,
+        "total": sum(by_state.values()),
+        "by_state": by_state,
+        "by_type": by_type,
+        "counts": counts,
+        "due": await store.count_due(),
+        "oldest_due": None
+        if oldest is None
+        else {
+            "id": oldest.id,
+            "type": oldest.type,
+            "run_at": oldest.run_at,
+            "lag_seconds": None
+            if oldest.run_at is None
+            else round(max(0.0, (now - oldest.run_at).total_seconds()), 3),
+        },
+        "stale_after": stale_after,
+        "stale": summary.stale,
+        "stale_tasks": await store.stale_sample(stale_after, limit=20),
+        "unreadable": summary.unreadable,
+        "recent_failures": await store.latest(State.FAILED, limit=10),
+    }
+    return web.json_response(StatsSchema().dump(body))
+
+
+def _text(value: object) -> str | None:
+    """A stored state or type as text (a document of another shape may hold anything)."""
+    return None if value is None else str(value)

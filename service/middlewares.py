@@ -19,7 +19,13 @@ from aiohttp.typedefs import Handler, Middleware
 from marshmallow import ValidationError
 
 from service.config import Settings
-from service.errors import DatabaseUnavailable, DeleteAllDisabled, InvalidTask, TaskNotFound
+from service.errors import (
+    DatabaseUnavailable,
+    DeleteAllDisabled,
+    InvalidTask,
+    TaskNotFound,
+    TaskNotRequeueable,
+)
 from service.metrics import UNMATCHED, ApiMetrics
 
 logger = logging.getLogger(__name__)
@@ -51,6 +57,13 @@ def _domain_error(exc: Exception) -> web.Response | None:
         )
     if isinstance(exc, TaskNotFound):
         return error_response(404, "task_not_found", str(exc), details={"id": exc.task_id})
+    if isinstance(exc, TaskNotRequeueable):
+        return error_response(
+            409,
+            "task_not_requeueable",
+            str(exc),
+            details={"id": exc.task_id, "state": exc.state},
+        )
     if isinstance(exc, InvalidTask):
         return error_response(400, "invalid_task", str(exc))
     if isinstance(exc, DeleteAllDisabled):
@@ -87,7 +100,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs"})
+OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/ui"})
+# Pages and their static files: what they show comes from the API, with its tokens.
+OPEN_PREFIXES = ("/docs/", "/ui/static/")
 
 
 def timeout_middleware(settings: Settings) -> Middleware:
@@ -123,7 +138,7 @@ def auth_middleware(settings: Settings) -> Middleware:
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         guarded = request.method in WRITE_METHODS or settings.auth_reads
-        open_path = request.path in OPEN_PATHS or request.path.startswith("/docs/")
+        open_path = request.path in OPEN_PATHS or request.path.startswith(OPEN_PREFIXES)
         if tokens and guarded and not open_path:
             scheme, _, token = request.headers.get("Authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not known(token.strip().encode()):

@@ -310,3 +310,77 @@ def decode_cursor(cursor: str) -> tuple[Any, Any]:
         return datetime.fromtimestamp(first / 1000, UTC), ObjectId(second)
     except (ValueError, TypeError, binascii.Error, OverflowError, OSError, RecursionError):
         raise ValidationError({"cursor": ["not a cursor this API issued"]}) from None
+
+
+# -- the dashboard's summary and the operator's actions (issue 11) ----------------------------
+
+
+class StateTypeCountSchema(Schema):
+    """How many tasks are in one state and of one type (as stored: odd values as text)."""
+
+    state = fields.String(required=True, allow_none=True)
+    type = fields.String(required=True, allow_none=True)
+    count = fields.Integer(required=True)
+
+
+class OldestDueSchema(Schema):
+    """The due task that has waited longest."""
+
+    id = fields.String(required=True)
+    type = fields.String(required=True)
+    run_at = Timestamp(required=True, allow_none=True)
+    lag_seconds = fields.Float(
+        required=True, allow_none=True, metadata={"description": "how long past run_at, now"}
+    )
+
+
+class StatsSchema(Schema):
+    """GET /stats: the queue at a glance."""
+
+    now = Timestamp(required=True, metadata={"description": "the database's time"})
+    total = fields.Integer(required=True)
+    by_state = fields.Dict(keys=fields.String(), values=fields.Integer(), required=True)
+    by_type = fields.Dict(keys=fields.String(), values=fields.Integer(), required=True)
+    counts = fields.List(fields.Nested(StateTypeCountSchema), required=True)
+    due = fields.Integer(
+        required=True, metadata={"description": "NOTSTARTED tasks already due: the backlog"}
+    )
+    oldest_due = fields.Nested(OldestDueSchema, required=True, allow_none=True)
+    stale_after = fields.Float(required=True, metadata={"description": "seconds; the setting"})
+    stale = fields.Integer(
+        required=True, metadata={"description": "STARTED tasks with no heartbeat within it"}
+    )
+    stale_tasks = fields.List(
+        fields.Nested(TaskSchema),
+        required=True,
+        metadata={"description": "up to 20 of them, the longest silent first"},
+    )
+    unreadable = fields.Integer(
+        required=True, metadata={"description": "documents no worker can claim or recover"}
+    )
+    recent_failures = fields.List(
+        fields.Nested(TaskSchema),
+        required=True,
+        metadata={"description": "the 10 FAILED tasks due last"},
+    )
+
+
+class NotRecoveredSchema(Schema):
+    """A stale task that recovery left as it was."""
+
+    id = fields.String(required=True)
+    reason = fields.String(required=True)
+
+
+class RecoverSchema(Schema):
+    """POST /recover: what one recovery pass did."""
+
+    stale_after = fields.Float(required=True, metadata={"description": "seconds; the setting"})
+    found = fields.Integer(required=True, metadata={"description": "stale tasks found"})
+    requeued = fields.List(
+        fields.String(), required=True, metadata={"description": "back to NOTSTARTED"}
+    )
+    failed = fields.List(
+        fields.String(), required=True, metadata={"description": "FAILED: attempts used up"}
+    )
+    not_recovered = fields.List(fields.Nested(NotRecoveredSchema), required=True)

@@ -12,7 +12,14 @@ import contextlib
 import functools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+)
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
@@ -629,6 +636,109 @@ class TaskStore:
         UNREADABLE); they stay as they are until a person fixes or deletes them."""
         cursor = self.tasks.find(UNREADABLE).sort("_id", ASCENDING).limit(limit)
         return [Task.from_document(doc) async for doc in cursor]
+
+    # -- the dashboard: its summary and its live feed (service/feed.py) -------------------
+
+    @_unavailable
+    async def count_due(self) -> int:
+        """NOTSTARTED tasks already due: the backlog (the claim index answers it)."""
+        due = {"state": State.NOTSTARTED.value, "run_at": {"$lte": self.clock.surely_now()}}
+        return await self.tasks.count_documents(due)
+
+    @_unavailable
+    async def latest(self, state: State, *, limit: int) -> list[Task]:
+        """The last `limit` tasks in `state` by run_at (the claim index read backwards)."""
+        order = [("run_at", pymongo.DESCENDING), ("_id", pymongo.DESCENDING)]
+        cursor = self.tasks.find({"state": state.value}).sort(order).limit(limit)
+        return [Task.from_document(doc) async for doc in cursor]
+
+    @_unavailable
+    async def stale_sample(self, stale_after: float, *, limit: int) -> list[Task]:
+        """At most `limit` of the tasks find_stale returns, oldest heartbeat first."""
+        query = self._stale_filter(stale_after)
+        cursor = self.tasks.find(query).sort("heartbeat_at", ASCENDING).limit(limit)
+        return [Task.from_document(doc) async for doc in cursor]
+
+    @_unavailable
+    async def get_many(self, task_ids: Iterable[str]) -> dict[str, Task]:
+        """The tasks among these ids that exist, by id, in one query."""
+        keys = [key for i in task_ids for key in id_filter(i)["_id"]["$in"]]
+        if not keys:
+            return {}
+        found = [Task.from_document(doc) async for doc in self.tasks.find({"_id": {"$in": keys}})]
+        return {task.id: task for task in found}
+
+    @_unavailable
+    async def fingerprint(self) -> tuple[Any, ...]:
+        """Something that changes when tasks are added, removed or change state, from cheap
+        commands (counts on the claim index, the newest _id): the feed's polling fallback."""
+        counts = [await self.tasks.count_documents({"state": s.value}) for s in State]
+        newest = await self.tasks.find_one({}, projection={"_id": True}, sort=[("_id", -1)])
+        total = await self.tasks.estimated_document_count()
+        return (*counts, total, None if newest is None else newest["_id"])
+
+    async def task_events(self, *, max_await: float) -> AsyncGenerator[dict[str, Any] | None]:
+        """Yield each task insert, delete, replace and change of state as
+        {"op", "id", "state", "type"} (state and type when the event carries them); None once
+        the stream is open, then after each empty read (at least every `max_await` seconds)
+        so that the caller can stop. Heartbeats are left out. Returns when the stream ends
+        (an invalidate). Raises ChangeStreamsUnavailable where the server has none,
+        DatabaseUnavailable when the stream is lost.
+        """
+        pipeline: list[dict[str, Any]] = [
+            {
+                "$match": {
+                    "$or": [
+                        {"operationType": {"$in": ["insert", "delete", "replace"]}},
+                        {
+                            "operationType": "update",
+                            "updateDescription.updatedFields.state": {"$exists": True},
+                        },
+                    ]
+                }
+            },
+            {
+                "$project": {
+                    "operationType": 1,
+                    "documentKey": 1,
+                    "fullDocument.state": 1,
+                    "fullDocument.type": 1,
+                    "updateDescription.updatedFields.state": 1,
+                }
+            },
+        ]
+        opened = False
+        try:
+            async with await self.tasks.watch(
+                pipeline, max_await_time_ms=int(max_await * 1000)
+            ) as stream:
+                opened = True
+                yield None
+                while stream.alive:
+                    change = await stream.try_next()
+                    if change is None:
+                        yield None
+                        await asyncio.sleep(EMPTY_BATCH_PAUSE)  # see wakeups()
+                        continue
+                    op = change.get("operationType")
+                    if op not in ("insert", "delete", "replace", "update"):
+                        continue  # drop, invalidate: the stream ends with them
+                    fields = change.get("fullDocument") or {}
+                    if op == "update":
+                        fields = change.get("updateDescription", {}).get("updatedFields", {})
+                    state, task_type = fields.get("state"), fields.get("type")
+                    yield {
+                        "op": op,
+                        "id": str(change.get("documentKey", {}).get("_id")),
+                        "state": state if isinstance(state, str) else None,
+                        "type": task_type.lower() if isinstance(task_type, str) else None,
+                    }
+        except ConnectionFailure as exc:
+            raise DatabaseUnavailable(f"change stream lost: {exc.__class__.__name__}") from exc
+        except OperationFailure as exc:
+            if opened:
+                raise DatabaseUnavailable(f"change stream failed: {exc}") from exc
+            raise ChangeStreamsUnavailable(str(exc)) from exc
 
     # -- the workers' registry: who is alive and what each holds ---------------------------
 
