@@ -25,6 +25,7 @@ from service.middlewares import (
 from service.openapi import build_spec
 from service.periodic import Periodic
 from service.store import TaskStore, open_client
+from service.ui import add_dashboard
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_database)
     app.add_routes(routes)
     app.router.add_static("/docs/static", swagger_ui_path, name="docs-static")
+    add_dashboard(app)
     app[OPENAPI] = build_spec(
         app, bearer=bool(settings.api_tokens), earlier_aliases=EARLIER_ALIASES
     )
