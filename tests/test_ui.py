@@ -1,0 +1,493 @@
+"""The operator's REST actions (requeue, recover), GET /stats, the event feed, and the
+dashboard itself in a real headless Chromium against a real API and a real worker process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from bson import ObjectId
+from playwright.async_api import Browser, BrowserContext, Page, Route, async_playwright
+
+import service.ui
+from service.app import create_app
+from service.config import Settings
+from service.feed import TaskFeed
+from service.localdb import free_port
+from service.store import TaskStore
+from service.ui import FEED
+from tests.conftest import StubHttpServer, WorkerProcess, eventually, settings_env
+
+Client = TestClient[Any, Any]
+MakeClient = Callable[[web.Application], Awaitable[Client]]
+CHROMIUM = os.environ.get("TASK_RUNNER_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "dashboard.png"
+TOKEN = "t0ken-for-the-dashboard"
+
+
+async def failed_task(store: TaskStore, **fields: Any) -> str:
+    """A FAILED task written directly, with one failed attempt."""
+    now = datetime.now(UTC)
+    doc = {
+        "_id": ObjectId(),
+        "type": "bar",
+        "state": "FAILED",
+        "run_at": now,
+        "created_at": now,
+        "started_at": now,
+        "finished_at": now,
+        "attempts": 1,
+        "max_attempts": 1,
+        "error": "HTTP 418",
+        "errors": [{"attempt": 1, "error": "HTTP 418", "at": now, "worker": "pod-1:7"}],
+        **fields,
+    }
+    await store.tasks.insert_one(doc)
+    return str(doc["_id"])
+
+
+async def stale_task(store: TaskStore, *, attempts: int, max_attempts: int) -> str:
+    """A STARTED task whose worker went silent a minute ago."""
+    long_ago = datetime.now(UTC) - timedelta(minutes=1)
+    doc = {
+        "_id": ObjectId(),
+        "type": "foo",
+        "state": "STARTED",
+        "run_at": long_ago,
+        "created_at": long_ago,
+        "started_at": long_ago,
+        "heartbeat_at": long_ago,
+        "attempts": attempts,
+        "max_attempts": max_attempts,
+        "lease": "lost-lease",
+        "worker": "gone-host:1",
+    }
+    await store.tasks.insert_one(doc)
+    return str(doc["_id"])
+
+
+# -- the REST actions and the summary -------------------------------------------------------
+
+
+async def test_requeue_puts_a_failed_task_back_and_refuses_others(
+    api: Client, store: TaskStore
+) -> None:
+    task_id = await failed_task(store)
+    response = await api.post(f"/tasks/{task_id}/requeue")
+    assert response.status == 200, await response.text()
+    body = await response.json()
+    assert (body["id"], body["state"], body["attempts"]) == (task_id, "NOTSTARTED", 0)
+    assert len(body["errors"]) == 1  # the history stays
+    doc = await store.tasks.find_one({"_id": ObjectId(task_id)})
+    assert doc is not None and doc["state"] == "NOTSTARTED"
+
+    again = await api.post(f"/tasks/{task_id}/requeue")
+    assert again.status == 409
+    error = (await again.json())["error"]
+    assert error["code"] == "task_not_requeueable"
+    assert error["details"] == {"id": task_id, "state": "NOTSTARTED"}
+    for missing in ("zzz", str(ObjectId())):
+        response = await api.post(f"/tasks/{missing}/requeue")
+        assert response.status == 404
+        assert (await response.json())["error"]["code"] == "task_not_found"
+
+
+async def test_recover_answers_which_tasks_went_back_and_which_failed(
+    api: Client, store: TaskStore
+) -> None:
+    back = await stale_task(store, attempts=1, max_attempts=3)
+    out = await stale_task(store, attempts=3, max_attempts=3)
+    response = await api.post("/recover")
+    assert response.status == 200, await response.text()
+    body = await response.json()
+    assert body["found"] == 2
+    assert body["requeued"] == [back]
+    assert body["failed"] == [out]
+    assert body["not_recovered"] == []
+    states = {str(d["_id"]): d["state"] async for d in store.tasks.find({})}
+    assert states == {back: "NOTSTARTED", out: "FAILED"}
+    empty = await (await api.post("/recover")).json()
+    assert (empty["found"], empty["requeued"], empty["failed"]) == (0, [], [])
+
+
+async def test_stats_summarise_the_queue(api: Client, store: TaskStore) -> None:
+    for task_type in ("foo", "foo", "bar"):
+        assert (await api.post("/tasks", json={"type": task_type})).status == 201
+    later = {"type": "baz", "run_at": "2999-01-01T00:00:00Z"}
+    assert (await api.post("/tasks", json=later)).status == 201
+    failed = await failed_task(store)
+    stale = await stale_task(store, attempts=1, max_attempts=3)
+    await store.tasks.insert_one({"_id": ObjectId(), "state": 7, "type": "foo"})  # unreadable
+    await asyncio.sleep(0.05)
+    body = await (await api.get("/stats")).json()
+    assert body["total"] == 7
+    assert body["by_state"] == {"NOTSTARTED": 4, "STARTED": 1, "COMPLETE": 0, "FAILED": 1, "7": 1}
+    assert body["by_type"]["foo"] == 4
+    assert {"state": "NOTSTARTED", "type": "foo", "count": 2} in body["counts"]
+    assert body["due"] == 3
+    assert body["oldest_due"]["type"] == "foo"
+    assert body["oldest_due"]["lag_seconds"] >= 0
+    assert [t["id"] for t in body["stale_tasks"]] == [stale]
+    assert body["stale"] == 1
+    assert body["unreadable"] == 1
+    assert [t["id"] for t in body["recent_failures"]] == [failed]
+
+
+async def test_actions_need_a_token_and_the_page_does_not(
+    settings: Settings, store: TaskStore, aiohttp_client: MakeClient
+) -> None:
+    guarded = dataclasses.replace(settings, api_tokens=("s3cret",), auth_reads=True)
+    client = await aiohttp_client(create_app(guarded))
+    task_id = await failed_task(store)
+    for method, path in (
+        ("POST", f"/tasks/{task_id}/requeue"),
+        ("POST", "/recover"),
+        ("GET", "/stats"),
+        ("GET", "/events"),
+    ):
+        response = await client.request(method, path)
+        assert response.status == 401, (method, path)
+    page = await client.get("/ui")
+    assert page.status == 200
+    assert page.content_type == "text/html"
+    assert "script-src 'self'" in page.headers["Content-Security-Policy"]
+    assert "/ui/static/app.js" in await page.text()
+    for name in ("app.js", "style.css"):
+        assert (await client.get(f"/ui/static/{name}")).status == 200
+    authorised = {"Authorization": "Bearer s3cret"}
+    response = await client.post(f"/tasks/{task_id}/requeue", headers=authorised)
+    assert response.status == 200
+    assert (await client.get("/stats", headers=authorised)).status == 200
+
+
+# -- the event feed -------------------------------------------------------------------------
+
+
+async def read_events(response: Any, count: int, *, within: float = 10.0) -> list[dict[str, Any]]:
+    """The next `count` data events of an SSE stream."""
+    events: list[dict[str, Any]] = []
+    async with asyncio.timeout(within):
+        while len(events) < count:
+            line = await response.content.readline()
+            assert line, "the stream ended"
+            if line.startswith(b"data: "):
+                events.append(json.loads(line[6:]))
+    return events
+
+
+@pytest.mark.parametrize("change_streams", [True, False], ids=["change-stream", "polling"])
+async def test_events_follow_task_changes(
+    settings: Settings, store: TaskStore, aiohttp_client: MakeClient, change_streams: bool
+) -> None:
+    client = await aiohttp_client(
+        create_app(dataclasses.replace(settings, change_streams=change_streams))
+    )
+    response = await client.get("/events")
+    assert response.status == 200
+    assert response.headers["Content-Type"] == "text/event-stream"
+    assert await read_events(response, 1) == [{"op": "open"}]
+    created = await (await client.post("/tasks", json={"type": "foo"})).json()
+    if change_streams:
+        [event] = await read_events(response, 1)
+        assert event == {"op": "insert", "id": created["id"], "state": "NOTSTARTED", "type": "foo"}
+        await store.tasks.update_one({"_id": ObjectId(created["id"])}, {"$set": {"worker": "x"}})
+        await store.tasks.update_one(
+            {"_id": ObjectId(created["id"])}, {"$set": {"state": "STARTED"}}
+        )
+        [event] = await read_events(response, 1)  # the first update changed no state
+        assert event == {"op": "update", "id": created["id"], "state": "STARTED", "type": None}
+        await client.delete(f"/tasks/{created['id']}")
+        [event] = await read_events(response, 1)
+        assert event == {"op": "delete", "id": created["id"], "state": None, "type": None}
+    else:
+        assert await read_events(response, 1) == [{"op": "changed"}]
+    response.close()
+
+
+async def test_an_event_stream_ends_when_the_client_leaves_and_at_shutdown(
+    settings: Settings, store: TaskStore, aiohttp_client: MakeClient, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr(service.ui, "KEEPALIVE", 0.1)
+    client = await aiohttp_client(create_app(settings))
+    assert client.app is not None
+    feed: TaskFeed = client.app[FEED]
+    leaving = await client.get("/events")
+    await read_events(leaving, 1)
+    staying = await client.get("/events")
+    await read_events(staying, 1)
+    assert feed.subscribers == 2
+    leaving.close()
+
+    async def one_left() -> bool:
+        return feed.subscribers == 1
+
+    await eventually(one_left, within=5)
+    assert feed.watching
+    started = time.monotonic()
+    await client.server.close()  # runs on_shutdown, then waits for the handlers
+    assert time.monotonic() - started < 5
+    rest = await staying.content.read()  # to the end of the chunked body: not cut off
+    assert set(rest.split(b"\n")) <= {b"", b": keep-alive"}, rest
+    assert not feed.watching
+
+
+async def test_an_event_stream_ends_before_the_request_timeout(
+    settings: Settings, store: TaskStore, aiohttp_client: MakeClient
+) -> None:
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, request_timeout=1.0)))
+    response = await client.get("/events")
+    started = time.monotonic()
+    body = await response.content.read()
+    assert 0.5 < time.monotonic() - started < 1.0
+    assert body.startswith(b"retry: ")
+    assert b"request_timeout" not in body
+
+
+# -- the dashboard in a real browser ------------------------------------------------------------
+
+
+class ApiServer:
+    """A real `task-runner api` process with API tokens, its log in a file."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.port = int(env["TASK_RUNNER_PORT"])
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        with log.open("wb") as err:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "service.cli", "api"],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+
+    async def ready(self) -> None:
+        async def answers() -> bool:
+            assert self.process.poll() is None, self.log.read_text()
+            try:
+                return self.call("GET", "/health")[0] == 200
+            except OSError:
+                return False
+
+        await eventually(answers, within=30)
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """A request with the token; the status and the decoded JSON body (or None)."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            self.base + path,
+            data=data,
+            method=method,
+            headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                raw = response.read()
+                return response.status, json.loads(raw) if raw else None
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"null")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@dataclasses.dataclass
+class Stack:
+    api: ApiServer
+    worker: WorkerProcess
+    stub: StubHttpServer
+    page: Page
+    outside: list[str]  # requests the page tried beyond the API
+
+    async def task(self, task_id: str) -> dict[str, Any]:
+        status, body = self.api.call("GET", f"/tasks/{task_id}")
+        assert status == 200, body
+        return dict(body)
+
+
+@pytest.fixture
+async def stack(
+    settings: Settings, store: TaskStore, http_stub: StubHttpServer, tmp_path: Path
+) -> AsyncIterator[Stack]:
+    """API (with tokens) + one worker + headless Chromium cut off from all but the API."""
+    env = settings_env(
+        settings,
+        host="127.0.0.1",
+        port=free_port(),
+        api_tokens=TOKEN,
+        bar_url=http_stub.url,
+        foo_seconds=0.5,
+    )
+    api = ApiServer(env, tmp_path / "api.log")
+    worker = WorkerProcess(env, tmp_path, "worker")
+    outside: list[str] = []
+    try:
+        await api.ready()
+        async with async_playwright() as playwright:
+            browser: Browser = await playwright.chromium.launch(
+                executable_path=CHROMIUM, args=CHROMIUM_ARGS
+            )
+            try:
+                context: BrowserContext = await browser.new_context(
+                    viewport={"width": 1280, "height": 900}
+                )
+
+                async def cut_off(route: Route) -> None:
+                    outside.append(route.request.url)
+                    await route.abort()
+
+                await context.route(lambda url: not url.startswith(api.base + "/"), cut_off)
+                page = await context.new_page()
+                errors: list[str] = []
+                page.on("pageerror", lambda exc: errors.append(str(exc)))
+                page.on(
+                    "console",
+                    lambda msg: (
+                        errors.append(msg.text) if "Content Security Policy" in msg.text else None
+                    ),
+                )
+                yield Stack(api, worker, http_stub, page, outside)
+                assert errors == [], errors
+                assert outside == [], f"the page reached beyond the API: {outside}"
+                await context.close()
+            finally:
+                await browser.close()
+    finally:
+        api.stop()
+        if worker.alive():
+            worker.process.kill()
+            worker.process.wait()
+
+
+async def open_dashboard(stack: Stack, *, token: bool = True) -> Page:
+    page = stack.page
+    await page.goto(stack.api.base + "/ui")
+    if token:
+        await page.fill("#token", TOKEN)
+        await page.click("#token-form button[type=submit]")
+    await page.wait_for_selector("#feed.live", timeout=10_000)
+    await page.evaluate("window.__notReloaded = true")
+    return page
+
+
+async def test_the_dashboard_follows_tasks_live_and_shows_the_fleet(stack: Stack) -> None:
+    page = await open_dashboard(stack)
+    await page.wait_for_selector("#card-total .value")
+    # Created after the page loaded: it must arrive by the event feed, then complete.
+    soon = (datetime.now(UTC) + timedelta(seconds=2)).isoformat()
+    status, created = stack.api.call("POST", "/tasks", {"type": "foo", "run_at": soon})
+    assert status == 201
+    row = f'#tasks tr[data-id="{created["id"]}"]'
+    await page.wait_for_selector(row, timeout=10_000)
+    assert await page.get_attribute(row, "data-state") == "NOTSTARTED"
+    await page.wait_for_selector(f'{row}[data-state="COMPLETE"]', timeout=15_000)
+    assert (await stack.task(created["id"]))["state"] == "COMPLETE"
+    assert await page.evaluate("window.__notReloaded") is True
+    await page.wait_for_function(
+        "document.querySelector('#card-COMPLETE .value').textContent === '1'"
+    )
+
+    # The fleet: a failure with its error, one waiting task, the worker and what it holds.
+    stack.stub.drop_first = 1  # the Bar task's request goes unanswered: it fails
+    status, failing = stack.api.call("POST", "/tasks", {"type": "bar", "max_attempts": 1})
+    assert status == 201
+    stack.api.call("POST", "/tasks", {"type": "baz", "run_at": "2999-01-01T00:00:00Z"})
+    stack.api.call("POST", "/tasks", {"type": "foo"})
+    await page.wait_for_selector(f'#failures tr[data-id="{failing["id"]}"]', timeout=15_000)
+    error = (await stack.task(failing["id"]))["error"]
+    assert error and error in await page.inner_text("#failures")
+    status, _ = stack.api.call("GET", "/workers")
+    if status == 200:
+        await page.wait_for_function(
+            f"document.querySelector('#workers').textContent.includes({stack.worker.worker_id!r})"
+        )
+    else:
+        assert "no worker data" in await page.inner_text("#workers")
+    await page.click(f'#tasks tr[data-id="{created["id"]}"] a')
+    await page.wait_for_selector("#detail-fields[data-state=COMPLETE]")
+    assert f"Foo {created['id']}" in await page.inner_text("#detail-output")
+    fields = await page.inner_text("#detail-fields")
+    assert stack.worker.worker_id in fields and "1 of 3" in fields, fields
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    await page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+
+async def test_requeue_and_delete_from_the_page(stack: Stack, store: TaskStore) -> None:
+    stack.stub.drop_first = 1  # the first request goes unanswered, the next gets a 418
+    status, failing = stack.api.call("POST", "/tasks", {"type": "bar", "max_attempts": 1})
+    assert status == 201
+    page = await open_dashboard(stack, token=False)
+    await page.wait_for_selector(f'#failures tr[data-id="{failing["id"]}"]', timeout=15_000)
+
+    # Without the token the API refuses, and the page says why.
+    await page.goto(f"{stack.api.base}/ui#task={failing['id']}")
+    await page.wait_for_selector("#detail-fields[data-state=FAILED]")
+    await page.click("#detail-requeue")
+    await page.wait_for_selector("#message.bad")
+    assert "token" in await page.inner_text("#message")
+    assert (await stack.task(failing["id"]))["state"] == "FAILED"
+
+    # With it, requeue runs the task again; the stub answers this time, so it completes.
+    await page.fill("#token", TOKEN)
+    await page.click("#token-form button[type=submit]")
+    await page.click("#detail-requeue")
+    await page.wait_for_selector("#detail-fields[data-state=COMPLETE]", timeout=15_000)
+    task = await stack.task(failing["id"])
+    assert task["state"] == "COMPLETE"
+    assert len(task["errors"]) == 1  # the first attempt's failure is kept
+
+    # Delete a waiting task from its detail.
+    status, waiting = stack.api.call(
+        "POST", "/tasks", {"type": "baz", "run_at": "2999-01-01T00:00:00Z"}
+    )
+    await page.goto(f"{stack.api.base}/ui#task={waiting['id']}")
+    await page.wait_for_selector("#detail-fields[data-state=NOTSTARTED]")
+    page.once("dialog", lambda dialog: dialog.accept())
+    await page.click("#detail-delete")
+    await page.wait_for_selector("#detail-gone")
+    assert stack.api.call("GET", f"/tasks/{waiting['id']}")[0] == 404
+    assert await store.tasks.count_documents({"_id": ObjectId(waiting["id"])}) == 0
+
+
+async def test_what_tasks_hold_is_shown_as_text(stack: Stack, store: TaskStore) -> None:
+    hostile = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script>'
+    task_id = await failed_task(store, output=hostile, error=hostile, type="foo")
+    page = await open_dashboard(stack)
+    await page.goto(f"{stack.api.base}/ui#task={task_id}")
+    await page.wait_for_selector("#detail-fields[data-state=FAILED]")
+    assert await page.inner_text("#detail-output") == hostile
+    assert hostile in await page.inner_text("#failures")
+    assert await page.locator("#detail img, #failures img, main script").count() == 0
+    assert await page.evaluate("window.__xss") is None
