@@ -215,6 +215,13 @@ def type_names(types: Iterable[str]) -> list[str]:
     return sorted({variant for t in types for variant in (t, t.upper(), t.capitalize())})
 
 
+def _label(value: Any) -> str:
+    """A stored state or type as a count's label, whatever the document held."""
+    if value is None:
+        return "(none)"
+    return value if isinstance(value, str) else repr(value)
+
+
 def claimable(types: Collection[str], *, due_by: datetime) -> dict[str, Any]:
     """The claim's filter: due, of a type the worker runs, and with `attempts` that the
     claim's `$inc` can count on (a number, or missing)."""
@@ -620,7 +627,9 @@ class TaskStore:
         counts: dict[tuple[str, str], int] = {}
         pipeline = [{"$group": {"_id": {"state": "$state", "type": "$type"}, "n": {"$sum": 1}}}]
         async for row in await self.tasks.aggregate(pipeline):
-            counts[(row["_id"]["state"], row["_id"]["type"])] = row["n"]
+            # $group leaves a missing field out of its key: such documents count as "(none)".
+            key = row["_id"]
+            counts[(_label(key.get("state")), _label(key.get("type")))] = row["n"]
         oldest = await self.tasks.find_one(
             {"state": State.NOTSTARTED.value, "run_at": {"$lte": self.clock.surely_now()}},
             sort=CLAIM_SORT,
