@@ -76,9 +76,13 @@ class QueueCollector:
         return self.snapshot is not None and self.clock() - self.snapshot.taken < self.ttl
 
     async def refresh(self, store: TaskStore) -> None:
-        """Read the figures unless a refresh within the last `ttl` seconds holds: scrapes
-        that arrive during a refresh wait for it rather than start their own."""
+        """Read the figures unless a refresh within the last `ttl` seconds holds. One refresh
+        at a time: scrapes that arrive meanwhile are served the last figures (their age is
+        exported) rather than wait, since a refresh can take seconds on a large collection
+        of a slow server; only the very first scrapes, with nothing to serve, wait for it."""
         if self._fresh():
+            return
+        if self._lock.locked() and self.snapshot is not None:
             return
         async with self._lock:
             if self._fresh():

@@ -139,6 +139,32 @@ async def test_scrapes_within_the_cache_period_cost_one_query_batch(settings: Se
         await client.close()
 
 
+async def test_scrapes_during_a_slow_refresh_get_the_last_figures_at_once(
+    store: TaskStore, settings: Settings
+) -> None:
+    queue = QueueCollector(ttl=60.0, stale_after=settings.stale_after)
+    await queue.refresh(store)
+    first = queue.snapshot
+    gate = asyncio.Event()
+
+    class SlowStore:
+        """The real store, held at the gate: a refresh that takes as long as we like."""
+
+        async def queue_figures(self, *, stale_after: float) -> Any:
+            await gate.wait()
+            return await store.queue_figures(stale_after=stale_after)
+
+    queue.ttl = 0.0
+    slow = asyncio.create_task(queue.refresh(SlowStore()))  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    # Another scrape meanwhile answers at once, with the figures it has.
+    await asyncio.wait_for(queue.refresh(store), 1.0)
+    assert queue.snapshot is first and not slow.done()
+    gate.set()
+    await slow
+    assert queue.snapshot is not first and queue.refreshes == 2
+
+
 async def test_the_api_caches_for_metrics_cache_seconds(
     settings: Settings, store: TaskStore, aiohttp_client: MakeClient
 ) -> None:
