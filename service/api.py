@@ -112,6 +112,9 @@ async def _create(request: web.Request, data: dict[str, Any]) -> web.Response:
         task_type=loaded["type"],
         run_at=loaded["run_at"],
         max_attempts=loaded["max_attempts"] or settings.max_attempts,
+        args=loaded["args"],
+        priority=loaded["priority"],
+        time_limit=loaded["timeout"],
     )
     return _task_response(task, status=201)
 

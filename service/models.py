@@ -20,6 +20,7 @@ class State(StrEnum):
 
 
 TERMINAL = frozenset({State.COMPLETE, State.FAILED})
+PRIORITY_MIN, PRIORITY_MAX = -10, 10
 ACTIVE = frozenset({State.NOTSTARTED, State.STARTED})
 
 
@@ -70,6 +71,9 @@ class Task:
     output: str | None = None
     error: str | None = None
     errors: tuple[AttemptError, ...] = field(default_factory=tuple)
+    args: dict[str, Any] | None = None  # as stored; the type's schema loads them to run
+    priority: int = 0  # -10..10: among due tasks, the higher is claimed first
+    timeout: float | None = None  # seconds one run may take; None: the type's default
     problems: tuple[str, ...] = ()
     malformed: frozenset[str] = frozenset()  # the fields named in `problems`
     # The stored _id, whatever its BSON type: writes address the document by it.
@@ -101,6 +105,9 @@ class Task:
             output=reader.text("output"),
             error=reader.text("error"),
             errors=reader.attempt_errors(),
+            args=reader.mapping("args"),
+            priority=reader.priority(),
+            timeout=reader.seconds("timeout"),
             problems=tuple(problem for _, problem in reader.problems),
             malformed=frozenset(name for name, _ in reader.problems),
         )
@@ -156,6 +163,30 @@ class _Reader:
         if number and math.isfinite(value) and value == int(value) and value >= least:
             return int(value)
         self._wrong(name, value, f"a whole number of at least {least}")
+        return None
+
+    def mapping(self, name: str) -> dict[str, Any] | None:
+        value = self._get(name, False)
+        if value is None or isinstance(value, Mapping):
+            return None if value is None else dict(value)
+        self._wrong(name, value, "an object")
+        return None
+
+    def priority(self) -> int:
+        value = self._get("priority", False)
+        if value is None:
+            return 0
+        if type(value) is int and PRIORITY_MIN <= value <= PRIORITY_MAX:
+            return value
+        self._wrong("priority", value, f"a whole number from {PRIORITY_MIN} to {PRIORITY_MAX}")
+        return 0
+
+    def seconds(self, name: str) -> float | None:
+        value = self._get(name, False)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if value is None or (number and math.isfinite(value) and value > 0):
+            return None if value is None else float(value)
+        self._wrong(name, value, "a number of seconds above 0")
         return None
 
     def attempt_errors(self) -> tuple[AttemptError, ...]:

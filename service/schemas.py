@@ -15,9 +15,10 @@ from bson import DatetimeMS, Int64, ObjectId, json_util
 from bson.json_util import CANONICAL_JSON_OPTIONS
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
 
-from service.models import State, TaskType
+from service.models import PRIORITY_MAX, PRIORITY_MIN, State, TaskType
 
 MAX_ATTEMPTS_LIMIT = 100
+MAX_TIMEOUT = 7 * 24 * 3600
 # The first instant BSON dates and ISO 8601 four-digit years cannot hold.
 YEAR_10000 = 253_402_300_800
 # Unix seconds in a path: ASCII digits, at most one decimal point. int() and float() also
@@ -121,6 +122,36 @@ class CreateTaskSchema(Schema):
             "example": 3,
         },
     )
+    args = fields.Dict(
+        keys=fields.String(),
+        load_default=None,
+        allow_none=False,
+        metadata={
+            "description": "the task's arguments, checked against its type's schema; a type "
+            "without a schema takes none",
+            "example": {},
+        },
+    )
+    priority = fields.Integer(
+        strict=True,
+        load_default=0,
+        validate=validate.Range(min=PRIORITY_MIN, max=PRIORITY_MAX),
+        metadata={
+            "description": "among due tasks, the higher is claimed first",
+            "example": 0,
+        },
+    )
+    timeout = fields.Float(
+        load_default=None,
+        allow_none=False,
+        allow_nan=False,
+        validate=validate.Range(min=0, min_inclusive=False, max=MAX_TIMEOUT),
+        metadata={
+            "description": "seconds one run may take before it is cancelled and counted as a "
+            "failed attempt; default: the type's, then TASK_RUNNER_TASK_TIMEOUT",
+            "example": 60,
+        },
+    )
 
 
 def parse_number(raw: str) -> int | float:
@@ -201,6 +232,9 @@ class TaskSchema(Schema):
     output = fields.String(required=True, allow_none=True)
     error = fields.String(required=True, allow_none=True)
     errors = fields.List(fields.Nested(AttemptErrorSchema), required=True)
+    args = fields.Dict(required=True, allow_none=True, metadata={"description": "as given"})
+    priority = fields.Integer(required=True)
+    timeout = fields.Float(required=True, allow_none=True)
     problems = fields.List(
         fields.String(),
         required=True,

@@ -19,6 +19,7 @@ from collections.abc import (
     Callable,
     Collection,
     Iterable,
+    Mapping,
 )
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -269,22 +270,38 @@ class TaskStore:
 
     @_unavailable
     async def create(
-        self, *, task_type: TaskType, run_at: datetime | None, max_attempts: int
+        self,
+        *,
+        task_type: str,
+        run_at: datetime | None,
+        max_attempts: int,
+        args: Mapping[str, Any] | None = None,
+        priority: int = 0,
+        time_limit: float | None = None,
     ) -> Task:
-        """Insert a NOTSTARTED task due at `run_at`; None or a past time means now."""
+        """Insert a NOTSTARTED task due at `run_at`; None or a past time means now.
+
+        `args` are stored as given (the API has checked them against the type's schema);
+        `time_limit` is the task's `timeout`, in seconds.
+        """
         # "Now" is a time the database has surely reached, so the task is due at once.
         # A past time is stored as now, so lag figures and FIFO order among due tasks hold.
         now = self.clock.surely_now()
         run_at = now if run_at is None else max(to_millis(run_at), now)
         doc: dict[str, Any] = {
             "_id": ObjectId(),
-            "type": task_type.value,
+            "type": str(task_type).lower(),
             "state": State.NOTSTARTED.value,
             "run_at": run_at,
             "created_at": now,
             "attempts": 0,
             "max_attempts": max_attempts,
+            "priority": priority,
         }
+        if args is not None:
+            doc["args"] = dict(args)
+        if time_limit is not None:
+            doc["timeout"] = time_limit
         await self.tasks.insert_one(doc)
         return Task.from_document(doc)
 

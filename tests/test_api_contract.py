@@ -55,7 +55,7 @@ async def test_every_bad_create_is_a_precise_400_and_stores_nothing(
         "seconds as a string": ({"type": "foo", "run_at": "1700000000"}, "run_at"),
         "beyond year 9999": ({"type": "foo", "run_at": 253402300800}, "run_at"),
         "boolean run_at": ({"type": "foo", "run_at": False}, "run_at"),
-        "unknown field": ({"type": "foo", "priority": 1}, "priority"),
+        "unknown field": ({"type": "foo", "urgency": 1}, "urgency"),
         "operator value": ({"type": {"$ne": "foo"}}, "body"),
         "operator string": ({"type": "$where"}, "body"),
         "nested operator": ({"type": "foo", "max_attempts": {"$gt": 0}}, "body"),
@@ -497,12 +497,13 @@ async def test_the_docs_page_pre_filled_create_request_works(api: Client, store:
         "schema"
     ]
     sample = swagger_ui_sample(body_schema, document)
-    assert set(sample) == {"type", "run_at", "max_attempts"}, sample
+    assert set(sample) == {"type", "run_at", "max_attempts", "args", "priority", "timeout"}, sample
     response = await api.post("/tasks", json=sample)
     assert response.status == 201, (sample, await response.text())
     created = await response.json()
     assert created["type"] == sample["type"]
     assert created["max_attempts"] == sample["max_attempts"]
+    assert (created["priority"], created["timeout"]) == (sample["priority"], sample["timeout"])
     assert await store.tasks.count_documents({}) == 1
     # The choices are listed, so the docs page offers them.
     properties = document["components"]["schemas"]["CreateTask"]["properties"]
