@@ -62,6 +62,8 @@ API_FIELDS = (
     "request_timeout",
     "auth_reads",
     "metrics_cache",
+    "task_modules",
+    "idempotency_ttl",
 )
 WORKER_FIELDS = (
     *DB_FIELDS,
@@ -78,6 +80,8 @@ WORKER_FIELDS = (
     "clock_skew",
     "change_streams",
     "metrics_port",
+    "task_modules",
+    "task_timeout",
 )
 LOCAL_DB_FIELDS = ("local_db_port", "local_db_path", "log_level", "log_format")
 OPS_FIELDS = (*DB_FIELDS, "stale_after", "heartbeat_interval")
@@ -99,8 +103,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _comma_separated(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
 def _shown(value: object) -> str:
-    if value is None:
+    if value is None or value == ():
         return "unset"
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -127,7 +135,14 @@ def _add_setting_flags(
                 flag, type=str.upper, choices=LOG_LEVELS, default=None, help=help_text
             )
         else:
-            kind = {"int": int, "int | None": int, "float": float}.get(str(field.type), str)
+            kinds: dict[str, Callable[[str], Any]] = {
+                "int": int,
+                "int | None": int,
+                "float": float,
+                "float | None": float,
+                "tuple[str, ...]": _comma_separated,
+            }
+            kind = kinds.get(str(field.type), str)
             parser.add_argument(
                 flag, type=kind, default=None, help=help_text, metavar=field.name.upper()
             )

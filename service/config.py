@@ -15,7 +15,7 @@ DEFAULT_BAR_URL = "https://www.whattimeisitrightnow.com/"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
 # TASK_RUNNER_* variables that are read but are not fields of Settings.
-OTHER_VARIABLES = frozenset({"TASK_RUNNER_TASK_MODULES"})
+OTHER_VARIABLES: frozenset[str] = frozenset()
 
 
 class SettingsError(ValueError):
@@ -79,6 +79,9 @@ class Settings:
     log_format: str = "text"
     metrics_port: int | None = None
     metrics_cache: float = 5.0
+    task_modules: tuple[str, ...] = ()
+    task_timeout: float | None = None
+    idempotency_ttl: float = 86400.0
 
     def __post_init__(self) -> None:
         self._check_numbers()
@@ -108,7 +111,7 @@ class Settings:
         for spec in dataclasses.fields(self):
             value = getattr(self, spec.name)
             if (
-                spec.type in ("float", "int", "int | None")
+                spec.type in ("float", "int", "int | None", "float | None")
                 and value is not None
                 and not math.isfinite(value)
             ):
@@ -123,12 +126,15 @@ class Settings:
             "db_timeout",
             "request_timeout",
             "metrics_cache",
+            "idempotency_ttl",
         ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{{{name}}} must be greater than 0", name)
         for name in ("concurrency", "max_attempts", "workers", "max_body_bytes", "max_page_size"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{{{name}}} must be at least 1", name)
+        if self.task_timeout is not None and self.task_timeout <= 0:
+            raise SettingsError("{task_timeout} must be greater than 0", "task_timeout")
         for name in ("foo_seconds", "shutdown_grace"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{{{name}}} must not be negative", name)
@@ -221,6 +227,9 @@ HELP: dict[str, str] = {
     "log_format": "text (one line per event) or json (one JSON object per line)",
     "metrics_port": "port a worker serves its Prometheus /metrics on (off when unset)",
     "metrics_cache": "seconds the API caches the queue figures it serves on /metrics",
+    "task_modules": "comma-separated modules that define task types (see Writing a task type)",
+    "task_timeout": "seconds a run may take unless the task or its type says (unset: no limit)",
+    "idempotency_ttl": "seconds an Idempotency-Key is remembered",
     "db_timeout": "seconds to wait for the database before giving up on a call",
     "max_body_bytes": "largest request body the API accepts",
     "clock_skew": "testing only: shift this process's clock by this many seconds",
@@ -298,6 +307,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "int": int,
     "int | None": int,
     "float": _parse_float,
+    "float | None": _parse_float,
     "bool": _parse_bool,
     "str": str,
     "str | None": str,
@@ -309,7 +319,13 @@ def _parse(field: str, type_name: str, raw: str) -> Any:
     try:
         return _PARSERS[type_name](raw)
     except ValueError:
-        kind = {"int": "an integer", "float": "a finite number", "bool": "true or false"}
+        kind = {
+            "int": "an integer",
+            "int | None": "an integer",
+            "float": "a finite number",
+            "float | None": "a finite number",
+            "bool": "true or false",
+        }
         shown = redact(raw) if field == "mongodb_url" else raw
         message = f"{{{field}}}={shown!r} is not {kind.get(type_name, type_name)}"
         raise SettingsError(message, field) from None
