@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from service import worker_metrics as metrics
 from service.periodic import Periodic
 from service.store import TaskStore
 
@@ -51,3 +52,7 @@ class MalformedScan(Periodic):
                 SCAN_LIMIT,
             )
         return len(found)
+
+    def on_unavailable(self) -> None:
+        """Periodic's hook: this round found no database."""
+        metrics.DATABASE_ERRORS.inc()

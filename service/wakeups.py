@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
+from service import worker_metrics as metrics
 from service.errors import ChangeStreamsUnavailable, DatabaseUnavailable
 from service.models import Task
 from service.store import TaskStore
@@ -203,6 +204,7 @@ class WakeUps:
                 )
                 return
             except DatabaseUnavailable as exc:
+                metrics.DATABASE_ERRORS.inc()
                 logger.warning("change stream: %s; reconnecting in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
