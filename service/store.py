@@ -318,7 +318,7 @@ class TaskStore:
         self,
         *,
         states: Iterable[State] = (),
-        task_type: TaskType | None = None,
+        task_type: str | None = None,
         limit: int,
         after: tuple[Any, Any] | None = None,
     ) -> Page:
@@ -330,7 +330,7 @@ class TaskStore:
                 states[0].value if len(states) == 1 else {"$in": [s.value for s in states]}
             )
         if task_type is not None:
-            query["type"] = task_type.value
+            query["type"] = str(task_type).lower()
         if after is not None:
             run_at, key = after
             query["$or"] = [
