@@ -37,9 +37,9 @@ from service.clock import DbClock  # noqa: E402
 from service.config import Settings  # noqa: E402
 from service.localdb import database_url, free_port  # noqa: E402
 from service.models import TaskType  # noqa: E402
+from service.plugins import load_registry  # noqa: E402
 from service.store import CLAIM_SORT, TaskStore, new_lease, open_client  # noqa: E402
-from service.tasks import TaskContext, http_session  # noqa: E402
-from service.worker import Worker  # noqa: E402
+from service.worker import Worker, http_session  # noqa: E402
 
 
 async def lag_percentiles(store: TaskStore, count: int) -> tuple[float, float, float]:
@@ -229,10 +229,10 @@ class Bench:
         await store.sync_clock()
         await store.ensure_indexes()
         async with http_session() as http:
-            ctx = TaskContext(
-                http=http, bar_url="http://127.0.0.1:9/", bar_timeout=1, foo_seconds=0
+            quick = Settings(
+                mongodb_url=self.url, bar_url="http://127.0.0.1:9/", bar_timeout=1, foo_seconds=0
             )
-            worker = Worker(store, Settings(mongodb_url=self.url), ctx, worker_id="bench")
+            worker = Worker(store, quick, registry=load_registry(), http=http, worker_id="bench")
             running = asyncio.create_task(worker.run())
             await asyncio.sleep(2)
             counter.count = 0

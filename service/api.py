@@ -14,6 +14,7 @@ from service.errors import DeleteAllDisabled
 from service.metrics import METRICS
 from service.models import State, Task
 from service.openapi import DOCS_PAGE, operation, undocumented
+from service.plugins import Registry
 from service.schemas import (
     CreateTaskSchema,
     DeletedSchema,
@@ -34,10 +35,10 @@ from service.store import TaskStore
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", TaskStore)
 OPENAPI = web.AppKey("openapi", dict)
+# The task types this API accepts: loaded once at start-up, as the workers load theirs.
+REGISTRY = web.AppKey("registry", Registry)
 H = TypeVar("H", bound=Callable[..., Any])
 
-create_schema = CreateTaskSchema()
-list_schema = ListQuerySchema()
 task_schema = TaskSchema()
 page_schema = TaskPageSchema()
 worker_list_schema = WorkerListSchema()
@@ -106,10 +107,10 @@ def _single_valued_query(request: web.Request) -> dict[str, str]:
 
 
 async def _create(request: web.Request, data: dict[str, Any]) -> web.Response:
-    loaded = create_schema.load(data)
+    loaded = CreateTaskSchema(registry=request.app[REGISTRY]).load(data)
     settings = request.app[SETTINGS]
     task = await request.app[STORE].create(
-        task_type=loaded["type"],
+        task_type=loaded["type"].name,
         run_at=loaded["run_at"],
         max_attempts=loaded["max_attempts"] or settings.max_attempts,
         args=loaded["args"],
@@ -127,7 +128,8 @@ async def _create(request: web.Request, data: dict[str, Any]) -> web.Response:
     requestBody={"required": True, "content": {"application/json": {"schema": CreateTaskSchema}}},
 )
 async def create_task(request: web.Request) -> web.Response:
-    """Create a task: {"type": "foo"|"bar"|"baz", "run_at": ISO 8601 or Unix seconds}."""
+    """Create a task: {"type": "foo" (any loaded type), "run_at": ISO 8601 or Unix seconds,
+    "args": checked by the type's schema, ...}."""
     return await _create(request, await _json_object(request))
 
 
@@ -140,14 +142,14 @@ async def create_task(request: web.Request) -> web.Response:
 )
 async def list_tasks(request: web.Request) -> web.Response:
     """Tasks ordered by run_at then id, filtered by state and/or type, one page at a time."""
-    query = list_schema.load(_single_valued_query(request))
+    query = ListQuerySchema(registry=request.app[REGISTRY]).load(_single_valued_query(request))
     max_page = request.app[SETTINGS].max_page_size
     if query["limit"] > max_page:
         raise ValidationError({"limit": [f"must be between 1 and {max_page}"]})
     after = None if query["cursor"] is None else decode_cursor(query["cursor"])
     page = await request.app[STORE].page(
         states=() if query["state"] is None else (query["state"],),
-        task_type=query["type"],
+        task_type=None if query["type"] is None else query["type"].name,
         limit=query["limit"],
         after=after,
     )
@@ -219,7 +221,9 @@ async def list_workers(request: web.Request) -> web.Response:
 )
 async def legacy_tasks_in_state(request: web.Request) -> web.Response:
     """Earlier version: every task in a state (STARTED, NOTSTARTED, COMPLETE, FAILED)."""
-    state = list_schema.load({"state": request.match_info["state"]})["state"]
+    state = ListQuerySchema(registry=request.app[REGISTRY]).load(
+        {"state": request.match_info["state"]}
+    )["state"]
     store = request.app[STORE]
     tasks: list[Task] = []
     after = None

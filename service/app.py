@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from swagger_ui_bundle import swagger_ui_path
 
-from service.api import EARLIER_ALIASES, OPENAPI, SETTINGS, STORE, routes
+from service.api import EARLIER_ALIASES, OPENAPI, REGISTRY, SETTINGS, STORE, routes
 from service.clock import DbClock
 from service.config import Settings
 from service.errors import DatabaseUnavailable
@@ -24,6 +24,7 @@ from service.middlewares import (
 )
 from service.openapi import build_spec
 from service.periodic import Periodic
+from service.plugins import Registry, load_registry
 from service.store import TaskStore, open_client
 from service.ui import add_dashboard
 
@@ -68,9 +69,12 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     await client.close()
 
 
-def create_app(settings: Settings) -> web.Application:
-    """The API application for these settings."""
-    metrics = ApiMetrics(settings)
+def create_app(settings: Settings, *, registry: Registry | None = None) -> web.Application:
+    """The API application for these settings and task types (None: loaded here, as the
+    workers load theirs; a problem raises PluginError)."""
+    if registry is None:
+        registry = load_registry(settings.task_modules)
+    metrics = ApiMetrics(settings, types=registry.names)
     # Outermost: the metrics count the status the client gets, error answers included.
     middlewares = [
         metrics_middleware(metrics),
@@ -89,12 +93,13 @@ def create_app(settings: Settings) -> web.Application:
         },
     )
     app[SETTINGS] = settings
+    app[REGISTRY] = registry
     app[METRICS] = metrics
     app.cleanup_ctx.append(_database)
     app.add_routes(routes)
     app.router.add_static("/docs/static", swagger_ui_path, name="docs-static")
     add_dashboard(app)
     app[OPENAPI] = build_spec(
-        app, bearer=bool(settings.api_tokens), earlier_aliases=EARLIER_ALIASES
+        app, bearer=bool(settings.api_tokens), earlier_aliases=EARLIER_ALIASES, registry=registry
     )
     return app

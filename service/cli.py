@@ -267,14 +267,29 @@ def _main(argv: Sequence[str] | None) -> int:
     return handlers[args.command](settings, args)
 
 
+def _task_types(settings: Settings, command: str) -> Any:
+    """The task types (service.plugins.Registry), or None after saying in one line why they
+    could not be loaded."""
+    from service.plugins import PluginError, load_registry
+
+    try:
+        return load_registry(settings.task_modules)
+    except PluginError as exc:
+        print(f"task-runner {command}: {exc}", file=sys.stderr)
+        return None
+
+
 def _run_api(settings: Settings, args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from service.app import create_app
 
+    registry = _task_types(settings, "api")
+    if registry is None:
+        return 2
     try:
         web.run_app(
-            create_app(settings),
+            create_app(settings, registry=registry),
             host=settings.host,
             port=settings.port,
             access_log=None,
@@ -302,8 +317,11 @@ def _run_worker(settings: Settings, args: argparse.Namespace) -> int:
     from service import worker
     from service.worker_metrics import MetricsPortUnusable
 
+    registry = _task_types(settings, "worker")
+    if registry is None:
+        return 2
     try:
-        asyncio.run(worker.serve(settings))
+        asyncio.run(worker.serve(settings, registry=registry))
     except MetricsPortUnusable as exc:
         print(f"task-runner worker: {exc}", file=sys.stderr)
         return 1

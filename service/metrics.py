@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 UNKNOWN = "unknown"
 UNMATCHED = "unmatched"
 KNOWN_STATES = frozenset(s.value for s in State)
-KNOWN_TYPES = frozenset(t.value for t in TaskType)
+BUILTIN_TYPES = tuple(t.value for t in TaskType)
 
 
 def state_label(value: Any) -> str:
@@ -40,9 +40,10 @@ def state_label(value: Any) -> str:
     return value if isinstance(value, str) and value in KNOWN_STATES else UNKNOWN
 
 
-def type_label(value: Any) -> str:
-    """A stored type as a label: a known type in lowercase ("FOO" is foo), or `unknown`."""
-    if isinstance(value, str) and value.lower() in KNOWN_TYPES:
+def type_label(value: Any, types: Collection[str] = BUILTIN_TYPES) -> str:
+    """A stored type as a label: one of the loaded `types` in lowercase ("FOO" is foo), or
+    `unknown` (bounded cardinality, whatever the database holds)."""
+    if isinstance(value, str) and value.lower() in types:
         return value.lower()
     return UNKNOWN
 
@@ -63,9 +64,11 @@ class QueueCollector:
         *,
         ttl: float,
         stale_after: float,
+        types: Collection[str] = BUILTIN_TYPES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ttl = ttl
+        self.types = tuple(types)  # the task types the API has loaded
         self.stale_after = stale_after
         self.clock = clock
         self.snapshot: Snapshot | None = None
@@ -113,11 +116,11 @@ class QueueCollector:
         )
         counts: dict[tuple[str, str], int] = {}
         for (state, task_type), n in figures.by_state_and_type.items():
-            key = (state_label(state), type_label(task_type))
+            key = (state_label(state), type_label(task_type, self.types))
             counts[key] = counts.get(key, 0) + n
         for state in State:  # every known series, zeros included, so that rates work
-            for known in TaskType:
-                counts.setdefault((state.value, known.value), 0)
+            for known in self.types:
+                counts.setdefault((state.value, known), 0)
         for (state, task_type), n in sorted(counts.items()):
             tasks.add_metric([state, task_type], n)
         yield tasks
@@ -148,7 +151,7 @@ class QueueCollector:
 class ApiMetrics:
     """The app's registry: request counters and latency, and the queue collector."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, types: Collection[str] = BUILTIN_TYPES) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "task_runner_http_requests",
@@ -162,7 +165,9 @@ class ApiMetrics:
             ["route", "method"],
             registry=self.registry,
         )
-        self.queue = QueueCollector(ttl=settings.metrics_cache, stale_after=settings.stale_after)
+        self.queue = QueueCollector(
+            ttl=settings.metrics_cache, stale_after=settings.stale_after, types=types
+        )
         self.registry.register(self.queue)
 
     def observe(self, *, route: str, method: str, status: int, seconds: float) -> None:

@@ -12,10 +12,13 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from marshmallow import fields
 
+from service.plugins import Registry
 from service.schemas import (
     AnyCaseEnum,
+    CreateTaskSchema,
     ErrorSchema,
     RunAt,
+    TaskTypeName,
     Timestamp,
 )
 
@@ -28,6 +31,8 @@ ERRORS = {
     415: "body is not application/json",
     404: "no such task",
     403: "delete-all is disabled",
+    409: "this Idempotency-Key was sent with another request (idempotency_key_reused)",
+    410: "the task this Idempotency-Key created has been deleted (task_deleted)",
     503: "the database did not answer in time; retry",
 }
 ALWAYS = (401, 503)
@@ -76,11 +81,49 @@ def _run_at_property(self: Any, field: Any, **kwargs: Any) -> dict[str, Any]:
     return {}
 
 
+def _task_types(registry: Registry, spec: APISpec) -> Callable[..., dict[str, Any]]:
+    """Every loaded type as the `type` enum; each type's argument schema as a component
+    (`Args.<type>`), which `args` of a new task is any of."""
+    described: list[str] = []
+    choices: list[dict[str, Any]] = []
+    components: dict[type[Any], str] = {}
+    takes_none = [d.name for d in registry if d.args is None]
+    if takes_none:
+        choices.append({"type": "object", "maxProperties": 0, "description": ", ".join(takes_none)})
+        described.append(f"{', '.join(takes_none)}: none (omit, or {{}})")
+    for definition in registry:
+        if definition.args is None:
+            continue
+        if definition.args not in components:
+            components[definition.args] = f"Args.{definition.name}"
+            spec.components.schema(components[definition.args], schema=definition.args)
+        ref = f"#/components/schemas/{components[definition.args]}"
+        choices.append({"$ref": ref})
+        described.append(f"{definition.name}: {components[definition.args]}")
+
+    def attribute(self: Any, field: Any, **kwargs: Any) -> dict[str, Any]:
+        if isinstance(field, TaskTypeName):
+            return {"enum": list(registry.names)}
+        if field.name == "args" and isinstance(field.parent, CreateTaskSchema):
+            return {
+                "description": f"{field.metadata['description']}. By type: " + "; ".join(described),
+                "anyOf": choices,
+            }
+        return {}
+
+    return attribute
+
+
 def build_spec(
-    app: web.Application, *, bearer: bool, earlier_aliases: Collection[str] = ()
+    app: web.Application,
+    *,
+    bearer: bool,
+    registry: Registry,
+    earlier_aliases: Collection[str] = (),
 ) -> dict[str, Any]:
     """The OpenAPI document of every route `app` has; a route without one is an error.
 
+    `registry`: the task types the app accepts, shown with their argument schemas.
     `earlier_aliases`: paths of the earlier version that share a handler (and so an
     operation) with a REST route; they are filed under the earlier version's tag.
     """
@@ -93,10 +136,12 @@ def build_spec(
         info={"description": "Schedule tasks (foo, bar, baz) to run once, at or after a time."},
     )
     plugin.map_to_openapi_type(AnyCaseEnum, "string", None)
+    plugin.map_to_openapi_type(TaskTypeName, "string", None)
     plugin.map_to_openapi_type(Timestamp, "string", "date-time")
     plugin.map_to_openapi_type(RunAt, "string", "date-time")
     assert plugin.converter is not None
     plugin.converter.add_attribute_function(_run_at_property)
+    plugin.converter.add_attribute_function(_task_types(registry, spec))
     plugin.map_to_openapi_type(fields.Dict, "object", None)
     if bearer:
         spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})

@@ -13,9 +13,10 @@ from typing import Any
 
 from bson import DatetimeMS, Int64, ObjectId, json_util
 from bson.json_util import CANONICAL_JSON_OPTIONS
-from marshmallow import RAISE, Schema, ValidationError, fields, validate
+from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
-from service.models import PRIORITY_MAX, PRIORITY_MIN, State, TaskType
+from service.models import PRIORITY_MAX, PRIORITY_MIN, State
+from service.plugins import Registry, TaskDefinition
 
 MAX_ATTEMPTS_LIMIT = 100
 MAX_TIMEOUT = 7 * 24 * 3600
@@ -45,6 +46,34 @@ class AnyCaseEnum(fields.Field[StrEnum]):
                 if member.value.lower() == value.lower():
                     return member
         raise ValidationError(f"must be one of {', '.join(self.choices)} (any letter case)")
+
+
+class TaskTypeName(fields.Field[TaskDefinition]):
+    """A task type the API has loaded, by name in any letter case ("FOO", "foo", "Foo").
+
+    The types come from the schema's registry (see WithRegistry); the OpenAPI document
+    lists them as this field's enum.
+    """
+
+    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> Any:
+        return None if value is None else value.name
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> TaskDefinition:
+        registry: Registry | None = getattr(self.root, "registry", None)
+        if registry is None:
+            raise ValidationError("no task types are loaded")
+        definition = registry.get(value) if isinstance(value, str) else None
+        if definition is None:
+            raise ValidationError(f"must be one of {', '.join(registry.names)} (any letter case)")
+        return definition
+
+
+class WithRegistry(Schema):
+    """A schema that checks task types against the types a process has loaded."""
+
+    def __init__(self, *, registry: Registry | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.registry = registry
 
 
 def parse_unix_seconds(value: Any) -> datetime:
@@ -92,16 +121,17 @@ def iso(value: datetime) -> str:
     return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-class CreateTaskSchema(Schema):
-    """POST /tasks body."""
+class CreateTaskSchema(WithRegistry):
+    """POST /tasks body. `type` loads as the type's TaskDefinition and `args` as what its
+    schema accepted (the dump of its load), ready to store."""
 
     class Meta:
         unknown = RAISE
 
     # Each field's `example` is what the docs page pre-fills for "Try it out"; a test posts
     # the request built from them and expects 201.
-    type = AnyCaseEnum(
-        TaskType, required=True, metadata={"description": "any letter case", "example": "foo"}
+    type = TaskTypeName(
+        required=True, metadata={"description": "any letter case", "example": "foo"}
     )
     run_at = RunAt(
         load_default=None,
@@ -153,6 +183,16 @@ class CreateTaskSchema(Schema):
         },
     )
 
+    @validates_schema(skip_on_field_errors=False)
+    def _check_args(self, data: dict[str, Any], **kwargs: Any) -> None:
+        # Checked by the type's own schema, alongside the other fields' errors.
+        definition = data.get("type")
+        if isinstance(definition, TaskDefinition) and "args" in data:
+            try:
+                data["args"] = definition.accept_args(data.get("args"))
+            except ValidationError as exc:
+                raise ValidationError(exc.messages, field_name="args") from None
+
 
 def parse_number(raw: str) -> int | float:
     """A path segment of ASCII digits with at most one decimal point ("1700000000",
@@ -179,14 +219,14 @@ class DigitsInteger(fields.Integer):
         return super()._deserialize(value, attr, data, **kwargs)
 
 
-class ListQuerySchema(Schema):
+class ListQuerySchema(WithRegistry):
     """GET /tasks query parameters."""
 
     class Meta:
         unknown = RAISE
 
     state = AnyCaseEnum(State, load_default=None)
-    type = AnyCaseEnum(TaskType, load_default=None)
+    type = TaskTypeName(load_default=None)
     limit = DigitsInteger(
         load_default=100,
         validate=validate.Range(min=1, max=1000),
@@ -213,7 +253,8 @@ class TaskSchema(Schema):
 
     id = fields.String(required=True)
     type = fields.String(
-        required=True, metadata={"description": f"lowercase: {', '.join(TaskType)}"}
+        required=True,
+        metadata={"description": "lowercase; one of the types the API has loaded, or as stored"},
     )
     state = fields.String(
         required=True,

@@ -18,6 +18,8 @@ from datetime import timedelta
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+import aiohttp
+
 from service import worker_metrics as metrics
 from service.clock import DbClock
 from service.config import Settings
@@ -25,14 +27,25 @@ from service.errors import DatabaseUnavailable
 from service.malformed import MalformedScan
 from service.models import Task
 from service.periodic import Periodic
+from service.plugins import (
+    ArgsUnloadable,
+    Registry,
+    TaskContext,
+    TaskTimedOut,
+    load_registry,
+    run_task,
+)
 from service.recovery import Recoverer
-from service.store import KNOWN_TYPES, TaskStore, new_lease, open_client
-from service.tasks import TaskContext, http_session, run_task
+from service.store import TaskStore, new_lease, open_client
 from service.wakeups import WakeUps
 
 logger = logging.getLogger(__name__)
 
 MALFORMED_SCAN_INTERVAL = 300.0
+
+
+class _CannotRun(Exception):
+    """A claimed task that this worker cannot run as stored (its message says why)."""
 
 
 class WorkerCrashed(Exception):
@@ -42,6 +55,19 @@ class WorkerCrashed(Exception):
 def default_worker_id() -> str:
     """Host and process id: who holds a task, for the people on call."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def http_session() -> aiohttp.ClientSession:
+    """The worker's HTTP client, shared by its tasks: one request per attempt.
+
+    aiohttp silently resends an idempotent request once when the connection drops. Our own
+    retries already back off and record every failure, so that hidden retry is turned off
+    (the same switch aiohttp's test client uses) to keep one attempt = one request.
+    """
+    session = aiohttp.ClientSession()
+    if hasattr(session, "_retry_connection"):
+        session._retry_connection = False
+    return session
 
 
 def retry_delay(attempt: int, *, base: float, cap: float) -> float:
@@ -111,19 +137,22 @@ class Heartbeat(Periodic):
 
 
 class Worker:
-    """Claims due tasks and runs up to `settings.concurrency` of them at once."""
+    """Claims due tasks of the types in `registry` and runs up to `settings.concurrency`
+    of them at once, each with the shared HTTP client `http`."""
 
     def __init__(
         self,
         store: TaskStore,
         settings: Settings,
-        ctx: TaskContext,
         *,
+        registry: Registry,
+        http: aiohttp.ClientSession,
         worker_id: str | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
-        self.ctx = ctx
+        self.registry = registry
+        self.http = http
         self.worker_id = worker_id or default_worker_id()
         self.running: dict[str, Running] = {}
         self.heartbeat = Heartbeat(
@@ -133,7 +162,7 @@ class Worker:
             store, stale_after=settings.stale_after, interval=settings.stale_after / 2
         )
         # The types this worker runs: it claims, looks up and listens for no others.
-        self.types: tuple[str, ...] = KNOWN_TYPES
+        self.types: tuple[str, ...] = registry.names
         self.wakeups = WakeUps(
             store,
             types=self.types,
@@ -313,16 +342,43 @@ class Worker:
             await self._finish(task, started, error=error, retry=False)
             return
         try:
-            output = await run_task(task.type, task.id, self.ctx)
+            output = await self._run(task)
         except asyncio.CancelledError:
             self._forget(task)
             raise
+        except _CannotRun as exc:
+            # Retrying cannot make stored arguments load: fail it for good, saying why.
+            self._mark_finishing(task)
+            await self._finish(task, started, error=str(exc), retry=False)
+        except TaskTimedOut as exc:
+            self._mark_finishing(task)
+            await self._finish(task, started, error=str(exc))
         except Exception as exc:
             self._mark_finishing(task)
             await self._finish(task, started, error=f"{type(exc).__name__}: {exc}")
         else:
             self._mark_finishing(task)
             await self._finish(task, started, output=output)
+
+    async def _run(self, task: Task) -> str:
+        """Load the task's arguments with its type's schema and run it within its time
+        limit: the task's own, else its type's, else TASK_RUNNER_TASK_TIMEOUT."""
+        definition = self.registry.get(task.type)
+        if definition is None:  # the claim's filter names only our types
+            raise _CannotRun(f"no task type {task.type!r} in this worker")
+        if "args" in task.malformed:
+            raise _CannotRun(
+                "malformed task: " + "; ".join(p for p in task.problems if p.startswith("args "))
+            )
+        try:
+            args = definition.load_args(task.args)
+        except ArgsUnloadable as exc:
+            raise _CannotRun(str(exc)) from None
+        ctx = TaskContext(
+            task_id=task.id, attempt=task.attempts, settings=self.settings, http=self.http
+        )
+        time_limit = task.timeout or definition.timeout or self.settings.task_timeout
+        return await run_task(definition, ctx, args, time_limit=time_limit)
 
     def _mark_finishing(self, task: Task) -> None:
         assert task.lease is not None
@@ -455,27 +511,31 @@ def installed_version() -> str:
         return "unknown"
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, *, registry: Registry | None = None) -> None:
     """Run one worker process until SIGTERM/SIGINT; a second signal stops at once.
 
+    The task types come from `registry`, else are loaded first of all (the built-ins, entry
+    points, TASK_RUNNER_TASK_MODULES): a problem raises PluginError before anything starts.
     Signals work from the first moment: before the worker runs (the database not reachable
     yet, indexes being built) a signal simply ends the start-up. With a metrics port set, its
     /metrics is served from the start; a port that cannot be used raises MetricsPortUnusable
     before anything else is done.
     """
+    if registry is None:
+        registry = load_registry(settings.task_modules)
     exporter = None
     if settings.metrics_port is not None:
         exporter, _ = metrics.serve(host=settings.host, port=settings.metrics_port)
         logger.info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
     try:
-        await _serve(settings)
+        await _serve(settings, registry)
     finally:
         if exporter is not None:
             await asyncio.to_thread(exporter.shutdown)
             exporter.server_close()
 
 
-async def _serve(settings: Settings) -> None:
+async def _serve(settings: Settings, registry: Registry) -> None:
     signals = _Signals(settings.shutdown_grace)
     signals.install()
     client = open_client(
@@ -493,13 +553,7 @@ async def _serve(settings: Settings) -> None:
             logger.info("stopped before the worker started")
             return
         async with http_session() as http:
-            ctx = TaskContext(
-                http=http,
-                bar_url=settings.bar_url,
-                bar_timeout=settings.bar_timeout,
-                foo_seconds=settings.foo_seconds,
-            )
-            worker = Worker(store, settings, ctx)
+            worker = Worker(store, settings, registry=registry, http=http)
             signals.worker = worker
             if signals.seen:
                 worker.stop()

@@ -17,9 +17,9 @@ from pymongo import AsyncMongoClient, monitoring
 from service.clock import DbClock
 from service.config import Settings
 from service.models import State, TaskType
+from service.plugins import load_registry
 from service.store import EMPTY_BATCH_PAUSE, TaskStore
-from service.tasks import TaskContext, http_session
-from service.worker import Worker
+from service.worker import Worker, http_session
 from tests.conftest import eventually
 
 
@@ -77,8 +77,10 @@ async def watched(settings: Settings) -> AsyncIterator[tuple[TaskStore, CommandL
 
 async def run_worker(store: TaskStore, settings: Settings) -> tuple[Worker, asyncio.Task[None]]:
     http = http_session()
-    ctx = TaskContext(http=http, bar_url="http://127.0.0.1:9/", bar_timeout=1, foo_seconds=0)
-    worker = Worker(store, settings, ctx, worker_id="budget")
+    quick = dataclasses.replace(
+        settings, bar_url="http://127.0.0.1:9/", bar_timeout=1, foo_seconds=0
+    )
+    worker = Worker(store, quick, registry=load_registry(), http=http, worker_id="budget")
 
     async def run() -> None:
         async with http:

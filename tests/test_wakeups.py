@@ -18,9 +18,9 @@ from bson import ObjectId
 from service.clock import DbClock
 from service.config import Settings
 from service.models import TaskType
+from service.plugins import load_registry
 from service.store import TaskStore, open_client
-from service.tasks import TaskContext, http_session
-from service.worker import Worker
+from service.worker import Worker, http_session
 from tests.conftest import WorkerProcess, eventually, wait_until_started
 
 SLOT = 0.150  # seconds between two tasks' run_at
@@ -187,11 +187,11 @@ async def test_a_worker_stops_even_if_its_stream_read_loses_a_cancellation(
     await store.sync_clock()
     try:
         async with http_session() as http:
-            ctx = TaskContext(
-                http=http, bar_url="http://127.0.0.1:9/", bar_timeout=1, foo_seconds=0
+            quick = dataclasses.replace(
+                settings, bar_url="http://127.0.0.1:9/", bar_timeout=1, foo_seconds=0
             )
             for _ in range(3):
-                worker = Worker(store, dataclasses.replace(settings), ctx, worker_id="stop")
+                worker = Worker(store, quick, registry=load_registry(), http=http, worker_id="stop")
                 running = asyncio.create_task(worker.run())
                 await asyncio.sleep(0.3)
                 began = time.monotonic()
