@@ -11,6 +11,7 @@ from marshmallow import ValidationError
 
 from service.config import Settings
 from service.errors import DeleteAllDisabled
+from service.feed import TaskFeed
 from service.metrics import METRICS
 from service.models import State, Task
 from service.openapi import DOCS_PAGE, operation, undocumented
@@ -24,6 +25,7 @@ from service.schemas import (
     RecoverSchema,
     StatsSchema,
     TaskPageSchema,
+    TaskQuerySchema,
     TaskSchema,
     WorkerListSchema,
     decode_cursor,
@@ -37,10 +39,13 @@ STORE = web.AppKey("store", TaskStore)
 OPENAPI = web.AppKey("openapi", dict)
 # The task types this API accepts: loaded once at start-up, as the workers load theirs.
 REGISTRY = web.AppKey("registry", Registry)
+# The process's one TaskFeed (the dashboard's, see service.ui), for GET /tasks/{id}?wait=.
+TASK_FEED = web.AppKey("task_feed", TaskFeed)
 H = TypeVar("H", bound=Callable[..., Any])
 
 task_schema = TaskSchema()
 page_schema = TaskPageSchema()
+task_query_schema = TaskQuerySchema()
 worker_list_schema = WorkerListSchema()
 
 routes = web.RouteTableDef()
@@ -159,10 +164,27 @@ async def list_tasks(request: web.Request) -> web.Response:
 
 @routes.get("/tasks/{id}")
 @routes.get("/id/{id}")
-@operation("one task", responses={200: TaskSchema}, errors=(404,))
+@operation(
+    "one task",
+    responses={200: TaskSchema},
+    errors=(400, 404),
+    parameters=[{"in": "query", "schema": TaskQuerySchema}],
+)
 async def get_task(request: web.Request) -> web.Response:
-    """One task, whole."""
-    return _task_response(await request.app[STORE].get(request.match_info["id"]))
+    """One task, whole; with `wait`, once it is COMPLETE or FAILED or the wait is over."""
+    wait = task_query_schema.load(_single_valued_query(request))["wait"]
+    if wait is None:
+        return _task_response(await request.app[STORE].get(request.match_info["id"]))
+    timeout = request.app[SETTINGS].request_timeout
+    # End the wait before the timeout middleware would answer 503 instead.
+    within = min(wait, timeout - min(1.0, timeout / 4))
+
+    def left() -> bool:
+        transport = request.transport
+        return transport is None or transport.is_closing()
+
+    feed = request.app[TASK_FEED]
+    return _task_response(await feed.wait_for(request.match_info["id"], within=within, left=left))
 
 
 @routes.delete("/tasks/{id}")

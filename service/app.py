@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from swagger_ui_bundle import swagger_ui_path
 
-from service.api import EARLIER_ALIASES, OPENAPI, REGISTRY, SETTINGS, STORE, routes
+from service.api import EARLIER_ALIASES, OPENAPI, REGISTRY, SETTINGS, STORE, TASK_FEED, routes
 from service.clock import DbClock
 from service.config import Settings
 from service.errors import DatabaseUnavailable
@@ -26,7 +26,7 @@ from service.openapi import build_spec
 from service.periodic import Periodic
 from service.plugins import Registry, load_registry
 from service.store import TaskStore, open_client
-from service.ui import add_dashboard
+from service.ui import FEED, add_dashboard
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,12 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     await client.close()
 
 
+async def _share_feed(app: web.Application) -> AsyncIterator[None]:
+    """Hand the dashboard's TaskFeed to the waits of GET /tasks/{id}: one watch per process."""
+    app[TASK_FEED] = app[FEED]
+    yield
+
+
 def create_app(settings: Settings, *, registry: Registry | None = None) -> web.Application:
     """The API application for these settings and task types (None: loaded here, as the
     workers load theirs; a problem raises PluginError)."""
@@ -99,6 +105,7 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
     app.add_routes(routes)
     app.router.add_static("/docs/static", swagger_ui_path, name="docs-static")
     add_dashboard(app)
+    app.cleanup_ctx.append(_share_feed)  # after the dashboard's, which opens the feed
     app[OPENAPI] = build_spec(
         app, bearer=bool(settings.api_tokens), earlier_aliases=EARLIER_ALIASES, registry=registry
     )

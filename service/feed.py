@@ -1,10 +1,17 @@
 """TaskFeed: one watcher of task changes per API process, fanned out to every subscriber
-(the dashboard's Server-Sent Events, GET /events) through asyncio queues.
+(the dashboard's Server-Sent Events, GET /events) through asyncio queues, and to every
+request waiting for a task to finish (GET /tasks/{id}?wait=).
 
 The watcher is a change stream where the server has them (TaskStore.task_events), else a
 poll of cheap counts every few seconds (TaskStore.fingerprint). It runs only while someone
-listens, and for `linger` seconds after the last one leaves, so that clients that reconnect
-do not reopen it each time; with nobody listening it costs the database nothing.
+listens or waits, and for `linger` seconds after the last one leaves, so that clients that
+reconnect do not reopen it each time; with nobody listening it costs the database nothing.
+
+Waiting costs the database per waited task, not per waiter or per second: when the stream
+says a waited task finished or was deleted, one read (of every such task at once) serves all
+its waiters; where there is no stream, one read of every waited task at once every
+`wait_poll_interval`. A read of every waited task also follows each (re)opening of the
+watcher, so that nothing that changed before it was open is missed.
 """
 
 from __future__ import annotations
@@ -13,10 +20,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from service.errors import ChangeStreamsUnavailable, DatabaseUnavailable
+from service.errors import ChangeStreamsUnavailable, DatabaseUnavailable, TaskNotFound
+from service.models import TERMINAL, Task
 from service.store import TaskStore
 
 logger = logging.getLogger(__name__)
@@ -26,6 +34,20 @@ Event = dict[str, Any]
 OPEN: Event = {"op": "open"}
 # Told in polling mode when the fingerprint moved: something changed, the feed cannot say what.
 CHANGED: Event = {"op": "changed"}
+
+
+class _Waiter:
+    """One request waiting for one task: set once the feed has read it finished or gone
+    (or the feed closes, with neither)."""
+
+    def __init__(self) -> None:
+        self.done = asyncio.Event()
+        self.task: Task | None = None  # the finished task, as the feed read it
+        self.deleted = False
+
+
+def _never() -> bool:
+    return False
 
 
 class TaskFeed:
@@ -41,6 +63,8 @@ class TaskFeed:
         linger: float = 60.0,
         queue_size: int = 256,
         retry_after: float = 1.0,
+        wait_poll_interval: float = 0.5,
+        wait_check: float = 0.5,
     ) -> None:
         self.store = store
         self.change_streams = change_streams
@@ -49,8 +73,13 @@ class TaskFeed:
         self.linger = linger
         self.queue_size = queue_size
         self.retry_after = retry_after
+        self.wait_poll_interval = wait_poll_interval
+        self.wait_check = wait_check  # how often a waiter asks whether its client left
         self.mode: str | None = None  # "change stream" or "polling" while watching
         self._subscribers: set[asyncio.Queue[Event | None]] = set()
+        self._waiting: dict[str, set[_Waiter]] = {}  # by task id (str(_id), as events say)
+        self._unread: set[str] = set()  # waited ids to read: they changed, or may have
+        self._reader: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._idle_since = time.monotonic()
         self._closed = False
@@ -66,14 +95,64 @@ class TaskFeed:
         self._subscribers.add(queue)
         if self.mode is not None:
             queue.put_nowait(OPEN)
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._watch(), name="task-feed")
+        self._start_watching()
         try:
             yield queue
         finally:
             self._subscribers.discard(queue)
-            if not self._subscribers:
-                self._idle_since = time.monotonic()
+            self._note_idle()
+
+    async def wait_for(
+        self, task_id: str, *, within: float, left: Callable[[], bool] = _never
+    ) -> Task:
+        """The task as soon as it is COMPLETE or FAILED, else as it is after `within`
+        seconds or when the feed closes (the app shuts down). TaskNotFound if it does not
+        exist, or is deleted during the wait. When `left()` turns true (the client went away;
+        asked every `wait_check` seconds), it ends early with the state first read.
+
+        Race-free: the waiter joins before the task is read, so a change after that read is
+        seen by the watcher, or by the read of every waited task that follows its opening.
+        """
+        if self._closed:
+            return await self.store.get(task_id)
+        key, waiter = task_id, self._join(task_id)
+        try:
+            task = await self.store.get(task_id)
+            if task.id != key:  # another spelling of its id: join under the one events use
+                self._leave(key, waiter)
+                key, waiter = task.id, self._join(task.id)
+                task = await self.store.get(task.id)
+            if task.state in TERMINAL:
+                return task
+            # Started only now (a 404 opens nothing): what changes before the watcher is open
+            # is read again once it is.
+            self._start_watching()
+            if not await self._wait(waiter, within=within, left=left):
+                return task  # nobody to answer
+        finally:
+            self._leave(key, waiter)
+        if waiter.task is not None:
+            return waiter.task
+        if waiter.deleted:
+            raise TaskNotFound(task_id)
+        return await self.store.get(key)  # the wait is over: as it is now
+
+    async def _wait(self, waiter: _Waiter, *, within: float, left: Callable[[], bool]) -> bool:
+        """Until the waiter is settled or `within` seconds pass; False if the client left."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while not waiter.done.is_set() and (remaining := deadline - loop.time()) > 0:
+            if left():
+                return False
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(remaining, self.wait_check)):
+                    await waiter.done.wait()
+        return True
+
+    @property
+    def waiters(self) -> int:
+        """How many requests wait for a task now."""
+        return sum(len(waiters) for waiters in self._waiting.values())
 
     @property
     def subscribers(self) -> int:
@@ -86,10 +165,19 @@ class TaskFeed:
         return self._task is not None and not self._task.done()
 
     async def close(self) -> None:
-        """Tell every subscriber to finish and stop the watcher (at app shutdown)."""
+        """Tell every subscriber to finish, end every wait, and stop the watcher (at app
+        shutdown)."""
         self._closed = True
         for queue in self._subscribers:
             _offer(queue, None, force=True)
+        for waiters in self._waiting.values():
+            for waiter in waiters:
+                waiter.done.set()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            self._reader = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -103,7 +191,68 @@ class TaskFeed:
             _offer(queue, event)
 
     def _idle(self) -> bool:
-        return not self._subscribers and time.monotonic() - self._idle_since >= self.linger
+        return (
+            not self._subscribers
+            and not self._waiting
+            and time.monotonic() - self._idle_since >= self.linger
+        )
+
+    def _note_idle(self) -> None:
+        if not self._subscribers and not self._waiting:
+            self._idle_since = time.monotonic()
+
+    def _start_watching(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._watch(), name="task-feed")
+
+    def _join(self, task_id: str) -> _Waiter:
+        waiter = _Waiter()
+        self._waiting.setdefault(task_id, set()).add(waiter)
+        return waiter
+
+    def _leave(self, task_id: str, waiter: _Waiter) -> None:
+        waiters = self._waiting.get(task_id, set())
+        waiters.discard(waiter)
+        if not waiters:
+            self._waiting.pop(task_id, None)
+            self._unread.discard(task_id)
+        self._note_idle()
+
+    def _notice(self, event: Event) -> None:
+        """A waited task that finished or went away is read (once for all its waiters)."""
+        if event["id"] in self._waiting and (event["op"] == "delete" or event["state"] in TERMINAL):
+            self._read([event["id"]])
+
+    def _read(self, task_ids: Iterable[str]) -> None:
+        """Read these waited tasks soon: one read in flight at a time, for all of them."""
+        self._unread.update(i for i in task_ids if i in self._waiting)
+        if self._unread and not self._closed and (self._reader is None or self._reader.done()):
+            self._reader = asyncio.create_task(self._read_unread(), name="task-feed-reads")
+
+    async def _read_unread(self) -> None:
+        while self._unread:
+            task_ids, self._unread = self._unread, set()
+            try:
+                found = await self.store.get_many(task_ids)
+            except DatabaseUnavailable as exc:
+                logger.warning(
+                    "event feed: %s; reading waited tasks again in %gs", exc, self.retry_after
+                )
+                self._unread.update(i for i in task_ids if i in self._waiting)
+                await asyncio.sleep(self.retry_after)
+                continue
+            except Exception:  # the waiters still end: each reads its task at the deadline
+                logger.exception("event feed: reading waited tasks failed")
+                return
+            for task_id in task_ids:
+                self._settle(task_id, found.get(task_id))
+
+    def _settle(self, task_id: str, task: Task | None) -> None:
+        if task is not None and task.state not in TERMINAL:
+            return  # requeued or started again meanwhile: keep waiting
+        for waiter in self._waiting.get(task_id, ()):
+            waiter.task, waiter.deleted = task, task is None
+            waiter.done.set()
 
     async def _watch(self) -> None:
         try:
@@ -126,6 +275,7 @@ class TaskFeed:
     def _opened(self, mode: str) -> None:
         self.mode = mode
         self.publish(OPEN)
+        self._read(self._waiting)  # what changed before the watcher was open
 
     async def _stream(self) -> None:
         events = self.store.task_events(max_await=self.max_await)
@@ -135,6 +285,7 @@ class TaskFeed:
                     self._opened("change stream")
                 if event is not None:
                     self.publish(event)
+                    self._notice(event)
                 if self._idle():
                     return
         finally:
@@ -142,10 +293,24 @@ class TaskFeed:
             await events.aclose()
 
     async def _poll(self) -> None:
-        last = await self.store.fingerprint()
+        """Waited tasks every `wait_poll_interval` (one read for all), and the fingerprint
+        every `poll_interval` while someone listens."""
+        loop = asyncio.get_running_loop()
+        last: tuple[Any, ...] | None = await self.store.fingerprint()
         self._opened("polling")
+        next_fingerprint = loop.time() + self.poll_interval
         while not self._idle():
-            await asyncio.sleep(self.poll_interval)
+            delay = next_fingerprint - loop.time()
+            if self._waiting:
+                delay = min(delay, self.wait_poll_interval)
+            await asyncio.sleep(max(0.0, delay))
+            self._read(self._waiting)
+            if loop.time() < next_fingerprint:
+                continue
+            next_fingerprint = loop.time() + self.poll_interval
+            if not self._subscribers:
+                last = None  # nobody to tell; the next listener hears "changed" once
+                continue
             now = await self.store.fingerprint()
             if now != last:
                 last = now

@@ -235,6 +235,41 @@ class ListQuerySchema(WithRegistry):
     cursor = fields.String(load_default=None)
 
 
+# The longest GET /tasks/{id}?wait= (seconds); the request timeout may cap it further.
+MAX_WAIT = 60
+
+
+class DigitsNumber(fields.Float):
+    """A number from a query string: ASCII digits with at most one decimal point ("10",
+    "0.5"; not "1e1", ".5", " 5", "inf" or another script's digits)."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> float:
+        if isinstance(value, str) and not UNIX_SECONDS_PATH.fullmatch(value):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+class TaskQuerySchema(Schema):
+    """GET /tasks/{id} query parameters."""
+
+    class Meta:
+        unknown = RAISE
+
+    wait = DigitsNumber(
+        load_default=None,
+        validate=validate.Range(min=0, max=MAX_WAIT, min_inclusive=False),
+        metadata={
+            "exclusiveMinimum": True,
+            "description": "seconds (more than 0, at most 60; ASCII digits, optionally with a "
+            "decimal point) to wait for the task to be COMPLETE or FAILED: the answer comes as "
+            "soon as it is, or at the end of the wait with the task as it is then. The wait is "
+            "cut to end before TASK_RUNNER_REQUEST_TIMEOUT: at the timeout minus a margin of "
+            "a quarter of it, at most one second (29 s with the default 30 s). 404 if the "
+            "task does not exist or is deleted during the wait.",
+        },
+    )
+
+
 class AttemptErrorSchema(Schema):
     """One failed attempt."""
 
