@@ -82,6 +82,7 @@ WORKER_FIELDS = (
     "metrics_port",
     "task_modules",
     "task_timeout",
+    "retention",
 )
 LOCAL_DB_FIELDS = ("local_db_port", "local_db_path", "log_level", "log_format")
 OPS_FIELDS = (*DB_FIELDS, "stale_after", "heartbeat_interval")

@@ -82,6 +82,7 @@ class Settings:
     task_modules: tuple[str, ...] = ()
     task_timeout: float | None = None
     idempotency_ttl: float = 86400.0
+    retention: float = 7 * 24 * 3600.0
 
     def __post_init__(self) -> None:
         self._check_numbers()
@@ -135,7 +136,7 @@ class Settings:
                 raise SettingsError(f"{{{name}}} must be at least 1", name)
         if self.task_timeout is not None and self.task_timeout <= 0:
             raise SettingsError("{task_timeout} must be greater than 0", "task_timeout")
-        for name in ("foo_seconds", "shutdown_grace"):
+        for name in ("foo_seconds", "shutdown_grace", "retention"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{{{name}}} must not be negative", name)
         for name in ("port", "local_db_port", "metrics_port"):
@@ -230,6 +231,7 @@ HELP: dict[str, str] = {
     "task_modules": "comma-separated modules that define task types (see Writing a task type)",
     "task_timeout": "seconds a run may take unless the task or its type says (unset: no limit)",
     "idempotency_ttl": "seconds an Idempotency-Key is remembered",
+    "retention": "seconds COMPLETE and FAILED tasks are kept after they finish (0: for ever)",
     "db_timeout": "seconds to wait for the database before giving up on a call",
     "max_body_bytes": "largest request body the API accepts",
     "clock_skew": "testing only: shift this process's clock by this many seconds",

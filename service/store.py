@@ -863,7 +863,49 @@ class TaskStore:
             async for row in await self.tasks.aggregate(pipeline)
         }
 
+    # -- retention: finished tasks expire (service/retention.py) ----------------------
+    #
+    # Only COMPLETE and FAILED tasks have `finished_at` (a requeue removes it), so a TTL
+    # index on it expires finished work and nothing else.
 
+    @_unavailable
+    async def ensure_retention(self, seconds: float) -> str:
+        """Make the TTL index on finished_at expire after `seconds` (0: drop it, keep all).
+        Returns what was done: "created", "changed", "kept", "dropped" or "none"."""
+        existing = (await self.tasks.index_information()).get(RETENTION_INDEX)
+        if seconds <= 0:
+            if existing is None:
+                return "none"
+            await self.tasks.drop_index(RETENTION_INDEX)
+            return "dropped"
+        expire = max(int(seconds), 1)
+        if existing is None:
+            await self.tasks.create_index(
+                "finished_at", name=RETENTION_INDEX, expireAfterSeconds=expire
+            )
+            return "created"
+        if existing.get("expireAfterSeconds") == expire:
+            return "kept"
+        # Another setting than the index holds: change it in place (what create_index
+        # refuses to do), so the last process to start with a new value wins.
+        index = {"name": RETENTION_INDEX, "expireAfterSeconds": expire}
+        await self.tasks.database.command("collMod", self.tasks.name, index=index)
+        return "changed"
+
+    @_unavailable
+    async def delete_expired(self, *, finished_before: datetime, limit: int) -> int:
+        """Delete at most `limit` tasks that finished before the given time (for servers
+        whose TTL monitor does not do it). One indexed read and one delete."""
+        expired = {"finished_at": {"$lt": finished_before}}
+        cursor = self.tasks.find(expired, projection={"_id": True}).limit(limit)
+        keys = [doc["_id"] async for doc in cursor]
+        if not keys:
+            return 0
+        result = await self.tasks.delete_many({"_id": {"$in": keys}, **expired})
+        return result.deleted_count
+
+
+RETENTION_INDEX = "retention"
 WORKERS_COLLECTION = "workers"
 # How long a gone worker's record stays to be seen (who died, holding what) before the
 # server's TTL monitor deletes it.

@@ -36,6 +36,7 @@ from service.plugins import (
     run_task,
 )
 from service.recovery import Recoverer
+from service.retention import Retention
 from service.store import TaskStore, new_lease, open_client
 from service.wakeups import WakeUps
 
@@ -170,7 +171,9 @@ class Worker:
             change_stream=settings.change_streams,
         )
         self.malformed = MalformedScan(store, interval=MALFORMED_SCAN_INTERVAL)
-        for job in (self.heartbeat, self.recoverer, self.malformed, self.wakeups):
+        self.retention = Retention(store, retention=settings.retention)
+        jobs = (self.heartbeat, self.recoverer, self.malformed, self.retention, self.wakeups)
+        for job in jobs:
             job.on_crash = self._crash
         self._stopping = asyncio.Event()
         self._hurry = asyncio.Event()
@@ -188,9 +191,14 @@ class Worker:
         metrics.prepare(worker_id=self.worker_id, version=self.version, types=self.types)
         metrics.count_running(lambda: len(self.running))
         await self._register()
+        try:
+            await self.retention.ensure()
+        except DatabaseUnavailable as exc:
+            logger.warning("retention index not checked (%s); the next start will", exc)
         self.heartbeat.start()
         self.recoverer.start()
         self.malformed.start()
+        self.retention.start()
         self.wakeups.start()
         try:
             await self._claim_loop()
@@ -198,6 +206,7 @@ class Worker:
         finally:
             await self.wakeups.stop()
             await self.malformed.stop()
+            await self.retention.stop()
             await self.recoverer.stop()
             await self.heartbeat.stop()
             await self._release_all()
