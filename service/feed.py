@@ -80,6 +80,7 @@ class TaskFeed:
         self._waiting: dict[str, set[_Waiter]] = {}  # by task id (str(_id), as events say)
         self._unread: set[str] = set()  # waited ids to read: they changed, or may have
         self._reader: asyncio.Task[None] | None = None
+        self._joined = asyncio.Event()  # a waiter joined: the poll plans its next read
         self._task: asyncio.Task[None] | None = None
         self._idle_since = time.monotonic()
         self._closed = False
@@ -127,6 +128,7 @@ class TaskFeed:
             # Started only now (a 404 opens nothing): what changes before the watcher is open
             # is read again once it is.
             self._start_watching()
+            self._joined.set()
             if not await self._wait(waiter, within=within, left=left):
                 return task  # nobody to answer
         finally:
@@ -299,12 +301,17 @@ class TaskFeed:
         last: tuple[Any, ...] | None = await self.store.fingerprint()
         self._opened("polling")
         next_fingerprint = loop.time() + self.poll_interval
+        next_read: float | None = None
         while not self._idle():
-            delay = next_fingerprint - loop.time()
-            if self._waiting:
-                delay = min(delay, self.wait_poll_interval)
-            await asyncio.sleep(max(0.0, delay))
-            self._read(self._waiting)
+            if not self._waiting:
+                next_read = None
+            elif next_read is None:  # the first waiter: a read within one wait interval
+                next_read = loop.time() + self.wait_poll_interval
+            wake = next_fingerprint if next_read is None else min(next_fingerprint, next_read)
+            await self._sleep_until(wake)
+            if next_read is not None and loop.time() >= next_read:
+                next_read = loop.time() + self.wait_poll_interval
+                self._read(self._waiting)
             if loop.time() < next_fingerprint:
                 continue
             next_fingerprint = loop.time() + self.poll_interval
@@ -315,6 +322,15 @@ class TaskFeed:
             if now != last:
                 last = now
                 self.publish(CHANGED)
+
+    async def _sleep_until(self, when: float) -> None:
+        """Until `when` (loop time), or sooner when a waiter joins (the poll then plans
+        its next read: a poll planned before anyone waited may be seconds away)."""
+        self._joined.clear()
+        delay = when - asyncio.get_running_loop().time()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, delay)):
+                await self._joined.wait()
 
 
 def _offer(queue: asyncio.Queue[Event | None], event: Event | None, *, force: bool = False) -> None:

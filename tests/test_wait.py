@@ -215,11 +215,17 @@ async def test_shutdown_ends_every_wait(
 # -- race-free: a change between the read and the watch ---------------------------------------
 
 
-@MODES
-@pytest.mark.parametrize("already_watching", [True, False], ids=["watching", "not-watching"])
+# Polling with the watch already open needs no case of its own: each poll reads the current
+# state, and the tests above see a completion within one.
+@pytest.mark.parametrize(
+    ("change_streams", "already_watching"),
+    [(True, True), (True, False), (False, False)],
+    ids=["change-stream-open", "change-stream-opening", "polling-opening"],
+)
 async def test_a_completion_just_after_the_first_read_is_not_missed(
     store: TaskStore, change_streams: bool, already_watching: bool, monkeypatch: Any
 ) -> None:
+    # No poll comes within the test: only the stream, or the read when the watch opens.
     feed = TaskFeed(store, change_streams=change_streams, wait_poll_interval=30.0)
     task_id = await waiting_task(store)
     if already_watching:
@@ -243,6 +249,26 @@ async def test_a_completion_just_after_the_first_read_is_not_missed(
         # 30-second poll or the end of the wait.
         assert (task.state, task.output) == ("COMPLETE", "done")
         assert time.monotonic() - started < 5
+    finally:
+        await feed.close()
+
+
+async def test_polling_reads_a_new_waiters_task_within_the_wait_interval(
+    store: TaskStore,
+) -> None:
+    # The watch already polls (for the dashboard, every 30 s here): a waiter who joins does not
+    # wait for that poll, but for one read within `wait_poll_interval`.
+    feed = TaskFeed(store, change_streams=False, poll_interval=30.0, wait_poll_interval=0.3)
+    task_id = await waiting_task(store)
+    try:
+        with feed.subscribe() as queue:
+            assert await asyncio.wait_for(queue.get(), 10) == {"op": "open"}
+        waiting = asyncio.create_task(feed.wait_for(task_id, within=20))
+        await eventually(lambda: _true(feed.waiters == 1), within=5)
+        await store.tasks.update_one({"_id": ObjectId(task_id)}, {"$set": {"state": "FAILED"}})
+        started = time.monotonic()
+        assert (await waiting).state == "FAILED"
+        assert time.monotonic() - started < 1.5
     finally:
         await feed.close()
 
