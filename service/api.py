@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -32,7 +34,7 @@ from service.schemas import (
     encode_cursor,
     parse_number,
 )
-from service.store import TaskStore
+from service.store import IdempotentCreate, TaskStore
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", TaskStore)
@@ -114,7 +116,10 @@ def _single_valued_query(request: web.Request) -> dict[str, str]:
 async def _create(request: web.Request, data: dict[str, Any]) -> web.Response:
     loaded = CreateTaskSchema(registry=request.app[REGISTRY]).load(data)
     settings = request.app[SETTINGS]
-    task = await request.app[STORE].create(
+    store = request.app[STORE]
+    once = _idempotent(request, settings)
+    create = store.create if once is None else functools.partial(store.create_once, once)
+    task = await create(
         task_type=loaded["type"].name,
         run_at=loaded["run_at"],
         max_attempts=loaded["max_attempts"] or settings.max_attempts,
@@ -122,15 +127,48 @@ async def _create(request: web.Request, data: dict[str, Any]) -> web.Response:
         priority=loaded["priority"],
         time_limit=loaded["timeout"],
     )
+    if once is not None and once.replayed(task):
+        response = _task_response(task)
+        response.headers[REPLAYED_HEADER] = "true"
+        return response
     return _task_response(task, status=201)
+
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+REPLAYED_HEADER = "Idempotent-Replayed"
+IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
+IDEMPOTENCY_PARAMETER = {
+    "in": "header",
+    "name": IDEMPOTENCY_HEADER,
+    "required": False,
+    "description": "the same key with the same request within TASK_RUNNER_IDEMPOTENCY_TTL "
+    f"answers 200 with the task the first created, and {REPLAYED_HEADER}: true",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"},
+}
+
+
+def _idempotent(request: web.Request, settings: Settings) -> IdempotentCreate | None:
+    """The request's Idempotency-Key, if it has one: 1 to 255 printable ASCII characters."""
+    keys = request.headers.getall(IDEMPOTENCY_HEADER, [])
+    if not keys:
+        return None
+    if len(keys) > 1 or not IDEMPOTENCY_KEY.fullmatch(keys[0]):
+        raise ValidationError(
+            {IDEMPOTENCY_HEADER: ["give one key of 1 to 255 printable ASCII characters"]}
+        )
+    # The route's pattern: the same key and body by another route is another request.
+    resource = request.match_info.route.resource
+    route = request.path if resource is None else resource.canonical
+    return IdempotentCreate(key=keys[0], route=route, ttl=settings.idempotency_ttl)
 
 
 @routes.post("/tasks")
 @operation(
     "create a task",
-    responses={201: TaskSchema},
-    errors=(400, 413, 415),
+    responses={201: TaskSchema, 200: TaskSchema},
+    errors=(400, 409, 410, 413, 415),
     requestBody={"required": True, "content": {"application/json": {"schema": CreateTaskSchema}}},
+    parameters=[IDEMPOTENCY_PARAMETER],
 )
 async def create_task(request: web.Request) -> web.Response:
     """Create a task: {"type": "foo" (any loaded type), "run_at": ISO 8601 or Unix seconds,
@@ -261,9 +299,10 @@ async def legacy_tasks_in_state(request: web.Request) -> web.Response:
 @routes.post("/{type}/{unix_seconds}")
 @operation(
     "earlier version: create a task",
-    responses={201: TaskSchema},
-    errors=(400,),
+    responses={201: TaskSchema, 200: TaskSchema},
+    errors=(400, 409, 410),
     tags=["earlier version"],
+    parameters=[IDEMPOTENCY_PARAMETER],
 )
 async def legacy_create(request: web.Request) -> web.Response:
     """Earlier version: POST /FOO/0 creates a Foo task due at Unix second 0 (that is, now)."""

@@ -46,3 +46,26 @@ class TaskNotRequeueable(TaskRunnerError):
         )
         self.task_id = task_id
         self.state = state
+
+
+class IdempotencyKeyReused(TaskRunnerError):
+    """An Idempotency-Key came again with another request than the one it was first sent
+    with (another body, or another route)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(
+            "this Idempotency-Key was sent with another request; use a new key for a new task"
+        )
+        self.key = key
+
+
+class IdempotentTaskGone(TaskRunnerError):
+    """The task an Idempotency-Key created has been deleted since: it is not created again."""
+
+    def __init__(self, key: str, task_id: str) -> None:
+        super().__init__(
+            f"task {task_id}, created with this Idempotency-Key, has been deleted; "
+            "use a new key for a new task"
+        )
+        self.key = key
+        self.task_id = task_id

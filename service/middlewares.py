@@ -22,6 +22,8 @@ from service.config import Settings
 from service.errors import (
     DatabaseUnavailable,
     DeleteAllDisabled,
+    IdempotencyKeyReused,
+    IdempotentTaskGone,
     InvalidTask,
     TaskNotFound,
     TaskNotRequeueable,
@@ -63,6 +65,12 @@ def _domain_error(exc: Exception) -> web.Response | None:
             "task_not_requeueable",
             str(exc),
             details={"id": exc.task_id, "state": exc.state},
+        )
+    if isinstance(exc, IdempotencyKeyReused):
+        return error_response(409, "idempotency_key_reused", str(exc), details={"key": exc.key})
+    if isinstance(exc, IdempotentTaskGone):
+        return error_response(
+            410, "task_deleted", str(exc), details={"id": exc.task_id, "key": exc.key}
         )
     if isinstance(exc, InvalidTask):
         return error_response(400, "invalid_task", str(exc))

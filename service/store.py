@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
+import json
 import logging
 import uuid
 from collections.abc import (
@@ -21,19 +23,30 @@ from collections.abc import (
     Iterable,
     Mapping,
 )
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
 import pymongo
 from bson import DatetimeMS, Decimal128, Int64, ObjectId, Timestamp
 from bson.errors import InvalidId
-from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument, WriteConcern
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument, WriteConcern
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
+from pymongo.errors import (
+    ConnectionFailure,
+    DuplicateKeyError,
+    OperationFailure,
+    PyMongoError,
+)
 
 from service.clock import DbClock, to_millis
-from service.errors import ChangeStreamsUnavailable, DatabaseUnavailable, TaskNotFound
+from service.errors import (
+    ChangeStreamsUnavailable,
+    DatabaseUnavailable,
+    IdempotencyKeyReused,
+    IdempotentTaskGone,
+    TaskNotFound,
+)
 from service.models import State, Task, TaskType
 
 logger = logging.getLogger(__name__)
@@ -42,12 +55,26 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 COLLECTION = "tasks"
-CLAIM_SORT = [("run_at", ASCENDING), ("_id", ASCENDING)]
-# Serves the claim (equality on state, range on run_at, sort run_at then _id: no in-memory
-# sort), the earliest-waiting lookup and the list filtered by state.
-CLAIM_INDEX = [("state", ASCENDING), ("run_at", ASCENDING), ("_id", ASCENDING)]
+# Among due tasks the higher priority first, then the earlier run_at, then _id.
+CLAIM_SORT = [("priority", DESCENDING), ("run_at", ASCENDING), ("_id", ASCENDING)]
+# Serves the claim: equality on state, then the sort's fields in its order and directions,
+# so walking the index is the sort (no in-memory sort); run_at's range is applied within
+# each priority, so a due task is found whatever waits at a higher priority in the future.
+CLAIM_INDEX = [
+    ("state", ASCENDING),
+    ("priority", DESCENDING),
+    ("run_at", ASCENDING),
+    ("_id", ASCENDING),
+]
+# Time order: the lists, the earliest waiting run_at, the oldest due task.
+TIME_SORT = [("run_at", ASCENDING), ("_id", ASCENDING)]
+TIME_INDEX = [("state", ASCENDING), ("run_at", ASCENDING), ("_id", ASCENDING)]
 INDEXES: dict[str, list[tuple[str, int]]] = {
-    "claim": CLAIM_INDEX,
+    # "claim" is the name earlier versions gave TIME_INDEX, when they claimed in time order.
+    # It keeps it: creating the same keys under another name fails, and would stop an
+    # earlier version's process from starting during a rolling upgrade.
+    "claim": TIME_INDEX,
+    "claim_by_priority": CLAIM_INDEX,
     "by_type": [("type", ASCENDING), ("run_at", ASCENDING), ("_id", ASCENDING)],
     "by_time": [("run_at", ASCENDING), ("_id", ASCENDING)],
     "stale": [("state", ASCENDING), ("heartbeat_at", ASCENDING)],
@@ -234,6 +261,47 @@ def claimable(types: Collection[str], *, due_by: datetime) -> dict[str, Any]:
     }
 
 
+IDEMPOTENCY_COLLECTION = "idempotency_keys"
+IDEMPOTENCY_TURNS = 5
+
+
+@dataclass(frozen=True, kw_only=True)
+class IdempotentCreate:
+    """A create under an Idempotency-Key: the key; the route it came by (the same key and
+    body on another route is another request); how many seconds the key is remembered; and
+    the id the task gets if this request is the first, chosen before anything is written."""
+
+    key: str
+    route: str
+    ttl: float
+    task_id: ObjectId = field(default_factory=ObjectId)
+
+    def replayed(self, task: Task) -> bool:
+        """Whether `task` is an earlier request's: this one created nothing."""
+        return task.id != str(self.task_id)
+
+
+def request_hash(route: str, fields: Mapping[str, Any]) -> str:
+    """What identifies a create request: its route and what it asked for, `run_at` as given
+    (None for "now"), normalised (sorted keys, the type in lower case, milliseconds)."""
+    run_at = fields.get("run_at")
+    described = {
+        **fields,
+        "route": route,
+        "task_type": str(fields.get("task_type")).lower(),
+        "run_at": None if run_at is None else to_millis(run_at).isoformat(),
+    }
+    text = json.dumps(described, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _live_record(record: Mapping[str, Any], now: datetime) -> bool:
+    """An unexpired key record whose task can be read back; any other is replaced."""
+    expires_at, task = record.get("expires_at"), record.get("task")
+    fresh = isinstance(expires_at, datetime) and expires_at > now
+    return fresh and isinstance(task, Mapping) and "_id" in task
+
+
 class TaskStore:
     """All reads and writes of task documents."""
 
@@ -252,9 +320,23 @@ class TaskStore:
 
     @_unavailable
     async def ensure_indexes(self) -> None:
-        """Create the indexes; idempotent, safe for every process to run at start-up."""
+        """Create the indexes, and give tasks written before priorities existed the default
+        priority; idempotent, safe for every process to run at start-up."""
         for name, keys in INDEXES.items():
             await self.tasks.create_index(keys, name=name)
+        # The claim index sorts a missing priority after -10: an earlier version's waiting
+        # (or running, later retried) tasks would wait behind every new one. Read through
+        # the claim index (state, then priority null), so it costs little once done.
+        await self.tasks.update_many(
+            {"state": {"$in": [State.NOTSTARTED.value, State.STARTED.value]}, "priority": None},
+            {"$set": {"priority": 0}},
+        )
+        # Idempotency-Key records: the server deletes each once past its own expiry (about
+        # once a minute; create_once checks the time itself), so a changed
+        # TASK_RUNNER_IDEMPOTENCY_TTL needs no change of the index.
+        await self.idempotency_keys.create_index(
+            [("expires_at", ASCENDING)], name="expired", expireAfterSeconds=0
+        )
 
     @_unavailable
     async def sync_clock(self) -> None:
@@ -284,12 +366,35 @@ class TaskStore:
         `args` are stored as given (the API has checked them against the type's schema);
         `time_limit` is the task's `timeout`, in seconds.
         """
+        doc = self._new_task(
+            ObjectId(),
+            task_type=task_type,
+            run_at=run_at,
+            max_attempts=max_attempts,
+            args=args,
+            priority=priority,
+            time_limit=time_limit,
+        )
+        await self.tasks.insert_one(doc)
+        return Task.from_document(doc)
+
+    def _new_task(
+        self,
+        task_id: ObjectId,
+        *,
+        task_type: str,
+        run_at: datetime | None,
+        max_attempts: int,
+        args: Mapping[str, Any] | None,
+        priority: int,
+        time_limit: float | None,
+    ) -> dict[str, Any]:
         # "Now" is a time the database has surely reached, so the task is due at once.
         # A past time is stored as now, so lag figures and FIFO order among due tasks hold.
         now = self.clock.surely_now()
         run_at = now if run_at is None else max(to_millis(run_at), now)
         doc: dict[str, Any] = {
-            "_id": ObjectId(),
+            "_id": task_id,
             "type": str(task_type).lower(),
             "state": State.NOTSTARTED.value,
             "run_at": run_at,
@@ -302,8 +407,7 @@ class TaskStore:
             doc["args"] = dict(args)
         if time_limit is not None:
             doc["timeout"] = time_limit
-        await self.tasks.insert_one(doc)
-        return Task.from_document(doc)
+        return doc
 
     @_unavailable
     async def get(self, task_id: str) -> Task:
@@ -337,7 +441,7 @@ class TaskStore:
                 *after_value("run_at", run_at),
                 *({"run_at": run_at, **clause} for clause in after_value("_id", key)),
             ]
-        cursor = self.tasks.find(query).sort(CLAIM_SORT).limit(limit + 1)
+        cursor = self.tasks.find(query).sort(TIME_SORT).limit(limit + 1)
         docs = [doc async for doc in cursor]
         tasks = [Task.from_document(doc) for doc in docs[:limit]]
         if len(docs) > limit:
@@ -357,6 +461,99 @@ class TaskStore:
         """Remove every task (testing only; the API guards it behind a setting)."""
         result = await self.tasks.delete_many({})
         return result.deleted_count
+
+    # -- idempotent creation: the Idempotency-Key header -------------------------------
+    #
+    # A unique index decides, never a read before the write: the key's record (its _id is
+    # the key) is inserted first, holding the whole task document to insert, and only the
+    # request whose record landed inserts that task. A request that finds the record with
+    # the same request hash answers with the record's task; if the task is not there yet
+    # (the first request is between its two writes, or stopped between them), it inserts
+    # the very same document itself, and the tasks' unique _id lets one of the two land.
+
+    @functools.cached_property
+    def idempotency_keys(self) -> AsyncCollection[dict[str, Any]]:
+        """One record per Idempotency-Key, until it expires."""
+        database = self.client[self.tasks.database.name]
+        return database.get_collection(IDEMPOTENCY_COLLECTION, write_concern=DURABLE)
+
+    @_unavailable
+    async def create_once(
+        self,
+        once: IdempotentCreate,
+        *,
+        task_type: str,
+        run_at: datetime | None,
+        max_attempts: int,
+        args: Mapping[str, Any] | None = None,
+        priority: int = 0,
+        time_limit: float | None = None,
+    ) -> Task:
+        """`create`, once per Idempotency-Key: the same key with the same request gives the
+        task the first request created (`once.replayed(task)` tells); after `once.ttl`
+        seconds the key is forgotten. Raises IdempotencyKeyReused when the key came with
+        another request, IdempotentTaskGone when the key's task has been deleted since.
+        """
+        fields: dict[str, Any] = {
+            "task_type": task_type,
+            "run_at": run_at,
+            "max_attempts": max_attempts,
+            "args": args,
+            "priority": priority,
+            "time_limit": time_limit,
+        }
+        fingerprint = request_hash(once.route, fields)
+        doc = self._new_task(once.task_id, **fields)
+        # A turn is lost only to another request's write on this key meanwhile (an expired
+        # record replaced or swept): the next turn reads what that write left.
+        for _ in range(IDEMPOTENCY_TURNS):
+            now = self.clock.now()
+            record = {
+                "_id": once.key,
+                "request": fingerprint,
+                "task": doc,
+                "created_at": now,
+                "expires_at": now + timedelta(seconds=once.ttl),
+            }
+            try:
+                await self.idempotency_keys.insert_one(record)
+                return await self._insert_keyed(once.key, doc)
+            except DuplicateKeyError:
+                held = await self.idempotency_keys.find_one({"_id": once.key})
+            if held is None:
+                continue  # expired and deleted since
+            if _live_record(held, now):
+                if held.get("request") != fingerprint:
+                    raise IdempotencyKeyReused(once.key)
+                return await self._replay(once.key, held)
+            # Expired: take the key over, unless another request did first.
+            mine = await self.idempotency_keys.replace_one(
+                {"_id": once.key, "expires_at": held.get("expires_at")}, record
+            )
+            if mine.matched_count == 1:
+                return await self._insert_keyed(once.key, doc)
+        raise DatabaseUnavailable(f"Idempotency-Key {once.key!r} is contended; retry")
+
+    async def _insert_keyed(self, key: str, doc: dict[str, Any]) -> Task:
+        """Insert the task of a key's record, then mark the record: its task was inserted."""
+        with contextlib.suppress(DuplicateKeyError):
+            # Else a retry of this request, finding the record unmarked, inserted it first.
+            await self.tasks.insert_one(doc)
+        # Tells a later replay that a missing task was deleted, not still to be inserted.
+        await self.idempotency_keys.update_one(
+            {"_id": key, "task._id": doc["_id"]}, {"$set": {"inserted": True}}
+        )
+        return Task.from_document(doc)
+
+    async def _replay(self, key: str, record: dict[str, Any]) -> Task:
+        """The task of a live record that has this request's hash, as it is now."""
+        task = record["task"]
+        if record.get("inserted") is not True:
+            await self._insert_keyed(key, task)
+        doc = await self.tasks.find_one({"_id": task["_id"]})
+        if doc is None:
+            raise IdempotentTaskGone(key, str(task["_id"]))
+        return Task.from_document(doc)
 
     # -- the worker's operations ------------------------------------------------------
 
@@ -409,7 +606,7 @@ class TaskStore:
         if excluding:
             query["_id"] = {"$nin": excluding}
         doc = await self.tasks.find_one(
-            query, projection={"run_at": True, "_id": False}, sort=CLAIM_SORT
+            query, projection={"run_at": True, "_id": False}, sort=TIME_SORT
         )
         run_at = None if doc is None else doc.get("run_at")
         return run_at if isinstance(run_at, datetime) else None
@@ -570,7 +767,7 @@ class TaskStore:
     @_unavailable
     async def find_stale(self, stale_after: float) -> list[Task]:
         """STARTED tasks whose worker has not been heard from within `stale_after` seconds."""
-        cursor = self.tasks.find(self._stale_filter(stale_after)).sort(CLAIM_SORT)
+        cursor = self.tasks.find(self._stale_filter(stale_after)).sort(TIME_SORT)
         return [Task.from_document(doc) async for doc in cursor]
 
     @_unavailable
@@ -649,7 +846,7 @@ class TaskStore:
             counts[(_label(key.get("state")), _label(key.get("type")))] = row["n"]
         oldest = await self.tasks.find_one(
             {"state": State.NOTSTARTED.value, "run_at": {"$lte": self.clock.surely_now()}},
-            sort=CLAIM_SORT,
+            sort=TIME_SORT,
         )
         stale = await self.tasks.count_documents(self._stale_filter(stale_after))
         unreadable = await self.tasks.count_documents(UNREADABLE)
@@ -667,13 +864,13 @@ class TaskStore:
 
     @_unavailable
     async def count_due(self) -> int:
-        """NOTSTARTED tasks already due: the backlog (the claim index answers it)."""
+        """NOTSTARTED tasks already due: the backlog (the time index answers it)."""
         due = {"state": State.NOTSTARTED.value, "run_at": {"$lte": self.clock.surely_now()}}
         return await self.tasks.count_documents(due)
 
     @_unavailable
     async def latest(self, state: State, *, limit: int) -> list[Task]:
-        """The last `limit` tasks in `state` by run_at (the claim index read backwards)."""
+        """The last `limit` tasks in `state` by run_at (the time index read backwards)."""
         order = [("run_at", pymongo.DESCENDING), ("_id", pymongo.DESCENDING)]
         cursor = self.tasks.find({"state": state.value}).sort(order).limit(limit)
         return [Task.from_document(doc) async for doc in cursor]
@@ -697,7 +894,7 @@ class TaskStore:
     @_unavailable
     async def fingerprint(self) -> tuple[Any, ...]:
         """Something that changes when tasks are added, removed or change state, from cheap
-        commands (counts on the claim index, the newest _id): the feed's polling fallback."""
+        commands (counts on the time index, the newest _id): the feed's polling fallback."""
         counts = [await self.tasks.count_documents({"state": s.value}) for s in State]
         newest = await self.tasks.find_one({}, projection={"_id": True}, sort=[("_id", -1)])
         total = await self.tasks.estimated_document_count()
@@ -826,7 +1023,7 @@ class TaskStore:
         due = {"state": State.NOTSTARTED.value, "run_at": {"$gte": EARLIEST_RUN_AT, "$lte": now}}
         due_count = await self.tasks.count_documents(due)
         oldest = await self.tasks.find_one(
-            due, projection={"run_at": True, "_id": False}, sort=CLAIM_SORT
+            due, projection={"run_at": True, "_id": False}, sort=TIME_SORT
         )
         stale = await self.tasks.count_documents(self._stale_filter(stale_after))
         counts = dict(unfinished)
@@ -853,7 +1050,7 @@ class TaskStore:
         return {row["_id"]: row["n"] async for row in await self.tasks.aggregate(pipeline)}
 
     async def _count_unfinished(self) -> dict[tuple[Any, Any], int]:
-        # The claim index's bounds on either side of COMPLETE; odd states included.
+        # The time index's bounds on either side of COMPLETE; odd states included.
         pipeline: list[dict[str, Any]] = [
             {"$match": {"state": {"$ne": State.COMPLETE.value}}},
             {"$group": {"_id": {"state": "$state", "type": "$type"}, "n": {"$sum": 1}}},

@@ -8,7 +8,15 @@ from typing import Any
 from bson import ObjectId
 
 from service.models import State, TaskType
-from service.store import CLAIM_INDEX, CLAIM_SORT, WORKER_LOST, TaskStore, new_lease
+from service.store import (
+    CLAIM_INDEX,
+    CLAIM_SORT,
+    KNOWN_TYPES,
+    WORKER_LOST,
+    TaskStore,
+    claimable,
+    new_lease,
+)
 
 
 async def make(store: TaskStore, *, in_seconds: float = -1, max_attempts: int = 3) -> str:
@@ -42,21 +50,31 @@ async def test_claim_takes_due_tasks_in_run_at_order_and_never_future(store: Tas
 
 
 def _stages(plan: dict[str, Any]) -> list[dict[str, Any]]:
-    stages = [plan]
-    while "inputStage" in plan:
-        plan = plan["inputStage"]
-        stages.append(plan)
+    """Every stage of a plan tree (an OR or a SORT_MERGE has several inputs)."""
+    stages: list[dict[str, Any]] = []
+    pending = [plan]
+    while pending:
+        stage = pending.pop()
+        stages.append(stage)
+        pending.extend(stage.get("inputStages", []))
+        if "inputStage" in stage:
+            pending.append(stage["inputStage"])
     return stages
 
 
 async def test_claim_query_plan_uses_the_index_without_sorting(store: TaskStore) -> None:
-    for _ in range(20):
-        await make(store)
+    for priority in (-10, 0, 3, 10):
+        for _ in range(5):
+            await store.create(
+                task_type=TaskType.BAZ, run_at=None, max_attempts=1, priority=priority
+            )
+    await make(store, in_seconds=3600)
+    # The claim exactly as the store sends it: its filter and its sort.
     explained = await store.tasks.database.command(
         "explain",
         {
             "findAndModify": store.tasks.name,
-            "query": {"state": "NOTSTARTED", "run_at": {"$lte": store.clock.now()}},
+            "query": claimable(KNOWN_TYPES, due_by=store.clock.surely_now()),
             "sort": dict(CLAIM_SORT),
             "update": {"$set": {"state": "STARTED"}},
         },
@@ -65,8 +83,15 @@ async def test_claim_query_plan_uses_the_index_without_sorting(store: TaskStore)
     stages = _stages(explained["queryPlanner"]["winningPlan"])
     names = [stage["stage"] for stage in stages]
     assert "SORT" not in names, names
-    scan = [stage for stage in stages if stage["stage"] == "IXSCAN"]
-    assert scan and scan[0]["keyPattern"] == dict(CLAIM_INDEX), names
+    if explained.get("serverInfo", {}).get("host") == "secantus":
+        # SecantusDB's explain is its planner's guess, not a plan: for findAndModify it
+        # never reports a SORT stage, and it uses an index only for bare equalities plus one
+        # range, so the claim's $in and $or make it scan the collection and sort in Python
+        # (DESIGN.md, known differences). Its claim is measured by scripts/bench.py.
+        assert names == ["COLLSCAN"], names
+    else:
+        scan = [stage for stage in stages if stage["stage"] == "IXSCAN"]
+        assert [stage["keyPattern"] for stage in scan] == [dict(CLAIM_INDEX)], names
     # Nothing was changed by explaining.
     assert await store.tasks.count_documents({"state": "STARTED"}) == 0
 

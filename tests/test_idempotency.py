@@ -1,0 +1,271 @@
+"""Idempotency-Key on POST /tasks and the earlier version's create route: one task per key
+and request, even across API processes at the same moment; 409 for another request; keys
+expire; a create interrupted between its two writes is completed by the retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from bson import ObjectId
+
+from service.app import create_app
+from service.config import Settings
+from service.localdb import free_port
+from service.models import TaskType
+from service.store import IdempotentCreate, TaskStore, request_hash
+from tests.conftest import settings_env
+
+Client = TestClient[Any, Any]
+BODY = {"type": "foo", "run_at": "2030-01-01T00:00:00Z", "priority": 3}
+
+
+def keyed(key: str) -> dict[str, str]:
+    return {"Idempotency-Key": key}
+
+
+async def test_the_same_key_and_request_give_the_first_task(api: Client, store: TaskStore) -> None:
+    first = await api.post("/tasks", json=BODY, headers=keyed("order-1"))
+    assert first.status == 201, await first.text()
+    assert "Idempotent-Replayed" not in first.headers
+    created = await first.json()
+    again = await api.post("/tasks", json=BODY, headers=keyed("order-1"))
+    assert again.status == 200, await again.text()
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert (await again.json())["id"] == created["id"]
+    # The same request written otherwise (another letter case, Unix seconds) is the same.
+    same = {"type": "FOO", "run_at": 1893456000, "priority": 3}
+    third = await api.post("/tasks", json=same, headers=keyed("order-1"))
+    assert third.status == 200 and (await third.json())["id"] == created["id"]
+    assert await store.tasks.count_documents({}) == 1
+    # Without a key, or with another, each request is a task of its own.
+    assert (await api.post("/tasks", json=BODY)).status == 201
+    assert (await api.post("/tasks", json=BODY, headers=keyed("order-2"))).status == 201
+    assert await store.tasks.count_documents({}) == 3
+
+
+async def test_the_same_key_with_another_request_is_a_conflict(
+    api: Client, store: TaskStore
+) -> None:
+    assert (await api.post("/tasks", json=BODY, headers=keyed("k"))).status == 201
+    for other in (
+        {**BODY, "priority": 4},
+        {**BODY, "type": "baz"},
+        {**BODY, "run_at": "2030-01-01T00:00:01Z"},
+        {**BODY, "max_attempts": 7},
+    ):
+        response = await api.post("/tasks", json=other, headers=keyed("k"))
+        assert response.status == 409, other
+        body = await response.json()
+        assert body["error"]["code"] == "idempotency_key_reused"
+        assert body["error"]["details"] == {"key": "k"}
+    # The earlier version's route is another request too.
+    response = await api.post("/FOO/1893456000", headers=keyed("k"))
+    assert response.status == 409
+    assert await store.tasks.count_documents({}) == 1
+
+
+async def test_the_earlier_versions_route_takes_the_key(api: Client, store: TaskStore) -> None:
+    first = await api.post("/FOO/0", headers=keyed("legacy"))
+    assert first.status == 201
+    again = await api.post("/foo/0", headers=keyed("legacy"))
+    assert again.status == 200 and again.headers["Idempotent-Replayed"] == "true"
+    assert (await again.json())["id"] == (await first.json())["id"]
+    assert await store.tasks.count_documents({}) == 1
+
+
+@pytest.mark.parametrize("key", ["", "x" * 256, "caf\u00e9", "tab\there"])
+async def test_a_malformed_key_is_refused(api: Client, store: TaskStore, key: str) -> None:
+    response = await api.post("/tasks", json=BODY, headers=keyed(key))
+    assert response.status == 400
+    body = await response.json()
+    assert body["error"]["code"] == "invalid_request"
+    assert "Idempotency-Key" in body["error"]["details"]
+    assert await store.tasks.count_documents({}) == 0
+
+
+async def test_a_key_expires_after_the_setting(
+    settings: Settings,
+    store: TaskStore,
+    aiohttp_client: Callable[[web.Application], Awaitable[Client]],
+) -> None:
+    ttl = 0.5
+    api = await aiohttp_client(create_app(dataclasses.replace(settings, idempotency_ttl=ttl)))
+    first = await (await api.post("/tasks", json=BODY, headers=keyed("brief"))).json()
+    began = time.monotonic()
+    replay = await api.post("/tasks", json=BODY, headers=keyed("brief"))
+    assert replay.status == 200 and time.monotonic() - began < ttl
+    await asyncio.sleep(ttl)  # the key's lifetime is what is tested: let it pass
+    # Expired: the key creates again (with another body too), whether or not the server's
+    # TTL monitor has deleted the record yet.
+    second = await api.post("/tasks", json={**BODY, "priority": 9}, headers=keyed("brief"))
+    assert second.status == 201, await second.text()
+    assert (await second.json())["id"] != first["id"]
+    third = await api.post("/tasks", json={**BODY, "priority": 9}, headers=keyed("brief"))
+    assert third.status == 200
+    assert (await third.json())["id"] == (await second.json())["id"]
+    assert await store.tasks.count_documents({}) == 2
+    assert await store.idempotency_keys.count_documents({}) == 1
+    indexes = await store.idempotency_keys.index_information()
+    assert indexes["expired"]["expireAfterSeconds"] == 0
+
+
+async def _interrupted_create(store: TaskStore, key: str) -> IdempotentCreate:
+    """What a process that stopped between its two writes leaves: the key's record, written
+    as create_once writes it, and no task. For POST /tasks {"type": "foo"}."""
+    once = IdempotentCreate(key=key, route="/tasks", ttl=3600)
+    fields: dict[str, Any] = {
+        "task_type": "foo",
+        "run_at": None,
+        "max_attempts": Settings().max_attempts,
+        "args": None,
+        "priority": 0,
+        "time_limit": None,
+    }
+    now = store.clock.now()
+    await store.idempotency_keys.insert_one(
+        {
+            "_id": key,
+            "request": request_hash(once.route, fields),
+            "task": store._new_task(once.task_id, **fields),
+            "created_at": now,
+            "expires_at": now + timedelta(seconds=once.ttl),
+        }
+    )
+    return once
+
+
+async def test_a_create_interrupted_between_its_writes_is_completed_by_the_retry(
+    api: Client, store: TaskStore
+) -> None:
+    once = await _interrupted_create(store, "crashed")
+    assert await store.tasks.count_documents({}) == 0
+    response = await api.post("/tasks", json={"type": "foo"}, headers=keyed("crashed"))
+    assert response.status == 200, await response.text()
+    assert response.headers["Idempotent-Replayed"] == "true"
+    assert (await response.json())["id"] == str(once.task_id)
+    assert await store.tasks.count_documents({}) == 1
+    record = await store.idempotency_keys.find_one({"_id": "crashed"})
+    assert record is not None and record["inserted"] is True
+    # The retry of the retry: the same task, still one document.
+    response = await api.post("/tasks", json={"type": "foo"}, headers=keyed("crashed"))
+    assert (await response.json())["id"] == str(once.task_id)
+    assert await store.tasks.count_documents({}) == 1
+
+
+async def test_a_first_request_slower_than_its_retry_still_makes_one_task(
+    store: TaskStore,
+) -> None:
+    # The first request wrote its record and paused; the retry inserts the record's task;
+    # then the first goes on to insert the same document: one task, the same for both.
+    once = await _interrupted_create(store, "slow")
+    retry = IdempotentCreate(key="slow", route="/tasks", ttl=3600)
+    replayed = await store.create_once(
+        retry,
+        task_type="foo",
+        run_at=None,
+        max_attempts=Settings().max_attempts,
+        priority=0,
+    )
+    assert retry.replayed(replayed) and replayed.id == str(once.task_id)
+    record = await store.idempotency_keys.find_one({"_id": "slow"})
+    assert record is not None
+    first = await store._insert_keyed("slow", record["task"])
+    assert first.id == replayed.id
+    assert await store.tasks.count_documents({}) == 1
+
+
+async def test_a_key_whose_task_was_deleted_does_not_create_it_again(
+    api: Client, store: TaskStore
+) -> None:
+    created = await (await api.post("/tasks", json=BODY, headers=keyed("gone"))).json()
+    assert (await api.delete(f"/tasks/{created['id']}")).status == 204
+    response = await api.post("/tasks", json=BODY, headers=keyed("gone"))
+    assert response.status == 410
+    body = await response.json()
+    assert body["error"]["code"] == "task_deleted"
+    assert body["error"]["details"] == {"id": created["id"], "key": "gone"}
+    assert await store.tasks.count_documents({}) == 0
+
+
+# -- two real `task-runner api` processes ------------------------------------------------
+
+
+class ApiServer:
+    """A real `task-runner api` process on a free port."""
+
+    def __init__(self, settings: Settings, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        # api_tokens="": settings_env would write the empty tuple as the token "()".
+        env = settings_env(settings, host="127.0.0.1", port=self.port, api_tokens="")
+        with log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "service.cli", "api"], env=env, stdout=out, stderr=out
+            )
+        self.log = log
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            assert self.process.poll() is None, self.log.read_text()
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def two_apis(settings: Settings, store: TaskStore, tmp_path: Path) -> Iterator[list[ApiServer]]:
+    servers = [ApiServer(settings, tmp_path / f"api{n}.log") for n in range(2)]
+    try:
+        for server in servers:
+            server.wait_ready()
+        yield servers
+    finally:
+        for server in servers:
+            server.process.kill()
+            server.process.wait()
+
+
+async def test_two_api_processes_racing_one_key_make_one_task(
+    two_apis: list[ApiServer], store: TaskStore
+) -> None:
+    keys, per_key = [f"race-{n}" for n in range(4)], 16
+    async with aiohttp.ClientSession() as http:
+
+        async def post(n: int, key: str) -> tuple[int, str, str]:
+            url = two_apis[n % 2].url
+            async with http.post(f"{url}/tasks", json=BODY, headers=keyed(key)) as response:
+                body = await response.json()
+                assert response.status in (200, 201), body
+                return response.status, key, body["id"]
+
+        answers = await asyncio.gather(*(post(n, key) for n in range(per_key) for key in keys))
+    for key in keys:
+        mine = [(status, task_id) for status, k, task_id in answers if k == key]
+        assert len({task_id for _, task_id in mine}) == 1, mine
+        assert Counter(status for status, _ in mine) == {201: 1, 200: per_key - 1}, mine
+    assert await store.tasks.count_documents({}) == len(keys)
+    ids = {ObjectId(task_id) for _, _, task_id in answers}
+    assert await store.tasks.count_documents({"_id": {"$in": list(ids)}}) == len(keys)
+    assert await store.idempotency_keys.count_documents({}) == len(keys)
+    assert await store.tasks.count_documents({"type": TaskType.FOO.value}) == len(keys)
