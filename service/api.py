@@ -15,16 +15,19 @@ from service.config import Settings
 from service.errors import DeleteAllDisabled
 from service.feed import TaskFeed
 from service.metrics import METRICS
-from service.models import State, Task
+from service.models import Schedule, State, Task
 from service.openapi import DOCS_PAGE, operation, undocumented
 from service.plugins import Registry
 from service.schemas import (
+    CreateScheduleSchema,
     CreateTaskSchema,
     DeletedSchema,
     ErrorSchema,
     HealthSchema,
     ListQuerySchema,
     RecoverSchema,
+    ScheduleListSchema,
+    ScheduleSchema,
     StatsSchema,
     TaskPageSchema,
     TaskQuerySchema,
@@ -34,7 +37,7 @@ from service.schemas import (
     encode_cursor,
     parse_number,
 )
-from service.store import IdempotentCreate, TaskStore
+from service.store import IdempotentCreate, TaskStore, Timing
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", TaskStore)
@@ -455,3 +458,97 @@ async def stats(request: web.Request) -> web.Response:
 def _text(value: object) -> str | None:
     """A stored state or type as text (a document of another shape may hold anything)."""
     return None if value is None else str(value)
+
+
+# -- recurring schedules (issue 13) -----------------------------------------------------------
+
+schedule_schema = ScheduleSchema()
+NO_SCHEDULE = "no such schedule"
+
+
+def _schedule_response(schedule: Schedule | None, *, status: int = 200) -> web.Response:
+    if schedule is None:
+        raise web.HTTPNotFound(text=NO_SCHEDULE)
+    response = web.json_response(schedule_schema.dump(schedule), status=status)
+    if status == 201:
+        response.headers["Location"] = f"/schedules/{schedule.id}"
+    return response
+
+
+@routes.post("/schedules")
+@operation(
+    "create a recurring schedule",
+    responses={201: ScheduleSchema},
+    errors=(400, 413, 415),
+    requestBody={
+        "required": True,
+        "content": {"application/json": {"schema": CreateScheduleSchema}},
+    },
+)
+async def create_schedule(request: web.Request) -> web.Response:
+    """Create a schedule: a task template ({"type", "args", "priority", "max_attempts",
+    "timeout"}, checked as POST /tasks checks them) with "cron" (and "timezone") or "every"."""
+    body = await _json_object(request)
+    loaded = CreateScheduleSchema(registry=request.app[REGISTRY]).load(body)
+    template = {
+        "type": loaded["type"].name,
+        "args": loaded["args"],
+        "priority": loaded["priority"],
+        "max_attempts": loaded["max_attempts"] or request.app[SETTINGS].max_attempts,
+        "timeout": loaded["timeout"],
+    }
+    timing = Timing(
+        cron=loaded["cron"],
+        timezone=loaded["timezone"],
+        every=loaded["every"],
+        start_at=loaded["start_at"],
+        end_at=loaded["end_at"],
+        missed=loaded["missed"].value,
+    )
+    schedule = await request.app[STORE].create_schedule(template=template, timing=timing)
+    return _schedule_response(schedule, status=201)
+
+
+@routes.get("/schedules")
+@operation("list schedules", responses={200: ScheduleListSchema})
+async def list_schedules(request: web.Request) -> web.Response:
+    """Every schedule (up to TASK_RUNNER_MAX_PAGE_SIZE), oldest first."""
+    limit = request.app[SETTINGS].max_page_size
+    schedules = await request.app[STORE].list_schedules(limit=limit)
+    return web.json_response(ScheduleListSchema().dump({"schedules": schedules}))
+
+
+@routes.get("/schedules/{id}")
+@also_error(404, NO_SCHEDULE)
+@operation("one schedule", responses={200: ScheduleSchema})
+async def get_schedule(request: web.Request) -> web.Response:
+    """One schedule, with its next occurrence."""
+    return _schedule_response(await request.app[STORE].get_schedule(request.match_info["id"]))
+
+
+@routes.delete("/schedules/{id}")
+@also_error(404, NO_SCHEDULE)
+@operation("delete a schedule", responses={204: None})
+async def delete_schedule(request: web.Request) -> web.Response:
+    """Delete a schedule: no more occurrences; the tasks it created run as usual."""
+    if not await request.app[STORE].delete_schedule(request.match_info["id"]):
+        raise web.HTTPNotFound(text=NO_SCHEDULE)
+    return web.Response(status=204)
+
+
+@routes.post("/schedules/{id}/pause")
+@also_error(404, NO_SCHEDULE)
+@operation("pause a schedule", responses={200: ScheduleSchema})
+async def pause_schedule(request: web.Request) -> web.Response:
+    """Pause a schedule: it creates nothing until resumed."""
+    store = request.app[STORE]
+    return _schedule_response(await store.pause_schedule(request.match_info["id"], paused=True))
+
+
+@routes.post("/schedules/{id}/resume")
+@also_error(404, NO_SCHEDULE)
+@operation("resume a schedule", responses={200: ScheduleSchema})
+async def resume_schedule(request: web.Request) -> web.Response:
+    """Resume a paused schedule; occurrences missed meanwhile follow its missed policy."""
+    store = request.app[STORE]
+    return _schedule_response(await store.pause_schedule(request.match_info["id"], paused=False))

@@ -1,5 +1,5 @@
 # ruff: noqa: E402  (a Ctrl-C is caught before the other imports run; see _EARLY)
-"""`task-runner api|worker|db|dev|stats|workers|recover|requeue`: every part from one command.
+"""`task-runner api|worker|db|dev|stats|workers|schedules|recover|requeue`: every part.
 
 Settings come from environment variables; a command's flags override them. Every setting,
 its variable and its default are listed in the README, section "Running the parts".
@@ -79,6 +79,7 @@ WORKER_FIELDS = (
     "shutdown_grace",
     "clock_skew",
     "change_streams",
+    "schedule_interval",
     "metrics_port",
     "task_modules",
     "task_timeout",
@@ -183,6 +184,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     command("stats", "counts by state and type, oldest due task, stale tasks", OPS_FIELDS)
     command("workers", "the worker processes, alive or gone, and the tasks each holds", OPS_FIELDS)
+    command("schedules", "the recurring schedules and their next occurrences", DB_FIELDS)
     recover = command("recover", "list and recover tasks stuck in STARTED", OPS_FIELDS)
     recover.add_argument("--dry-run", action="store_true", help="list only; change nothing")
     requeue = command("requeue", "put a FAILED task back in the queue, due now", DB_FIELDS)
@@ -262,6 +264,7 @@ def _main(argv: Sequence[str] | None) -> int:
         "dev": _run_dev,
         "stats": _ops(_stats),
         "workers": _ops(_workers),
+        "schedules": _ops(_schedules),
         "recover": _ops(_recover),
         "requeue": _ops(_requeue),
     }
@@ -700,6 +703,21 @@ async def _workers(store: Any, settings: Settings, args: argparse.Namespace) -> 
         f"{len(workers)} worker(s): {alive} alive, {len(workers) - alive} gone "
         f"(silent for over {settings.stale_after:g}s)"
     )
+    return 0
+
+
+async def _schedules(store: Any, settings: Settings, args: argparse.Namespace) -> int:
+    schedules = await store.list_schedules(limit=settings.max_page_size)
+    if not schedules:
+        print("no schedules")
+        return 0
+    print(f"{'schedule':<26}{'type':<10}{'state':<9}{'missed':<8}{'next occurrence':<26}when")
+    for s in schedules:
+        when = f"every {s.every:g}s" if s.every is not None else f"cron {s.cron} {s.timezone}"
+        state = "paused" if s.paused else ("active" if s.next_at is not None else "ended")
+        following = "-" if s.next_at is None else s.next_at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        print(f"{s.id:<26}{s.type:<10}{state:<9}{s.missed:<8}{following:<26}{when}")
+    print(f"{len(schedules)} schedule(s)")
     return 0
 
 

@@ -75,6 +75,7 @@ class Settings:
     api_tokens: tuple[str, ...] = field(default=(), repr=False)
     auth_reads: bool = False
     change_streams: bool = True
+    schedule_interval: float = 1.0
     clock_skew: float = 0.0
     log_format: str = "text"
     metrics_port: int | None = None
@@ -128,6 +129,7 @@ class Settings:
             "request_timeout",
             "metrics_cache",
             "idempotency_ttl",
+            "schedule_interval",
         ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{{{name}}} must be greater than 0", name)
@@ -232,6 +234,7 @@ HELP: dict[str, str] = {
     "task_timeout": "seconds a run may take unless the task or its type says (unset: no limit)",
     "idempotency_ttl": "seconds an Idempotency-Key is remembered",
     "retention": "seconds COMPLETE and FAILED tasks are kept after they finish (0: for ever)",
+    "schedule_interval": "seconds between a worker's looks for due schedule occurrences",
     "db_timeout": "seconds to wait for the database before giving up on a call",
     "max_body_bytes": "largest request body the API accepts",
     "clock_skew": "testing only: shift this process's clock by this many seconds",

@@ -74,6 +74,8 @@ class Task:
     args: dict[str, Any] | None = None  # as stored; the type's schema loads them to run
     priority: int = 0  # -10..10: among due tasks, the higher is claimed first
     timeout: float | None = None  # seconds one run may take; None: the type's default
+    schedule_id: str | None = None  # the schedule that created it, if one did
+    occurrence: datetime | None = None  # the schedule's occurrence it stands for (its run_at)
     problems: tuple[str, ...] = ()
     malformed: frozenset[str] = frozenset()  # the fields named in `problems`
     # The stored _id, whatever its BSON type: writes address the document by it.
@@ -108,6 +110,8 @@ class Task:
             args=reader.mapping("args"),
             priority=reader.priority(),
             timeout=reader.seconds("timeout"),
+            schedule_id=reader.text("schedule_id"),
+            occurrence=reader.time("occurrence"),
             problems=tuple(problem for _, problem in reader.problems),
             malformed=frozenset(name for name, _ in reader.problems),
         )
@@ -118,6 +122,69 @@ class Task:
         needed = ("type", "max_attempts", "attempts")
         # Each problem begins with the name of its field.
         return tuple(p for p in self.problems if p.split(" ", 1)[0] in needed)
+
+
+class MissedPolicy(StrEnum):
+    """What a schedule does with occurrences that came and went while no worker ran."""
+
+    LATEST = "latest"  # create the latest missed occurrence, once
+    SKIP = "skip"  # create none; wait for the next future occurrence
+
+
+@dataclass(frozen=True, kw_only=True)
+class Schedule:
+    """A recurring schedule: a task template and when it recurs (`cron` in `timezone`, or
+    `every` seconds from `anchor`), with the time of its next occurrence (`next_at`; None
+    once it has no more, past `end_at`). Read defensively like Task: a field of the wrong
+    shape reads as None and is named in `problems`.
+    """
+
+    id: str
+    type: str
+    args: dict[str, Any] | None
+    priority: int
+    max_attempts: int | None
+    timeout: float | None
+    cron: str | None
+    timezone: str
+    every: float | None
+    anchor: datetime | None  # `every`: the first occurrence; the others follow it
+    start_at: datetime | None
+    end_at: datetime | None
+    missed: str
+    paused: bool
+    next_at: datetime | None
+    created_at: datetime | None
+    problems: tuple[str, ...] = ()
+    key: Any = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_document(cls, doc: Mapping[str, Any]) -> Schedule:
+        """Build a Schedule from a stored document of any shape; never raises."""
+        reader = _Reader(doc)
+        missed = reader.text("missed")
+        if missed is not None and missed not in set(MissedPolicy):
+            reader.problems.append(("missed", f"missed {missed!r} is not latest or skip"))
+        return cls(
+            id=str(doc.get("_id")),
+            key=doc.get("_id"),
+            type=(reader.text("type", required=True) or "").lower(),
+            args=reader.mapping("args"),
+            priority=reader.priority(),
+            max_attempts=reader.count("max_attempts", required=True, least=1),
+            timeout=reader.seconds("timeout"),
+            cron=reader.text("cron"),
+            timezone=reader.text("timezone") or "UTC",
+            every=reader.seconds("every"),
+            anchor=reader.time("anchor"),
+            start_at=reader.time("start_at"),
+            end_at=reader.time("end_at"),
+            missed=missed if missed in set(MissedPolicy) else MissedPolicy.LATEST.value,
+            paused=doc.get("paused") is True,
+            next_at=reader.time("next_at"),
+            created_at=reader.time("created_at"),
+            problems=tuple(problem for _, problem in reader.problems),
+        )
 
 
 class _Reader:

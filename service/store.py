@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import uuid
+import zoneinfo
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -24,12 +25,13 @@ from collections.abc import (
     Mapping,
 )
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
 import pymongo
 from bson import DatetimeMS, Decimal128, Int64, ObjectId, Timestamp
 from bson.errors import InvalidId
+from croniter import CroniterError, croniter
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument, WriteConcern
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import (
@@ -47,7 +49,7 @@ from service.errors import (
     IdempotentTaskGone,
     TaskNotFound,
 )
-from service.models import State, Task, TaskType
+from service.models import MissedPolicy, Schedule, State, Task, TaskType
 
 logger = logging.getLogger(__name__)
 
@@ -337,6 +339,7 @@ class TaskStore:
         await self.idempotency_keys.create_index(
             [("expires_at", ASCENDING)], name="expired", expireAfterSeconds=0
         )
+        await self.ensure_schedule_indexes()
 
     @_unavailable
     async def sync_clock(self) -> None:
@@ -1101,6 +1104,128 @@ class TaskStore:
         result = await self.tasks.delete_many({"_id": {"$in": keys}, **expired})
         return result.deleted_count
 
+    # -- recurring schedules (service/scheduler.py) -------------------------------------
+    #
+    # One document per schedule in its own collection, holding its next occurrence
+    # (`next_at`). Workers turn a due occurrence into an ordinary task carrying
+    # `schedule_id` and `occurrence`; the unique index OCCURRENCE_INDEX on those two makes
+    # that insert idempotent, and advancing `next_at` is fenced on its old value.
+
+    @functools.cached_property
+    def schedules(self) -> AsyncCollection[dict[str, Any]]:
+        """The schedules, written as durably as the tasks they create."""
+        database = self.client[self.tasks.database.name]
+        return database.get_collection(SCHEDULES_COLLECTION, write_concern=DURABLE)
+
+    @_unavailable
+    async def ensure_schedule_indexes(self) -> None:
+        """The due-schedule index, and the unique (schedule_id, occurrence) index on tasks:
+        partial, so tasks no schedule created (without schedule_id) are not in it."""
+        await self.schedules.create_index(
+            [("paused", ASCENDING), ("next_at", ASCENDING)], name="due"
+        )
+        await self.tasks.create_index(
+            [("schedule_id", ASCENDING), ("occurrence", ASCENDING)],
+            name=OCCURRENCE_INDEX,
+            unique=True,
+            partialFilterExpression={"schedule_id": {"$exists": True}},
+        )
+
+    @_unavailable
+    async def create_schedule(self, *, template: Mapping[str, Any], timing: Timing) -> Schedule:
+        """Insert a schedule: `template` holds the task's type, args, priority, max_attempts
+        and timeout (as the API checked them); its first occurrence is computed now."""
+        now = self.clock.surely_now()
+        anchor = None
+        if timing.every is not None:
+            anchor = to_millis(timing.start_at or now + timedelta(seconds=timing.every))
+        doc: dict[str, Any] = {
+            "_id": ObjectId(),
+            **{k: v for k, v in template.items() if v is not None},
+            "cron": timing.cron,
+            "timezone": timing.timezone,
+            "every": timing.every,
+            "anchor": anchor,
+            "start_at": timing.start_at,
+            "end_at": timing.end_at,
+            "missed": timing.missed,
+            "paused": False,
+            "created_at": now,
+        }
+        doc = {k: v for k, v in doc.items() if v is not None}
+        doc["next_at"] = next_occurrence(Schedule.from_document(doc), now, inclusive=True)
+        await self.schedules.insert_one(doc)
+        return Schedule.from_document(doc)
+
+    @_unavailable
+    async def get_schedule(self, schedule_id: str) -> Schedule | None:
+        """The schedule with this id, or None."""
+        doc = await self.schedules.find_one(id_filter(schedule_id))
+        return None if doc is None else Schedule.from_document(doc)
+
+    @_unavailable
+    async def list_schedules(self, *, limit: int) -> list[Schedule]:
+        """Up to `limit` schedules, oldest first."""
+        cursor = self.schedules.find({}).sort("_id", ASCENDING).limit(limit)
+        return [Schedule.from_document(doc) async for doc in cursor]
+
+    @_unavailable
+    async def delete_schedule(self, schedule_id: str) -> bool:
+        """Delete a schedule (the tasks it created stay); False if there was none."""
+        result = await self.schedules.delete_one(id_filter(schedule_id))
+        return result.deleted_count == 1
+
+    @_unavailable
+    async def pause_schedule(self, schedule_id: str, *, paused: bool) -> Schedule | None:
+        """Pause or resume a schedule; None if there is none. Resuming leaves `next_at` as
+        it was, so the occurrences missed meanwhile follow the schedule's missed policy."""
+        doc = await self.schedules.find_one_and_update(
+            id_filter(schedule_id),
+            {"$set": {"paused": paused}},
+            return_document=ReturnDocument.AFTER,
+        )
+        return None if doc is None else Schedule.from_document(doc)
+
+    @_unavailable
+    async def due_schedules(self, *, now: datetime, limit: int) -> list[Schedule]:
+        """Schedules not paused whose next occurrence is at or before `now` (the due index)."""
+        due = {"paused": False, "next_at": {"$lte": now}}
+        cursor = self.schedules.find(due).sort("next_at", ASCENDING).limit(limit)
+        return [Schedule.from_document(doc) async for doc in cursor]
+
+    @_unavailable
+    async def create_occurrence(self, schedule: Schedule, occurrence: datetime) -> Task | None:
+        """Insert the task of one occurrence, due at it; None if a task for it exists
+        already (another worker made it: the unique index refused this one)."""
+        doc = self._new_task(
+            ObjectId(),
+            task_type=schedule.type,
+            run_at=None,
+            max_attempts=schedule.max_attempts or 1,
+            args=schedule.args,
+            priority=schedule.priority,
+            time_limit=schedule.timeout,
+        )
+        doc.update(run_at=occurrence, schedule_id=schedule.id, occurrence=occurrence)
+        try:
+            await self.tasks.insert_one(doc)
+        except DuplicateKeyError:
+            return None
+        return Task.from_document(doc)
+
+    @_unavailable
+    async def advance_schedule(
+        self, schedule: Schedule, *, to: datetime | None, now: datetime
+    ) -> bool:
+        """Move the schedule's next occurrence on to `to` (None: it has no more), fenced on
+        the value it was read with: of workers racing, one advances it; False for the rest
+        (and if the schedule was deleted)."""
+        result = await self.schedules.update_one(
+            {"_id": schedule.key, "next_at": schedule.next_at},
+            {"$set": {"next_at": to, "advanced_at": now}},
+        )
+        return result.modified_count == 1
+
 
 RETENTION_INDEX = "retention"
 WORKERS_COLLECTION = "workers"
@@ -1170,3 +1295,73 @@ class QueueFigures:
     oldest_due: datetime | None
     stale: int
     now: datetime
+
+
+# -- recurring schedules: when occurrences fall ---------------------------------------------
+
+SCHEDULES_COLLECTION = "schedules"
+OCCURRENCE_INDEX = "schedule_occurrence"
+_MS = timedelta(milliseconds=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Timing:
+    """When a schedule recurs, as the API checked it: `cron` (five fields, in `timezone`)
+    or `every` seconds; optional bounds; the missed policy."""
+
+    cron: str | None = None
+    timezone: str = "UTC"
+    every: float | None = None
+    start_at: datetime | None = None
+    end_at: datetime | None = None
+    missed: str = MissedPolicy.LATEST.value
+
+
+def next_occurrence(schedule: Schedule, after: datetime, *, inclusive: bool) -> datetime | None:
+    """The schedule's first occurrence after `after` (or at it, if `inclusive`), not before
+    start_at; None when it falls after end_at or the schedule cannot say."""
+    if schedule.start_at is not None and after < schedule.start_at:
+        after, inclusive = schedule.start_at, True
+    found: datetime | None = None
+    if schedule.every is not None and schedule.anchor is not None:
+        step = round(schedule.every * 1000)
+        elapsed = (after - schedule.anchor) // _MS
+        count = max(0, -(-elapsed // step) if inclusive else elapsed // step + 1)
+        found = schedule.anchor + count * step * _MS
+    elif schedule.cron is not None:
+        start = after - _MS if inclusive else after
+        found = _cron_step(schedule, start, forward=True)
+    if found is None or (schedule.end_at is not None and found > schedule.end_at):
+        return None
+    return to_millis(found)
+
+
+def latest_occurrence(schedule: Schedule, now: datetime) -> datetime | None:
+    """The schedule's last occurrence at or before `now`, never before its stored next one
+    (None if that is after `now`): what the missed policy `latest` creates."""
+    first = schedule.next_at
+    if first is None or first > now:
+        return None
+    if schedule.end_at is not None:
+        now = min(now, schedule.end_at)
+    found: datetime | None = None
+    if schedule.every is not None and schedule.anchor is not None:
+        step = round(schedule.every * 1000)
+        found = schedule.anchor + (now - schedule.anchor) // _MS // step * step * _MS
+    elif schedule.cron is not None:
+        found = _cron_step(schedule, now + _MS, forward=False)
+    return first if found is None or found < first else to_millis(found)
+
+
+def _cron_step(schedule: Schedule, start: datetime, *, forward: bool) -> datetime | None:
+    """croniter's next (or previous) match strictly after (before) `start`, in the
+    schedule's time zone, as UTC."""
+    assert schedule.cron is not None
+    try:
+        zone = zoneinfo.ZoneInfo(schedule.timezone)
+        matches = croniter(schedule.cron, start.astimezone(zone))
+        found = matches.get_next(datetime) if forward else matches.get_prev(datetime)
+    except (ValueError, KeyError, zoneinfo.ZoneInfoNotFoundError, CroniterError):
+        return None  # a stored expression this version cannot read: no occurrences
+    assert isinstance(found, datetime)
+    return found.astimezone(UTC)

@@ -37,6 +37,7 @@ from service.plugins import (
 )
 from service.recovery import Recoverer
 from service.retention import Retention
+from service.scheduler import Scheduler
 from service.store import TaskStore, new_lease, open_client
 from service.wakeups import WakeUps
 
@@ -172,7 +173,15 @@ class Worker:
         )
         self.malformed = MalformedScan(store, interval=MALFORMED_SCAN_INTERVAL)
         self.retention = Retention(store, retention=settings.retention)
-        jobs = (self.heartbeat, self.recoverer, self.malformed, self.retention, self.wakeups)
+        self.scheduler = Scheduler(store, interval=settings.schedule_interval)
+        jobs = (
+            self.heartbeat,
+            self.recoverer,
+            self.malformed,
+            self.retention,
+            self.scheduler,
+            self.wakeups,
+        )
         for job in jobs:
             job.on_crash = self._crash
         self._stopping = asyncio.Event()
@@ -199,6 +208,7 @@ class Worker:
         self.recoverer.start()
         self.malformed.start()
         self.retention.start()
+        self.scheduler.start()
         self.wakeups.start()
         try:
             await self._claim_loop()
@@ -207,6 +217,7 @@ class Worker:
             await self.wakeups.stop()
             await self.malformed.stop()
             await self.retention.stop()
+            await self.scheduler.stop()
             await self.recoverer.stop()
             await self.heartbeat.stop()
             await self._release_all()

@@ -1,0 +1,438 @@
+"""Recurring schedules: when occurrences fall (cron in a time zone, every N seconds), the
+API, the schedule job's exactly-once and missed-occurrence rules, and a fleet of real
+processes (three workers, two APIs) turning occurrences into tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import re
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient
+from pymongo.errors import DuplicateKeyError
+
+from service.app import create_app
+from service.config import Settings
+from service.models import Schedule, State, Task
+from service.scheduler import Scheduler
+from service.store import (
+    OCCURRENCE_INDEX,
+    TaskStore,
+    Timing,
+    latest_occurrence,
+    next_occurrence,
+)
+from tests.conftest import WorkerProcess, all_tasks, eventually, wait_until_started
+from tests.test_api_contract import ApiProcess
+
+FOO = {"type": "foo", "max_attempts": 1, "priority": 0, "args": None, "timeout": None}
+
+
+def utc(text: str) -> datetime:
+    return datetime.fromisoformat(text).astimezone(UTC)
+
+
+def cron_schedule(cron: str, timezone: str, **fields: Any) -> Schedule:
+    return Schedule.from_document(
+        {"_id": "s", "type": "foo", "max_attempts": 1, "cron": cron, "timezone": timezone} | fields
+    )
+
+
+def occurrences(schedule: Schedule, after: datetime, count: int) -> list[datetime]:
+    found: list[datetime] = []
+    moment, inclusive = after, True
+    for _ in range(count):
+        following = next_occurrence(schedule, moment, inclusive=inclusive)
+        if following is None:
+            break
+        found.append(following)
+        moment, inclusive = following, False
+    return found
+
+
+# -- when occurrences fall ---------------------------------------------------------------------
+
+
+def test_cron_in_paris_follows_the_wall_clock_across_both_dst_changes() -> None:
+    daily = cron_schedule("0 9 * * *", "Europe/Paris")
+    # Summer time starts on 29 March 2026: 09:00 in Paris is 08:00 UTC before, 07:00 after.
+    assert occurrences(daily, utc("2026-03-27T12:00:00+00:00"), 4) == [
+        utc("2026-03-28T08:00:00+00:00"),
+        utc("2026-03-29T07:00:00+00:00"),
+        utc("2026-03-30T07:00:00+00:00"),
+        utc("2026-03-31T07:00:00+00:00"),
+    ]
+    # It ends on 25 October 2026: back to 08:00 UTC.
+    assert occurrences(daily, utc("2026-10-24T00:00:00+00:00"), 3) == [
+        utc("2026-10-24T07:00:00+00:00"),
+        utc("2026-10-25T08:00:00+00:00"),
+        utc("2026-10-26T08:00:00+00:00"),
+    ]
+    # Hourly at half past: the repeated hour of the autumn change comes twice, an hour apart.
+    hourly = cron_schedule("30 * * * *", "Europe/Paris")
+    found = occurrences(hourly, utc("2026-10-24T22:00:00+00:00"), 5)
+    assert [b - a for a, b in itertools.pairwise(found)] == [timedelta(hours=1)] * 4
+    # The same expression in UTC is another instant.
+    assert next_occurrence(
+        cron_schedule("0 9 * * *", "UTC"), utc("2026-03-27T12:00:00+00:00"), inclusive=True
+    ) == utc("2026-03-28T09:00:00+00:00")
+
+
+def test_cron_bounds_and_inclusive_start() -> None:
+    every5 = cron_schedule(
+        "*/5 * * * *",
+        "UTC",
+        start_at=utc("2026-01-01T00:10:00+00:00"),
+        end_at=utc("2026-01-01T00:20:00+00:00"),
+    )
+    assert occurrences(every5, utc("2026-01-01T00:00:00+00:00"), 10) == [
+        utc("2026-01-01T00:10:00+00:00"),
+        utc("2026-01-01T00:15:00+00:00"),
+        utc("2026-01-01T00:20:00+00:00"),
+    ]
+    now = utc("2026-01-01T00:17:00+00:00")
+    stored = dataclasses.replace(every5, next_at=utc("2026-01-01T00:10:00+00:00"))
+    assert latest_occurrence(stored, now) == utc("2026-01-01T00:15:00+00:00")
+
+
+def test_every_counts_from_its_anchor() -> None:
+    anchor = utc("2026-01-01T00:00:00+00:00")
+    every = Schedule.from_document(
+        {"_id": "s", "type": "foo", "max_attempts": 1, "every": 1.5, "anchor": anchor}
+    )
+    assert occurrences(every, anchor - timedelta(hours=1), 3) == [
+        anchor,
+        anchor + timedelta(seconds=1.5),
+        anchor + timedelta(seconds=3),
+    ]
+    assert next_occurrence(every, anchor + timedelta(seconds=1.5), inclusive=False) == (
+        anchor + timedelta(seconds=3)
+    )
+    stored = dataclasses.replace(every, next_at=anchor)
+    now = anchor + timedelta(hours=1, milliseconds=700)
+    assert latest_occurrence(stored, now) == anchor + timedelta(hours=1)
+    assert latest_occurrence(stored, anchor - timedelta(seconds=1)) is None
+
+
+# -- the API -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"type": "nope", "every": 5}, "type"),
+        ({"type": "foo", "every": 5, "args": {"x": 1}}, "args"),
+        ({"type": "foo"}, "cron"),
+        ({"type": "foo", "every": 5, "cron": "* * * * *"}, "cron"),
+        ({"type": "foo", "cron": "61 * * * *"}, "cron"),
+        ({"type": "foo", "cron": "* * * * * *"}, "cron"),
+        ({"type": "foo", "cron": "@hourly"}, "cron"),
+        ({"type": "foo", "cron": "* * * * *", "timezone": "Mars/Olympus"}, "timezone"),
+        ({"type": "foo", "every": 5, "timezone": "Europe/Paris"}, "timezone"),
+        ({"type": "foo", "every": 0.5}, "every"),
+        ({"type": "foo", "every": True}, "every"),
+        ({"type": "foo", "every": 5, "missed": "all"}, "missed"),
+        ({"type": "foo", "every": 5, "run_at": 0}, "run_at"),
+        ({"type": "foo", "every": 5, "priority": 11}, "priority"),
+        (
+            {"type": "foo", "every": 5, "start_at": 2_000_000_000, "end_at": 1_900_000_000},
+            "end_at",
+        ),
+        ({"type": "foo", "every": {"$gt": 1}}, "body"),
+    ],
+)
+async def test_bad_schedules_are_refused_with_400(
+    api: TestClient[Any, Any], body: dict[str, Any], field: str
+) -> None:
+    response = await api.post("/schedules", json=body)
+    assert response.status == 400, await response.text()
+    error = (await response.json())["error"]
+    assert error["code"] == "invalid_request"
+    assert field in error["details"], error
+    assert (await (await api.get("/schedules")).json()) == {"schedules": []}
+
+
+async def test_schedule_lifecycle_through_the_api(api: TestClient[Any, Any]) -> None:
+    body = {
+        "type": "FOO",
+        "cron": "*/5 * * * *",
+        "timezone": "Europe/Paris",
+        "priority": 3,
+        "missed": "SKIP",
+    }
+    created = await api.post("/schedules", json=body)
+    assert created.status == 201, await created.text()
+    schedule = await created.json()
+    assert created.headers["Location"] == f"/schedules/{schedule['id']}"
+    assert schedule["type"] == "foo" and schedule["missed"] == "skip"
+    assert schedule["timezone"] == "Europe/Paris" and schedule["paused"] is False
+    assert schedule["max_attempts"] == 3 and schedule["priority"] == 3
+    next_at = utc(schedule["next_at"].replace("Z", "+00:00"))
+    assert next_at.minute % 5 == 0 and next_at > datetime.now(UTC) - timedelta(seconds=5)
+    path = f"/schedules/{schedule['id']}"
+    assert (await (await api.get(path)).json()) == schedule
+    assert (await (await api.get("/schedules")).json()) == {"schedules": [schedule]}
+    paused = await api.post(f"{path}/pause")
+    assert paused.status == 200 and (await paused.json())["paused"] is True
+    resumed = await api.post(f"{path}/resume")
+    assert resumed.status == 200 and (await resumed.json())["paused"] is False
+    assert (await api.delete(path)).status == 204
+    for method, target in [
+        ("GET", path),
+        ("DELETE", path),
+        ("POST", f"{path}/pause"),
+        ("POST", f"{path}/resume"),
+        ("GET", "/schedules/not-an-id"),
+    ]:
+        missing = await api.request(method, target)
+        assert missing.status == 404, (method, target)
+        assert (await missing.json())["error"]["code"] == "not_found"
+    document = await (await api.get("/openapi.json")).json()
+    for path_name, methods in {
+        "/schedules": {"get", "post"},
+        "/schedules/{id}": {"get", "delete"},
+        "/schedules/{id}/pause": {"post"},
+        "/schedules/{id}/resume": {"post"},
+    }.items():
+        assert set(document["paths"][path_name]) == methods
+    task_fields = document["components"]["schemas"]["Task"]["properties"]
+    assert {"schedule_id", "occurrence"} <= set(task_fields)
+
+
+async def test_schedule_writes_need_a_token(
+    settings: Settings, store: TaskStore, aiohttp_client: Any
+) -> None:
+    guarded = dataclasses.replace(settings, api_tokens=("s3cret",))
+    client = await aiohttp_client(create_app(guarded))
+    body = {"type": "foo", "every": 60}
+    assert (await client.post("/schedules", json=body)).status == 401
+    good = {"Authorization": "Bearer s3cret"}
+    created = await client.post("/schedules", json=body, headers=good)
+    assert created.status == 201
+    path = f"/schedules/{(await created.json())['id']}"
+    assert (await client.get(path)).status == 200
+    for method, target in [("POST", f"{path}/pause"), ("DELETE", path)]:
+        assert (await client.request(method, target)).status == 401
+        assert (await client.request(method, target, headers=good)).status in (200, 204)
+
+
+# -- the schedule job, one round at a time -----------------------------------------------------
+
+
+async def _overdue(store: TaskStore, missed: str, *, by: float) -> Schedule:
+    """An every-1s schedule whose first occurrence was `by` seconds ago and never made."""
+    schedule = await store.create_schedule(template=FOO, timing=Timing(every=1, missed=missed))
+    anchor = store.clock.surely_now() - timedelta(seconds=by)
+    await store.schedules.update_one(
+        {"_id": schedule.key}, {"$set": {"anchor": anchor, "next_at": anchor}}
+    )
+    found = await store.get_schedule(schedule.id)
+    assert found is not None
+    return found
+
+
+async def _tasks_of(store: TaskStore, schedule: Schedule) -> list[Task]:
+    return sorted(
+        (t for t in await all_tasks(store) if t.schedule_id == schedule.id),
+        key=lambda t: t.occurrence or datetime.min.replace(tzinfo=UTC),
+    )
+
+
+async def test_missed_occurrences_latest_once_or_none(store: TaskStore) -> None:
+    latest = await _overdue(store, "latest", by=10.5)
+    skip = await _overdue(store, "skip", by=10.5)
+    job = Scheduler(store, interval=0.2)
+    assert await job.run_once() == 1
+    assert await job.run_once() == 0
+    (made,) = await _tasks_of(store, latest)
+    assert latest.next_at is not None
+    assert made.occurrence == made.run_at == latest.next_at + timedelta(seconds=10)
+    assert made.created_at is not None and made.occurrence is not None
+    assert made.created_at >= made.occurrence
+    assert await _tasks_of(store, skip) == []
+    now = store.clock.surely_now()
+    for schedule in (latest, skip):
+        moved = await store.get_schedule(schedule.id)
+        assert moved is not None and moved.next_at is not None
+        assert now < moved.next_at <= now + timedelta(seconds=1.5)
+
+
+async def test_racing_jobs_make_one_task_per_occurrence(store: TaskStore) -> None:
+    schedules = [await _overdue(store, "latest", by=0.2) for _ in range(5)]
+    jobs = [Scheduler(store, interval=0.2) for _ in range(4)]
+    created = await asyncio.gather(*(job.run_once() for job in jobs for _ in range(3)))
+    assert sum(created) == 5
+    for schedule in schedules:
+        (made,) = await _tasks_of(store, schedule)
+        assert made.occurrence == schedule.next_at
+    # The unique index itself refuses a second task for an occurrence.
+    with pytest.raises(DuplicateKeyError):
+        await store.tasks.insert_one(
+            {"schedule_id": made.schedule_id, "occurrence": made.occurrence}
+        )
+    indexes = await store.tasks.index_information()
+    assert indexes[OCCURRENCE_INDEX]["unique"] is True
+    # Tasks made without a schedule are outside the partial index.
+    for _ in range(2):
+        await store.create(task_type="foo", run_at=None, max_attempts=1)
+
+
+async def test_paused_schedule_makes_nothing_until_resumed(store: TaskStore) -> None:
+    schedule = await _overdue(store, "latest", by=5.5)
+    await store.pause_schedule(schedule.id, paused=True)
+    job = Scheduler(store, interval=0.2)
+    assert await job.run_once() == 0
+    assert await _tasks_of(store, schedule) == []
+    await store.pause_schedule(schedule.id, paused=False)
+    assert await job.run_once() == 1
+    (made,) = await _tasks_of(store, schedule)
+    assert schedule.next_at is not None
+    assert made.occurrence == schedule.next_at + timedelta(seconds=5)
+
+
+async def test_deleted_schedule_makes_nothing_more(store: TaskStore) -> None:
+    schedule = await _overdue(store, "latest", by=3.5)
+    assert await store.delete_schedule(schedule.id)
+    assert await Scheduler(store, interval=0.2).run_once() == 0
+    assert await _tasks_of(store, schedule) == []
+
+
+# -- a fleet of real processes -----------------------------------------------------------------
+
+
+@pytest.fixture
+def two_apis(settings: Settings, store: TaskStore, tmp_path: Path) -> Iterator[list[ApiProcess]]:
+    servers = [ApiProcess(settings, tmp_path / f"api{i}.log") for i in range(2)]
+    yield servers
+    for server in servers:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+
+
+FAST = {"schedule_interval": 0.2, "log_level": "INFO"}
+
+
+def _check_once_each(tasks: list[Task]) -> None:
+    """One task per occurrence, none created or started before it, each run at most once."""
+    per_occurrence = Counter((t.schedule_id, t.occurrence) for t in tasks)
+    assert all(n == 1 for n in per_occurrence.values()), per_occurrence.most_common(3)
+    for task in tasks:
+        assert task.occurrence is not None and task.run_at == task.occurrence
+        assert task.created_at is not None and task.created_at >= task.occurrence
+        assert task.started_at is None or task.started_at >= task.occurrence
+        assert task.attempts <= 1, task
+
+
+async def test_fleet_makes_exactly_one_task_per_occurrence(
+    store: TaskStore,
+    two_apis: list[ApiProcess],
+    spawn_worker: Callable[..., WorkerProcess],
+) -> None:
+    workers = [spawn_worker(**FAST) for _ in range(3)]
+    for worker in workers:
+        await wait_until_started(worker)
+    first, second = (f"http://127.0.0.1:{api.port}" for api in two_apis)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{first}/schedules", json={"type": "foo", "every": 1}) as created:
+            assert created.status == 201, await created.text()
+            schedule = await created.json()
+        async with http.get(f"{second}/schedules") as listed:
+            assert [s["id"] for s in (await listed.json())["schedules"]] == [schedule["id"]]
+
+        async def made(count: int) -> bool:
+            return len([t for t in await all_tasks(store) if t.schedule_id]) >= count
+
+        await eventually(lambda: made(1), within=30)
+        began = time.monotonic()
+        await eventually(lambda: made(6), within=30)
+        assert time.monotonic() - began > 4  # one a second, not faster
+        async with http.delete(f"{second}/schedules/{schedule['id']}") as deleted:
+            assert deleted.status == 204
+        deleted_at = store.clock.now()
+        tasks = [t for t in await all_tasks(store) if t.schedule_id]
+        async with http.get(f"{second}/tasks/{tasks[0].id}") as shown:
+            body = await shown.json()
+            assert body["schedule_id"] == schedule["id"] and body["occurrence"] == body["run_at"]
+
+    async def all_ran() -> bool:
+        found = [t for t in await all_tasks(store) if t.schedule_id]
+        return all(t.state == State.COMPLETE for t in found)
+
+    await eventually(all_ran, within=30)
+    # Watched for three periods after the delete: nothing newer than it.
+    await asyncio.sleep(3)
+    tasks = [t for t in await all_tasks(store) if t.schedule_id]
+    _check_once_each(tasks)
+    assert all(t.attempts == 1 for t in tasks)
+    assert all(t.occurrence is not None and t.occurrence <= deleted_at for t in tasks)
+    occurrences = sorted(t.occurrence for t in tasks if t.occurrence is not None)
+    steps = {(b - a).total_seconds() for a, b in itertools.pairwise(occurrences)}
+    assert all(step >= 1 and step == int(step) for step in steps), steps
+    for worker in workers:
+        worker.signal(signal.SIGTERM)
+        assert worker.wait() == 0, worker.stderr()
+
+
+CAUGHT_UP = re.compile(r"schedule (\w+): task \w+ \(foo\) for (\S+) \(the latest missed")
+SKIPPED = re.compile(r"schedule (\w+): missed occurrences from (\S+) to (\S+) skipped")
+
+
+async def test_missed_occurrences_after_the_whole_fleet_was_down(
+    store: TaskStore, spawn_worker: Callable[..., WorkerProcess]
+) -> None:
+    latest = await store.create_schedule(template=FOO, timing=Timing(every=1))
+    skip = await store.create_schedule(template=FOO, timing=Timing(every=1, missed="skip"))
+    fleet = [spawn_worker(**FAST) for _ in range(3)]
+
+    async def each_made_one() -> bool:
+        return all([await _tasks_of(store, s) for s in (latest, skip)])
+
+    await eventually(each_made_one, within=30)
+    for worker in fleet:
+        worker.signal(signal.SIGTERM)
+    for worker in fleet:
+        assert worker.wait() == 0, worker.stderr()
+    first_missed = {}
+    for schedule in (latest, skip):
+        stored = await store.get_schedule(schedule.id)
+        assert stored is not None and stored.next_at is not None
+        first_missed[schedule.id] = stored.next_at
+    before = {s.id: len(await _tasks_of(store, s)) for s in (latest, skip)}
+    await asyncio.sleep(4.5)  # four periods or more pass with no worker at all
+    survivor = spawn_worker(**FAST)
+
+    async def back() -> bool:
+        return bool(CAUGHT_UP.search(survivor.stderr()) and SKIPPED.search(survivor.stderr()))
+
+    await eventually(back, within=30)
+    caught = [m for m in CAUGHT_UP.finditer(survivor.stderr())]
+    assert [m[1] for m in caught] == [latest.id], survivor.stderr()
+    caught_up_at = utc(caught[0][2])
+    (skipped,) = [m for m in SKIPPED.finditer(survivor.stderr())]
+    assert skipped[1] == skip.id
+    skipped_up_to = utc(skipped[3])
+    assert utc(skipped[2]) == first_missed[skip.id]
+
+    # latest: of the occurrences missed, only the latest was made, once.
+    made = [t for t in await _tasks_of(store, latest)][before[latest.id] :]
+    assert made[0].occurrence == caught_up_at
+    assert caught_up_at - first_missed[latest.id] >= timedelta(seconds=3)
+    # skip: none of them; the next one made is a future one.
+    made_skip = [t for t in await _tasks_of(store, skip)][before[skip.id] :]
+    assert all(t.occurrence is not None and t.occurrence > skipped_up_to for t in made_skip)
+    assert skipped_up_to - first_missed[skip.id] >= timedelta(seconds=3)
+    _check_once_each([*await _tasks_of(store, latest), *await _tasks_of(store, skip)])
+    survivor.signal(signal.SIGTERM)
+    assert survivor.wait() == 0, survivor.stderr()
