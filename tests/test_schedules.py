@@ -10,6 +10,7 @@ import dataclasses
 import itertools
 import re
 import signal
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -33,7 +34,13 @@ from service.store import (
     latest_occurrence,
     next_occurrence,
 )
-from tests.conftest import WorkerProcess, all_tasks, eventually, wait_until_started
+from tests.conftest import (
+    WorkerProcess,
+    all_tasks,
+    eventually,
+    settings_env,
+    wait_until_started,
+)
 from tests.test_api_contract import ApiProcess
 
 FOO = {"type": "foo", "max_attempts": 1, "priority": 0, "args": None, "timeout": None}
@@ -436,3 +443,29 @@ async def test_missed_occurrences_after_the_whole_fleet_was_down(
     _check_once_each([*await _tasks_of(store, latest), *await _tasks_of(store, skip)])
     survivor.signal(signal.SIGTERM)
     assert survivor.wait() == 0, survivor.stderr()
+
+
+async def test_task_runner_schedules_lists_them(settings: Settings, store: TaskStore) -> None:
+    every = await store.create_schedule(template=FOO, timing=Timing(every=60))
+    cron = await store.create_schedule(
+        template=FOO, timing=Timing(cron="0 9 * * 1-5", timezone="Europe/Paris", missed="skip")
+    )
+    await store.pause_schedule(cron.id, paused=True)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service.cli",
+        "schedules",
+        env=settings_env(settings),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    lines = out.decode().splitlines()
+    assert lines[0].split() == ["schedule", "type", "state", "missed", "next", "occurrence", "when"]
+    assert lines[1].split()[:4] == [every.id, "foo", "active", "latest"]
+    assert lines[1].endswith("every 60s")
+    assert lines[2].split()[:4] == [cron.id, "foo", "paused", "skip"]
+    assert lines[2].endswith("cron 0 9 * * 1-5 Europe/Paris")
+    assert lines[3] == "2 schedule(s)"
