@@ -469,3 +469,14 @@ async def test_task_runner_schedules_lists_them(settings: Settings, store: TaskS
     assert lines[2].split()[:4] == [cron.id, "foo", "paused", "skip"]
     assert lines[2].endswith("cron 0 9 * * 1-5 Europe/Paris")
     assert lines[3] == "2 schedule(s)"
+
+
+async def test_occurrences_found_late_by_a_round_are_each_made(store: TaskStore) -> None:
+    schedule = await _overdue(store, "skip", by=1.5)
+    job = Scheduler(store, interval=0.5)  # late after 2 s: these two are on time
+    assert await job.run_once() == 2
+    assert schedule.next_at is not None
+    assert [t.occurrence for t in await _tasks_of(store, schedule)] == [
+        schedule.next_at,
+        schedule.next_at + timedelta(seconds=1),
+    ]
