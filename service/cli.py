@@ -64,6 +64,7 @@ API_FIELDS = (
     "metrics_cache",
     "task_modules",
     "idempotency_ttl",
+    "type_limits",
 )
 WORKER_FIELDS = (
     *DB_FIELDS,
@@ -84,6 +85,7 @@ WORKER_FIELDS = (
     "task_modules",
     "task_timeout",
     "retention",
+    "type_limits",
 )
 LOCAL_DB_FIELDS = ("local_db_port", "local_db_path", "log_level", "log_format")
 OPS_FIELDS = (*DB_FIELDS, "stale_after", "heartbeat_interval")

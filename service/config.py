@@ -84,12 +84,15 @@ class Settings:
     task_timeout: float | None = None
     idempotency_ttl: float = 86400.0
     retention: float = 7 * 24 * 3600.0
+    # "name=N" entries, normalised to a lowercase name; see `limits`.
+    type_limits: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self._check_numbers()
         self._check_ranges()
         self._check_choice("log_level", LOG_LEVELS)
         self._check_choice("log_format", LOG_FORMATS)
+        self._check_type_limits()
         if not self.bar_url.startswith(("http://", "https://")):
             raise SettingsError("{bar_url} must be an http:// or https:// URL", "bar_url")
         if self.mongodb_url is not None and not self.mongodb_url.startswith(
@@ -107,6 +110,28 @@ class Settings:
                 object.__setattr__(self, name, choice)
                 return
         raise SettingsError(f"{{{name}}} must be one of {', '.join(choices)}, not {given!r}", name)
+
+    def _check_type_limits(self) -> None:
+        """Each entry `name=positive int`, each type once; stored as `name=N`, lowercase."""
+        seen: dict[str, int] = {}
+        for entry in self.type_limits:
+            match = _TYPE_LIMIT.fullmatch(str(entry).strip())
+            if match is None or int(match["limit"]) < 1:
+                raise SettingsError(
+                    f"{{type_limits}}: {entry!r} is not type=N with N a positive integer "
+                    '(e.g. "bar=2,foo=10")',
+                    "type_limits",
+                )
+            name = match["name"].lower()
+            if name in seen:
+                raise SettingsError(f"{{type_limits}} names {name!r} twice", "type_limits")
+            seen[name] = int(match["limit"])
+        object.__setattr__(self, "type_limits", tuple(f"{k}={v}" for k, v in seen.items()))
+
+    @property
+    def limits(self) -> dict[str, int]:
+        """How many tasks of each limited type may run at once in the whole fleet."""
+        return {name: int(n) for name, _, n in (e.partition("=") for e in self.type_limits)}
 
     def _check_numbers(self) -> None:
         # NaN passes every `<= 0` test and an infinite interval never fires: refuse both.
@@ -234,6 +259,7 @@ HELP: dict[str, str] = {
     "task_timeout": "seconds a run may take unless the task or its type says (unset: no limit)",
     "idempotency_ttl": "seconds an Idempotency-Key is remembered",
     "retention": "seconds COMPLETE and FAILED tasks are kept after they finish (0: for ever)",
+    "type_limits": "type=N,...: at most N tasks of the type run at once in the whole fleet",
     "schedule_interval": "seconds between a worker's looks for due schedule occurrences",
     "db_timeout": "seconds to wait for the database before giving up on a call",
     "max_body_bytes": "largest request body the API accepts",
@@ -282,6 +308,7 @@ def is_known_variable(name: str) -> bool:
     return name in known
 
 
+_TYPE_LIMIT = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_.-]*)\s*=\s*(?P<limit>[0-9]{1,9})")
 _CREDENTIALS = re.compile(
     r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/?#\s]*):[^@/?#\s]*@"
 )
