@@ -20,12 +20,19 @@ class Recoverer(Periodic):
     database comes back from an outage every heartbeat looks old, and live workers need
     that long to refresh theirs. Without the wait, a restart of the database would
     requeue every running task and run it twice.
+
+    With `slots` (this worker has TASK_RUNNER_TYPE_LIMITS), each round then frees the
+    concurrency-limit slots whose lease no longer holds a STARTED task: those of the tasks
+    just recovered, of dead workers, of claims that never landed.
     """
 
-    def __init__(self, store: TaskStore, *, stale_after: float, interval: float) -> None:
+    def __init__(
+        self, store: TaskStore, *, stale_after: float, interval: float, slots: bool = False
+    ) -> None:
         super().__init__(interval=interval, jitter=0.25)
         self.store = store
         self.stale_after = stale_after
+        self.slots = slots
         self._reachable_since: float | None = None
 
     def database_lost(self) -> None:
@@ -52,6 +59,11 @@ class Recoverer(Periodic):
             logger.warning(
                 "recovered %d stale task(s) (no heartbeat for %.1fs)", moved, self.stale_after
             )
+        if self.slots:
+            # After the tasks: a slot is freed only once its task has left STARTED.
+            freed = await self.store.free_lost_slots(self.stale_after, within=self.stale_after / 4)
+            if freed:
+                logger.warning("freed %d concurrency slot(s) held by no running task", freed)
         return moved
 
     def on_unavailable(self) -> None:

@@ -24,6 +24,7 @@ from service import worker_metrics as metrics
 from service.clock import DbClock
 from service.config import Settings
 from service.errors import DatabaseUnavailable
+from service.limits import Slots
 from service.malformed import MalformedScan
 from service.models import Task
 from service.periodic import Periodic
@@ -114,8 +115,11 @@ class Heartbeat(Periodic):
         if took > self.interval:
             # Heartbeats this slow eat into the stale threshold: say so before it bites.
             logger.warning("heartbeat for %d task(s) took %.2fs", len(self.worker.running), took)
+        gone = [r.task for lease in lost if (r := self.worker.running.get(lease)) is not None]
         for lease in lost:
             self.worker.abandon(lease)
+        for task in gone:  # no longer STARTED under our lease: its slot can go now
+            await self.worker.slots.free(task)
         await self.register()
         return lost
 
@@ -160,11 +164,21 @@ class Worker:
         self.heartbeat = Heartbeat(
             self, interval=settings.heartbeat_interval, stale_after=settings.stale_after
         )
-        self.recoverer = Recoverer(
-            store, stale_after=settings.stale_after, interval=settings.stale_after / 2
-        )
         # The types this worker runs: it claims, looks up and listens for no others.
         self.types: tuple[str, ...] = registry.names
+        self.slots = Slots(
+            store,
+            limits=settings.limits,
+            types=self.types,
+            worker_id=self.worker_id,
+            claim_within=settings.stale_after / 4,
+        )
+        self.recoverer = Recoverer(
+            store,
+            stale_after=settings.stale_after,
+            interval=settings.stale_after / 2,
+            slots=bool(self.slots.limits),
+        )
         self.wakeups = WakeUps(
             store,
             types=self.types,
@@ -303,18 +317,20 @@ class Worker:
     async def _claim_loop(self) -> None:
         backoff = 0.1
         while not self._stopping.is_set():
-            if len(self.running) >= self.settings.concurrency or not self.wakeups.due():
+            if len(self.running) >= self.settings.concurrency:
                 await self.wakeups.wait()
                 continue
             try:
-                task = await self._claim()
-                if task is None:
-                    metrics.EMPTY.inc()
-                    await self.wakeups.found_nothing()
-                else:
+                task, looked = await self._claim_round()
+                if task is not None:
                     metrics.CLAIMED.inc()
                     self._start(task)
                     self.wakeups.claimed(task)
+                elif looked:
+                    metrics.EMPTY.inc()
+                    await self.wakeups.found_nothing()
+                else:
+                    await self._wait()
                 backoff = 0.1
             except DatabaseUnavailable as exc:
                 metrics.DATABASE_ERRORS.inc()
@@ -326,6 +342,41 @@ class Worker:
             except Exception as exc:
                 self._crash(exc)
                 return
+
+    async def _claim_round(self) -> tuple[Task | None, bool]:
+        """One try: (the task claimed or None, whether every type was looked at).
+
+        A limited type whose back-off is over is tried first, without a wake-up (a slot
+        freed by another worker is announced to nobody). Otherwise, when the wake-ups say
+        something is due, the unlimited types are claimed in one claim as ever, then each
+        limited type not known to be full under a slot of its own.
+        """
+        task = await self.slots.confirm()
+        if task is not None:
+            logger.info("task %s: claim confirmed after reconnecting", task.id)
+            return task, False
+        for task_type in self.slots.retry_types():
+            task = await self.slots.claim(task_type)
+            if task is not None:
+                return task, False
+        if not self.wakeups.due():
+            return None, False
+        task = await self._claim() if self.slots.unlimited else None
+        for task_type in self.slots.open_types():
+            if task is not None:
+                break
+            task = await self.slots.claim(task_type)
+        return task, task is None
+
+    async def _wait(self) -> None:
+        """Wait for the wake-ups, or until a full limited type is worth trying again."""
+        seconds = self.slots.retry_in()
+        if seconds is None:
+            await self.wakeups.wait()
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self.wakeups.wait()
 
     async def _claim(self) -> Task | None:
         # A claim whose reply was lost (the database went away mid-call) may have landed:
@@ -339,7 +390,7 @@ class Worker:
                 return task
         lease = new_lease()
         self._unconfirmed_lease = lease
-        task = await self.store.claim(self.worker_id, lease=lease, types=self.types)
+        task = await self.store.claim(self.worker_id, lease=lease, types=self.slots.unlimited)
         self._unconfirmed_lease = None
         return task
 
@@ -432,6 +483,8 @@ class Worker:
                 )
                 outcome = "FAILED" if retry_at is None else f"retry at {retry_at.isoformat()}"
                 kind = "failed" if retry_at is None else "retry"
+            # Written or not, the task is no longer STARTED under our lease.
+            await self._persist_none(lambda: self.slots.free(task))
             took = time.monotonic() - started
             metrics.finished(task.type, kind if written else "lease_lost", took)
             if written:
@@ -482,6 +535,13 @@ class Worker:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.settings.heartbeat_interval)
 
+    async def _persist_none(self, write: Callable[[], Awaitable[None]]) -> None:
+        async def done() -> bool:
+            await write()
+            return True
+
+        await self._persist(done)
+
     def _forget(self, task: Task) -> None:
         assert task.lease is not None
         self.running.pop(task.lease, None)
@@ -507,11 +567,11 @@ class Worker:
             running.execution.cancel()
         await asyncio.gather(*(r.execution for r in left), return_exceptions=True)
         for running in left:
-            if running.lost:
-                continue
             try:
-                if await self.store.release(running.task):
+                if not running.lost and await self.store.release(running.task):
                     logger.info("task %s released back to the queue", running.task.id)
+                # Only once the task has left STARTED: the limit holds throughout.
+                await self.slots.free(running.task)
             except DatabaseUnavailable as exc:
                 metrics.DATABASE_ERRORS.inc()
                 logger.warning(
