@@ -25,6 +25,7 @@ from typing import Any
 
 from service.errors import ChangeStreamsUnavailable, DatabaseUnavailable, TaskNotFound
 from service.models import TERMINAL, Task
+from service.periodic import stop_task
 from service.store import TaskStore
 
 logger = logging.getLogger(__name__)
@@ -175,16 +176,12 @@ class TaskFeed:
         for waiters in self._waiting.values():
             for waiter in waiters:
                 waiter.done.set()
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-            self._reader = None
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            await stop_task(reader)
+        watcher, self._task = self._task, None
+        if watcher is not None:
+            await stop_task(watcher)
 
     def publish(self, event: Event) -> None:
         """Hand an event to every subscriber; a subscriber that is far behind loses it
@@ -269,6 +266,12 @@ class TaskFeed:
                     self.change_streams = False
                 except DatabaseUnavailable as exc:
                     logger.warning("event feed: %s; retrying in %gs", exc, self.retry_after)
+                    self.mode = None
+                    await asyncio.sleep(self.retry_after)
+                except Exception:
+                    # The API serves on without its feed's events rather than die; waits
+                    # still end at their deadline. Say so, and open it again.
+                    logger.exception("event feed failed; retrying in %gs", self.retry_after)
                     self.mode = None
                     await asyncio.sleep(self.retry_after)
         finally:

@@ -21,6 +21,10 @@ logger = logging.getLogger(__name__)
 
 FIRST_BACKOFF = 0.1
 MAX_BACKOFF = 1.0
+# While claims of unlimited types keep succeeding (a backlog), the limited types are tried
+# first once they have not been tried for this long: a due task of a limited type waits at
+# most this long behind other types, for at most a take, a claim and a give-back a second.
+RECHECK = 1.0
 
 
 class Slots:
@@ -44,6 +48,7 @@ class Slots:
         # Full types: (monotonic time to try again, the back-off that led there).
         self._full: dict[str, tuple[float, float]] = {}
         self._unconfirmed: tuple[str, str] | None = None
+        self._tried_at = time.monotonic()
 
     def limited(self, task_type: str) -> bool:
         """Whether tasks of this type need a slot."""
@@ -52,6 +57,19 @@ class Slots:
     def open_types(self) -> list[str]:
         """Limited types not known to be full: a claim round tries them."""
         return [t for t in self.limits if t not in self._full]
+
+    def overdue(self) -> bool:
+        """Whether the limited types have waited behind the others long enough to go first."""
+        return bool(self.limits) and time.monotonic() - self._tried_at >= RECHECK
+
+    async def claim_open(self) -> Task | None:
+        """Claim a task of the first limited type not known to be full that has one due."""
+        self._tried_at = time.monotonic()
+        for task_type in self.open_types():
+            task = await self.claim(task_type)
+            if task is not None:
+                return task
+        return None
 
     def retry_types(self) -> list[str]:
         """Full types whose back-off is over: worth trying without a wake-up."""

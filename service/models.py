@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -119,7 +120,7 @@ class Task:
     @property
     def unrunnable(self) -> tuple[str, ...]:
         """The problems that stop a worker from running this task (none: it can run)."""
-        needed = ("type", "max_attempts", "attempts")
+        needed = ("type", "max_attempts", "attempts", "args")
         # Each problem begins with the name of its field.
         return tuple(p for p in self.problems if p.split(" ", 1)[0] in needed)
 
@@ -234,9 +235,17 @@ class _Reader:
 
     def mapping(self, name: str) -> dict[str, Any] | None:
         value = self._get(name, False)
-        if value is None or isinstance(value, Mapping):
-            return None if value is None else dict(value)
-        self._wrong(name, value, "an object")
+        if value is None:
+            return None
+        if isinstance(value, Mapping):
+            try:
+                # What the API stores is JSON; a date, an ObjectId or a NaN put there by
+                # hand could be neither shown nor handed to a schema as the API gave it.
+                json.dumps(value, allow_nan=False)
+                return dict(value)
+            except (TypeError, ValueError):
+                pass
+        self._wrong(name, value, "an object of JSON values")
         return None
 
     def priority(self) -> int:

@@ -3,14 +3,42 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Callable
+from typing import Any
 
 from service.errors import DatabaseUnavailable
 
 logger = logging.getLogger(__name__)
+
+
+# Stopping a background task: cancel it again this often, give up waiting after STOP_WITHIN.
+RECANCEL_EVERY = 0.2
+STOP_WITHIN = 5.0
+
+
+async def stop_task(task: asyncio.Task[Any], *, within: float = STOP_WITHIN) -> bool:
+    """Cancel `task` and wait for it to end, at most `within` seconds; True if it ended.
+
+    A cancellation can be lost: on Python 3.11, `asyncio.wait_for` (which the driver uses
+    around its network calls) returns normally when cancelled just as its operation
+    completes, and the task then goes on as if nothing happened. So it is cancelled again
+    until it ends, and given up on (with a warning) after the bound: a process must always
+    be able to stop.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not task.done():
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            logger.warning("%s not stopped after %.1fs; left behind", task.get_name(), within)
+            return False
+        task.cancel()
+        await asyncio.wait({task}, timeout=min(RECANCEL_EVERY, remaining))
+    if not task.cancelled() and task.exception() is not None:
+        task.exception()  # retrieved: its owner has reported it already
+    return True
 
 
 class Periodic:
@@ -46,12 +74,10 @@ class Periodic:
         self._task = asyncio.create_task(self._loop(), name=type(self).__name__)
 
     async def stop(self) -> None:
-        """Stop and wait for the background loop to end."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        """Stop and wait for the background loop to end (within STOP_WITHIN seconds)."""
+        task, self._task = self._task, None
+        if task is not None:
+            await stop_task(task)
 
     async def _loop(self) -> None:
         while True:

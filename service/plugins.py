@@ -261,5 +261,8 @@ async def run_task(
         raise TaskTimedOut(f"timed out after {time_limit:g} s")
     if not isinstance(output, str):
         raise TypeError(f"task type {definition.name} returned {type(output).__name__}, not str")
+    # What a run returns is text of any kind: printed and stored as valid UTF-8 (a lone
+    # surrogate would make both the print and the database write fail).
+    output = output.encode("utf-8", "replace").decode("utf-8")
     print(output, flush=True)
     return output

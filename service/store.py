@@ -252,6 +252,20 @@ def _label(value: Any) -> str:
     return value if isinstance(value, str) else repr(value)
 
 
+# The most of a task's output or error that is stored: a document must stay far below
+# MongoDB's 16 MB, and one task's text must not crowd out the others on a page.
+MAX_STORED_TEXT = 64 * 1024
+
+
+def storable(text: str) -> str:
+    """Text as it can be stored: at most MAX_STORED_TEXT characters (the cut said), and
+    valid UTF-8 (a lone surrogate, which BSON cannot encode, becomes "?")."""
+    if len(text) > MAX_STORED_TEXT:
+        cut = len(text) - MAX_STORED_TEXT
+        text = f"{text[:MAX_STORED_TEXT]}... [{cut} more characters not stored]"
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def claimable(types: Collection[str], *, due_by: datetime) -> dict[str, Any]:
     """The claim's filter: due, of a type the worker runs, and with `attempts` that the
     claim's `$inc` can count on (a number, or missing)."""
@@ -715,7 +729,7 @@ class TaskStore:
     async def complete(self, task: Task, output: str) -> bool:
         """Mark COMPLETE; False if the lease was lost (the result is then dropped)."""
         update = {
-            "$set": {"state": State.COMPLETE.value, "output": output},
+            "$set": {"state": State.COMPLETE.value, "output": storable(output)},
             "$currentDate": {"finished_at": True},
         }
         return await self._fenced(task, update, State.COMPLETE)
@@ -724,6 +738,7 @@ class TaskStore:
     async def fail(self, task: Task, error: str, *, retry_at: datetime | None) -> bool:
         """Record a failed attempt: back to NOTSTARTED at `retry_at`, or FAILED if None."""
         now = self.clock.now()
+        error = storable(error)
         entry = {"attempt": task.attempts, "error": error, "at": now, "worker": task.worker}
         if retry_at is None:
             state = State.FAILED
@@ -1080,6 +1095,9 @@ class TaskStore:
         """Make the TTL index on finished_at expire after `seconds` (0: drop it, keep all).
         Returns what was done: "created", "changed", "kept", "dropped" or "none"."""
         existing = (await self.tasks.index_information()).get(RETENTION_INDEX)
+        if existing is not None and existing.get("partialFilterExpression") != FINISHED_RANGE:
+            await self.tasks.drop_index(RETENTION_INDEX)  # another shape: made anew below
+            existing = None
         if seconds <= 0:
             if existing is None:
                 return "none"
@@ -1088,7 +1106,10 @@ class TaskStore:
         expire = max(int(seconds), 1)
         if existing is None:
             await self.tasks.create_index(
-                "finished_at", name=RETENTION_INDEX, expireAfterSeconds=expire
+                "finished_at",
+                name=RETENTION_INDEX,
+                expireAfterSeconds=expire,
+                partialFilterExpression=FINISHED_RANGE,
             )
             return "created"
         if existing.get("expireAfterSeconds") == expire:
@@ -1101,9 +1122,9 @@ class TaskStore:
 
     @_unavailable
     async def delete_expired(self, *, finished_before: datetime, limit: int) -> int:
-        """Delete at most `limit` tasks that finished before the given time (for servers
-        whose TTL monitor does not do it). One indexed read and one delete."""
-        expired = {"finished_at": {"$lt": finished_before}}
+        """Delete at most `limit` COMPLETE or FAILED tasks that finished before the given
+        time (for servers whose TTL monitor does not do it). One indexed read, one delete."""
+        expired = {"finished_at": {"$lt": finished_before}, **FINISHED_RANGE}
         cursor = self.tasks.find(expired, projection={"_id": True}).limit(limit)
         keys = [doc["_id"] async for doc in cursor]
         if not keys:
@@ -1313,6 +1334,11 @@ class TaskStore:
 
 
 RETENTION_INDEX = "retention"
+# COMPLETE and FAILED, as a range a partial index may hold on every server ($in may not):
+# only they expire, whatever a person or a migration left in finished_at elsewhere.
+FINISHED_RANGE: dict[str, Any] = {
+    "state": {"$gte": State.COMPLETE.value, "$lte": State.FAILED.value}
+}
 LIMITS_COLLECTION = "limits"
 WORKERS_COLLECTION = "workers"
 # How long a gone worker's record stays to be seen (who died, holding what) before the

@@ -36,6 +36,7 @@ from typing import Any
 from service import worker_metrics as metrics
 from service.errors import ChangeStreamsUnavailable, DatabaseUnavailable
 from service.models import Task
+from service.periodic import stop_task
 from service.store import TaskStore
 
 logger = logging.getLogger(__name__)
@@ -47,8 +48,7 @@ MAX_KNOWN = 100_000
 LOOKUP_EXCLUDES = 100
 # A claim finds a task once the clock is past its run_at: one BSON millisecond later.
 RESOLUTION = timedelta(milliseconds=1)
-# Stopping the watcher: cancel it again this often, give up waiting after STOP_WITHIN.
-RECANCEL_EVERY = 0.2
+# Stopping the watcher: given up waiting for after this long (see periodic.stop_task).
 STOP_WITHIN = 5.0
 
 
@@ -153,23 +153,12 @@ class WakeUps:
         """Stop listening, within STOP_WITHIN seconds whatever the stream is doing.
 
         A cancelled read closes its cursor, which is a round trip to the server; and a
-        cancellation can be lost (on Python 3.11, `asyncio.wait_for` inside the driver
-        returns normally when cancelled just as its operation completes), after which the
-        watcher would read on forever and the worker could never exit. So the watcher is
-        cancelled again until it ends, and given up on after the bound.
+        cancellation can be lost (see periodic.stop_task), after which the watcher would
+        read on forever and the worker could never exit.
         """
         watcher, self._watcher = self._watcher, None
-        if watcher is None:
-            return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + STOP_WITHIN
-        while not watcher.done():
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                logger.warning("change stream watcher not stopped after %.1fs", STOP_WITHIN)
-                return
-            watcher.cancel()
-            await asyncio.wait({watcher}, timeout=min(RECANCEL_EVERY, remaining))
+        if watcher is not None:
+            await stop_task(watcher, within=STOP_WITHIN)
 
     def _watcher_done(self, watcher: asyncio.Task[None]) -> None:
         if watcher.cancelled() or watcher.exception() is None:

@@ -75,7 +75,8 @@ def http_session() -> aiohttp.ClientSession:
 
 def retry_delay(attempt: int, *, base: float, cap: float) -> float:
     """Exponential backoff with jitter: base * 2**(attempt-1), capped, then 50-100% of it."""
-    delay: float = min(cap, base * 2 ** (attempt - 1))
+    # The exponent is bounded: a stored attempts count in the thousands must not overflow.
+    delay: float = min(cap, base * 2.0 ** min(attempt - 1, 60))
     return delay * random.uniform(0.5, 1.0)
 
 
@@ -349,7 +350,8 @@ class Worker:
         A limited type whose back-off is over is tried first, without a wake-up (a slot
         freed by another worker is announced to nobody). Otherwise, when the wake-ups say
         something is due, the unlimited types are claimed in one claim as ever, then each
-        limited type not known to be full under a slot of its own.
+        limited type not known to be full under a slot of its own; the limited types go
+        first when a backlog of the others has kept them waiting (Slots.overdue).
         """
         task = await self.slots.confirm()
         if task is not None:
@@ -361,11 +363,12 @@ class Worker:
                 return task, False
         if not self.wakeups.due():
             return None, False
-        task = await self._claim() if self.slots.unlimited else None
-        for task_type in self.slots.open_types():
-            if task is not None:
-                break
-            task = await self.slots.claim(task_type)
+        first = self.slots.overdue()
+        task = await self.slots.claim_open() if first else None
+        if task is None and self.slots.unlimited:
+            task = await self._claim()
+        if task is None and not first:
+            task = await self.slots.claim_open()
         return task, task is None
 
     async def _wait(self) -> None:

@@ -20,7 +20,8 @@ from service.config import Settings
 from service.localdb import free_port
 from service.malformed import MalformedScan
 from service.models import State, Task, TaskType
-from service.store import TaskStore
+from service.store import TaskStore, new_lease
+from service.worker import retry_delay
 from tests.conftest import WorkerProcess, eventually, settings_env, wait_until_started
 
 Spawn = Callable[..., WorkerProcess]
@@ -280,3 +281,43 @@ async def test_a_signal_stops_a_worker_that_waits_for_the_database(
         if worker.alive():
             worker.process.kill()
             worker.wait()
+
+
+def test_backoff_of_a_stored_attempt_count_in_the_thousands_does_not_overflow() -> None:
+    # A document may say attempts 2000 of 5000: its retry delay is the cap, not a crash.
+    assert 0 < retry_delay(2000, base=1.0, cap=300.0) <= 300.0
+
+
+async def test_output_and_errors_of_any_size_or_encoding_are_stored(store: TaskStore) -> None:
+    huge = "x" * (17 * 1024 * 1024)  # past MongoDB's 16 MB document limit
+    for output in (huge, "half a surrogate: \udc80"):
+        await store.create(task_type=TaskType.BAZ, run_at=None, max_attempts=2)
+        task = await store.claim("w", lease=new_lease())
+        assert task is not None
+        assert await store.complete(task, output)
+        stored = await store.get(task.id)
+        assert stored.state == State.COMPLETE and stored.output is not None
+        assert len(stored.output) < 70 * 1024
+    assert stored.output == "half a surrogate: ?"
+    await store.create(task_type=TaskType.BAZ, run_at=None, max_attempts=2)
+    task = await store.claim("w", lease=new_lease())
+    assert task is not None
+    assert await store.fail(task, huge, retry_at=None)
+    failed = await store.get(task.id)
+    assert failed.error is not None and failed.error.endswith("more characters not stored]")
+
+
+async def test_args_that_are_not_json_are_shown_as_malformed_not_a_500(
+    store: TaskStore, api: TestClient[Any, Any]
+) -> None:
+    doc = odd_documents(store.clock.now())["created_at_missing"]
+    doc |= {"state": "FAILED", "args": {"when": store.clock.now(), "n": float("nan")}}
+    key = (await store.tasks.insert_one(doc)).inserted_id
+    for path in (f"/tasks/{key}", "/tasks", "/taskstate/FAILED", "/stats"):
+        response = await api.get(path)
+        assert response.status == 200, (path, await response.text())
+    shown = await (await api.get(f"/tasks/{key}")).json()
+    assert shown["args"] is None
+    assert any(p.startswith("args is dict") for p in shown["problems"])
+    assert "args" in Task.from_document(doc).malformed
+    assert Task.from_document(doc).unrunnable
