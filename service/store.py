@@ -230,10 +230,6 @@ UNREADABLE: dict[str, Any] = {
         {"state": {"$nin": [s.value for s in State]}},
         {"type": {"$not": {"$type": "string"}}},
         {"state": State.NOTSTARTED.value, "run_at": {"$not": {"$type": "date"}}},
-        {
-            "state": State.NOTSTARTED.value,
-            "attempts": {"$exists": True, "$not": {"$type": "number"}},
-        },
         {"state": State.STARTED.value, "heartbeat_at": {"$not": {"$type": "date"}}},
     ]
 }
@@ -266,15 +262,32 @@ def storable(text: str) -> str:
     return text.encode("utf-8", "replace").decode("utf-8")
 
 
-def claimable(types: Collection[str], *, due_by: datetime) -> dict[str, Any]:
-    """The claim's filter: due, of a type the worker runs, and with `attempts` that the
-    claim's `$inc` can count on (a number, or missing)."""
-    return {
-        "state": State.NOTSTARTED.value,
-        "run_at": {"$lte": due_by},
-        "type": {"$in": type_names(types)},
-        "$or": [{"attempts": {"$type": "number"}}, {"attempts": {"$exists": False}}],
-    }
+def claimable(types: Collection[str] | None, *, due_by: datetime) -> dict[str, Any]:
+    """The claim's filter: due, and of a type the worker runs (None: any type)."""
+    query: dict[str, Any] = {"state": State.NOTSTARTED.value, "run_at": {"$lte": due_by}}
+    if types is not None:
+        query["type"] = {"$in": type_names(types)}
+    return query
+
+
+def claim_update(worker_id: str, lease: str) -> list[dict[str, Any]]:
+    """The claim's update, a pipeline: STARTED under a new lease, times stamped by the
+    server's own clock (what staleness is judged on), one more attempt. An `attempts` of
+    another type (written by hand) counts as 0 rather than failing the claim, as `$inc`
+    would: the filter need not rule such documents out, which would cost it the index."""
+    counted = {"$cond": [{"$isNumber": "$attempts"}, "$attempts", 0]}
+    return [
+        {
+            "$set": {
+                "state": State.STARTED.value,
+                "lease": lease,
+                "worker": worker_id,
+                "started_at": "$$NOW",
+                "heartbeat_at": "$$NOW",
+                "attempts": {"$add": [counted, 1]},
+            }
+        }
+    ]
 
 
 IDEMPOTENCY_COLLECTION = "idempotency_keys"
@@ -580,7 +593,7 @@ class TaskStore:
         worker_id: str,
         *,
         lease: str,
-        types: Collection[str] = KNOWN_TYPES,
+        types: Collection[str] | None = KNOWN_TYPES,
         within: float | None = None,
     ) -> Task | None:
         """Atomically take the next due task of one of `types`: one find_one_and_update.
@@ -588,21 +601,32 @@ class TaskStore:
         The caller picks the lease, so that if the reply is lost it can ask with
         `claimed(lease)` whether the claim landed. Only the types the caller can run are
         taken: in a rolling upgrade, an older worker leaves a newer type to newer workers.
-        `within` bounds the call (a claim under a slot must land while the slot is young).
+        `types=None` leaves the type out of the filter, for a caller that knows every
+        waiting task is of a type it runs (see Worker._claim: SecantusDB uses the claim
+        index only for a filter of equalities and one range). `within` bounds the call (a
+        claim under a slot must land while the slot is young).
         """
         with pymongo.timeout(within):
             doc = await self.tasks.find_one_and_update(
                 claimable(types, due_by=self.clock.surely_now()),
-                {
-                    "$set": {"state": State.STARTED.value, "lease": lease, "worker": worker_id},
-                    # Stamped by the server's own clock: the times that staleness is judged on.
-                    "$currentDate": {"started_at": True, "heartbeat_at": True},
-                    "$inc": {"attempts": 1},
-                },
+                claim_update(worker_id, lease),
                 sort=CLAIM_SORT,
                 return_document=ReturnDocument.AFTER,
             )
         return None if doc is None else Task.from_document(doc)
+
+    @_unavailable
+    async def give_back(self, task: Task) -> bool:
+        """Undo a claim of a task this worker cannot run (a type it does not have): back to
+        NOTSTARTED as it was, the attempt not counted, no lease or worker left on it."""
+        fence = {"_id": task.key, "lease": task.lease, "state": State.STARTED.value}
+        update = {
+            "$set": {"state": State.NOTSTARTED.value},
+            "$inc": {"attempts": -1},
+            "$unset": {"lease": "", "worker": "", "heartbeat_at": "", "started_at": ""},
+        }
+        result = await self.tasks.update_one(fence, update)
+        return result.modified_count == 1
 
     @_unavailable
     async def claimed(self, lease: str) -> Task | None:

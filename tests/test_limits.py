@@ -71,14 +71,17 @@ class Sampler:
 
     store: TaskStore
     samples: list[Sample] = field(default_factory=list)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self) -> None:
         started = {"state": State.STARTED.value, "type": TaskType.BAR.value}
-        while True:
+        while not self.stop.is_set():
             count = await self.store.tasks.count_documents(started)
             holders = [str(h.get("worker")) for h in await self.store.slot_holders("bar")]
             self.samples.append(Sample(time.monotonic(), count, holders))
-            await asyncio.sleep(0.05)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    await self.stop.wait()
 
     def most_started(self) -> int:
         return max(s.started for s in self.samples)
@@ -94,9 +97,11 @@ async def sampling(store: TaskStore) -> AsyncIterator[Sampler]:
     try:
         yield sampler
     finally:
-        running.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await running
+        # Stopped by an event, not cancelled: on Python 3.11 the driver can swallow a
+        # cancellation that comes as a command completes (see service/wakeups.py), and a
+        # sampler that missed it would read for ever.
+        sampler.stop.set()
+        await running
 
 
 async def create(store: TaskStore, task_type: TaskType, n: int) -> list[str]:
