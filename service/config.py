@@ -75,7 +75,7 @@ class Settings:
     api_tokens: tuple[str, ...] = field(default=(), repr=False)
     auth_reads: bool = False
     change_streams: bool = True
-    schedule_interval: float = 1.0
+    schedule_interval: float = 5.0
     clock_skew: float = 0.0
     log_format: str = "text"
     metrics_port: int | None = None

@@ -16,6 +16,9 @@ from service.store import TaskStore
 
 logger = logging.getLogger(__name__)
 
+# The first look comes this long after start (not at once: a worker's first seconds are
+# for claiming, and its idle cost stays under a command a second).
+FIRST_SCAN_AFTER = 20.0
 # Looked at per round; beyond it the log says there are more and points at `stats`.
 SCAN_LIMIT = 100
 REMEMBERED = 10_000
@@ -25,9 +28,9 @@ class MalformedScan(Periodic):
     """Logs each document the workers cannot read, once."""
 
     def __init__(self, store: TaskStore, *, interval: float) -> None:
-        # The first look comes soon after start; then every `interval` seconds (it scans
-        # the collection, so not often).
-        super().__init__(interval=1.0, jitter=0.25)
+        # The first look comes FIRST_SCAN_AFTER seconds after start; then every `interval`
+        # seconds (it scans the collection, so not often).
+        super().__init__(interval=FIRST_SCAN_AFTER, jitter=0.25)
         self.every = interval
         self.store = store
         self._logged: set[str] = set()
