@@ -415,9 +415,9 @@ async def test_the_dashboard_follows_tasks_live_and_shows_the_fleet(stack: Stack
     await page.wait_for_selector(f'{row}[data-state="COMPLETE"]', timeout=15_000)
     assert (await stack.task(created["id"]))["state"] == "COMPLETE"
     assert await page.evaluate("window.__notReloaded") is True
-    await page.wait_for_function(
-        "document.querySelector('#card-COMPLETE .value').textContent === '1'"
-    )
+    # Selectors, not wait_for_function: its polling evaluates a string, which the page's
+    # Content-Security-Policy forbids (it worked only when true at the first look).
+    await page.wait_for_selector("#card-COMPLETE .value:text-is('1')")
 
     # The fleet: a failure with its error, one waiting task, the worker and what it holds.
     stack.stub.drop_first = 1  # the Bar task's request goes unanswered: it fails
@@ -430,9 +430,7 @@ async def test_the_dashboard_follows_tasks_live_and_shows_the_fleet(stack: Stack
     assert error and error in await page.inner_text("#failures")
     status, _ = stack.api.call("GET", "/workers")
     if status == 200:
-        await page.wait_for_function(
-            f"document.querySelector('#workers').textContent.includes({stack.worker.worker_id!r})"
-        )
+        await page.wait_for_selector(f"#workers:has-text({stack.worker.worker_id!r})")
     else:
         assert "no worker data" in await page.inner_text("#workers")
     await page.click(f'#tasks tr[data-id="{created["id"]}"] a')
