@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +43,18 @@ async def scrape(port: int) -> Samples:
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
+
+
+async def scrape_when_up(port: int, *, within: float = 30.0) -> Samples:
+    """scrape(port) once something listens there (a process that is still starting)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return await scrape(port)
+        except aiohttp.ClientConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
 
 
 def total(samples: Samples, name: str, **labels: str) -> float:
@@ -239,7 +252,8 @@ async def test_dev_gives_each_worker_a_metrics_port_and_prints_it(settings: Sett
         pattern = re.compile(r"dev: worker \d metrics on http://127\.0\.0\.1:(\d+)/metrics")
         ports = [int(m.group(1)) for line in printed if (m := pattern.search(line))]
         assert len(set(ports)) == 2, "".join(printed)
-        named = [total(await scrape(port), "task_runner_worker_info") for port in ports]
+        # dev prints each port as it starts the worker; the worker binds it a moment later.
+        named = [total(await scrape_when_up(port), "task_runner_worker_info") for port in ports]
         assert named == [1, 1]
     finally:
         dev.send_signal(signal.SIGINT)
