@@ -57,6 +57,9 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 COLLECTION = "tasks"
+SCHEDULES_COLLECTION = "schedules"
+LIMITS_COLLECTION = "limits"
+WORKERS_COLLECTION = "workers"
 # Among due tasks the higher priority first, then the earlier run_at, then _id.
 CLAIM_SORT = [("priority", DESCENDING), ("run_at", ASCENDING), ("_id", ASCENDING)]
 # Serves the claim: equality on state, then the sort's fields in its order and directions,
@@ -331,6 +334,9 @@ def _live_record(record: Mapping[str, Any], now: datetime) -> bool:
     return fresh and isinstance(task, Mapping) and "_id" in task
 
 
+DocCollection = AsyncCollection[dict[str, Any]]
+
+
 class TaskStore:
     """All reads and writes of task documents."""
 
@@ -339,11 +345,26 @@ class TaskStore:
     ) -> None:
         self.client = client
         self.clock = clock
+        db = client[database]
         # Durable acknowledgement asked for explicitly, whatever the server's or the URL's
         # default: a write the guarantees rest on must survive a crash of the server.
-        self.tasks: AsyncCollection[dict[str, Any]] = client[database].get_collection(
-            COLLECTION, write_concern=DURABLE
+        self.tasks: DocCollection = db.get_collection(COLLECTION, write_concern=DURABLE)
+        # One record per Idempotency-Key, until it expires.
+        self.idempotency_keys: DocCollection = db.get_collection(
+            IDEMPOTENCY_COLLECTION, write_concern=DURABLE
         )
+        # One document per worker process, refreshed by its heartbeat. Acknowledged by the
+        # primary only: no guarantee rests on this advisory record, it is rewritten within a
+        # stale threshold, and a replicated, journaled write would make every heartbeat wait.
+        self.workers: DocCollection = db.get_collection(
+            WORKERS_COLLECTION, write_concern=WriteConcern(w=1)
+        )
+        # The schedules, written as durably as the tasks they create.
+        self.schedules: DocCollection = db.get_collection(
+            SCHEDULES_COLLECTION, write_concern=DURABLE
+        )
+        # One document per limited type: the leases that hold its slots.
+        self.limits: DocCollection = db.get_collection(LIMITS_COLLECTION, write_concern=DURABLE)
 
     # -- set-up and health ------------------------------------------------------------
 
@@ -500,12 +521,6 @@ class TaskStore:
     # the same request hash answers with the record's task; if the task is not there yet
     # (the first request is between its two writes, or stopped between them), it inserts
     # the very same document itself, and the tasks' unique _id lets one of the two land.
-
-    @functools.cached_property
-    def idempotency_keys(self) -> AsyncCollection[dict[str, Any]]:
-        """One record per Idempotency-Key, until it expires."""
-        database = self.client[self.tasks.database.name]
-        return database.get_collection(IDEMPOTENCY_COLLECTION, write_concern=DURABLE)
 
     @_unavailable
     async def create_once(
@@ -1014,15 +1029,6 @@ class TaskStore:
 
     # -- the workers' registry: who is alive and what each holds ---------------------------
 
-    @functools.cached_property
-    def workers(self) -> AsyncCollection[dict[str, Any]]:
-        """One document per worker process, refreshed by its heartbeat."""
-        # Acknowledged by the primary only: no guarantee rests on this advisory record, it is
-        # rewritten within a stale threshold, and a replicated, journaled write would make
-        # every heartbeat wait for it.
-        database = self.client[self.tasks.database.name]
-        return database.get_collection(WORKERS_COLLECTION, write_concern=WriteConcern(w=1))
-
     @_unavailable
     async def ensure_worker_indexes(self) -> None:
         """A TTL index: the server deletes a worker's record GONE_WORKERS_KEPT seconds after
@@ -1163,12 +1169,6 @@ class TaskStore:
     # `schedule_id` and `occurrence`; the unique index OCCURRENCE_INDEX on those two makes
     # that insert idempotent, and advancing `next_at` is fenced on its old value.
 
-    @functools.cached_property
-    def schedules(self) -> AsyncCollection[dict[str, Any]]:
-        """The schedules, written as durably as the tasks they create."""
-        database = self.client[self.tasks.database.name]
-        return database.get_collection(SCHEDULES_COLLECTION, write_concern=DURABLE)
-
     @_unavailable
     async def ensure_schedule_indexes(self) -> None:
         """The due-schedule index, and the unique (schedule_id, occurrence) index on tasks:
@@ -1286,12 +1286,6 @@ class TaskStore:
     # atomic update of that document; the task's lease fences the slot: recovery frees a
     # slot only once no STARTED task holds its lease.
 
-    @functools.cached_property
-    def limits(self) -> AsyncCollection[dict[str, Any]]:
-        """One document per limited type: the leases that hold its slots."""
-        database = self.client[self.tasks.database.name]
-        return database.get_collection(LIMITS_COLLECTION, write_concern=DURABLE)
-
     @_unavailable
     async def take_slot(self, task_type: str, *, limit: int, lease: str, worker_id: str) -> bool:
         """Take one of the `limit` slots of `task_type` for `lease`; False when all are held.
@@ -1363,8 +1357,6 @@ RETENTION_INDEX = "retention"
 FINISHED_RANGE: dict[str, Any] = {
     "state": {"$gte": State.COMPLETE.value, "$lte": State.FAILED.value}
 }
-LIMITS_COLLECTION = "limits"
-WORKERS_COLLECTION = "workers"
 # How long a gone worker's record stays to be seen (who died, holding what) before the
 # server's TTL monitor deletes it.
 GONE_WORKERS_KEPT = 3600
@@ -1435,7 +1427,6 @@ class QueueFigures:
 
 # -- recurring schedules: when occurrences fall ---------------------------------------------
 
-SCHEDULES_COLLECTION = "schedules"
 OCCURRENCE_INDEX = "schedule_occurrence"
 _MS = timedelta(milliseconds=1)
 

@@ -523,6 +523,14 @@ class Worker:
             await self._persist_none(lambda: self.slots.free(task))
             took = time.monotonic() - started
             metrics.finished(task.type, kind if written else "lease_lost", took)
+            event = {  # the fields of a JSON log line (service/logs.py)
+                "task_id": task.id,
+                "type": task.type,
+                "attempt": task.attempts,
+                "duration": round(took, 6),
+                "worker": self.worker_id,
+                "outcome": outcome.split(" ")[0] if written else "lease_lost",
+            }
             if written:
                 logger.info(
                     "task %s type=%s attempt=%d %s in %.3fs%s",
@@ -532,14 +540,7 @@ class Worker:
                     outcome,
                     took,
                     "" if error is None else f": {error}",
-                    extra={
-                        "task_id": task.id,
-                        "type": task.type,
-                        "attempt": task.attempts,
-                        "duration": round(took, 6),
-                        "worker": self.worker_id,
-                        "outcome": outcome.split(" ")[0],
-                    },
+                    extra=event,
                 )
             else:
                 logger.warning(
@@ -547,14 +548,7 @@ class Worker:
                     task.id,
                     task.type,
                     task.attempts,
-                    extra={
-                        "task_id": task.id,
-                        "type": task.type,
-                        "attempt": task.attempts,
-                        "duration": round(took, 6),
-                        "worker": self.worker_id,
-                        "outcome": "lease_lost",
-                    },
+                    extra=event,
                 )
         finally:
             self._forget(task)
