@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Benchmarks that print figures: claim throughput, scheduling lag, API throughput, idle
-worker commands, claim latency with many waiting tasks. Each figure is the median of
+worker commands, claim latency with many waiting tasks, and what a task costs the workers
+in database commands and CPU in a burst. Each figure is the median of
 --repeats runs. Each section starts a fresh in-memory SecantusDB on a free port, unless
 MONGODB_URL is set.
 
@@ -109,21 +110,7 @@ class Bench:
         """Tasks per second between 10% and 90% done, `processes` claimers at once."""
         store = await self.fresh_store()
         total = self.args.tasks
-        now = store.clock.surely_now()
-        await store.tasks.insert_many(
-            [
-                {
-                    "_id": ObjectId(),
-                    "type": "baz",
-                    "state": "NOTSTARTED",
-                    "run_at": now,
-                    "created_at": now,
-                    "attempts": 0,
-                    "max_attempts": 1,
-                }
-                for _ in range(total)
-            ]
-        )
+        await insert_due(store, total)
         if mode == "service":
             command = [sys.executable, "-m", "service.cli", "worker"]
             done_state = "COMPLETE"
@@ -292,6 +279,150 @@ class Bench:
             runs.append((percentile(times, 50), percentile(times, 99), uses_index))
         await self.drop(store)
         return runs
+
+    # -- 6. cost per task in a burst -----------------------------------------------------
+
+    async def burst_cost(self, workers: int, pattern: str) -> dict[str, float]:
+        """What `--burst` Baz tasks created through the API cost the worker processes:
+        database commands (by name) and CPU seconds, each per task, read from the workers'
+        own /metrics before and after (task_runner_worker_database_commands_total and
+        process_cpu_seconds_total), plus tasks/s. The workers run with default settings.
+
+        PATTERNS: "one by one", each created due now by one client connection after the
+        last, while the workers run; "in a burst", the same from 8 connections at once;
+        "due at once", created first, all with one run_at a moment after the last is
+        created, into workers that wait for it.
+        """
+        store = await self.fresh_store()
+        port = free_port()
+        metric_ports = [free_port() for _ in range(workers)]
+        env = self.env(store)
+        env.pop("TASK_RUNNER_LOG_LEVEL")  # as users run them: an INFO line per task
+        children = self.spawn(
+            1, [sys.executable, "-m", "service.cli", "api"], {**env, "TASK_RUNNER_PORT": str(port)}
+        )
+        for metric_port in metric_ports:
+            children += self.spawn(
+                1,
+                [sys.executable, "-m", "service.cli", "worker"],
+                {**env, "TASK_RUNNER_METRICS_PORT": str(metric_port)},
+            )
+        total = self.args.burst
+        try:
+            base = f"http://127.0.0.1:{port}"
+            await wait_http(f"{base}/tasks/{ObjectId()}")
+            for metric_port in metric_ports:
+                await wait_http(f"http://127.0.0.1:{metric_port}/metrics")
+            await asyncio.sleep(2)  # started and idle
+            async with aiohttp.ClientSession() as http:
+                before = [await scrape(http, p) for p in metric_ports]
+                body: dict[str, Any] = {"type": "baz"}
+                if pattern == "due at once":  # about 4 ms per create here, and a margin
+                    due = store.clock.surely_now() + timedelta(seconds=2 + total * 0.01)
+                    body["run_at"] = due.isoformat()
+                began = time.monotonic()
+                await create_many(http, f"{base}/tasks", body, total, PATTERNS[pattern])
+                created = total / (time.monotonic() - began)
+                if pattern == "due at once":
+                    assert store.clock.surely_now() < due, "created too slowly: raise the margin"
+                    began = time.monotonic() + (due - store.clock.surely_now()).total_seconds()
+                await wait_complete(store, total)
+                took = time.monotonic() - began
+                after = [await scrape(http, p) for p in metric_ports]
+        finally:
+            self.stop(children)
+            await self.drop(store)
+        figures: dict[str, float] = {"tasks/s": total / took, "created/s": created}
+        for old, new in zip(before, after, strict=True):
+            for name, value in new.items():
+                figures[name] = figures.get(name, 0.0) + (value - old.get(name, 0.0)) / total
+        return figures
+
+    async def bare_cost(self) -> dict[str, float]:
+        """The same figures for the bare driver loop (claim, complete, nothing else: the
+        baseline of section 1) over `--burst` tasks due at once, its CPU from /proc."""
+        store = await self.fresh_store()
+        command = [sys.executable, __file__, "--raw-client", "claim+complete"]
+        [child] = self.spawn(1, command, self.env(store))
+        total = self.args.burst
+        try:
+            await asyncio.sleep(2)  # started and polling an empty collection
+            cpu = process_cpu(child.pid)
+            await insert_due(store, total)
+            began = time.monotonic()
+            await wait_complete(store, total)
+            took = time.monotonic() - began
+            cpu = process_cpu(child.pid) - cpu
+        finally:
+            self.stop([child])
+            await self.drop(store)
+        return {"tasks/s": total / took, "cpu": cpu / total, "commands": 2.0}
+
+
+PATTERNS = {"one by one": 1, "in a burst": 8, "due at once": 8}  # client connections
+
+
+async def create_many(
+    http: aiohttp.ClientSession, url: str, body: dict[str, Any], total: int, connections: int
+) -> None:
+    """POST `body` `total` times over `connections` connections at once."""
+    left = total
+
+    async def client() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            async with http.post(url, json=body) as response:
+                assert response.status == 201, await response.text()
+
+    await asyncio.gather(*(client() for _ in range(connections)))
+
+
+async def wait_complete(store: TaskStore, total: int) -> None:
+    # Polling the database is the point here: the workers run in other processes.
+    while await store.tasks.count_documents({"state": "COMPLETE"}) < total:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+
+
+async def insert_due(store: TaskStore, total: int) -> None:
+    now = store.clock.surely_now()
+    await store.tasks.insert_many(
+        [
+            {
+                "_id": ObjectId(),
+                "type": "baz",
+                "state": "NOTSTARTED",
+                "run_at": now,
+                "created_at": now,
+                "attempts": 0,
+                "max_attempts": 1,
+                "priority": 0,
+            }
+            for _ in range(total)
+        ]
+    )
+
+
+def process_cpu(pid: int) -> float:
+    """A process's CPU seconds (user + system), as process_cpu_seconds_total reads them."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def scrape(http: aiohttp.ClientSession, port: int) -> dict[str, float]:
+    """A worker's database commands by name, their sum ("commands") and its CPU seconds."""
+    async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
+        text = await response.text()
+    figures: dict[str, float] = {"commands": 0.0}
+    for line in text.splitlines():
+        if line.startswith("task_runner_worker_database_commands_total{"):
+            name = line.split('command="', 1)[1].split('"', 1)[0]
+            value = float(line.rsplit(" ", 1)[1])
+            figures[name] = value
+            figures["commands"] += value
+        elif line.startswith("process_cpu_seconds_total "):
+            figures["cpu"] = float(line.rsplit(" ", 1)[1])
+    return figures
 
 
 class CommandCounter(monitoring.CommandListener):
@@ -495,6 +626,49 @@ async def main(args: argparse.Namespace) -> None:
                 f"{'yes' if all(r[2] for r in runs) else 'NO'} |"
             )
 
+    if "6" in args.sections:
+        burst: dict[tuple[int, str], list[dict[str, float]]] = {}
+        # A fresh server for every run, as for the API (its oplog slows it).
+        for _ in range(args.repeats):
+            with database_url() as url:
+                burst.setdefault((1, "bare driver loop, due at once"), []).append(
+                    await Bench(url, args).bare_cost()
+                )
+        for pattern in PATTERNS:
+            for workers in args.burst_workers:
+                for _ in range(args.repeats):
+                    with database_url() as url:
+                        run = await Bench(url, args).burst_cost(workers, pattern)
+                    burst.setdefault((workers, pattern), []).append(run)
+        out("")
+        for line in burst_table(burst, args.burst):
+            out(line)
+
+
+def burst_table(results: dict[tuple[int, str], list[dict[str, float]]], total: int) -> list[str]:
+    """Section 6's rows: medians per (workers, pattern) of the per-task figures."""
+    names = sorted({n for runs in results.values() for run in runs for n in run} - FIXED)
+    lines = [
+        f"| 6. per task, {total} Baz via the API | workers | commands | CPU ms | "
+        "created/s | tasks/s | " + " | ".join(names) + " |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in names) + " |",
+    ]
+    for (workers, pattern), runs in results.items():
+
+        def median(name: str, runs: list[dict[str, float]] = runs) -> float:
+            return statistics.median(run.get(name, 0.0) for run in runs)
+
+        lines.append(
+            f"| {pattern} | {workers} | {median('commands'):.2f} | "
+            f"{median('cpu') * 1000:.2f} | {median('created/s'):.0f} | {median('tasks/s'):.0f} | "
+            + " | ".join(f"{median(n):.2f}" for n in names)
+            + " |"
+        )
+    return lines
+
+
+FIXED = {"commands", "cpu", "tasks/s", "created/s"}
+
 
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -504,7 +678,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tasks", type=int, default=300, help="tasks per throughput run")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--sections", default="12345", help="which tables to print")
+    parser.add_argument("--sections", default="123456", help="which tables to print")
+    parser.add_argument("--burst", type=int, default=500, help="tasks per burst-cost run")
+    parser.add_argument("--burst-workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--lag-tasks", type=int, default=100)
     parser.add_argument("--lag-seconds", type=float, default=10.0, help="spread of their run_at")
     parser.add_argument("--api-lag-tasks", type=int, default=40)
@@ -523,6 +699,7 @@ def parse() -> argparse.Namespace:
         args.lag_seconds = 4.0
         args.api_seconds, args.idle_seconds, args.claims = 1.0, 6.0, 30
         args.waiting = [1000, 10_000]
+        args.burst, args.burst_workers = 200, [1, 2]
     return args
 
 

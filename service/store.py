@@ -23,6 +23,7 @@ from collections.abc import (
     Collection,
     Iterable,
     Mapping,
+    Sequence,
 )
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -32,7 +33,14 @@ import pymongo
 from bson import DatetimeMS, Decimal128, Int64, ObjectId, Timestamp
 from bson.errors import InvalidId
 from croniter import CroniterError, croniter
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument, WriteConcern
+from pymongo import (
+    ASCENDING,
+    DESCENDING,
+    AsyncMongoClient,
+    ReturnDocument,
+    WriteConcern,
+    monitoring,
+)
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import (
     ConnectionFailure,
@@ -206,7 +214,20 @@ class Stats:
     unreadable: int = 0
 
 
-def open_client(url: str, *, timeout: float, appname: str) -> AsyncMongoClient[dict[str, Any]]:
+def _buffered(stream: Any) -> int:
+    """Changes a change stream holds already, read by its last getMore: reading them sends
+    no command. PyMongo keeps them in its cursor's batch (`_data`, checked by
+    tests/test_wakeups.py); unknown, the answer is 1, so that the stream is never paused."""
+    return len(getattr(getattr(stream, "_cursor", None), "_data", (None,)))
+
+
+def open_client(
+    url: str,
+    *,
+    timeout: float,
+    appname: str,
+    event_listeners: Sequence[monitoring._EventListener] = (),
+) -> AsyncMongoClient[dict[str, Any]]:
     """A client configured the same way by every part of the service.
 
     Every document decodes, whatever it holds: a date outside Python's range comes back as
@@ -222,6 +243,7 @@ def open_client(url: str, *, timeout: float, appname: str) -> AsyncMongoClient[d
         serverSelectionTimeoutMS=ms,
         connectTimeoutMS=ms,
         socketTimeoutMS=max(ms * 3, 30_000),
+        event_listeners=event_listeners,
     )
 
 
@@ -650,29 +672,32 @@ class TaskStore:
         return None if doc is None else Task.from_document(doc)
 
     @_unavailable
-    async def next_run_at(
-        self, *, types: Iterable[str] | None = None, excluding: Iterable[Any] = ()
-    ) -> datetime | None:
-        """The earliest run_at among waiting tasks (of these types), to sleep until it.
+    async def earliest_waiting(
+        self, *, after: datetime, types: Iterable[str] | None = None, limit: int = 1
+    ) -> list[tuple[Any, datetime]]:
+        """The `limit` earliest waiting tasks (of these types) due at or after `after`:
+        their `_id` and run_at, earliest first, for a worker to sleep until the first it
+        does not know of yet.
 
-        `excluding` lists `_id`s to pass over (tasks the caller already knows of). A
-        document whose run_at is missing or not a date is ignored: the range matches only
-        dates (and dates that Python can hold), and it keeps the index.
+        Equalities and one range (no type: see Worker._claims_any_type), so SecantusDB
+        reads them off the `{state, run_at, _id}` index rather than scanning. A document
+        whose run_at is missing or not a date is never among them: the range matches
+        only dates (and dates that Python can hold).
         """
         query: dict[str, Any] = {
             "state": State.NOTSTARTED.value,
-            "run_at": {"$gte": EARLIEST_RUN_AT, "$lte": LATEST_RUN_AT},
+            "run_at": {"$gte": after, "$lte": LATEST_RUN_AT},
         }
         if types is not None:
             query["type"] = {"$in": type_names(types)}
-        excluding = list(excluding)
-        if excluding:
-            query["_id"] = {"$nin": excluding}
-        doc = await self.tasks.find_one(
-            query, projection={"run_at": True, "_id": False}, sort=TIME_SORT
+        cursor = self.tasks.find(
+            query, projection={"run_at": True}, sort=TIME_SORT, limit=limit, batch_size=limit
         )
-        run_at = None if doc is None else doc.get("run_at")
-        return run_at if isinstance(run_at, datetime) else None
+        return [
+            (doc["_id"], doc["run_at"])
+            async for doc in cursor
+            if isinstance(doc.get("run_at"), datetime)
+        ]
 
     async def wakeups(
         self,
@@ -681,6 +706,7 @@ class TaskStore:
         max_await: float,
         on_open: Callable[[], None],
         ready: asyncio.Event | None = None,
+        gather: float = 0.0,
     ) -> AsyncIterator[tuple[Any, datetime | None]]:
         """Yield as tasks become claimable: (their `_id`, their run_at or None for "now").
 
@@ -690,8 +716,11 @@ class TaskStore:
         work without polling. An event whose run_at is missing or not a date is skipped.
         `on_open` is called once the stream is open. Each read waits for `ready`, at most
         `max_await` seconds so the server keeps the cursor (what happens meanwhile stays in
-        the stream). Raises ChangeStreamsUnavailable where the server has none (a
-        standalone mongod).
+        the stream). After a batch of only tasks due more than 2 x `gather` seconds on, the
+        next getMore waits `gather` seconds: tasks created ahead of time in bulk are then
+        read a batch at a time, at the cost of a task due at once created within that
+        pause being announced up to `gather` late. Raises ChangeStreamsUnavailable where the
+        server has none (a standalone mongod).
         """
         dated = {"$gte": EARLIEST_RUN_AT, "$lte": LATEST_RUN_AT}
         insert: dict[str, Any] = {"operationType": "insert", "fullDocument.run_at": dated}
@@ -717,6 +746,7 @@ class TaskStore:
             ) as stream:
                 on_open()
                 opened = True
+                gather_next = False  # the last batch held only tasks due later on
                 while True:
                     if ready is not None:
                         # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns
@@ -725,12 +755,16 @@ class TaskStore:
                         with contextlib.suppress(TimeoutError):
                             async with asyncio.timeout(max_await):
                                 await ready.wait()
+                    fetching = _buffered(stream) == 0  # this read sends a getMore
+                    if fetching and gather_next:
+                        await asyncio.sleep(gather)
                     change = await stream.try_next()
                     if change is None:
                         # MongoDB answers a getMore when a matching event comes or after
                         # max_await; some servers (SecantusDB, DocumentDB) answer at once
                         # on any write. Pace those empty answers so that busy databases
                         # do not cost a getMore per write.
+                        gather_next = False
                         await asyncio.sleep(EMPTY_BATCH_PAUSE)
                         continue
                     task_id = change.get("documentKey", {}).get("_id")
@@ -739,9 +773,17 @@ class TaskStore:
                     else:
                         fields = change.get("updateDescription", {}).get("updatedFields", {})
                         if "run_at" not in fields:  # a release or a recovery: due as it was
+                            gather_next = False
                             yield task_id, None
                             continue
                     run_at = fields.get("run_at")
+                    # A batch of tasks all due later (work scheduled ahead, perhaps in
+                    # bulk): the next getMore waits `gather` so that what comes meanwhile
+                    # arrives in one answer, not one getMore per task per worker.
+                    later = isinstance(run_at, datetime) and (
+                        run_at > self.clock.surely_now() + timedelta(seconds=2 * gather)
+                    )
+                    gather_next = bool(gather) and later and (fetching or gather_next)
                     if isinstance(run_at, datetime):  # else not a date: nobody can claim it
                         yield task_id, run_at
         except ConnectionFailure as exc:

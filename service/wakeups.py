@@ -15,9 +15,14 @@ The bookkeeping cannot drift from what the database holds:
   expected one due, and the claimer claims again.
 - After a claim comes back empty, the database has said that nothing due before the claim
   is waiting: only then are announcements older than the claim dropped (those that came
-  while it was in flight stay). The claimer then asks for the earliest waiting run_at
-  *among tasks not announced* (the earliest announced ones are excluded by id), so a
-  look-up and an announcement of the same task are not counted twice.
+  while it was in flight stay).
+- What was never announced (waiting before the worker started or while no stream was
+  open) is found by a look-up: the earliest waiting run_at from the claim's time on *among
+  tasks not announced* (announced ones are skipped by id), so a look-up and an
+  announcement of the same task are not counted twice. Its answer is a lower bound for
+  every task not announced since, so it is asked again only after an empty claim that
+  may have taken the task it found, or that was a drain (start, a reopened stream, the
+  safety poll): while the stream keeps announcing, an empty claim costs no look-up.
 - A task is due once the database clock is certainly past its run_at, not at it: BSON
   dates hold milliseconds, and SecantusDB's `$lte` over the claim index leaves out a
   run_at equal to the bound, so a claim at `run_at` itself may not find the task.
@@ -29,7 +34,7 @@ import asyncio
 import contextlib
 import heapq
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -46,6 +51,11 @@ MAX_KNOWN = 100_000
 # The earliest announced tasks a look-up passes over by id. A later announced task it
 # finds costs at most one empty claim when it comes due.
 LOOKUP_EXCLUDES = 100
+# After a batch of announcements of tasks all due later on, the stream is read again this
+# much later, so that tasks created ahead of time in bulk come a batch per getMore (one
+# getMore per task per listening worker otherwise). A task due at once created meanwhile
+# is announced up to this late.
+GATHER = 0.05
 # A claim finds a task once the clock is past its run_at: one BSON millisecond later.
 RESOLUTION = timedelta(milliseconds=1)
 # Stopping the watcher: given up waiting for after this long (see periodic.stop_task).
@@ -56,10 +66,18 @@ class WakeUps:
     """Tracks what is known to be due and wakes the claimer when something is."""
 
     def __init__(
-        self, store: TaskStore, *, types: Iterable[str], max_poll: float, change_stream: bool
+        self,
+        store: TaskStore,
+        *,
+        types: Iterable[str],
+        max_poll: float,
+        change_stream: bool,
+        lookup_types: Callable[[], Collection[str] | None] | None = None,
     ) -> None:
         self.store = store
         self.types = tuple(types)
+        # The types a look-up names (None: any), as the worker's claim names them.
+        self.lookup_types = lookup_types or (lambda: self.types)
         self.max_poll = max_poll
         self.change_stream = change_stream
         # Announced tasks by id: (run_at, sequence number of the announcement, raw _id).
@@ -97,19 +115,36 @@ class WakeUps:
         self._known.pop(task.id, None)
 
     async def found_nothing(self) -> None:
-        """A claim came back empty: nothing due before it is waiting; find what is next."""
-        self._drain = False
-        self._drop_before(self._claim_floor, self._claim_seq)
+        """A claim came back empty: nothing due before it is waiting. Find what is next,
+        unless the stream has kept this worker told since the last look-up."""
         floor = self._claim_floor
-        self._next = None
-        earliest = heapq.nsmallest(LOOKUP_EXCLUDES, self._live())
-        excluding = [self._known[key][2] for _, _, key in earliest]
-        next_run_at = await self.store.next_run_at(types=self.types, excluding=excluding)
-        # Earlier than the claim's filter yet not claimed: not ours to claim (or inserted
-        # since, and then announced); remembering it would make the claimer spin.
-        if next_run_at is not None and next_run_at >= floor:
-            self._next = next_run_at
+        # The look-up's answer is a lower bound on every task not announced since; it
+        # needs asking again only if this claim may have taken the task it found (it was
+        # due), or if this claim was a drain (nothing known of what is waiting).
+        must_look = self._drain or (self._next is not None and self._next < floor)
+        self._drain = False
+        self._drop_before(floor, self._claim_seq)
+        if must_look:
+            await self._look_up(floor)
         self._poll_at = self.store.clock.surely_now() + timedelta(seconds=self.max_poll)
+
+    async def _look_up(self, floor: datetime) -> None:
+        """The earliest waiting run_at from the claim's time on among tasks not announced
+        (announced ones are skipped here, not in the query: SecantusDB would scan for it).
+        If the first LOOKUP_EXCLUDES found were all announced, the last of them is a lower
+        bound to wake up at and look again."""
+        self._next = None
+        announced = sum(1 for entry in self._live() if entry[0] >= floor)
+        limit = min(announced, LOOKUP_EXCLUDES) + 1
+        found = await self.store.earliest_waiting(
+            after=floor, types=self.lookup_types(), limit=limit
+        )
+        for task_id, run_at in found:
+            if str(task_id) not in self._known:
+                self._next = run_at
+                return
+        if len(found) == limit:
+            self._next = found[-1][1]
 
     async def wait(self) -> None:
         """Sleep until something may be due: an announcement, the earliest known run_at, a
@@ -183,6 +218,7 @@ class WakeUps:
                     max_await=self.max_poll,
                     on_open=self._stream_opened,
                     ready=self._listening,
+                    gather=GATHER,
                 ):
                     self._announce(task_id, run_at or self.store.clock.surely_now())
                     self.nudge()
@@ -208,6 +244,7 @@ class WakeUps:
     def _announce(self, task_id: Any, run_at: datetime) -> None:
         key = str(task_id)
         if key not in self._known and len(self._known) >= MAX_KNOWN:
+            self._drain = True  # not kept: claim until empty, then look up what waits
             return
         self._seq += 1
         self._known[key] = (run_at, self._seq, task_id)

@@ -188,6 +188,7 @@ class Worker:
             types=self.types,
             max_poll=settings.max_poll_interval,
             change_stream=settings.change_streams,
+            lookup_types=lambda: None if self._claims_any_type() else self.types,
         )
         self.malformed = MalformedScan(store, interval=MALFORMED_SCAN_INTERVAL)
         self.retention = Retention(store, retention=settings.retention)
@@ -649,7 +650,10 @@ async def _serve(settings: Settings, registry: Registry) -> None:
     signals = _Signals(settings.shutdown_grace)
     signals.install()
     client = open_client(
-        settings.effective_mongodb_url, timeout=settings.db_timeout, appname="task-runner-worker"
+        settings.effective_mongodb_url,
+        timeout=settings.db_timeout,
+        appname="task-runner-worker",
+        event_listeners=[metrics.CommandCounter()],
     )
     store = TaskStore(client, database=settings.database, clock=DbClock(skew=settings.clock_skew))
     try:

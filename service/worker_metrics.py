@@ -16,6 +16,7 @@ import errno
 import threading
 from collections.abc import Callable, Iterable
 from datetime import datetime
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -29,6 +30,7 @@ from prometheus_client import (
     Info,
     start_http_server,
 )
+from pymongo import monitoring
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 # This process's CPU, memory and file descriptors, as every Prometheus client shows them.
@@ -83,6 +85,14 @@ RECOVERED = Counter(
     "Stale tasks (their worker silent) this worker's recovery put back or failed.",
     registry=REGISTRY,
 )
+DATABASE_COMMANDS = Counter(
+    "task_runner_worker_database_commands",
+    "Database commands this worker sent, by command name (findAndModify: claims; update: "
+    "results and heartbeats; getMore: the change stream; find: look-ups), successful or not. "
+    "Divided by tasks finished: what a task costs the database.",
+    ["command"],
+    registry=REGISTRY,
+)
 DATABASE_ERRORS = Counter(
     "task_runner_worker_database_errors",
     "Database calls of this worker that failed for want of the database (unreachable or "
@@ -123,6 +133,26 @@ def started(run_at: datetime | None, started_at: datetime | None) -> None:
     """A claimed task's scheduling lag (when both times are readable)."""
     if isinstance(run_at, datetime) and isinstance(started_at, datetime):
         LAG.observe(max(0.0, (started_at - run_at).total_seconds()))
+
+
+class CommandCounter(monitoring.CommandListener):
+    """Counts every command the worker's client sends into DATABASE_COMMANDS."""
+
+    def __init__(self) -> None:
+        self._children: dict[str, Any] = {}
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        name = event.command_name
+        child = self._children.get(name)
+        if child is None:
+            child = self._children[name] = DATABASE_COMMANDS.labels(command=name)
+        child.inc()
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
 
 
 class MetricsPortUnusable(Exception):

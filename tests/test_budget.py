@@ -9,9 +9,11 @@ import dataclasses
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
+from bson import ObjectId
 from pymongo import AsyncMongoClient, monitoring
 
 from service.clock import DbClock
@@ -175,3 +177,110 @@ async def test_a_draining_backlog_does_not_read_the_change_stream_per_write(
     print(f"backlog of {tasks} in {elapsed:.2f}s: {dict(kinds)}")
     assert kinds["claim"] == kinds["complete"] == tasks, kinds
     assert kinds["getMore"] <= elapsed / never_full.max_poll_interval + 3, (kinds, elapsed)
+
+
+def look_ups(log: CommandLog) -> int:
+    """The wake-ups' look-ups of the earliest waiting task among the logged commands."""
+    return sum(
+        1
+        for name, command, _ in log.done
+        if name == "find"
+        and command.get("find") == "tasks"
+        and command.get("filter", {}).get("state") == State.NOTSTARTED.value
+    )
+
+
+async def test_an_empty_claim_the_stream_explains_costs_no_look_up(
+    watched: tuple[TaskStore, CommandLog], store: TaskStore, settings: Settings
+) -> None:
+    # The worker learns of a task from the stream; someone else then takes it (here: it is
+    # deleted), so the claim at its run_at comes back empty. Everything waiting was either
+    # announced or found by the last look-up, whose answer still holds: asking the
+    # database again what is next would be a wasted command.
+    worker_store, log = watched
+    no_safety_poll = dataclasses.replace(settings, max_poll_interval=30.0)
+    worker, running = await run_worker(worker_store, no_safety_poll)
+    await asyncio.sleep(1.5)  # started, stream open, first look done: now idle
+    log.recording = True
+    run_at = store.clock.now() + timedelta(seconds=1.5)
+    task = await store.create(task_type=TaskType.BAZ, run_at=run_at, max_attempts=1)
+
+    async def announced() -> bool:
+        return task.id in worker.wakeups._known
+
+    await eventually(announced)
+    await store.delete(task.id)
+    await asyncio.sleep((run_at - store.clock.now()).total_seconds() + 0.5)
+    log.recording = False
+    worker.stop()
+    await running
+    kinds = Counter(classify(*entry) for entry in log.done)
+    print(f"announced then taken: {dict(kinds)}")
+    assert kinds["empty claim"] == 1, kinds
+    assert look_ups(log) == 0, kinds
+
+
+async def test_tasks_created_ahead_in_bulk_are_read_a_batch_per_get_more(
+    watched: tuple[TaskStore, CommandLog], store: TaskStore, settings: Settings
+) -> None:
+    # Each insert of a task due later would otherwise cost every listening worker one
+    # getMore of its own; after a batch of only such tasks the stream waits GATHER.
+    worker_store, log = watched
+    no_safety_poll = dataclasses.replace(settings, max_poll_interval=30.0)
+    worker, running = await run_worker(worker_store, no_safety_poll)
+    await asyncio.sleep(1.5)
+    log.recording = True
+    tasks = 100
+    later = store.clock.now() + timedelta(seconds=60)
+    created = [
+        await store.create(task_type=TaskType.BAZ, run_at=later, max_attempts=1)
+        for _ in range(tasks)
+    ]
+
+    async def all_announced() -> bool:
+        return all(task.id in worker.wakeups._known for task in created)
+
+    await eventually(all_announced)
+    log.recording = False
+    worker.stop()
+    await running
+    kinds = Counter(classify(*entry) for entry in log.done)
+    print(f"{tasks} tasks created ahead: {dict(kinds)}")
+    assert kinds["getMore"] <= tasks // 3, kinds
+    assert kinds["empty claim"] == 0 and look_ups(log) == 0, kinds
+
+
+async def test_the_look_up_names_types_only_when_the_claim_does(
+    watched: tuple[TaskStore, CommandLog], store: TaskStore, settings: Settings
+) -> None:
+    # Equalities and one range keep SecantusDB on the index: no type while every waiting
+    # task is of a type this worker runs; once it met another type, as its claim does.
+    worker_store, log = watched
+    log.recording = True
+    worker, running = await run_worker(worker_store, settings)
+    await asyncio.sleep(1.5)
+    first = [c for n, c, _ in log.done if n == "find" and c.get("find") == "tasks"]
+    await store.tasks.insert_one(
+        {
+            "_id": ObjectId(),
+            "state": "NOTSTARTED",
+            "type": "qux",
+            "run_at": store.clock.now(),
+            "attempts": 0,
+            "max_attempts": 1,
+        }
+    )
+
+    async def named() -> bool:
+        return not worker._claims_any_type()
+
+    await eventually(named)
+    log.done.clear()
+    await asyncio.sleep(settings.max_poll_interval * 2)  # a safety poll and its look-up
+    log.recording = False
+    worker.stop()
+    await running
+    later = [c for n, c, _ in log.done if n == "find" and c.get("find") == "tasks"]
+    assert first and later
+    assert all("type" not in c["filter"] for c in first), first
+    assert all("type" in c["filter"] for c in later), later

@@ -159,13 +159,15 @@ async def test_requeue_puts_a_failed_task_back(store: TaskStore) -> None:
     assert await store.claim("w", lease=new_lease()) is not None
 
 
-async def test_next_run_at_is_the_earliest_waiting(store: TaskStore) -> None:
-    assert await store.next_run_at() is None
+async def test_earliest_waiting_is_the_earliest_waiting(store: TaskStore) -> None:
+    now = store.clock.now()
+    assert await store.earliest_waiting(after=now) == []
     await make(store, in_seconds=500)
     soon = await store.create(
-        task_type=TaskType.FOO, run_at=store.clock.now() + timedelta(seconds=100), max_attempts=1
+        task_type=TaskType.FOO, run_at=now + timedelta(seconds=100), max_attempts=1
     )
-    assert await store.next_run_at() == soon.run_at
+    [(_, run_at)] = await store.earliest_waiting(after=now)
+    assert run_at == soon.run_at
 
 
 async def test_a_result_write_retried_after_it_landed_counts_as_written(store: TaskStore) -> None:

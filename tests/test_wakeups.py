@@ -71,23 +71,30 @@ def malformed_waiting(now: datetime) -> list[dict[str, Any]]:
 
 async def test_the_look_up_ignores_undated_documents_and_other_types(store: TaskStore) -> None:
     now = store.clock.surely_now()
+    past = now - timedelta(days=365 * 30)
     await store.tasks.insert_many(malformed_waiting(now))
-    assert await store.next_run_at(types=["baz"]) is None
+    assert await store.earliest_waiting(after=past, types=["baz"]) == []
+    assert await store.earliest_waiting(after=past) == []
+    qux = ObjectId()
     await store.tasks.insert_one(
-        {"_id": ObjectId(), "state": "NOTSTARTED", "type": "qux", "run_at": now, "attempts": 0}
+        {"_id": qux, "state": "NOTSTARTED", "type": "qux", "run_at": now, "attempts": 0}
     )
-    assert await store.next_run_at(types=["baz"]) is None
-    assert await store.next_run_at() == now
+    assert await store.earliest_waiting(after=past, types=["baz"]) == []
+    assert await store.earliest_waiting(after=past) == [(qux, now)]
     later = await store.create(
         task_type=TaskType.BAZ, run_at=now + timedelta(seconds=60), max_attempts=1
     )
     latest = await store.create(
         task_type=TaskType.BAZ, run_at=now + timedelta(seconds=90), max_attempts=1
     )
-    assert await store.next_run_at(types=["baz", "foo"]) == later.run_at
-    assert await store.next_run_at(types=["baz"], excluding=[ObjectId(later.id)]) == latest.run_at
-    excluding = [ObjectId(later.id), ObjectId(latest.id)]
-    assert await store.next_run_at(types=["baz"], excluding=excluding) is None
+    expected = [(ObjectId(later.id), later.run_at), (ObjectId(latest.id), latest.run_at)]
+    assert await store.earliest_waiting(after=past, types=["baz", "foo"], limit=5) == expected
+    assert await store.earliest_waiting(after=past, limit=2) == [(qux, now), expected[0]]
+    # From a time on: what waits before it (not claimed: not this worker's to claim) is left out.
+    assert await store.earliest_waiting(after=now + timedelta(seconds=1)) == expected[:1]
+    assert later.run_at is not None
+    after_later = later.run_at + timedelta(milliseconds=1)
+    assert await store.earliest_waiting(after=after_later) == expected[1:]
 
 
 async def test_the_stream_skips_undated_documents_and_other_types(store: TaskStore) -> None:
@@ -164,6 +171,7 @@ class LosesACancellation(TaskStore):
         max_await: float,
         on_open: Callable[[], None],
         ready: asyncio.Event | None = None,
+        gather: float = 0.0,
     ) -> AsyncIterator[tuple[Any, datetime | None]]:
         on_open()
         lost = False
