@@ -890,7 +890,9 @@ class TaskStore:
         query = self._stale_filter(stale_after)
         if only is not None:
             query["_id"] = {"$in": [key for i in only for key in id_filter(i)["_id"]["$in"]]}
-        now = self.clock.now()
+        # The server's own time of the recovery (what the stale cutoff was judged against),
+        # not this process's estimate of it.
+        now = "$$NOW"
         exhausted = {"$gte": ["$attempts", "$max_attempts"]}
         is_list = {"$isArray": "$errors"}  # a document of another shape must not fail this
         lost = {"attempt": "$attempts", "error": WORKER_LOST, "at": now, "worker": "$worker"}

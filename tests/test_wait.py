@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import json
 import re
 import time
@@ -300,11 +299,12 @@ async def test_many_waiters_cost_a_bounded_number_of_commands(
     monkeypatch: Any,
 ) -> None:
     commands = Commands()
-    monkeypatch.setattr(
-        service.store,
-        "AsyncMongoClient",
-        functools.partial(AsyncMongoClient, event_listeners=[commands]),
-    )
+
+    def counted(*args: Any, event_listeners: Any = (), **kwargs: Any) -> Any:
+        # Beside the listeners the app itself passes, if any.
+        return AsyncMongoClient(*args, event_listeners=[*event_listeners, commands], **kwargs)
+
+    monkeypatch.setattr(service.store, "AsyncMongoClient", counted)
     client = await modes(change_streams)
     feed = feed_of(client)
     wait = 3.0
