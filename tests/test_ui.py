@@ -438,6 +438,14 @@ async def test_the_dashboard_follows_tasks_live_and_shows_the_fleet(stack: Stack
     assert f"Foo {created['id']}" in await page.inner_text("#detail-output")
     fields = await page.inner_text("#detail-fields")
     assert stack.worker.worker_id in fields and "1 of 3" in fields, fields
+    # Schedules too, for the screenshot: one active, one paused (nothing due within the test).
+    status, hourly = stack.api.call("POST", "/schedules", {"type": "foo", "every": 3600})
+    assert status == 201, hourly
+    status, weekdays = stack.api.call("POST", "/schedules", WEEKDAYS_IN_PARIS)
+    assert status == 201, weekdays
+    assert stack.api.call("POST", f"/schedules/{weekdays['id']}/pause")[0] == 200
+    await page.wait_for_selector(f'#schedules tr[data-id="{hourly["id"]}"][data-state=active]')
+    await page.wait_for_selector(f'#schedules tr[data-id="{weekdays["id"]}"][data-state=paused]')
     SCREENSHOT.parent.mkdir(exist_ok=True)
     await page.screenshot(path=str(SCREENSHOT), full_page=True)
 
@@ -477,6 +485,58 @@ async def test_requeue_and_delete_from_the_page(stack: Stack, store: TaskStore) 
     await page.wait_for_selector("#detail-gone")
     assert stack.api.call("GET", f"/tasks/{waiting['id']}")[0] == 404
     assert await store.tasks.count_documents({"_id": ObjectId(waiting["id"])}) == 0
+
+
+WEEKDAYS_IN_PARIS = {"type": "baz", "cron": "30 9 * * 1-5", "timezone": "Europe/Paris"}
+
+
+async def test_schedules_show_and_pause_resume_and_delete_from_the_page(stack: Stack) -> None:
+    status, every = stack.api.call("POST", "/schedules", {"type": "foo", "every": 3600})
+    assert status == 201, every
+    status, cron = stack.api.call("POST", "/schedules", WEEKDAYS_IN_PARIS)
+    assert status == 201, cron
+    page = await open_dashboard(stack, token=False)  # reads need no token; writes do
+
+    # Both rows, with how they recur and their next occurrence (the API's, as the title).
+    rows = {s["id"]: f'#schedules tr[data-id="{s["id"]}"]' for s in (every, cron)}
+    for schedule in (every, cron):
+        row = rows[schedule["id"]]
+        await page.wait_for_selector(f"{row}[data-state=active]")
+        next_at = f'{row} td.next span[title="{schedule["next_at"]}"]'
+        assert "in " in await page.inner_text(next_at)  # e.g. "(in 1.0 h)": in the future
+    assert await page.inner_text(f"{rows[every['id']]} td.when") == "every 3600 s (1.0 h)"
+    cron_row = await page.inner_text(rows[cron["id"]])
+    assert "cron 30 9 * * 1-5 (Europe/Paris)" in cron_row and "baz" in cron_row, cron_row
+    await page.wait_for_selector("#schedule-count:text-is('(2, 0 paused)')")
+
+    # Without the token the API refuses the pause, and the page says why.
+    await page.click(f"{rows[every['id']]} button.pause")
+    await page.wait_for_selector("#message.bad")
+    assert "token" in await page.inner_text("#message")
+    assert stack.api.call("GET", f"/schedules/{every['id']}")[1]["paused"] is False
+
+    # With it: Pause, then Resume.
+    await page.fill("#token", TOKEN)
+    await page.click("#token-form button[type=submit]")
+    await page.click(f"{rows[every['id']]} button.pause")
+    await page.wait_for_selector(f"{rows[every['id']]}[data-state=paused]")
+    status, paused = stack.api.call("GET", f"/schedules/{every['id']}")
+    assert status == 200 and paused["paused"] is True, paused
+    assert await page.inner_text(f"{rows[every['id']]} .state") == "paused"
+    assert "held while paused" in await page.inner_text(f"{rows[every['id']]} td.next")
+    await page.wait_for_selector("#schedule-count:text-is('(2, 1 paused)')")
+    await page.click(f"{rows[every['id']]} button.resume")
+    await page.wait_for_selector(f"{rows[every['id']]}[data-state=active]")
+    assert stack.api.call("GET", f"/schedules/{every['id']}")[1]["paused"] is False
+
+    # Delete, after the page's confirmation: gone from the API and from the page.
+    page.once("dialog", lambda dialog: dialog.accept())
+    await page.click(f"{rows[cron['id']]} button.delete")
+    await page.wait_for_selector(rows[cron["id"]], state="detached")
+    status, body = stack.api.call("GET", f"/schedules/{cron['id']}")
+    assert status == 404, body
+    assert await page.is_visible(rows[every["id"]])
+    await page.wait_for_selector("#schedule-count:text-is('(1, 0 paused)')")
 
 
 async def test_what_tasks_hold_is_shown_as_text(stack: Stack, store: TaskStore) -> None:

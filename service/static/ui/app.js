@@ -240,6 +240,78 @@ async function loadWorkers() {
   );
 }
 
+function recurrence(s) {
+  let text = "?";
+  if (s.cron) text = "cron " + s.cron + " (" + s.timezone + ")";
+  else if (s.every) text = "every " + s.every + " s" + (s.every >= 60 ? " (" + seconds(s.every) + ")" : "");
+  const bound = (label, iso) => (iso ? el("div", { class: "muted" }, label + " ", when(iso)) : null);
+  return [text, bound("from", s.start_at), bound("until", s.end_at)];
+}
+
+function scheduleState(s) {
+  if (s.paused) return "paused";
+  return s.next_at ? "active" : "ended";
+}
+
+function nextOccurrence(s) {
+  if (!s.next_at) return el("span", { class: "muted" }, "none left");
+  // Paused, next_at stays where it was: on resume, if it has passed, `missed` decides.
+  return s.paused ? [when(s.next_at), el("div", { class: "muted" }, "held while paused")] : when(s.next_at);
+}
+
+function scheduleRow(s) {
+  const state = scheduleState(s);
+  const args = s.args && Object.keys(s.args).length ? JSON.stringify(s.args) : null;
+  return el(
+    "tr",
+    { "data-id": s.id, "data-state": state },
+    el("td", {}, el("code", {}, s.id)),
+    el("td", {}, s.type, args === null ? null : el("div", { class: "muted args" }, short(args, 80))),
+    el("td", { class: "when" }, recurrence(s)),
+    el("td", { class: "next" }, nextOccurrence(s)),
+    el("td", {}, s.missed),
+    el(
+      "td",
+      {},
+      el("span", { class: "state " + state }, state),
+      s.problems.length ? el("div", { class: "error" }, s.problems.join("; ")) : null,
+    ),
+    el(
+      "td",
+      { class: "buttons" },
+      s.paused
+        ? el("button", { type: "button", class: "resume", onclick: () => pauseSchedule(s.id, false) }, "Resume")
+        : el("button", { type: "button", class: "pause", onclick: () => pauseSchedule(s.id, true) }, "Pause"),
+      el("button", { type: "button", class: "delete danger", onclick: () => removeSchedule(s.id) }, "Delete"),
+    ),
+  );
+}
+
+async function loadSchedules() {
+  let body;
+  try {
+    body = await api("GET", "/schedules");
+  } catch (error) {
+    if (error.status === 404 || error.status === 405) {
+      $("schedule-count").textContent = "";
+      fill($("schedules"), el("p", { class: "muted" }, "no schedule data"));
+      return;
+    }
+    throw error;
+  }
+  const schedules = body.schedules;
+  const paused = schedules.filter((s) => s.paused).length;
+  $("schedule-count").textContent = "(" + schedules.length + ", " + paused + " paused)";
+  fill(
+    $("schedules"),
+    table(
+      ["schedule", "type", "recurs", "next occurrence", "if missed", "state", ""],
+      schedules.map(scheduleRow),
+      "no schedule",
+    ),
+  );
+}
+
 async function loadTasks() {
   const params = new URLSearchParams({ limit: String(view.limit) });
   if (view.state) params.set("state", view.state);
@@ -333,7 +405,7 @@ async function refresh() {
   if (refreshing) return refreshing;
   lastRefresh = Date.now();
   refreshing = (async () => {
-    const results = await Promise.allSettled([loadStats(), loadWorkers(), loadTasks(), loadDetail()]);
+    const results = await Promise.allSettled([loadStats(), loadWorkers(), loadTasks(), loadSchedules(), loadDetail()]);
     const failed = results.find((r) => r.status === "rejected");
     if (failed) say(failed.reason.message || String(failed.reason), true);
     $("updated").textContent = "updated " + new Date().toLocaleTimeString();
@@ -423,6 +495,28 @@ async function remove(id) {
   try {
     await api("DELETE", "/tasks/" + encodeURIComponent(id));
     say("task " + id + " deleted");
+  } catch (error) {
+    say("delete failed: " + error.message, true);
+  }
+  refreshSoon();
+}
+
+async function pauseSchedule(id, pause) {
+  const verb = pause ? "pause" : "resume";
+  try {
+    await api("POST", "/schedules/" + encodeURIComponent(id) + "/" + verb);
+    say("schedule " + id + (pause ? " paused: it creates no task until resumed" : " resumed"));
+  } catch (error) {
+    say(verb + " failed: " + error.message, true);
+  }
+  refreshSoon();
+}
+
+async function removeSchedule(id) {
+  if (!window.confirm("Delete schedule " + id + "? The tasks it already created stay.")) return;
+  try {
+    await api("DELETE", "/schedules/" + encodeURIComponent(id));
+    say("schedule " + id + " deleted");
   } catch (error) {
     say("delete failed: " + error.message, true);
   }
