@@ -91,10 +91,17 @@ class Running:
     execution: asyncio.Task[None]
     lost: bool = False
     finishing: bool = False  # the task ran; its result is being written
+    # time.monotonic() no later than its heartbeat_at was last written (claim, heartbeat).
+    refreshed: float = 0.0
 
 
 class Heartbeat(Periodic):
-    """One write per interval refreshes every running task; lost leases are cancelled.
+    """One write per interval refreshes the running tasks; lost leases are cancelled.
+
+    A task claimed or refreshed less than half an interval ago is left out: its
+    heartbeat_at is fresh enough (at most 1.5 intervals old before the next refresh, where
+    the stale threshold is at least 3), so in a burst of short tasks most finish before
+    their first heartbeat and cost none.
 
     The worker's record in the registry is refreshed in the same round: whenever the tasks
     it holds changed, and otherwise every `refresh_every` rounds (a third of the stale
@@ -114,11 +121,16 @@ class Heartbeat(Periodic):
         if store.clock.needs_sync():
             await store.sync_clock()
         began = time.monotonic()
-        lost = await store.heartbeat(self.worker.running)
+        running = self.worker.running
+        due = [lease for lease, r in running.items() if began - r.refreshed >= self.interval / 2]
+        lost = await store.heartbeat(due)
+        for lease in due:
+            if (held := running.get(lease)) is not None:
+                held.refreshed = began
         took = time.monotonic() - began
         if took > self.interval:
             # Heartbeats this slow eat into the stale threshold: say so before it bites.
-            logger.warning("heartbeat for %d task(s) took %.2fs", len(self.worker.running), took)
+            logger.warning("heartbeat for %d task(s) took %.2fs", len(due), took)
         gone = [r.task for lease in lost if (r := self.worker.running.get(lease)) is not None]
         for lease in lost:
             self.worker.abandon(lease)
@@ -327,10 +339,11 @@ class Worker:
                 await self.wakeups.wait()
                 continue
             try:
+                began = time.monotonic()  # no later than the server stamped heartbeat_at
                 task, looked = await self._claim_round()
                 if task is not None:
                     metrics.CLAIMED.inc()
-                    self._start(task)
+                    self._start(task, claimed_at=began)
                     self.wakeups.claimed(task)
                 elif looked:
                     metrics.EMPTY.inc()
@@ -433,12 +446,12 @@ class Worker:
 
     # -- running ----------------------------------------------------------------------
 
-    def _start(self, task: Task) -> None:
+    def _start(self, task: Task, *, claimed_at: float) -> None:
         assert task.lease is not None
         metrics.started(task.run_at, task.started_at)
         execution = asyncio.create_task(self._execute(task), name=f"task-{task.id}")
         execution.add_done_callback(self._execution_done)
-        self.running[task.lease] = Running(task, execution)
+        self.running[task.lease] = Running(task, execution, refreshed=claimed_at)
 
     async def _execute(self, task: Task) -> None:
         started = time.monotonic()

@@ -284,3 +284,50 @@ async def test_the_look_up_names_types_only_when_the_claim_does(
     assert first and later
     assert all("type" not in c["filter"] for c in first), first
     assert all("type" in c["filter"] for c in later), later
+
+
+async def test_short_tasks_cost_no_heartbeat_and_a_long_one_stays_fresh(
+    watched: tuple[TaskStore, CommandLog], store: TaskStore, settings: Settings
+) -> None:
+    # A lease claimed (or refreshed) less than half an interval ago is left out of the
+    # heartbeat: a burst of short tasks costs none, while a long task's heartbeat_at never
+    # gets older than 1.5 intervals (the stale threshold is at least 3).
+    worker_store, log = watched
+    interval = 1.0
+    timed = dataclasses.replace(
+        settings,
+        heartbeat_interval=interval,
+        stale_after=6.0,
+        foo_seconds=4.0,
+        bar_url="http://127.0.0.1:9/",
+    )
+    http = http_session()
+    worker = Worker(worker_store, timed, registry=load_registry(), http=http, worker_id="beats")
+
+    async def run() -> None:
+        async with http:
+            await worker.run()
+
+    running = asyncio.create_task(run())
+    await asyncio.sleep(1.0)
+    log.recording = True
+    long = await store.create(task_type=TaskType.FOO, run_at=None, max_attempts=1)
+    short = [
+        await store.create(task_type=TaskType.BAZ, run_at=None, max_attempts=1) for _ in range(150)
+    ]
+    oldest = 0.0
+    while (task := await store.get(long.id)).state is not State.COMPLETE:
+        if task.state is State.STARTED and task.heartbeat_at is not None:
+            age = (store.clock.now() - task.heartbeat_at).total_seconds()
+            oldest = max(oldest, age)
+        await asyncio.sleep(0.05)
+    log.recording = False
+    worker.stop()
+    await running
+    beats = [c for n, c, r in log.done if classify(n, c, r) == "heartbeat"]
+    leases = {lease for c in beats for lease in c["updates"][0]["q"]["lease"]["$in"]}
+    print(f"heartbeats: {len(beats)}, oldest heartbeat_at seen {oldest:.2f}s")
+    assert leases == {task.lease}, leases  # never one of the short tasks
+    assert await store.tasks.count_documents({"state": "COMPLETE"}) == 1 + len(short)
+    assert 2 <= len(beats) <= 6, len(beats)  # the long task, refreshed while it ran
+    assert oldest <= 1.5 * interval + 0.5, oldest
