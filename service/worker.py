@@ -91,7 +91,8 @@ class Running:
     execution: asyncio.Task[None]
     lost: bool = False
     finishing: bool = False  # the task ran; its result is being written
-    # time.monotonic() no later than its heartbeat_at was last written (claim, heartbeat).
+    # time.monotonic() no later than the claim, and than its heartbeat_at was last written.
+    claimed_at: float = 0.0
     refreshed: float = 0.0
 
 
@@ -104,8 +105,9 @@ class Heartbeat(Periodic):
     their first heartbeat and cost none.
 
     The worker's record in the registry is refreshed in the same round: whenever the tasks
-    it holds changed, and otherwise every `refresh_every` rounds (a third of the stale
-    threshold), so an idle worker stays alive in the registry for a write every few seconds.
+    it has held for half an interval changed, and otherwise every `refresh_every` rounds (a
+    third of the stale threshold), so an idle worker stays alive in the registry for a write
+    every few seconds.
     """
 
     def __init__(self, worker: Worker, *, interval: float, stale_after: float) -> None:
@@ -141,7 +143,7 @@ class Heartbeat(Periodic):
 
     async def register(self, *, force: bool = False) -> None:
         """Write the worker's record if what it holds changed or it is due for a refresh."""
-        holds = self.worker.holds()
+        holds = self.worker.holds(claimed_before=time.monotonic() - self.interval / 2)
         self._rounds_unregistered += 1
         if force or holds != self._registered or self._rounds_unregistered >= self.refresh_every:
             # Marked first: a failed write is retried by the next round, not every one after.
@@ -280,9 +282,14 @@ class Worker:
 
     # -- the registry: who this worker is and what it holds -------------------------------
 
-    def holds(self) -> tuple[str, ...]:
-        """The ids of the tasks this worker runs now, sorted."""
-        return tuple(sorted(r.task.id for r in self.running.values()))
+    def holds(self, *, claimed_before: float) -> tuple[str, ...]:
+        """The ids of the tasks this worker runs now, claimed before `claimed_before`
+        (time.monotonic()), sorted. The registry lists those held for half a heartbeat
+        interval: a task done sooner would be gone before anyone read it, and a burst of
+        short tasks would change the record, and cost a write, every round."""
+        return tuple(
+            sorted(r.task.id for r in self.running.values() if r.claimed_at < claimed_before)
+        )
 
     def registration(self, holds: tuple[str, ...]) -> dict[str, Any]:
         """This worker's record in the registry (the store adds last_seen)."""
@@ -451,7 +458,9 @@ class Worker:
         metrics.started(task.run_at, task.started_at)
         execution = asyncio.create_task(self._execute(task), name=f"task-{task.id}")
         execution.add_done_callback(self._execution_done)
-        self.running[task.lease] = Running(task, execution, refreshed=claimed_at)
+        self.running[task.lease] = Running(
+            task, execution, claimed_at=claimed_at, refreshed=claimed_at
+        )
 
     async def _execute(self, task: Task) -> None:
         started = time.monotonic()

@@ -286,7 +286,7 @@ async def test_the_look_up_names_types_only_when_the_claim_does(
     assert all("type" in c["filter"] for c in later), later
 
 
-async def test_short_tasks_cost_no_heartbeat_and_a_long_one_stays_fresh(
+async def test_short_tasks_cost_no_heartbeat_nor_registry_write_and_a_long_one_stays_fresh(
     watched: tuple[TaskStore, CommandLog], store: TaskStore, settings: Settings
 ) -> None:
     # A lease claimed (or refreshed) less than half an interval ago is left out of the
@@ -328,6 +328,14 @@ async def test_short_tasks_cost_no_heartbeat_and_a_long_one_stays_fresh(
     leases = {lease for c in beats for lease in c["updates"][0]["q"]["lease"]["$in"]}
     print(f"heartbeats: {len(beats)}, oldest heartbeat_at seen {oldest:.2f}s")
     assert leases == {task.lease}, leases  # never one of the short tasks
+    # The registry lists only what was held for half an interval: the long task, never a
+    # short one (whose comings and goings would cost a registry write every round).
+    listed = [
+        c["updates"][0]["u"]["$set"]["tasks"]
+        for n, c, _ in log.done
+        if n == "update" and c["update"] == "workers"
+    ]
+    assert [long.id] in listed and all(held in ([], [long.id]) for held in listed), listed
     assert await store.tasks.count_documents({"state": "COMPLETE"}) == 1 + len(short)
     assert 2 <= len(beats) <= 6, len(beats)  # the long task, refreshed while it ran
     assert oldest <= 1.5 * interval + 0.5, oldest
