@@ -28,7 +28,7 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -86,6 +86,7 @@ WORKER_FIELDS = (
     "task_timeout",
     "retention",
     "type_limits",
+    "event_loop",
 )
 LOCAL_DB_FIELDS = ("local_db_port", "local_db_path", "log_level", "log_format")
 OPS_FIELDS = (*DB_FIELDS, "stale_after", "heartbeat_interval")
@@ -326,8 +327,21 @@ def _run_worker(settings: Settings, args: argparse.Namespace) -> int:
     registry = _task_types(settings, "worker")
     if registry is None:
         return 2
+    run: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
+    if settings.event_loop == "uvloop":
+        # libuv's loop: about a fifth less CPU per task than asyncio's (README, Performance).
+        try:
+            import uvloop
+        except ImportError:
+            print(
+                "task-runner worker: TASK_RUNNER_EVENT_LOOP is uvloop, which is not installed "
+                "here; install it or set TASK_RUNNER_EVENT_LOOP=asyncio",
+                file=sys.stderr,
+            )
+            return 2
+        run = uvloop.run
     try:
-        asyncio.run(worker.serve(settings, registry=registry))
+        run(worker.serve(settings, registry=registry))
     except MetricsPortUnusable as exc:
         print(f"task-runner worker: {exc}", file=sys.stderr)
         return 1

@@ -14,6 +14,7 @@ from typing import Any
 DEFAULT_BAR_URL = "https://www.whattimeisitrightnow.com/"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
+EVENT_LOOPS = ("uvloop", "asyncio")
 # TASK_RUNNER_* variables that are read but are not fields of Settings.
 OTHER_VARIABLES: frozenset[str] = frozenset()
 
@@ -86,12 +87,14 @@ class Settings:
     retention: float = 7 * 24 * 3600.0
     # "name=N" entries, normalised to a lowercase name; see `limits`.
     type_limits: tuple[str, ...] = ()
+    event_loop: str = "uvloop"
 
     def __post_init__(self) -> None:
         self._check_numbers()
         self._check_ranges()
         self._check_choice("log_level", LOG_LEVELS)
         self._check_choice("log_format", LOG_FORMATS)
+        self._check_choice("event_loop", EVENT_LOOPS)
         self._check_type_limits()
         if not self.bar_url.startswith(("http://", "https://")):
             raise SettingsError("{bar_url} must be an http:// or https:// URL", "bar_url")
@@ -269,6 +272,7 @@ HELP: dict[str, str] = {
     "api_tokens": "comma-separated bearer tokens; when set, writes need one",
     "auth_reads": "with API tokens set, reads need a token too",
     "change_streams": "wake idle workers through a change stream (else: poll only)",
+    "event_loop": "a worker's asyncio event loop: uvloop (faster) or asyncio (the standard one)",
 }
 
 

@@ -230,7 +230,13 @@ class Worker:
 
     async def run(self) -> None:
         """Claim and run tasks until stop(); then drain within the grace period."""
-        logger.info("worker %s started: concurrency %d", self.worker_id, self.settings.concurrency)
+        loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
+        logger.info(
+            "worker %s started: concurrency %d, event loop %s",
+            self.worker_id,
+            self.settings.concurrency,
+            loop,
+        )
         metrics.prepare(worker_id=self.worker_id, version=self.version, types=self.types)
         metrics.count_running(lambda: len(self.running))
         await self._register()

@@ -144,6 +144,7 @@ def one_line(result: subprocess.CompletedProcess[str]) -> str:
     ("args", "env", "named"),
     [
         (["worker"], {"TASK_RUNNER_LOG_LEVEL": "verbose"}, "TASK_RUNNER_LOG_LEVEL"),
+        (["worker"], {"TASK_RUNNER_EVENT_LOOP": "tokio"}, "TASK_RUNNER_EVENT_LOOP"),
         (["worker"], {"TASK_RUNNER_HEARTBEAT_INTERVAL": "nan"}, "TASK_RUNNER_HEARTBEAT_INTERVAL"),
         (["api"], {"TASK_RUNNER_REQUEST_TIMEOUT": "inf"}, "TASK_RUNNER_REQUEST_TIMEOUT"),
         (["worker"], {"TASK_RUNNER_FOO_SECONDS": "-inf"}, "TASK_RUNNER_FOO_SECONDS"),

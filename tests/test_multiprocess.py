@@ -17,9 +17,12 @@ async def test_three_workers_run_200_mixed_tasks_exactly_once(
     store: TaskStore, spawn_worker: Callable[..., WorkerProcess], http_stub: StubHttpServer
 ) -> None:
     http_stub.status = 503
-    workers = [spawn_worker(bar_url=http_stub.url, concurrency=8) for _ in range(3)]
-    for worker in workers:
+    # Two on uvloop (the default), one on the standard asyncio loop.
+    loops = ["uvloop", "uvloop", "asyncio"]
+    workers = [spawn_worker(bar_url=http_stub.url, concurrency=8, event_loop=e) for e in loops]
+    for worker, loop in zip(workers, loops, strict=True):
         await wait_until_started(worker)
+        assert f"concurrency 8, event loop {loop}" in worker.stderr()
     types = [random.choice(list(TaskType)) for _ in range(200)]
     created = [await store.create(task_type=t, run_at=None, max_attempts=1) for t in types]
 
