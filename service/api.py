@@ -530,7 +530,8 @@ async def get_schedule(request: web.Request) -> web.Response:
 @also_error(404, NO_SCHEDULE)
 @operation("delete a schedule", responses={204: None})
 async def delete_schedule(request: web.Request) -> web.Response:
-    """Delete a schedule: no more occurrences; the tasks it created run as usual."""
+    """Delete a schedule: no more occurrences; its tasks made ahead whose occurrence has not
+    come yet are deleted with it, those already due or running run as usual."""
     if not await request.app[STORE].delete_schedule(request.match_info["id"]):
         raise web.HTTPNotFound(text=NO_SCHEDULE)
     return web.Response(status=204)
@@ -540,7 +541,8 @@ async def delete_schedule(request: web.Request) -> web.Response:
 @also_error(404, NO_SCHEDULE)
 @operation("pause a schedule", responses={200: ScheduleSchema})
 async def pause_schedule(request: web.Request) -> web.Response:
-    """Pause a schedule: it creates nothing until resumed."""
+    """Pause a schedule: it creates nothing until resumed, and its tasks made ahead whose
+    occurrence has not come yet are withdrawn (its next_at moves back to the first of them)."""
     store = request.app[STORE]
     return _schedule_response(await store.pause_schedule(request.match_info["id"], paused=True))
 

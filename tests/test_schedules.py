@@ -237,9 +237,10 @@ async def test_schedule_writes_need_a_token(
 # -- the schedule job, one round at a time -----------------------------------------------------
 
 
-async def _overdue(store: TaskStore, missed: str, *, by: float) -> Schedule:
-    """An every-1s schedule whose first occurrence was `by` seconds ago and never made."""
-    schedule = await store.create_schedule(template=FOO, timing=Timing(every=1, missed=missed))
+async def _overdue(store: TaskStore, missed: str, *, by: float, every: float = 1) -> Schedule:
+    """An `every`-second schedule whose first occurrence was `by` seconds ago (in the future
+    if negative) and never made."""
+    schedule = await store.create_schedule(template=FOO, timing=Timing(every=every, missed=missed))
     anchor = store.clock.surely_now() - timedelta(seconds=by)
     await store.schedules.update_one(
         {"_id": schedule.key}, {"$set": {"anchor": anchor, "next_at": anchor}}
@@ -256,37 +257,70 @@ async def _tasks_of(store: TaskStore, schedule: Schedule) -> list[Task]:
     )
 
 
+def _consecutive(first: datetime | None, tasks: list[Task], step: float = 1) -> None:
+    """The tasks stand for consecutive occurrences, `step` seconds apart, from `first`."""
+    assert first is not None and tasks
+    assert [t.occurrence for t in tasks] == [
+        first + timedelta(seconds=step * k) for k in range(len(tasks))
+    ]
+    assert all(t.run_at == t.occurrence for t in tasks)
+
+
+def _made_ahead(tasks: list[Task], job: Scheduler) -> None:
+    """Each task was made before its occurrence, by at most the job's lookahead."""
+    for task in tasks:
+        assert task.created_at is not None and task.occurrence is not None
+        assert task.created_at < task.occurrence <= task.created_at + job.lookahead
+
+
 async def test_missed_occurrences_latest_once_or_none(store: TaskStore) -> None:
     latest = await _overdue(store, "latest", by=10.5)
     skip = await _overdue(store, "skip", by=10.5)
     job = Scheduler(store, interval=0.2)
-    assert await job.run_once() == 1
-    assert await job.run_once() == 0
-    (made,) = await _tasks_of(store, latest)
-    assert latest.next_at is not None
-    assert made.occurrence == made.run_at == latest.next_at + timedelta(seconds=10)
-    assert made.created_at is not None and made.occurrence is not None
-    assert made.created_at >= made.occurrence
-    assert await _tasks_of(store, skip) == []
-    now = store.clock.surely_now()
-    for schedule in (latest, skip):
+    created = await job.run_once()
+    assert latest.next_at is not None and skip.next_at is not None
+    # latest: the latest missed occurrence once (made late), then the coming ones ahead.
+    made = await _tasks_of(store, latest)
+    missed = latest.next_at + timedelta(seconds=10)
+    assert made[0].occurrence == made[0].run_at == missed
+    assert made[0].created_at is not None and made[0].created_at >= missed
+    _consecutive(missed, made)
+    _made_ahead(made[1:], job)
+    assert len(made) >= 2  # the next occurrence is half a second away: made ahead
+    # skip: none of the missed ones; the coming ones ahead.
+    made_skip = await _tasks_of(store, skip)
+    _consecutive(skip.next_at + timedelta(seconds=11), made_skip)
+    _made_ahead(made_skip, job)
+    assert created == len(made) + len(made_skip)
+    # Each schedule moved on past what it made; a second round makes no missed one again.
+    for schedule, tasks in ((latest, made), (skip, made_skip)):
         moved = await store.get_schedule(schedule.id)
-        assert moved is not None and moved.next_at is not None
-        assert now < moved.next_at <= now + timedelta(seconds=1.5)
+        assert moved is not None and tasks[-1].occurrence is not None
+        assert moved.next_at == tasks[-1].occurrence + timedelta(seconds=1)
+    await job.run_once()
+    again = await _tasks_of(store, latest)
+    assert [t.occurrence for t in again if t.occurrence is not None and t.occurrence <= missed] == [
+        missed
+    ]
+    assert all(t.occurrence is not None and t.occurrence > missed for t in again[1:])
 
 
 async def test_racing_jobs_make_one_task_per_occurrence(store: TaskStore) -> None:
     schedules = [await _overdue(store, "latest", by=0.2) for _ in range(5)]
     jobs = [Scheduler(store, interval=0.2) for _ in range(4)]
     created = await asyncio.gather(*(job.run_once() for job in jobs for _ in range(3)))
-    assert sum(created) == 5
+    total = 0
     for schedule in schedules:
-        (made,) = await _tasks_of(store, schedule)
-        assert made.occurrence == schedule.next_at
+        # The due occurrence and at least the one 0.8 s ahead, each once.
+        made = await _tasks_of(store, schedule)
+        _consecutive(schedule.next_at, made)
+        assert len(made) >= 2
+        total += len(made)
+    assert sum(created) == total
     # The unique index itself refuses a second task for an occurrence.
     with pytest.raises(DuplicateKeyError):
         await store.tasks.insert_one(
-            {"schedule_id": made.schedule_id, "occurrence": made.occurrence}
+            {"schedule_id": made[0].schedule_id, "occurrence": made[0].occurrence}
         )
     indexes = await store.tasks.index_information()
     assert indexes[OCCURRENCE_INDEX]["unique"] is True
@@ -302,10 +336,13 @@ async def test_paused_schedule_makes_nothing_until_resumed(store: TaskStore) -> 
     assert await job.run_once() == 0
     assert await _tasks_of(store, schedule) == []
     await store.pause_schedule(schedule.id, paused=False)
-    assert await job.run_once() == 1
-    (made,) = await _tasks_of(store, schedule)
+    created = await job.run_once()
+    made = await _tasks_of(store, schedule)
     assert schedule.next_at is not None
-    assert made.occurrence == schedule.next_at + timedelta(seconds=5)
+    # The latest missed occurrence, then the coming ones ahead.
+    _consecutive(schedule.next_at + timedelta(seconds=5), made)
+    _made_ahead(made[1:], job)
+    assert created == len(made) >= 2
 
 
 async def test_deleted_schedule_makes_nothing_more(store: TaskStore) -> None:
@@ -313,6 +350,96 @@ async def test_deleted_schedule_makes_nothing_more(store: TaskStore) -> None:
     assert await store.delete_schedule(schedule.id)
     assert await Scheduler(store, interval=0.2).run_once() == 0
     assert await _tasks_of(store, schedule) == []
+
+
+async def _made_ahead_and_due(store: TaskStore, job: Scheduler) -> tuple[Schedule, list[Task]]:
+    """An every-3s schedule after one round (looking 5.4 s ahead) made its occurrences 4.5 s
+    and 1.5 s ago (due, the first of them claimed: STARTED) and those 1.5 s and 4.5 s ahead
+    (waiting)."""
+    schedule = await _overdue(store, "latest", by=4.5, every=3)
+    await job.run_once()
+    made = await _tasks_of(store, schedule)
+    _consecutive(schedule.next_at, made, step=3)
+    assert len(made) == 4, made
+    started = await store.claim("w", lease="l")
+    assert started is not None and started.id == made[0].id
+    return schedule, made
+
+
+async def test_pause_and_delete_withdraw_only_the_tasks_not_yet_due(store: TaskStore) -> None:
+    job = Scheduler(store, interval=4)  # makes tasks up to 5.4 s ahead
+    schedule, made = await _made_ahead_and_due(store, job)
+    await _made_ahead_and_due(store, job)  # another schedule's
+    plain = await store.create(
+        task_type="foo", run_at=store.clock.now() + timedelta(minutes=1), max_attempts=1
+    )
+    others = {t.id: t for t in await all_tasks(store) if t.schedule_id != schedule.id}
+    ahead = made[2].occurrence
+
+    # Pausing removes the two ahead and moves next_at back to the first of them.
+    paused = await store.pause_schedule(schedule.id, paused=True)
+    assert paused is not None and paused.paused and paused.next_at == ahead
+    stored = await store.get_schedule(schedule.id)
+    assert stored == paused
+    kept = await _tasks_of(store, schedule)
+    assert [(t.id, t.state) for t in kept] == [
+        (made[0].id, State.STARTED),
+        (made[1].id, State.NOTSTARTED),
+    ]
+    assert await job.run_once() == 0
+    assert await _tasks_of(store, schedule) == kept
+    # Resuming continues from there: the same occurrences are made again, once each.
+    await store.pause_schedule(schedule.id, paused=False)
+    assert await job.run_once() == 2
+    again = await _tasks_of(store, schedule)
+    _consecutive(schedule.next_at, again, step=3)
+    assert len(again) == 4 and again[:2] == kept
+
+    # Deleting removes the ahead ones again, and leaves the due and the running one.
+    assert await store.delete_schedule(schedule.id)
+    assert [t.id for t in await _tasks_of(store, schedule)] == [t.id for t in kept]
+    # Nothing else was touched: another schedule's tasks, a task made through the API.
+    assert {t.id: t for t in await all_tasks(store) if t.schedule_id != schedule.id} == others
+    assert plain.id in others
+
+
+async def test_a_round_that_read_the_schedule_before_a_pause_or_delete(
+    store: TaskStore,
+) -> None:
+    """A worker's round reads a schedule, the schedule is paused (or deleted) and its ahead
+    tasks withdrawn, then the round inserts the task of the occurrence it read: its advance,
+    fenced on the schedule not being paused, fails, and the round withdraws the task."""
+    job = Scheduler(store, interval=2)
+    for stop in ("pause", "delete"):
+        schedule = await _overdue(store, "latest", by=-1.5, every=60)
+        now = store.clock.surely_now()
+        (read,) = await store.due_schedules(now=now + job.lookahead, limit=10)
+        if stop == "pause":
+            assert await store.pause_schedule(schedule.id, paused=True) is not None
+        else:
+            assert await store.delete_schedule(schedule.id)
+        assert await job.materialise(read, now) == 0
+        assert await _tasks_of(store, schedule) == []
+        if stop == "pause":
+            stored = await store.get_schedule(schedule.id)
+            assert stored is not None and stored.next_at == schedule.next_at
+            await store.pause_schedule(schedule.id, paused=False)
+            assert await job.run_once() == 1
+            (made,) = await _tasks_of(store, schedule)
+            assert made.occurrence == schedule.next_at
+            assert await store.delete_schedule(schedule.id)
+    # Rounds racing on an active schedule: one's insert is refused and the other's advance,
+    # and the task that stands is not withdrawn.
+    schedule = await _overdue(store, "latest", by=-1.5, every=60)
+    now = store.clock.surely_now()
+    (read,) = await store.due_schedules(now=now + job.lookahead, limit=10)
+    assert read.next_at is not None
+    following = next_occurrence(read, read.next_at, inclusive=False)
+    assert await store.advance_schedule(read, to=following, now=now)  # the other's advance
+    assert await job.materialise(read, now) == 1  # this one's insert stands
+    assert await Scheduler(store, interval=2).materialise(read, now) == 0  # a third: refused
+    (made,) = await _tasks_of(store, schedule)
+    assert made.occurrence == read.next_at
 
 
 # -- a fleet of real processes -----------------------------------------------------------------
@@ -328,16 +455,18 @@ def two_apis(settings: Settings, store: TaskStore, tmp_path: Path) -> Iterator[l
             server.process.wait()
 
 
-FAST = {"schedule_interval": 0.2, "log_level": "INFO"}
+FAST_INTERVAL = 0.2
+FAST = {"schedule_interval": FAST_INTERVAL, "log_level": "INFO"}
 
 
-def _check_once_each(tasks: list[Task]) -> None:
-    """One task per occurrence, none created or started before it, each run at most once."""
+def _check_once_each(tasks: list[Task], *, lookahead: timedelta) -> None:
+    """One task per occurrence, none started before it nor created earlier than the schedule
+    job's lookahead, each run at most once."""
     per_occurrence = Counter((t.schedule_id, t.occurrence) for t in tasks)
     assert all(n == 1 for n in per_occurrence.values()), per_occurrence.most_common(3)
     for task in tasks:
         assert task.occurrence is not None and task.run_at == task.occurrence
-        assert task.created_at is not None and task.created_at >= task.occurrence
+        assert task.created_at is not None and task.created_at >= task.occurrence - lookahead
         assert task.started_at is None or task.started_at >= task.occurrence
         assert task.attempts <= 1, task
 
@@ -364,7 +493,8 @@ async def test_fleet_makes_exactly_one_task_per_occurrence(
         await eventually(lambda: made(1), within=30)
         began = time.monotonic()
         await eventually(lambda: made(6), within=30)
-        assert time.monotonic() - began > 4  # one a second, not faster
+        # One a second, not faster (each made up to 1.22 s ahead of its occurrence).
+        assert time.monotonic() - began > 3.5
         async with http.delete(f"{second}/schedules/{schedule['id']}") as deleted:
             assert deleted.status == 204
         deleted_at = store.clock.now()
@@ -381,12 +511,115 @@ async def test_fleet_makes_exactly_one_task_per_occurrence(
     # Watched for three periods after the delete: nothing newer than it.
     await asyncio.sleep(3)
     tasks = [t for t in await all_tasks(store) if t.schedule_id]
-    _check_once_each(tasks)
+    _check_once_each(tasks, lookahead=Scheduler(store, interval=FAST_INTERVAL).lookahead)
     assert all(t.attempts == 1 for t in tasks)
     assert all(t.occurrence is not None and t.occurrence <= deleted_at for t in tasks)
     occurrences = sorted(t.occurrence for t in tasks if t.occurrence is not None)
     steps = {(b - a).total_seconds() for a, b in itertools.pairwise(occurrences)}
     assert all(step >= 1 and step == int(step) for step in steps), steps
+    for worker in workers:
+        worker.signal(signal.SIGTERM)
+        assert worker.wait() == 0, worker.stderr()
+
+
+ON_TIME = timedelta(seconds=0.5)
+
+
+async def test_tasks_made_ahead_start_on_time_through_pause_resume_and_delete(
+    store: TaskStore,
+    api: TestClient[Any, Any],
+    spawn_worker: Callable[..., WorkerProcess],
+) -> None:
+    """With a job interval of seconds, each occurrence's task is made ahead and started by
+    the workers' wake-ups at its occurrence (made when due, it would start up to a round
+    late). Pausing and deleting withdraw the tasks not yet due and nothing else; resuming
+    continues, on time again from one lookahead on."""
+    interval = 2.0
+    lookahead = Scheduler(store, interval=interval).lookahead  # 3.2 s
+    workers = [spawn_worker(schedule_interval=interval, log_level="INFO") for _ in range(2)]
+    for worker in workers:
+        await wait_until_started(worker)
+    # A first occurrence far enough ahead for a round to make it ahead, as every later one.
+    start_at = store.clock.now() + lookahead + timedelta(seconds=1)
+    body = {"type": "foo", "every": 1, "start_at": start_at.isoformat()}
+    created = await api.post("/schedules", json=body)
+    assert created.status == 201, await created.text()
+    path = f"/schedules/{(await created.json())['id']}"
+    schedule_id = path.rsplit("/", 1)[1]
+
+    async def tasks() -> list[Task]:
+        found = [t for t in await all_tasks(store) if t.schedule_id == schedule_id]
+        return sorted(found, key=lambda t: t.occurrence or start_at)
+
+    async def started_after(moment: datetime, count: int) -> bool:
+        late = [t for t in await tasks() if t.occurrence and t.occurrence > moment]
+        return sum(t.started_at is not None for t in late) >= count
+
+    def check_on_time(found: list[Task]) -> None:
+        # Started at its occurrence (the database's own stamps), never before it.
+        delays = [
+            (t.started_at - t.occurrence).total_seconds()
+            for t in found
+            if t.started_at is not None and t.occurrence is not None
+        ]
+        assert len(delays) == len(found)
+        assert all(0 <= delay <= ON_TIME.total_seconds() for delay in delays), delays
+        # Made ahead of it.
+        assert all(t.created_at and t.occurrence and t.created_at < t.occurrence for t in found)
+
+    async def none_ahead(moment: datetime) -> bool:
+        return not [t for t in await tasks() if t.occurrence and t.occurrence > moment]
+
+    async def watch(moment: datetime) -> None:
+        # A round that read the schedule before the change may insert one more task; it
+        # withdraws it itself. Then nothing comes for a whole lookahead.
+        await eventually(lambda: none_ahead(moment), within=10)
+        until = moment + lookahead + timedelta(seconds=0.5)
+        await asyncio.sleep(max(0.0, (until - store.clock.now()).total_seconds()))
+        assert await none_ahead(moment)
+
+    await eventually(lambda: started_after(start_at - timedelta(seconds=1), 6), within=30)
+    check_on_time([t for t in await tasks() if t.started_at is not None])
+
+    # Pause: the tasks not yet due go, those due or running stay (and complete).
+    before = store.clock.now()
+    kept = [t.id for t in await tasks() if t.occurrence and t.occurrence <= before]
+    paused = await api.post(f"{path}/pause")
+    assert paused.status == 200
+    paused_at = store.clock.now()
+    assert set(kept) <= {t.id for t in await tasks()}
+    await watch(paused_at)
+    # Resume: occurrences missed meanwhile follow the missed policy; from one lookahead on,
+    # each is made ahead and starts on time again.
+    resumed = await api.post(f"{path}/resume")
+    assert resumed.status == 200
+    resumed_at = store.clock.now()
+    await eventually(lambda: started_after(resumed_at + lookahead, 3), within=30)
+    check_on_time(
+        [
+            t
+            for t in await tasks()
+            if t.occurrence and t.occurrence > resumed_at + lookahead and t.started_at
+        ]
+    )
+    made_while_paused = [t for t in await tasks() if t.created_at and t.created_at > paused_at]
+    assert all(t.created_at and t.created_at > resumed_at for t in made_while_paused)
+
+    # Delete: the same, and nothing more is made.
+    before = store.clock.now()
+    kept = [t.id for t in await tasks() if t.occurrence and t.occurrence <= before]
+    assert (await api.delete(path)).status == 204
+    deleted_at = store.clock.now()
+    assert set(kept) <= {t.id for t in await tasks()}
+    await watch(deleted_at)
+
+    async def all_ran() -> bool:
+        return all(t.state == State.COMPLETE for t in await tasks())
+
+    await eventually(all_ran, within=30)
+    found = await tasks()
+    _check_once_each(found, lookahead=lookahead)
+    assert set(kept) <= {t.id for t in found}
     for worker in workers:
         worker.signal(signal.SIGTERM)
         assert worker.wait() == 0, worker.stderr()
@@ -402,6 +635,10 @@ async def test_missed_occurrences_after_the_whole_fleet_was_down(
     latest = await store.create_schedule(template=FOO, timing=Timing(every=1))
     skip = await store.create_schedule(template=FOO, timing=Timing(every=1, missed="skip"))
     fleet = [spawn_worker(**FAST) for _ in range(3)]
+    # Each worker up (its signal handlers set) before the SIGTERM: the first one up makes
+    # the first tasks ahead at once.
+    for worker in fleet:
+        await wait_until_started(worker)
 
     async def each_made_one() -> bool:
         return all([await _tasks_of(store, s) for s in (latest, skip)])
@@ -417,7 +654,9 @@ async def test_missed_occurrences_after_the_whole_fleet_was_down(
         assert stored is not None and stored.next_at is not None
         first_missed[schedule.id] = stored.next_at
     before = {s.id: len(await _tasks_of(store, s)) for s in (latest, skip)}
-    await asyncio.sleep(4.5)  # four periods or more pass with no worker at all
+    # Four periods or more pass with no worker at all after the first occurrence not made.
+    back_at = max(first_missed.values()) + timedelta(seconds=4.5)
+    await asyncio.sleep(max(0.0, (back_at - store.clock.now()).total_seconds()))
     survivor = spawn_worker(**FAST)
 
     async def back() -> bool:
@@ -440,7 +679,10 @@ async def test_missed_occurrences_after_the_whole_fleet_was_down(
     made_skip = [t for t in await _tasks_of(store, skip)][before[skip.id] :]
     assert all(t.occurrence is not None and t.occurrence > skipped_up_to for t in made_skip)
     assert skipped_up_to - first_missed[skip.id] >= timedelta(seconds=3)
-    _check_once_each([*await _tasks_of(store, latest), *await _tasks_of(store, skip)])
+    _check_once_each(
+        [*await _tasks_of(store, latest), *await _tasks_of(store, skip)],
+        lookahead=Scheduler(store, interval=FAST_INTERVAL).lookahead,
+    )
     survivor.signal(signal.SIGTERM)
     assert survivor.wait() == 0, survivor.stderr()
 
@@ -473,10 +715,10 @@ async def test_task_runner_schedules_lists_them(settings: Settings, store: TaskS
 
 async def test_occurrences_found_late_by_a_round_are_each_made(store: TaskStore) -> None:
     schedule = await _overdue(store, "skip", by=1.5)
-    job = Scheduler(store, interval=0.5)  # late after 2 s: these two are on time
-    assert await job.run_once() == 2
-    assert schedule.next_at is not None
-    assert [t.occurrence for t in await _tasks_of(store, schedule)] == [
-        schedule.next_at,
-        schedule.next_at + timedelta(seconds=1),
-    ]
+    job = Scheduler(store, interval=0.5)  # late after 2 s: the two past ones are on time
+    created = await job.run_once()
+    made = await _tasks_of(store, schedule)
+    # The two past occurrences, then those before the next round (1.55 s ahead) in advance.
+    _consecutive(schedule.next_at, made)
+    assert created == len(made) >= 4
+    _made_ahead(made[2:], job)
