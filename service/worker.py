@@ -548,8 +548,9 @@ class Worker:
                 )
                 outcome = "FAILED" if retry_at is None else f"retry at {retry_at.isoformat()}"
                 kind = "failed" if retry_at is None else "retry"
-            # Written or not, the task is no longer STARTED under our lease.
-            await self._persist_none(lambda: self.slots.free(task))
+            if self.slots.limited(task.type):
+                # Written or not, the task is no longer STARTED under our lease.
+                await self._persist_none(lambda: self.slots.free(task))
             took = time.monotonic() - started
             metrics.finished(task.type, kind if written else "lease_lost", took)
             event = {  # the fields of a JSON log line (service/logs.py)
