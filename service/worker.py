@@ -48,6 +48,9 @@ MALFORMED_SCAN_INTERVAL = 300.0
 # After a task of a type this worker does not run was claimed and given back, claims list
 # this worker's types for this long before trying without again.
 NAME_TYPES_FOR = 300
+# A lease claimed or refreshed less than this share of a heartbeat interval ago is fresh:
+# the heartbeat leaves it for the next round, and the registry does not list it yet.
+FRESH_SHARE = 0.25
 
 
 class _CannotRun(Exception):
@@ -99,13 +102,13 @@ class Running:
 class Heartbeat(Periodic):
     """One write per interval refreshes the running tasks; lost leases are cancelled.
 
-    A task claimed or refreshed less than half an interval ago is left out: its
-    heartbeat_at is fresh enough (at most 1.5 intervals old before the next refresh, where
+    A task claimed or refreshed less than a quarter interval ago is left out: its
+    heartbeat_at is fresh enough (at most 1.25 intervals old before the next refresh, where
     the stale threshold is at least 3), so in a burst of short tasks most finish before
     their first heartbeat and cost none.
 
     The worker's record in the registry is refreshed in the same round: whenever the tasks
-    it has held for half an interval changed, and otherwise every `refresh_every` rounds (a
+    it has held for a quarter interval changed, and otherwise every `refresh_every` rounds (a
     third of the stale threshold), so an idle worker stays alive in the registry for a write
     every few seconds.
     """
@@ -124,7 +127,8 @@ class Heartbeat(Periodic):
             await store.sync_clock()
         began = time.monotonic()
         running = self.worker.running
-        due = [lease for lease, r in running.items() if began - r.refreshed >= self.interval / 2]
+        fresh = self.interval * FRESH_SHARE
+        due = [lease for lease, r in running.items() if began - r.refreshed >= fresh]
         lost = await store.heartbeat(due)
         for lease in due:
             if (held := running.get(lease)) is not None:
@@ -143,7 +147,7 @@ class Heartbeat(Periodic):
 
     async def register(self, *, force: bool = False) -> None:
         """Write the worker's record if what it holds changed or it is due for a refresh."""
-        holds = self.worker.holds(claimed_before=time.monotonic() - self.interval / 2)
+        holds = self.worker.holds(claimed_before=time.monotonic() - self.interval * FRESH_SHARE)
         self._rounds_unregistered += 1
         if force or holds != self._registered or self._rounds_unregistered >= self.refresh_every:
             # Marked first: a failed write is retried by the next round, not every one after.
@@ -290,7 +294,7 @@ class Worker:
 
     def holds(self, *, claimed_before: float) -> tuple[str, ...]:
         """The ids of the tasks this worker runs now, claimed before `claimed_before`
-        (time.monotonic()), sorted. The registry lists those held for half a heartbeat
+        (time.monotonic()), sorted. The registry lists those held for a quarter heartbeat
         interval: a task done sooner would be gone before anyone read it, and a burst of
         short tasks would change the record, and cost a write, every round."""
         return tuple(

@@ -93,7 +93,7 @@ async def test_kill_9_two_of_four_workers_mid_run(store: TaskStore, spawn_worker
         # Re-run elsewhere, once the killed worker's heartbeat went stale.
         rerun_held += 1
         assert after.worker in survivor_ids
-        assert after.attempts == 2
+        assert after.attempts == 2, (after.errors, before)
         assert [e.error for e in after.errors] == [WORKER_LOST]
         assert before.heartbeat_at is not None and after.started_at is not None
         # Recovered (the server stamps the time) only once the last heartbeat was older
