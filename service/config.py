@@ -263,7 +263,7 @@ HELP: dict[str, str] = {
     "idempotency_ttl": "seconds an Idempotency-Key is remembered",
     "retention": "seconds COMPLETE and FAILED tasks are kept after they finish (0: for ever)",
     "type_limits": "type=N,...: at most N tasks of the type run at once in the whole fleet",
-    "schedule_interval": "seconds between a worker's looks for due schedule occurrences",
+    "schedule_interval": "seconds between a worker's looks for schedule occurrences to make",
     "db_timeout": "seconds to wait for the database before giving up on a call",
     "max_body_bytes": "largest request body the API accepts",
     "clock_skew": "testing only: shift this process's clock by this many seconds",

@@ -605,7 +605,10 @@ class ScheduleSchema(Schema):
     next_at = Timestamp(
         required=True,
         allow_none=True,
-        metadata={"description": "the next occurrence; null: none left (past end_at)"},
+        metadata={
+            "description": "the next occurrence no task was made for yet (tasks are made a "
+            "little ahead); null: none left (past end_at)"
+        },
     )
     created_at = Timestamp(required=True, allow_none=True)
     problems = fields.List(fields.String(), required=True)
