@@ -480,47 +480,36 @@ function onEvent(block) {
 
 // -- actions ------------------------------------------------------------------------------
 
-async function requeue(id) {
+// Every action is one REST call, then a message and a refresh; its errors are shown.
+async function act(method, path, done, what) {
   try {
-    await api("POST", "/tasks/" + encodeURIComponent(id) + "/requeue");
-    say("task " + id + " requeued: NOTSTARTED, due now");
+    await api(method, path);
+    say(done);
   } catch (error) {
-    say("requeue failed: " + error.message, true);
+    say(what + " failed: " + error.message, true);
   }
   refreshSoon();
 }
 
-async function remove(id) {
+function requeue(id) {
+  return act("POST", "/tasks/" + encodeURIComponent(id) + "/requeue", "task " + id + " requeued: NOTSTARTED, due now", "requeue");
+}
+
+function remove(id) {
   if (!window.confirm("Delete task " + id + "? A worker running it stops within a heartbeat.")) return;
-  try {
-    await api("DELETE", "/tasks/" + encodeURIComponent(id));
-    say("task " + id + " deleted");
-  } catch (error) {
-    say("delete failed: " + error.message, true);
-  }
-  refreshSoon();
+  return act("DELETE", "/tasks/" + encodeURIComponent(id), "task " + id + " deleted", "delete");
 }
 
-async function pauseSchedule(id, pause) {
+function pauseSchedule(id, pause) {
   const verb = pause ? "pause" : "resume";
-  try {
-    await api("POST", "/schedules/" + encodeURIComponent(id) + "/" + verb);
-    say("schedule " + id + (pause ? " paused: it creates no task until resumed" : " resumed"));
-  } catch (error) {
-    say(verb + " failed: " + error.message, true);
-  }
-  refreshSoon();
+  const done = "schedule " + id + (pause ? " paused: it creates no task until resumed" : " resumed");
+  return act("POST", "/schedules/" + encodeURIComponent(id) + "/" + verb, done, verb);
 }
 
-async function removeSchedule(id) {
-  if (!window.confirm("Delete schedule " + id + "? The tasks it already created stay.")) return;
-  try {
-    await api("DELETE", "/schedules/" + encodeURIComponent(id));
-    say("schedule " + id + " deleted");
-  } catch (error) {
-    say("delete failed: " + error.message, true);
-  }
-  refreshSoon();
+function removeSchedule(id) {
+  const question = "Delete schedule " + id + "? Its tasks already due or running stay; those made ahead for later occurrences go with it.";
+  if (!window.confirm(question)) return;
+  return act("DELETE", "/schedules/" + encodeURIComponent(id), "schedule " + id + " deleted", "delete");
 }
 
 async function recover() {
