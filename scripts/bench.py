@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
+import uvloop  # noqa: E402
 from aiohttp import web  # noqa: E402
 from bson import ObjectId  # noqa: E402
 from pymongo import AsyncMongoClient, ReturnDocument, monitoring  # noqa: E402
@@ -87,10 +88,12 @@ class Bench:
         return env
 
     def spawn(
-        self, count: int, command: list[str], env: dict[str, str]
+        self, count: int, command: list[str], env: dict[str, str], *, logs: bool = True
     ) -> list[subprocess.Popen[bytes]]:
+        """Start `count` processes; their output is dropped (and their logs, unless `logs`)."""
+        stderr = None if logs else subprocess.DEVNULL
         return [
-            subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+            subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
             for _ in range(count)
         ]
 
@@ -282,7 +285,9 @@ class Bench:
 
     # -- 6. cost per task in a burst -----------------------------------------------------
 
-    async def burst_cost(self, workers: int, pattern: str) -> dict[str, float]:
+    async def burst_cost(
+        self, workers: int, pattern: str, *, event_loop: str = "uvloop"
+    ) -> dict[str, float]:
         """What `--burst` Baz tasks created through the API cost the worker processes:
         database commands (by name) and CPU seconds, each per task, read from the workers'
         own /metrics before and after (task_runner_worker_database_commands_total and
@@ -297,15 +302,24 @@ class Bench:
         port = free_port()
         metric_ports = [free_port() for _ in range(workers)]
         env = self.env(store)
-        env.pop("TASK_RUNNER_LOG_LEVEL")  # as users run them: an INFO line per task
+        # As users run them, logging an INFO line per task (and request), here to nowhere.
+        env.pop("TASK_RUNNER_LOG_LEVEL")
         children = self.spawn(
-            1, [sys.executable, "-m", "service.cli", "api"], {**env, "TASK_RUNNER_PORT": str(port)}
+            1,
+            [sys.executable, "-m", "service.cli", "api"],
+            {**env, "TASK_RUNNER_PORT": str(port)},
+            logs=False,
         )
         for metric_port in metric_ports:
             children += self.spawn(
                 1,
                 [sys.executable, "-m", "service.cli", "worker"],
-                {**env, "TASK_RUNNER_METRICS_PORT": str(metric_port)},
+                {
+                    **env,
+                    "TASK_RUNNER_METRICS_PORT": str(metric_port),
+                    "TASK_RUNNER_EVENT_LOOP": event_loop,
+                },
+                logs=False,
             )
         total = self.args.burst
         try:
@@ -636,10 +650,14 @@ async def main(args: argparse.Namespace) -> None:
                 )
         for pattern in PATTERNS:
             for workers in args.burst_workers:
-                for _ in range(args.repeats):
-                    with database_url() as url:
-                        run = await Bench(url, args).burst_cost(workers, pattern)
-                    burst.setdefault((workers, pattern), []).append(run)
+                for loop in args.event_loops:
+                    label = pattern if args.event_loops == ["uvloop"] else f"{pattern}, {loop}"
+                    for _ in range(args.repeats):
+                        with database_url() as url:
+                            run = await Bench(url, args).burst_cost(
+                                workers, pattern, event_loop=loop
+                            )
+                        burst.setdefault((workers, label), []).append(run)
         out("")
         for line in burst_table(burst, args.burst):
             out(line)
@@ -681,6 +699,13 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--sections", default="123456", help="which tables to print")
     parser.add_argument("--burst", type=int, default=500, help="tasks per burst-cost run")
     parser.add_argument("--burst-workers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument(
+        "--event-loops",
+        nargs="+",
+        default=["uvloop"],
+        choices=["uvloop", "asyncio"],
+        help="the workers' TASK_RUNNER_EVENT_LOOP in section 6 (each gets its rows)",
+    )
     parser.add_argument("--lag-tasks", type=int, default=100)
     parser.add_argument("--lag-seconds", type=float, default=10.0, help="spread of their run_at")
     parser.add_argument("--api-lag-tasks", type=int, default=40)
@@ -706,7 +731,8 @@ def parse() -> argparse.Namespace:
 if __name__ == "__main__":
     arguments = parse()
     if arguments.raw_client:
-        asyncio.run(raw_client(arguments.raw_client))
+        # On the event loop the workers run on (TASK_RUNNER_EVENT_LOOP's default).
+        uvloop.run(raw_client(arguments.raw_client))
     elif arguments.bare_api:
         bare_api()
     else:
