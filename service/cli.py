@@ -329,7 +329,7 @@ def _run_worker(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     run: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
     if settings.event_loop == "uvloop":
-        # libuv's loop: about a fifth less CPU per task than asyncio's (README, Performance).
+        # libuv's loop: up to 15% less CPU per task than asyncio's (README, Performance).
         try:
             import uvloop
         except ImportError:
