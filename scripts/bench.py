@@ -40,17 +40,20 @@ from service.config import Settings  # noqa: E402
 from service.localdb import database_url, free_port  # noqa: E402
 from service.models import TaskType  # noqa: E402
 from service.plugins import load_registry  # noqa: E402
-from service.store import CLAIM_SORT, TaskStore, claimable, new_lease, open_client  # noqa: E402
-from service.worker import Worker, http_session  # noqa: E402
+from service.store import Store, new_lease, open_client  # noqa: E402
+from service.store.base import CLAIM_SORT  # noqa: E402
+from service.store.claims import claimable  # noqa: E402
+from service.worker.worker import Worker, http_session  # noqa: E402
 
 
-async def lag_percentiles(store: TaskStore, count: int) -> tuple[float, float, float]:
+async def lag_percentiles(store: Store, count: int) -> tuple[float, float, float]:
     """Wait until `count` tasks are COMPLETE; p50/p95/p99 of started_at - run_at in ms."""
     # Polling the database is the point here: the workers run in other processes.
-    while await store.tasks.count_documents({"state": "COMPLETE"}) < count:  # noqa: ASYNC110
+    while await store.db.tasks.count_documents({"state": "COMPLETE"}) < count:  # noqa: ASYNC110
         await asyncio.sleep(0.1)
     lags = [
-        (d["started_at"] - d["run_at"]).total_seconds() * 1000 async for d in store.tasks.find({})
+        (d["started_at"] - d["run_at"]).total_seconds() * 1000
+        async for d in store.db.tasks.find({})
     ]
     return percentile(lags, 50), percentile(lags, 95), percentile(lags, 99)
 
@@ -66,22 +69,22 @@ class Bench:
         self.args = args
         self.rows: list[tuple[str, str, str]] = []
 
-    async def fresh_store(self) -> TaskStore:
+    async def fresh_store(self) -> Store:
         client = open_client(self.url, timeout=10, appname="bench")
-        store = TaskStore(client, database=f"bench_{uuid.uuid4().hex[:8]}", clock=DbClock())
+        store = Store(client, database=f"bench_{uuid.uuid4().hex[:8]}", clock=DbClock())
         await store.sync_clock()
         await store.ensure_indexes()
         return store
 
-    async def drop(self, store: TaskStore) -> None:
-        await store.client.drop_database(store.tasks.database.name)
+    async def drop(self, store: Store) -> None:
+        await store.client.drop_database(store.db.tasks.database.name)
         await store.client.close()
 
-    def env(self, store: TaskStore, **extra: str) -> dict[str, str]:
+    def env(self, store: Store, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TASK_RUNNER_")}
         env.update(
             MONGODB_URL=self.url,
-            TASK_RUNNER_DATABASE=store.tasks.database.name,
+            TASK_RUNNER_DATABASE=store.db.tasks.database.name,
             TASK_RUNNER_LOG_LEVEL="WARNING",
             **extra,
         )
@@ -124,7 +127,7 @@ class Bench:
         marks: dict[int, float] = {}
         try:
             while len(marks) < 2:
-                done = await store.tasks.count_documents({"state": done_state})
+                done = await store.db.tasks.count_documents({"state": done_state})
                 for share in (10, 90):
                     if share not in marks and done >= total * share / 100:
                         marks[share] = time.monotonic()
@@ -148,7 +151,7 @@ class Bench:
             start = store.clock.surely_now() + timedelta(seconds=1.5)
             for i in range(count):
                 run_at = start + timedelta(seconds=i * self.args.lag_seconds / count)
-                await store.create(task_type=TaskType.BAZ, run_at=run_at, max_attempts=1)
+                await store.tasks.create(task_type=TaskType.BAZ, run_at=run_at, max_attempts=1)
             return await lag_percentiles(store, count)
         finally:
             self.stop(children)
@@ -215,7 +218,7 @@ class Bench:
         client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
             self.url, tz_aware=True, event_listeners=[counter]
         )
-        store = TaskStore(client, database=f"bench_{uuid.uuid4().hex[:8]}", clock=DbClock())
+        store = Store(client, database=f"bench_{uuid.uuid4().hex[:8]}", clock=DbClock())
         await store.sync_clock()
         await store.ensure_indexes()
         async with http_session() as http:
@@ -230,7 +233,7 @@ class Bench:
             per_second = counter.count / self.args.idle_seconds
             worker.stop()
             await running
-        await client.drop_database(store.tasks.database.name)
+        await client.drop_database(store.db.tasks.database.name)
         await client.close()
         return float(per_second)
 
@@ -242,7 +245,7 @@ class Bench:
         store = await self.fresh_store()
         future = store.clock.surely_now() + timedelta(days=1)
         for start in range(0, waiting, 5000):
-            await store.tasks.insert_many(
+            await store.db.tasks.insert_many(
                 [
                     {
                         "_id": ObjectId(),
@@ -260,17 +263,17 @@ class Bench:
         for _ in range(self.args.repeats):
             times = []
             for _ in range(self.args.claims):
-                await store.create(task_type=TaskType.BAZ, run_at=None, max_attempts=1)
+                await store.tasks.create(task_type=TaskType.BAZ, run_at=None, max_attempts=1)
                 began = time.perf_counter()
                 # As a worker claims when every waiting task is of a type it runs.
-                task = await store.claim("bench", lease=new_lease(), types=None)
+                task = await store.claims.claim("bench", lease=new_lease(), types=None)
                 times.append((time.perf_counter() - began) * 1000)
                 assert task is not None
-                await store.complete(task, "x")
-            plan = await store.tasks.database.command(
+                await store.claims.complete(task, "x")
+            plan = await store.db.tasks.database.command(
                 "explain",
                 {
-                    "findAndModify": store.tasks.name,
+                    "findAndModify": store.db.tasks.name,
                     "query": claimable(None, due_by=store.clock.surely_now()),
                     "sort": dict(CLAIM_SORT),
                     "update": {"$set": {"x": 1}},
@@ -392,15 +395,15 @@ async def create_many(
     await asyncio.gather(*(client() for _ in range(connections)))
 
 
-async def wait_complete(store: TaskStore, total: int) -> None:
+async def wait_complete(store: Store, total: int) -> None:
     # Polling the database is the point here: the workers run in other processes.
-    while await store.tasks.count_documents({"state": "COMPLETE"}) < total:  # noqa: ASYNC110
+    while await store.db.tasks.count_documents({"state": "COMPLETE"}) < total:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
 
 
-async def insert_due(store: TaskStore, total: int) -> None:
+async def insert_due(store: Store, total: int) -> None:
     now = store.clock.surely_now()
-    await store.tasks.insert_many(
+    await store.db.tasks.insert_many(
         [
             {
                 "_id": ObjectId(),

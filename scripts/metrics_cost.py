@@ -29,11 +29,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from bson import ObjectId
 from pymongo import AsyncMongoClient, MongoClient, monitoring
 
-from service import app as app_module
-from service.app import create_app
 from service.config import Settings
 from service.localdb import database_url
-from service.store import INDEXES
+from service.store.tasks import INDEXES
+from service.web import app as app_module
+from service.web.app import create_app
 
 
 class Commands(monitoring.CommandListener):

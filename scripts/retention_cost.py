@@ -2,9 +2,9 @@
 
 On a fresh in-memory SecantusDB (or MONGODB_URL): FINISHED tasks that finished eight days
 ago (past the default 7-day retention) beside a few hundred due tasks; the latency of the
-service's own claim + complete (TaskStore.claim, TaskStore.complete) is measured with the
+service's own claim + complete (Store.claim, Store.complete) is measured with the
 finished tasks there, then again after retention deleted them (the sweep of
-service/retention.py, run until nothing is left, as it would on a server without a TTL
+service/worker/retention.py, run until nothing is left, as it would on a server without a TTL
 monitor; with one, the TTL index does the same within a minute or two).
 
     .venv/bin/python scripts/retention_cost.py [--finished 50000] [--claims 100]
@@ -29,24 +29,24 @@ from bson import ObjectId
 from service.clock import DbClock
 from service.localdb import database_url
 from service.models import TaskType
-from service.retention import Retention
-from service.store import TaskStore, new_lease, open_client
+from service.store import Store, new_lease, open_client
+from service.worker.retention import Retention
 
 WEEK = 7 * 24 * 3600.0
 
 
-async def claim_latencies(store: TaskStore, count: int) -> list[float]:
+async def claim_latencies(store: Store, count: int) -> list[float]:
     """Milliseconds per claim (+ its complete) over `count` due tasks created now."""
     due = store.clock.surely_now() - timedelta(seconds=1)
     for _ in range(count):
-        await store.create(task_type=TaskType.BAZ, run_at=due, max_attempts=1)
+        await store.tasks.create(task_type=TaskType.BAZ, run_at=due, max_attempts=1)
     latencies = []
     for _ in range(count):
         started = time.perf_counter()
-        task = await store.claim("bench:1", lease=new_lease())
+        task = await store.claims.claim("bench:1", lease=new_lease())
         latencies.append((time.perf_counter() - started) * 1000)
         assert task is not None
-        await store.complete(task, "Baz 1")
+        await store.claims.complete(task, "Baz 1")
     return latencies
 
 
@@ -60,7 +60,7 @@ async def main(args: argparse.Namespace) -> None:
     print(f"command: python scripts/retention_cost.py {' '.join(sys.argv[1:])}".rstrip())
     with database_url() as url:
         client = open_client(url, timeout=30.0, appname="retention-cost")
-        store = TaskStore(client, database=f"bench_{uuid.uuid4().hex[:8]}", clock=DbClock())
+        store = Store(client, database=f"bench_{uuid.uuid4().hex[:8]}", clock=DbClock())
         try:
             await store.sync_clock()
             await store.ensure_indexes()
@@ -81,10 +81,10 @@ async def main(args: argparse.Namespace) -> None:
                     }
                 )
                 if len(batch) == 5000:
-                    await store.tasks.insert_many(batch)
+                    await store.db.tasks.insert_many(batch)
                     batch = []
             if batch:
-                await store.tasks.insert_many(batch)
+                await store.db.tasks.insert_many(batch)
             before = await claim_latencies(store, args.claims)
             print(f"{args.finished} finished tasks kept:   {summary(before)}")
             sweep = Retention(store, retention=WEEK, grace=0)
@@ -99,7 +99,7 @@ async def main(args: argparse.Namespace) -> None:
             ratio = statistics.median(before) / statistics.median(after)
             print(f"claim p50 with the finished tasks / without: {ratio:.1f}x")
         finally:
-            await client.drop_database(store.tasks.database.name)
+            await client.drop_database(store.db.tasks.database.name)
             await client.close()
 
 

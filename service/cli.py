@@ -289,7 +289,7 @@ def _task_types(settings: Settings, command: str) -> Any:
 def _run_api(settings: Settings, args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from service.app import create_app
+    from service.web.app import create_app
 
     registry = _task_types(settings, "api")
     if registry is None:
@@ -321,8 +321,8 @@ def _cannot_listen(settings: Settings, exc: OSError) -> str:
 def _run_worker(settings: Settings, args: argparse.Namespace) -> int:
     import asyncio
 
-    from service import worker
-    from service.worker_metrics import MetricsPortUnusable
+    from service.worker import worker
+    from service.worker.metrics import MetricsPortUnusable
 
     registry = _task_types(settings, "worker")
     if registry is None:
@@ -648,7 +648,7 @@ async def _with_store(
 
     from service.clock import DbClock
     from service.errors import DatabaseUnavailable, TaskNotFound, TaskRunnerError
-    from service.store import TaskStore, open_client
+    from service.store import Store, open_client
 
     url = settings.effective_mongodb_url
     try:
@@ -656,7 +656,7 @@ async def _with_store(
     except ConfigurationError as exc:
         print(f"task-runner: bad setting: MONGODB_URL: {redact(str(exc))}", file=sys.stderr)
         return 2
-    store = TaskStore(client, database=settings.database, clock=DbClock())
+    store = Store(client, database=settings.database, clock=DbClock())
     try:
         await store.sync_clock()
         return await command(store, settings, args)
@@ -677,7 +677,7 @@ def _ago(store: Any, moment: object) -> str:
 
 
 async def _stats(store: Any, settings: Settings, args: argparse.Namespace) -> int:
-    stats = await store.stats(settings.stale_after)
+    stats = await store.figures.stats(settings.stale_after)
     print(f"{'state':<12}{'type':<6}{'count':>10}")
     for (state, task_type), count in sorted(
         stats.by_state_and_type.items(), key=lambda item: tuple(map(str, item[0]))
@@ -696,7 +696,7 @@ async def _stats(store: Any, settings: Settings, args: argparse.Namespace) -> in
 
 
 async def _workers(store: Any, settings: Settings, args: argparse.Namespace) -> int:
-    workers = await store.list_workers(settings.stale_after)
+    workers = await store.workers.seen(settings.stale_after)
     if not workers:
         print("no workers registered")
         return 0
@@ -723,7 +723,7 @@ async def _workers(store: Any, settings: Settings, args: argparse.Namespace) -> 
 
 
 async def _schedules(store: Any, settings: Settings, args: argparse.Namespace) -> int:
-    schedules = await store.list_schedules(limit=settings.max_page_size)
+    schedules = await store.schedules.page(limit=settings.max_page_size)
     if not schedules:
         print("no schedules")
         return 0
@@ -738,7 +738,7 @@ async def _schedules(store: Any, settings: Settings, args: argparse.Namespace) -
 
 
 async def _recover(store: Any, settings: Settings, args: argparse.Namespace) -> int:
-    stale = await store.find_stale(settings.stale_after)
+    stale = await store.claims.find_stale(settings.stale_after)
     if not stale:
         print(f"no stale tasks (threshold {settings.stale_after:g}s)")
         return 0
@@ -750,7 +750,7 @@ async def _recover(store: Any, settings: Settings, args: argparse.Namespace) -> 
     if args.dry_run:
         print(f"{len(stale)} stale task(s); dry run, nothing changed")
         return 0
-    moved = await store.recover_stale(settings.stale_after, only=[t.id for t in stale])
+    moved = await store.claims.recover_stale(settings.stale_after, only=[t.id for t in stale])
     outcomes = {"NOTSTARTED": 0, "FAILED": 0}
     for task in stale:
         outcome = await _outcome(store, task)
@@ -769,7 +769,7 @@ async def _outcome(store: Any, before: Any) -> str:
     from service.errors import TaskNotFound
 
     try:
-        now = await store.get(before.id)
+        now = await store.tasks.get(before.id)
     except TaskNotFound:
         return "deleted meanwhile"
     state = str(now.state)
@@ -788,7 +788,7 @@ async def _requeue(store: Any, settings: Settings, args: argparse.Namespace) -> 
     from service.errors import InvalidTaskId, TaskNotFound, TaskNotRequeueable
 
     try:
-        task = await store.requeue(args.id)
+        task = await store.tasks.requeue(args.id)
     except InvalidTaskId as exc:
         print(f"task-runner requeue: {exc}", file=sys.stderr)
         return 1

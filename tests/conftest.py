@@ -20,12 +20,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from service.app import create_app
 from service.clock import DbClock
 from service.config import Settings, env_name
 from service.localdb import database_url
 from service.models import Task
-from service.store import TaskStore, open_client
+from service.store import Store, open_client
+from service.web.app import create_app
 
 
 @pytest.fixture(scope="session")
@@ -53,11 +53,11 @@ def settings(mongodb_url: str) -> Settings:
 
 
 @pytest.fixture
-async def store(settings: Settings) -> AsyncIterator[TaskStore]:
+async def store(settings: Settings) -> AsyncIterator[Store]:
     """A store on the test's database; the database is dropped afterwards."""
     assert settings.mongodb_url is not None
     client = open_client(settings.mongodb_url, timeout=settings.db_timeout, appname="tests")
-    task_store = TaskStore(client, database=settings.database, clock=DbClock())
+    task_store = Store(client, database=settings.database, clock=DbClock())
     await task_store.sync_clock()
     await task_store.ensure_indexes()
     yield task_store
@@ -68,7 +68,7 @@ async def store(settings: Settings) -> AsyncIterator[TaskStore]:
 @pytest.fixture
 async def api(
     settings: Settings,
-    store: TaskStore,
+    store: Store,
     aiohttp_client: Callable[[web.Application], Awaitable[TestClient[Any, Any]]],
 ) -> TestClient[Any, Any]:
     """The API over the test's database."""
@@ -86,12 +86,12 @@ async def eventually(
         await asyncio.sleep(interval)
 
 
-async def all_tasks(store: TaskStore) -> list[Task]:
+async def all_tasks(store: Store) -> list[Task]:
     """Every task of the test's database."""
     tasks: list[Task] = []
     after = None
     while True:
-        page = await store.page(limit=1000, after=after)
+        page = await store.tasks.page(limit=1000, after=after)
         tasks.extend(page.tasks)
         if page.after is None:
             return tasks

@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 from service.models import State
-from service.store import TaskStore
+from service.store import Store
 
 Client = TestClient[Any, Any]
 
@@ -20,24 +20,24 @@ async def create(api: Client, **body: Any) -> dict[str, Any]:
     return data
 
 
-async def test_create_answers_201_with_id_and_location(api: Client, store: TaskStore) -> None:
+async def test_create_answers_201_with_id_and_location(api: Client, store: Store) -> None:
     response = await api.post("/tasks", json={"type": "Foo"})
     assert response.status == 201
     body = await response.json()
     assert response.headers["Location"] == f"/tasks/{body['id']}"
-    stored = await store.get(body["id"])
+    stored = await store.tasks.get(body["id"])
     assert stored.type == "foo"
     assert stored.state is State.NOTSTARTED
     assert stored.run_at is not None
     assert abs((stored.run_at - store.clock.now()).total_seconds()) < 5
 
 
-async def test_create_with_iso_and_unix_run_at(api: Client, store: TaskStore) -> None:
+async def test_create_with_iso_and_unix_run_at(api: Client, store: Store) -> None:
     when = datetime(2031, 5, 6, 7, 8, 9, tzinfo=UTC)
     iso = await create(api, type="bar", run_at="2031-05-06T09:08:09+02:00")
     unix = await create(api, type="baz", run_at=when.timestamp())
     assert iso["run_at"] == unix["run_at"] == "2031-05-06T07:08:09.000Z"
-    assert (await store.get(iso["id"])).run_at == when
+    assert (await store.tasks.get(iso["id"])).run_at == when
 
 
 async def test_get_shows_the_whole_task(api: Client) -> None:
@@ -51,12 +51,12 @@ async def test_get_shows_the_whole_task(api: Client) -> None:
     assert task["created_at"].endswith("Z")
 
 
-async def test_delete_then_404(api: Client, store: TaskStore) -> None:
+async def test_delete_then_404(api: Client, store: Store) -> None:
     created = await create(api, type="foo")
     assert (await api.delete(f"/tasks/{created['id']}")).status == 204
     assert (await api.get(f"/tasks/{created['id']}")).status == 404
     assert (await api.delete(f"/tasks/{created['id']}")).status == 404
-    assert await store.tasks.count_documents({}) == 0
+    assert await store.db.tasks.count_documents({}) == 0
 
 
 async def test_unknown_and_malformed_ids_are_json_404(api: Client) -> None:
@@ -66,10 +66,10 @@ async def test_unknown_and_malformed_ids_are_json_404(api: Client) -> None:
         assert (await response.json())["error"]["code"] == "task_not_found"
 
 
-async def test_list_filters_by_state_and_type(api: Client, store: TaskStore) -> None:
+async def test_list_filters_by_state_and_type(api: Client, store: Store) -> None:
     foo = await create(api, type="foo")
     bar = await create(api, type="bar")
-    await store.tasks.update_one({"_id": store_id(bar)}, {"$set": {"state": "COMPLETE"}})
+    await store.db.tasks.update_one({"_id": store_id(bar)}, {"$set": {"state": "COMPLETE"}})
     ids = await list_ids(api, "state=COMPLETE")
     assert ids == [bar["id"]]
     assert await list_ids(api, "type=FOO") == [foo["id"]]
@@ -114,7 +114,7 @@ async def test_list_rejects_bad_filters(api: Client) -> None:
         assert (await response.json())["error"]["code"] == "invalid_request"
 
 
-async def test_create_rejects_bad_input_and_stores_nothing(api: Client, store: TaskStore) -> None:
+async def test_create_rejects_bad_input_and_stores_nothing(api: Client, store: Store) -> None:
     bad_bodies: list[Any] = [
         {"type": "qux"},
         {},
@@ -137,7 +137,7 @@ async def test_create_rejects_bad_input_and_stores_nothing(api: Client, store: T
     assert response.status == 400
     response = await api.post("/tasks", data="type=foo")
     assert response.status == 415
-    assert await store.tasks.count_documents({}) == 0
+    assert await store.db.tasks.count_documents({}) == 0
 
 
 async def test_health(api: Client) -> None:
@@ -159,21 +159,21 @@ async def test_unknown_route_and_method_are_json(api: Client) -> None:
 # -- the earlier version's routes ---------------------------------------------------------
 
 
-async def test_legacy_post_type_and_unix_seconds(api: Client, store: TaskStore) -> None:
+async def test_legacy_post_type_and_unix_seconds(api: Client, store: Store) -> None:
     response = await api.post("/FOO/0")
     assert response.status == 201
     body = await response.json()
-    task = await store.get(body["id"])
+    task = await store.tasks.get(body["id"])
     assert task.type == "foo"
     # Unix second 0 is long past: the task is due now.
     assert task.run_at is not None and task.run_at <= store.clock.now()
     future = datetime(2030, 1, 1, tzinfo=UTC)
     body = await (await api.post(f"/baz/{int(future.timestamp())}")).json()
-    assert (await store.get(body["id"])).run_at == future
+    assert (await store.tasks.get(body["id"])).run_at == future
     for path in ("/QUX/0", "/FOO/soon", "/FOO/-5"):
         response = await api.post(path)
         assert response.status == 400, path
-    assert await store.tasks.count_documents({}) == 2
+    assert await store.db.tasks.count_documents({}) == 2
 
 
 async def test_legacy_get_and_delete_by_id(api: Client) -> None:
@@ -185,9 +185,9 @@ async def test_legacy_get_and_delete_by_id(api: Client) -> None:
     assert (await api.get(f"/id/{created['id']}")).status == 404
 
 
-async def test_legacy_taskstate_lists_every_task_in_a_state(api: Client, store: TaskStore) -> None:
+async def test_legacy_taskstate_lists_every_task_in_a_state(api: Client, store: Store) -> None:
     created = [await create(api, type="baz") for _ in range(3)]
-    await store.tasks.update_one({"_id": store_id(created[1])}, {"$set": {"state": "STARTED"}})
+    await store.db.tasks.update_one({"_id": store_id(created[1])}, {"$set": {"state": "STARTED"}})
     notstarted = await (await api.get("/taskstate/NOTSTARTED")).json()
     assert [t["id"] for t in notstarted] == [created[0]["id"], created[2]["id"]]
     started = await (await api.get("/taskstate/STARTED")).json()
@@ -198,23 +198,23 @@ async def test_legacy_taskstate_lists_every_task_in_a_state(api: Client, store: 
 
 
 async def test_legacy_delete_all_only_when_enabled(
-    api: Client, store: TaskStore, aiohttp_client: Any, settings: Any
+    api: Client, store: Store, aiohttp_client: Any, settings: Any
 ) -> None:
     for _ in range(3):
         await create(api, type="foo")
     import dataclasses
 
-    from service.app import create_app
+    from service.web.app import create_app
 
     locked = await aiohttp_client(create_app(dataclasses.replace(settings, allow_delete_all=False)))
     response = await locked.delete("/")
     assert response.status == 403
     assert (await response.json())["error"]["code"] == "delete_all_disabled"
-    assert await store.tasks.count_documents({}) == 3
+    assert await store.db.tasks.count_documents({}) == 3
     response = await api.delete("/")
     assert response.status == 200
     assert await response.json() == {"deleted": 3}
-    assert await store.tasks.count_documents({}) == 0
+    assert await store.db.tasks.count_documents({}) == 0
 
 
 def store_id(task: dict[str, Any]) -> Any:

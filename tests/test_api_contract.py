@@ -20,10 +20,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from openapi_spec_validator import validate
 
-from service.app import create_app
 from service.config import Settings
 from service.localdb import free_port
-from service.store import TaskStore
+from service.store import Store
+from service.web.app import create_app
 from tests.conftest import settings_env
 
 Client = TestClient[Any, Any]
@@ -43,7 +43,7 @@ async def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
 
 
 async def test_every_bad_create_is_a_precise_400_and_stores_nothing(
-    api: Client, store: TaskStore
+    api: Client, store: Store
 ) -> None:
     cases: dict[str, tuple[Any, str]] = {
         "unknown type": ({"type": "qux"}, "type"),
@@ -75,21 +75,21 @@ async def test_every_bad_create_is_a_precise_400_and_stores_nothing(
         415,
         "unsupported_media_type",
     )
-    assert await store.tasks.count_documents({}) == 0
+    assert await store.db.tasks.count_documents({}) == 0
 
 
 async def test_a_body_over_the_limit_is_413(
-    settings: Settings, store: TaskStore, aiohttp_client: MakeClient
+    settings: Settings, store: Store, aiohttp_client: MakeClient
 ) -> None:
     small = await aiohttp_client(create_app(dataclasses.replace(settings, max_body_bytes=1024)))
     body = '{"type": "foo", "pad": "' + "x" * 2000 + '"}'
     response = await small.post("/tasks", data=body, headers={"Content-Type": "application/json"})
     await assert_error(response, 413, "body_too_large")
-    assert await store.tasks.count_documents({}) == 0
+    assert await store.db.tasks.count_documents({}) == 0
 
 
 async def test_page_size_limit_is_a_setting(
-    settings: Settings, store: TaskStore, aiohttp_client: MakeClient
+    settings: Settings, store: Store, aiohttp_client: MakeClient
 ) -> None:
     client = await aiohttp_client(create_app(dataclasses.replace(settings, max_page_size=5)))
     assert (await client.get("/tasks?limit=5")).status == 200
@@ -97,13 +97,13 @@ async def test_page_size_limit_is_a_setting(
     assert "limit" in error["details"]
 
 
-async def test_bad_legacy_creates_are_400_and_store_nothing(api: Client, store: TaskStore) -> None:
+async def test_bad_legacy_creates_are_400_and_store_nothing(api: Client, store: Store) -> None:
     for path in ("/QUX/0", "/FOO/later", "/FOO/-1", "/FOO/1e400", "/FOO/nan", "/FOO/999999999999"):
         await assert_error(await api.post(path), 400, "invalid_request")
-    assert await store.tasks.count_documents({}) == 0
+    assert await store.db.tasks.count_documents({}) == 0
 
 
-async def test_hostile_bodies_are_400_not_500(api: Client, store: TaskStore) -> None:
+async def test_hostile_bodies_are_400_not_500(api: Client, store: Store) -> None:
     deep = "[" * 30_000 + "]" * 30_000  # 60 KB: RecursionError in json.loads
     raw_bodies = {
         "deep arrays": deep,
@@ -129,13 +129,13 @@ async def test_hostile_bodies_are_400_not_500(api: Client, store: TaskStore) -> 
         body = json.loads('{"type": "foo", "run_at": "' + run_at + '"}')
         error = await assert_error(await api.post("/tasks", json=body), 400, "invalid_request")
         assert "run_at" in error["details"], (run_at, error)
-    assert await store.tasks.count_documents({}) == 0
+    assert await store.db.tasks.count_documents({}) == 0
     # The extremes that do fall in years 0001 to 9999 in UTC are accepted.
     for run_at in ("9999-12-31T10:00:00-13:59", "0001-01-01T00:00:00-14:00"):
         assert (await api.post("/tasks", json={"type": "foo", "run_at": run_at})).status == 201
 
 
-async def test_legacy_seconds_are_ascii_digits_only(api: Client, store: TaskStore) -> None:
+async def test_legacy_seconds_are_ascii_digits_only(api: Client, store: Store) -> None:
     refused = (
         "9" * 400,  # OverflowError in float conversion
         "9" * 5000,  # beyond int()'s digit limit
@@ -157,7 +157,7 @@ async def test_legacy_seconds_are_ascii_digits_only(api: Client, store: TaskStor
     for seconds in refused:
         error = await assert_error(await api.post(f"/FOO/{seconds}"), 400, "invalid_request")
         assert "run_at" in error["details"], (seconds, error)
-    assert await store.tasks.count_documents({}) == 0
+    assert await store.db.tasks.count_documents({}) == 0
     for seconds in ("0", "1700000000", "1700000000.25", "0001700000000"):
         assert (await api.post(f"/FOO/{seconds}")).status == 201, seconds
 
@@ -271,7 +271,7 @@ class ApiProcess:
 
 
 @pytest.fixture
-def api_process(settings: Settings, store: TaskStore, tmp_path: Path) -> Iterator[ApiProcess]:
+def api_process(settings: Settings, store: Store, tmp_path: Path) -> Iterator[ApiProcess]:
     server = ApiProcess(settings, tmp_path / "api.log")
     yield server
     if server.process.poll() is None:
@@ -303,7 +303,7 @@ def assert_json_error(answer: tuple[int, dict[str, str], bytes], status: int) ->
 
 
 def test_hostile_requests_to_a_real_server_are_400_and_logged_briefly(
-    api_process: ApiProcess, store: TaskStore
+    api_process: ApiProcess, store: Store
 ) -> None:
     # Refused by the handlers: the JSON error shape, and nothing in the log.
     in_handlers = [
@@ -353,7 +353,7 @@ def test_hostile_requests_to_a_real_server_are_400_and_logged_briefly(
 
 
 def test_a_body_cut_off_by_the_client_is_not_a_logged_500(
-    api_process: ApiProcess, store: TaskStore
+    api_process: ApiProcess, store: Store
 ) -> None:
     # The headers promise a chunked body; the chunk that follows later is malformed, so
     # aiohttp's parser drops the body and the handler waits until the client gives up.
@@ -376,7 +376,7 @@ def test_a_body_cut_off_by_the_client_is_not_a_logged_500(
 
 
 @pytest.fixture
-async def guarded(settings: Settings, store: TaskStore, aiohttp_client: MakeClient) -> Client:
+async def guarded(settings: Settings, store: Store, aiohttp_client: MakeClient) -> Client:
     return await aiohttp_client(
         create_app(
             dataclasses.replace(
@@ -387,7 +387,7 @@ async def guarded(settings: Settings, store: TaskStore, aiohttp_client: MakeClie
 
 
 async def test_writes_need_a_token_when_tokens_are_set(
-    guarded: Client, store: TaskStore, caplog: Any
+    guarded: Client, store: Store, caplog: Any
 ) -> None:
     caplog.set_level(logging.DEBUG)
     for headers in (
@@ -399,7 +399,7 @@ async def test_writes_need_a_token_when_tokens_are_set(
         response = await guarded.post("/tasks", json={"type": "foo"}, headers=headers)
         await assert_error(response, 401, "unauthorized")
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
-    assert await store.tasks.count_documents({}) == 0
+    assert await store.db.tasks.count_documents({}) == 0
     for token in ("s3cret-one", "s3cret-two"):
         response = await guarded.post(
             "/tasks", json={"type": "foo"}, headers={"Authorization": f"Bearer {token}"}
@@ -417,7 +417,7 @@ async def test_writes_need_a_token_when_tokens_are_set(
 
 
 async def test_reads_need_a_token_when_asked(
-    settings: Settings, store: TaskStore, aiohttp_client: MakeClient
+    settings: Settings, store: Store, aiohttp_client: MakeClient
 ) -> None:
     client = await aiohttp_client(
         create_app(dataclasses.replace(settings, api_tokens=("t0ken",), auth_reads=True))
@@ -491,7 +491,7 @@ def swagger_ui_sample(schema: dict[str, Any], document: dict[str, Any]) -> Any:
     return placeholders[schema.get("type", "string")]
 
 
-async def test_the_docs_page_pre_filled_create_request_works(api: Client, store: TaskStore) -> None:
+async def test_the_docs_page_pre_filled_create_request_works(api: Client, store: Store) -> None:
     document = await (await api.get("/openapi.json")).json()
     body_schema = document["paths"]["/tasks"]["post"]["requestBody"]["content"]["application/json"][
         "schema"
@@ -504,7 +504,7 @@ async def test_the_docs_page_pre_filled_create_request_works(api: Client, store:
     assert created["type"] == sample["type"]
     assert created["max_attempts"] == sample["max_attempts"]
     assert (created["priority"], created["timeout"]) == (sample["priority"], sample["timeout"])
-    assert await store.tasks.count_documents({}) == 1
+    assert await store.db.tasks.count_documents({}) == 1
     # The choices are listed, so the docs page offers them.
     properties = document["components"]["schemas"]["CreateTask"]["properties"]
     assert properties["type"]["enum"] == ["foo", "bar", "baz"]

@@ -25,11 +25,11 @@ from hypothesis import strategies as st
 from openapi_schema_validator import OAS30Validator
 from pymongo import MongoClient
 
-from service.api import OPENAPI
-from service.app import create_app
 from service.config import Settings
 from service.localdb import free_port
-from service.schemas import YEAR_10000
+from service.web.api import OPENAPI
+from service.web.app import create_app
+from service.web.schemas import YEAR_10000
 
 OBJECT_ID = st.text(alphabet="0123456789abcdef", min_size=24, max_size=24)
 SCALARS = (

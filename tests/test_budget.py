@@ -20,8 +20,9 @@ from service.clock import DbClock
 from service.config import Settings
 from service.models import State, TaskType
 from service.plugins import load_registry
-from service.store import EMPTY_BATCH_PAUSE, TaskStore
-from service.worker import Worker, http_session
+from service.store import Store
+from service.store.streams import EMPTY_BATCH_PAUSE
+from service.worker.worker import Worker, http_session
 from tests.conftest import eventually
 
 
@@ -64,20 +65,20 @@ def classify(name: str, command: dict[str, Any], reply: dict[str, Any]) -> str:
 
 
 @pytest.fixture
-async def watched(settings: Settings) -> AsyncIterator[tuple[TaskStore, CommandLog]]:
+async def watched(settings: Settings) -> AsyncIterator[tuple[Store, CommandLog]]:
     """A store whose client logs every command."""
     log = CommandLog()
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
         settings.mongodb_url, tz_aware=True, event_listeners=[log]
     )
-    store = TaskStore(client, database=settings.database, clock=DbClock())
+    store = Store(client, database=settings.database, clock=DbClock())
     await store.sync_clock()
     await store.ensure_indexes()
     yield store, log
     await client.close()
 
 
-async def run_worker(store: TaskStore, settings: Settings) -> tuple[Worker, asyncio.Task[None]]:
+async def run_worker(store: Store, settings: Settings) -> tuple[Worker, asyncio.Task[None]]:
     http = http_session()
     quick = dataclasses.replace(
         settings, bar_url="http://127.0.0.1:9/", bar_timeout=1, foo_seconds=0
@@ -92,7 +93,7 @@ async def run_worker(store: TaskStore, settings: Settings) -> tuple[Worker, asyn
 
 
 async def test_a_task_costs_three_commands_plus_its_share_of_wake_ups(
-    watched: tuple[TaskStore, CommandLog], store: TaskStore, settings: Settings
+    watched: tuple[Store, CommandLog], store: Store, settings: Settings
 ) -> None:
     creator, log = watched
     worker, running = await run_worker(creator, settings)
@@ -102,11 +103,11 @@ async def test_a_task_costs_three_commands_plus_its_share_of_wake_ups(
     tasks = 60
     # A trickle: each task arrives into an idle worker, the costly case for wake-ups.
     for _ in range(tasks):
-        await creator.create(task_type=TaskType.BAZ, run_at=None, max_attempts=1)
+        await creator.tasks.create(task_type=TaskType.BAZ, run_at=None, max_attempts=1)
         await asyncio.sleep(0.05)
 
     async def all_complete() -> bool:
-        return await store.tasks.count_documents({"state": "COMPLETE"}) == tasks
+        return await store.db.tasks.count_documents({"state": "COMPLETE"}) == tasks
 
     await eventually(all_complete)
     log.recording = False
@@ -132,7 +133,7 @@ async def test_a_task_costs_three_commands_plus_its_share_of_wake_ups(
 
 
 async def test_an_idle_worker_sends_under_one_command_a_second(
-    watched: tuple[TaskStore, CommandLog], settings: Settings
+    watched: tuple[Store, CommandLog], settings: Settings
 ) -> None:
     store, log = watched
     production_like = dataclasses.replace(
@@ -151,14 +152,14 @@ async def test_an_idle_worker_sends_under_one_command_a_second(
 
 
 async def test_a_draining_backlog_does_not_read_the_change_stream_per_write(
-    watched: tuple[TaskStore, CommandLog], store: TaskStore, settings: Settings
+    watched: tuple[Store, CommandLog], store: Store, settings: Settings
 ) -> None:
     # A claimer with a backlog claims until empty: announcements meanwhile are useless, and
     # a server that answers a getMore on every write (SecantusDB) would cost one per claim
     # and complete. The stream is read at most once per poll interval while draining.
     tasks = 100
     for _ in range(tasks):
-        await store.create(task_type=TaskType.BAZ, run_at=None, max_attempts=1)
+        await store.tasks.create(task_type=TaskType.BAZ, run_at=None, max_attempts=1)
     worker_store, log = watched
     never_full = dataclasses.replace(settings, concurrency=tasks, max_poll_interval=5.0)
     log.recording = True
@@ -166,7 +167,7 @@ async def test_a_draining_backlog_does_not_read_the_change_stream_per_write(
     worker, running = await run_worker(worker_store, never_full)
 
     async def all_complete() -> bool:
-        return await store.tasks.count_documents({"state": "COMPLETE"}) == tasks
+        return await store.db.tasks.count_documents({"state": "COMPLETE"}) == tasks
 
     await eventually(all_complete)
     log.recording = False
@@ -191,7 +192,7 @@ def look_ups(log: CommandLog) -> int:
 
 
 async def test_an_empty_claim_the_stream_explains_costs_no_look_up(
-    watched: tuple[TaskStore, CommandLog], store: TaskStore, settings: Settings
+    watched: tuple[Store, CommandLog], store: Store, settings: Settings
 ) -> None:
     # The worker learns of a task from the stream; someone else then takes it (here: it is
     # deleted), so the claim at its run_at comes back empty. Everything waiting was either
@@ -203,13 +204,13 @@ async def test_an_empty_claim_the_stream_explains_costs_no_look_up(
     await asyncio.sleep(1.5)  # started, stream open, first look done: now idle
     log.recording = True
     run_at = store.clock.now() + timedelta(seconds=1.5)
-    task = await store.create(task_type=TaskType.BAZ, run_at=run_at, max_attempts=1)
+    task = await store.tasks.create(task_type=TaskType.BAZ, run_at=run_at, max_attempts=1)
 
     async def announced() -> bool:
         return task.id in worker.wakeups._known
 
     await eventually(announced)
-    await store.delete(task.id)
+    await store.tasks.delete(task.id)
     await asyncio.sleep((run_at - store.clock.now()).total_seconds() + 0.5)
     log.recording = False
     worker.stop()
@@ -221,7 +222,7 @@ async def test_an_empty_claim_the_stream_explains_costs_no_look_up(
 
 
 async def test_tasks_created_ahead_in_bulk_are_read_a_batch_per_get_more(
-    watched: tuple[TaskStore, CommandLog], store: TaskStore, settings: Settings
+    watched: tuple[Store, CommandLog], store: Store, settings: Settings
 ) -> None:
     # Each insert of a task due later would otherwise cost every listening worker one
     # getMore of its own; after a batch of only such tasks the stream waits GATHER.
@@ -233,7 +234,7 @@ async def test_tasks_created_ahead_in_bulk_are_read_a_batch_per_get_more(
     tasks = 100
     later = store.clock.now() + timedelta(seconds=60)
     created = [
-        await store.create(task_type=TaskType.BAZ, run_at=later, max_attempts=1)
+        await store.tasks.create(task_type=TaskType.BAZ, run_at=later, max_attempts=1)
         for _ in range(tasks)
     ]
 
@@ -251,7 +252,7 @@ async def test_tasks_created_ahead_in_bulk_are_read_a_batch_per_get_more(
 
 
 async def test_the_look_up_names_types_only_when_the_claim_does(
-    watched: tuple[TaskStore, CommandLog], store: TaskStore, settings: Settings
+    watched: tuple[Store, CommandLog], store: Store, settings: Settings
 ) -> None:
     # Equalities and one range keep SecantusDB on the index: no type while every waiting
     # task is of a type this worker runs; once it met another type, as its claim does.
@@ -260,7 +261,7 @@ async def test_the_look_up_names_types_only_when_the_claim_does(
     worker, running = await run_worker(worker_store, settings)
     await asyncio.sleep(1.5)
     first = [c for n, c, _ in log.done if n == "find" and c.get("find") == "tasks"]
-    await store.tasks.insert_one(
+    await store.db.tasks.insert_one(
         {
             "_id": ObjectId(),
             "state": "NOTSTARTED",
@@ -287,7 +288,7 @@ async def test_the_look_up_names_types_only_when_the_claim_does(
 
 
 async def test_short_tasks_cost_no_heartbeat_nor_registry_write_and_a_long_one_stays_fresh(
-    watched: tuple[TaskStore, CommandLog], store: TaskStore, settings: Settings
+    watched: tuple[Store, CommandLog], store: Store, settings: Settings
 ) -> None:
     # A lease claimed (or refreshed) less than a quarter interval ago is left out of the
     # heartbeat: a burst of short tasks costs none, while a long task's heartbeat_at never
@@ -311,12 +312,13 @@ async def test_short_tasks_cost_no_heartbeat_nor_registry_write_and_a_long_one_s
     running = asyncio.create_task(run())
     await asyncio.sleep(1.0)
     log.recording = True
-    long = await store.create(task_type=TaskType.FOO, run_at=None, max_attempts=1)
+    long = await store.tasks.create(task_type=TaskType.FOO, run_at=None, max_attempts=1)
     short = [
-        await store.create(task_type=TaskType.BAZ, run_at=None, max_attempts=1) for _ in range(150)
+        await store.tasks.create(task_type=TaskType.BAZ, run_at=None, max_attempts=1)
+        for _ in range(150)
     ]
     oldest = 0.0
-    while (task := await store.get(long.id)).state is not State.COMPLETE:
+    while (task := await store.tasks.get(long.id)).state is not State.COMPLETE:
         if task.state is State.STARTED and task.heartbeat_at is not None:
             age = (store.clock.now() - task.heartbeat_at).total_seconds()
             oldest = max(oldest, age)
@@ -336,6 +338,6 @@ async def test_short_tasks_cost_no_heartbeat_nor_registry_write_and_a_long_one_s
         if n == "update" and c["update"] == "workers"
     ]
     assert [long.id] in listed and all(held in ([], [long.id]) for held in listed), listed
-    assert await store.tasks.count_documents({"state": "COMPLETE"}) == 1 + len(short)
+    assert await store.db.tasks.count_documents({"state": "COMPLETE"}) == 1 + len(short)
     assert 2 <= len(beats) <= 4, len(beats)  # the long task, refreshed while it ran
     assert oldest <= 1.25 * interval + 0.5, oldest

@@ -16,7 +16,7 @@ from bson import ObjectId
 from service.config import Settings
 from service.localdb import free_port
 from service.models import State, TaskType
-from service.store import TaskStore, new_lease
+from service.store import Store, new_lease
 from tests.conftest import settings_env
 
 
@@ -33,19 +33,19 @@ async def task_runner(
     )
 
 
-async def stuck_task(store: TaskStore, *, max_attempts: int = 3) -> str:
+async def stuck_task(store: Store, *, max_attempts: int = 3) -> str:
     """A task claimed by a worker that has been silent for ten minutes."""
-    await store.create(task_type=TaskType.FOO, run_at=None, max_attempts=max_attempts)
-    task = await store.claim("gone-host:123", lease=new_lease())
+    await store.tasks.create(task_type=TaskType.FOO, run_at=None, max_attempts=max_attempts)
+    task = await store.claims.claim("gone-host:123", lease=new_lease())
     assert task is not None
     old = store.clock.now() - timedelta(seconds=600)
-    await store.tasks.update_one({"_id": ObjectId(task.id)}, {"$set": {"heartbeat_at": old}})
+    await store.db.tasks.update_one({"_id": ObjectId(task.id)}, {"$set": {"heartbeat_at": old}})
     return task.id
 
 
-async def test_stats_counts_by_state_and_type(settings: Settings, store: TaskStore) -> None:
+async def test_stats_counts_by_state_and_type(settings: Settings, store: Store) -> None:
     for task_type in (TaskType.FOO, TaskType.FOO, TaskType.BAZ):
-        await store.create(task_type=task_type, run_at=None, max_attempts=1)
+        await store.tasks.create(task_type=task_type, run_at=None, max_attempts=1)
     await stuck_task(store)
     result = await task_runner(settings, "stats")
     assert result.returncode == 0, result.stderr
@@ -57,28 +57,28 @@ async def test_stats_counts_by_state_and_type(settings: Settings, store: TaskSto
     assert lines[-1].endswith(": 1")
 
 
-async def test_recover_dry_run_then_for_real(settings: Settings, store: TaskStore) -> None:
+async def test_recover_dry_run_then_for_real(settings: Settings, store: Store) -> None:
     stuck = await stuck_task(store)
     result = await task_runner(settings, "recover", "--dry-run")
     assert result.returncode == 0, result.stderr
     assert stuck in result.stdout and "gone-host:123" in result.stdout
     assert "dry run" in result.stdout
-    assert (await store.get(stuck)).state is State.STARTED
+    assert (await store.tasks.get(stuck)).state is State.STARTED
     result = await task_runner(settings, "recover", "--stale-after", "300")
     assert result.returncode == 0, result.stderr
     assert "recovered 1 task(s)" in result.stdout
-    assert (await store.get(stuck)).state is State.NOTSTARTED
+    assert (await store.tasks.get(stuck)).state is State.NOTSTARTED
     result = await task_runner(settings, "recover")
     assert "no stale tasks" in result.stdout
 
 
-async def test_requeue_a_failed_task(settings: Settings, store: TaskStore) -> None:
+async def test_requeue_a_failed_task(settings: Settings, store: Store) -> None:
     stuck = await stuck_task(store, max_attempts=1)
-    await store.recover_stale(60)
-    assert (await store.get(stuck)).state is State.FAILED
+    await store.claims.recover_stale(60)
+    assert (await store.tasks.get(stuck)).state is State.FAILED
     result = await task_runner(settings, "requeue", stuck)
     assert result.returncode == 0, result.stderr
-    assert (await store.get(stuck)).state is State.NOTSTARTED
+    assert (await store.tasks.get(stuck)).state is State.NOTSTARTED
     again = await task_runner(settings, "requeue", stuck)
     assert again.returncode == 1
     assert "no FAILED task" in again.stderr
@@ -256,9 +256,9 @@ async def test_help_says_where_settings_live_and_shows_real_defaults(settings: S
 
 
 async def test_requeue_tells_a_bad_id_an_unknown_id_and_another_state_apart(
-    settings: Settings, store: TaskStore
+    settings: Settings, store: Store
 ) -> None:
-    waiting = await store.create(task_type=TaskType.FOO, run_at=None, max_attempts=1)
+    waiting = await store.tasks.create(task_type=TaskType.FOO, run_at=None, max_attempts=1)
     malformed = await command(settings, "requeue", "6b05d02e")
     assert malformed.returncode == 1
     assert "'6b05d02e' is not a task id" in one_line(malformed)
@@ -272,7 +272,7 @@ async def test_requeue_tells_a_bad_id_an_unknown_id_and_another_state_apart(
 
 
 async def test_recover_reports_which_tasks_went_back_and_which_failed(
-    settings: Settings, store: TaskStore
+    settings: Settings, store: Store
 ) -> None:
     back = await stuck_task(store, max_attempts=3)
     failed = await stuck_task(store, max_attempts=1)
@@ -284,7 +284,7 @@ async def test_recover_reports_which_tasks_went_back_and_which_failed(
     assert "recovered 2 task(s): 1 back to NOTSTARTED, 1 FAILED (attempts used up)" in lines
 
 
-async def test_stats_counts_unreadable_documents(settings: Settings, store: TaskStore) -> None:
+async def test_stats_counts_unreadable_documents(settings: Settings, store: Store) -> None:
     result = await command(settings, "stats")
     assert result.returncode == 0, result.stderr
     assert "unreadable documents: 0" in result.stdout.splitlines()

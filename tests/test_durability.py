@@ -20,7 +20,7 @@ import pytest
 from service.clock import DbClock
 from service.config import Settings
 from service.localdb import free_port
-from service.store import TaskStore, open_client
+from service.store import Store, open_client
 from tests.conftest import WorkerProcess, eventually, settings_env, wait_until_started
 
 
@@ -161,15 +161,15 @@ async def test_sigkill_of_the_database_twice_loses_no_acknowledged_task(
         await creator
 
     client = open_client(local_db.url, timeout=5.0, appname="tests")
-    store = TaskStore(client, database=settings.database, clock=DbClock())
+    store = Store(client, database=settings.database, clock=DbClock())
     try:
 
         async def all_complete() -> bool:
             waiting = {"state": {"$ne": "COMPLETE"}}
-            return await store.tasks.count_documents(waiting) == 0
+            return await store.db.tasks.count_documents(waiting) == 0
 
         await eventually(all_complete, within=120)
-        stored = {str(doc["_id"]): doc async for doc in store.tasks.find({})}
+        stored = {str(doc["_id"]): doc async for doc in store.db.tasks.find({})}
     finally:
         await client.close()
     for worker in workers:

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.config import Settings
 from service.localdb import free_port
 from service.models import State, TaskType
-from service.store import TaskStore
+from service.store import Store
 from tests.conftest import WorkerProcess, all_tasks, eventually, settings_env, wait_until_started
 
 Spawn = Callable[..., WorkerProcess]
@@ -80,7 +80,7 @@ def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_each_workers_metrics_agree_with_the_database(
-    store: TaskStore, spawn_worker: Spawn
+    store: Store, spawn_worker: Spawn
 ) -> None:
     ports = [free_port(), free_port()]
     # Bar against a port nobody listens on fails every attempt: one retry, then FAILED.
@@ -93,10 +93,10 @@ async def test_each_workers_metrics_agree_with_the_database(
         await wait_until_started(worker)
     kinds = [TaskType.FOO] * 10 + [TaskType.BAZ] * 20 + [TaskType.BAR] * 6
     for kind in kinds:
-        await store.create(task_type=kind, run_at=None, max_attempts=2)
+        await store.tasks.create(task_type=kind, run_at=None, max_attempts=2)
 
     async def all_done() -> bool:
-        finished = await store.tasks.count_documents(
+        finished = await store.db.tasks.count_documents(
             {"state": {"$in": [State.COMPLETE.value, State.FAILED.value]}}
         )
         return finished == len(kinds)
@@ -138,18 +138,18 @@ async def test_each_workers_metrics_agree_with_the_database(
 
 
 async def test_workers_shows_who_is_alive_and_what_each_holds(
-    store: TaskStore, settings: Settings, api: TestClient[Any, Any], spawn_worker: Spawn
+    store: Store, settings: Settings, api: TestClient[Any, Any], spawn_worker: Spawn
 ) -> None:
     workers = [spawn_worker(concurrency=2, foo_seconds=2.0) for _ in range(2)]
     for worker in workers:
         await wait_until_started(worker)
     for _ in range(12):
-        await store.create(task_type=TaskType.FOO, run_at=None, max_attempts=3)
+        await store.tasks.create(task_type=TaskType.FOO, run_at=None, max_attempts=3)
     ids = [w.worker_id for w in workers]
 
     async def holds_what_the_database_says(worker_id: str) -> bool:
         listed = (await workers_listed(api))[worker_id]
-        held = await store.tasks.distinct("_id", {"state": "STARTED", "worker": worker_id})
+        held = await store.db.tasks.distinct("_id", {"state": "STARTED", "worker": worker_id})
         return bool(held) and sorted(map(str, held)) == listed["tasks"]
 
     for worker_id in ids:
@@ -197,13 +197,13 @@ async def test_workers_shows_who_is_alive_and_what_each_holds(
     listed = await workers_listed(api)
     assert list(listed) == [killed.worker_id], "a clean stop removes the record at once"
     # The killed worker's record stays until the TTL index removes it.
-    assert await store.workers.count_documents({}) == 1
-    index = (await store.workers.index_information())["gone"]
+    assert await store.db.workers.count_documents({}) == 1
+    index = (await store.db.workers.index_information())["gone"]
     assert index["expireAfterSeconds"] > settings.stale_after
 
 
 async def test_an_idle_worker_refreshes_its_record_within_the_stale_threshold(
-    store: TaskStore, settings: Settings, api: TestClient[Any, Any], spawn_worker: Spawn
+    store: Store, settings: Settings, api: TestClient[Any, Any], spawn_worker: Spawn
 ) -> None:
     worker = spawn_worker()
     await wait_until_started(worker)
@@ -221,7 +221,7 @@ async def test_an_idle_worker_refreshes_its_record_within_the_stale_threshold(
 
 
 async def test_a_busy_metrics_port_stops_the_worker_with_one_line(
-    spawn_worker: Spawn, store: TaskStore
+    spawn_worker: Spawn, store: Store
 ) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
@@ -234,7 +234,7 @@ async def test_a_busy_metrics_port_stops_the_worker_with_one_line(
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"task-runner worker: cannot serve metrics on 127.0.0.1:{port}: ")
     assert "address already in use" in lines[0] and "--metrics-port" in lines[0]
-    assert await store.workers.count_documents({}) == 0, "it stopped before registering"
+    assert await store.db.workers.count_documents({}) == 0, "it stopped before registering"
 
 
 async def test_dev_gives_each_worker_a_metrics_port_and_prints_it(settings: Settings) -> None:

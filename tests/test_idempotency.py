@@ -23,11 +23,13 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from bson import ObjectId
 
-from service.app import create_app
 from service.config import Settings
 from service.localdb import free_port
 from service.models import TaskType
-from service.store import IdempotentCreate, TaskStore, request_hash
+from service.store import Store
+from service.store.base import new_task_document
+from service.store.idempotency import IdempotentCreate, request_hash
+from service.web.app import create_app
 from tests.conftest import settings_env
 
 Client = TestClient[Any, Any]
@@ -38,7 +40,7 @@ def keyed(key: str) -> dict[str, str]:
     return {"Idempotency-Key": key}
 
 
-async def test_the_same_key_and_request_give_the_first_task(api: Client, store: TaskStore) -> None:
+async def test_the_same_key_and_request_give_the_first_task(api: Client, store: Store) -> None:
     first = await api.post("/tasks", json=BODY, headers=keyed("order-1"))
     assert first.status == 201, await first.text()
     assert "Idempotent-Replayed" not in first.headers
@@ -51,16 +53,14 @@ async def test_the_same_key_and_request_give_the_first_task(api: Client, store: 
     same = {"type": "FOO", "run_at": 1893456000, "priority": 3}
     third = await api.post("/tasks", json=same, headers=keyed("order-1"))
     assert third.status == 200 and (await third.json())["id"] == created["id"]
-    assert await store.tasks.count_documents({}) == 1
+    assert await store.db.tasks.count_documents({}) == 1
     # Without a key, or with another, each request is a task of its own.
     assert (await api.post("/tasks", json=BODY)).status == 201
     assert (await api.post("/tasks", json=BODY, headers=keyed("order-2"))).status == 201
-    assert await store.tasks.count_documents({}) == 3
+    assert await store.db.tasks.count_documents({}) == 3
 
 
-async def test_the_same_key_with_another_request_is_a_conflict(
-    api: Client, store: TaskStore
-) -> None:
+async def test_the_same_key_with_another_request_is_a_conflict(api: Client, store: Store) -> None:
     assert (await api.post("/tasks", json=BODY, headers=keyed("k"))).status == 201
     for other in (
         {**BODY, "priority": 4},
@@ -76,31 +76,31 @@ async def test_the_same_key_with_another_request_is_a_conflict(
     # The earlier version's route is another request too.
     response = await api.post("/FOO/1893456000", headers=keyed("k"))
     assert response.status == 409
-    assert await store.tasks.count_documents({}) == 1
+    assert await store.db.tasks.count_documents({}) == 1
 
 
-async def test_the_earlier_versions_route_takes_the_key(api: Client, store: TaskStore) -> None:
+async def test_the_earlier_versions_route_takes_the_key(api: Client, store: Store) -> None:
     first = await api.post("/FOO/0", headers=keyed("legacy"))
     assert first.status == 201
     again = await api.post("/foo/0", headers=keyed("legacy"))
     assert again.status == 200 and again.headers["Idempotent-Replayed"] == "true"
     assert (await again.json())["id"] == (await first.json())["id"]
-    assert await store.tasks.count_documents({}) == 1
+    assert await store.db.tasks.count_documents({}) == 1
 
 
 @pytest.mark.parametrize("key", ["", "x" * 256, "caf\u00e9", "tab\there"])
-async def test_a_malformed_key_is_refused(api: Client, store: TaskStore, key: str) -> None:
+async def test_a_malformed_key_is_refused(api: Client, store: Store, key: str) -> None:
     response = await api.post("/tasks", json=BODY, headers=keyed(key))
     assert response.status == 400
     body = await response.json()
     assert body["error"]["code"] == "invalid_request"
     assert "Idempotency-Key" in body["error"]["details"]
-    assert await store.tasks.count_documents({}) == 0
+    assert await store.db.tasks.count_documents({}) == 0
 
 
 async def test_a_key_expires_after_the_setting(
     settings: Settings,
-    store: TaskStore,
+    store: Store,
     aiohttp_client: Callable[[web.Application], Awaitable[Client]],
 ) -> None:
     ttl = 0.5
@@ -118,13 +118,13 @@ async def test_a_key_expires_after_the_setting(
     third = await api.post("/tasks", json={**BODY, "priority": 9}, headers=keyed("brief"))
     assert third.status == 200
     assert (await third.json())["id"] == (await second.json())["id"]
-    assert await store.tasks.count_documents({}) == 2
-    assert await store.idempotency_keys.count_documents({}) == 1
-    indexes = await store.idempotency_keys.index_information()
+    assert await store.db.tasks.count_documents({}) == 2
+    assert await store.db.idempotency_keys.count_documents({}) == 1
+    indexes = await store.db.idempotency_keys.index_information()
     assert indexes["expired"]["expireAfterSeconds"] == 0
 
 
-async def _interrupted_create(store: TaskStore, key: str) -> IdempotentCreate:
+async def _interrupted_create(store: Store, key: str) -> IdempotentCreate:
     """What a process that stopped between its two writes leaves: the key's record, written
     as create_once writes it, and no task. For POST /tasks {"type": "foo"}."""
     once = IdempotentCreate(key=key, route="/tasks", ttl=3600)
@@ -137,11 +137,11 @@ async def _interrupted_create(store: TaskStore, key: str) -> IdempotentCreate:
         "time_limit": None,
     }
     now = store.clock.now()
-    await store.idempotency_keys.insert_one(
+    await store.db.idempotency_keys.insert_one(
         {
             "_id": key,
             "request": request_hash(once.route, fields),
-            "task": store._new_task(once.task_id, **fields),
+            "task": new_task_document(store.clock, once.task_id, **fields),
             "created_at": now,
             "expires_at": now + timedelta(seconds=once.ttl),
         }
@@ -150,31 +150,31 @@ async def _interrupted_create(store: TaskStore, key: str) -> IdempotentCreate:
 
 
 async def test_a_create_interrupted_between_its_writes_is_completed_by_the_retry(
-    api: Client, store: TaskStore
+    api: Client, store: Store
 ) -> None:
     once = await _interrupted_create(store, "crashed")
-    assert await store.tasks.count_documents({}) == 0
+    assert await store.db.tasks.count_documents({}) == 0
     response = await api.post("/tasks", json={"type": "foo"}, headers=keyed("crashed"))
     assert response.status == 200, await response.text()
     assert response.headers["Idempotent-Replayed"] == "true"
     assert (await response.json())["id"] == str(once.task_id)
-    assert await store.tasks.count_documents({}) == 1
-    record = await store.idempotency_keys.find_one({"_id": "crashed"})
+    assert await store.db.tasks.count_documents({}) == 1
+    record = await store.db.idempotency_keys.find_one({"_id": "crashed"})
     assert record is not None and record["inserted"] is True
     # The retry of the retry: the same task, still one document.
     response = await api.post("/tasks", json={"type": "foo"}, headers=keyed("crashed"))
     assert (await response.json())["id"] == str(once.task_id)
-    assert await store.tasks.count_documents({}) == 1
+    assert await store.db.tasks.count_documents({}) == 1
 
 
 async def test_a_first_request_slower_than_its_retry_still_makes_one_task(
-    store: TaskStore,
+    store: Store,
 ) -> None:
     # The first request wrote its record and paused; the retry inserts the record's task;
     # then the first goes on to insert the same document: one task, the same for both.
     once = await _interrupted_create(store, "slow")
     retry = IdempotentCreate(key="slow", route="/tasks", ttl=3600)
-    replayed = await store.create_once(
+    replayed = await store.keys.create_once(
         retry,
         task_type="foo",
         run_at=None,
@@ -182,15 +182,15 @@ async def test_a_first_request_slower_than_its_retry_still_makes_one_task(
         priority=0,
     )
     assert retry.replayed(replayed) and replayed.id == str(once.task_id)
-    record = await store.idempotency_keys.find_one({"_id": "slow"})
+    record = await store.db.idempotency_keys.find_one({"_id": "slow"})
     assert record is not None
-    first = await store._insert_keyed("slow", record["task"])
+    first = await store.keys._insert_keyed("slow", record["task"])
     assert first.id == replayed.id
-    assert await store.tasks.count_documents({}) == 1
+    assert await store.db.tasks.count_documents({}) == 1
 
 
 async def test_a_key_whose_task_was_deleted_does_not_create_it_again(
-    api: Client, store: TaskStore
+    api: Client, store: Store
 ) -> None:
     created = await (await api.post("/tasks", json=BODY, headers=keyed("gone"))).json()
     assert (await api.delete(f"/tasks/{created['id']}")).status == 204
@@ -199,7 +199,7 @@ async def test_a_key_whose_task_was_deleted_does_not_create_it_again(
     body = await response.json()
     assert body["error"]["code"] == "task_deleted"
     assert body["error"]["details"] == {"id": created["id"], "key": "gone"}
-    assert await store.tasks.count_documents({}) == 0
+    assert await store.db.tasks.count_documents({}) == 0
 
 
 # -- two real `task-runner api` processes ------------------------------------------------
@@ -234,7 +234,7 @@ class ApiServer:
 
 
 @pytest.fixture
-def two_apis(settings: Settings, store: TaskStore, tmp_path: Path) -> Iterator[list[ApiServer]]:
+def two_apis(settings: Settings, store: Store, tmp_path: Path) -> Iterator[list[ApiServer]]:
     servers = [ApiServer(settings, tmp_path / f"api{n}.log") for n in range(2)]
     try:
         for server in servers:
@@ -247,7 +247,7 @@ def two_apis(settings: Settings, store: TaskStore, tmp_path: Path) -> Iterator[l
 
 
 async def test_two_api_processes_racing_one_key_make_one_task(
-    two_apis: list[ApiServer], store: TaskStore
+    two_apis: list[ApiServer], store: Store
 ) -> None:
     keys, per_key = [f"race-{n}" for n in range(4)], 16
     async with aiohttp.ClientSession() as http:
@@ -264,8 +264,8 @@ async def test_two_api_processes_racing_one_key_make_one_task(
         mine = [(status, task_id) for status, k, task_id in answers if k == key]
         assert len({task_id for _, task_id in mine}) == 1, mine
         assert Counter(status for status, _ in mine) == {201: 1, 200: per_key - 1}, mine
-    assert await store.tasks.count_documents({}) == len(keys)
+    assert await store.db.tasks.count_documents({}) == len(keys)
     ids = {ObjectId(task_id) for _, _, task_id in answers}
-    assert await store.tasks.count_documents({"_id": {"$in": list(ids)}}) == len(keys)
-    assert await store.idempotency_keys.count_documents({}) == len(keys)
-    assert await store.tasks.count_documents({"type": TaskType.FOO.value}) == len(keys)
+    assert await store.db.tasks.count_documents({"_id": {"$in": list(ids)}}) == len(keys)
+    assert await store.db.idempotency_keys.count_documents({}) == len(keys)
+    assert await store.db.tasks.count_documents({"type": TaskType.FOO.value}) == len(keys)

@@ -15,7 +15,7 @@ import pytest
 
 from service.config import Settings, SettingsError
 from service.models import State, TaskType
-from service.store import TaskStore, new_lease
+from service.store import Store, new_lease
 from tests.conftest import StubHttpServer, WorkerProcess, eventually, wait_until_started
 
 Spawn = Callable[..., WorkerProcess]
@@ -69,15 +69,15 @@ class Sample:
 class Sampler:
     """Reads the STARTED Bar tasks and Bar's slots every 50 ms until stopped."""
 
-    store: TaskStore
+    store: Store
     samples: list[Sample] = field(default_factory=list)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self) -> None:
         started = {"state": State.STARTED.value, "type": TaskType.BAR.value}
         while not self.stop.is_set():
-            count = await self.store.tasks.count_documents(started)
-            holders = [str(h.get("worker")) for h in await self.store.slot_holders("bar")]
+            count = await self.store.db.tasks.count_documents(started)
+            holders = [str(h.get("worker")) for h in await self.store.slots.holders("bar")]
             self.samples.append(Sample(time.monotonic(), count, holders))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(0.05):
@@ -91,27 +91,28 @@ class Sampler:
 
 
 @contextlib.asynccontextmanager
-async def sampling(store: TaskStore) -> AsyncIterator[Sampler]:
+async def sampling(store: Store) -> AsyncIterator[Sampler]:
     sampler = Sampler(store)
     running = asyncio.create_task(sampler.run())
     try:
         yield sampler
     finally:
         # Stopped by an event, not cancelled: on Python 3.11 the driver can swallow a
-        # cancellation that comes as a command completes (see service/wakeups.py), and a
+        # cancellation that comes as a command completes (see service/worker/wakeups.py), and a
         # sampler that missed it would read for ever.
         sampler.stop.set()
         await running
 
 
-async def create(store: TaskStore, task_type: TaskType, n: int) -> list[str]:
+async def create(store: Store, task_type: TaskType, n: int) -> list[str]:
     return [
-        (await store.create(task_type=task_type, run_at=None, max_attempts=3)).id for _ in range(n)
+        (await store.tasks.create(task_type=task_type, run_at=None, max_attempts=3)).id
+        for _ in range(n)
     ]
 
 
-async def count(store: TaskStore, task_type: TaskType, state: State) -> int:
-    return await store.tasks.count_documents({"type": task_type.value, "state": state.value})
+async def count(store: Store, task_type: TaskType, state: State) -> int:
+    return await store.db.tasks.count_documents({"type": task_type.value, "state": state.value})
 
 
 def limited(**overrides: object) -> dict[str, object]:
@@ -135,43 +136,43 @@ def test_the_setting_reads_type_equals_a_positive_integer() -> None:
 # -- the slots in the store -------------------------------------------------------------
 
 
-async def test_concurrent_takers_never_pass_the_limit(store: TaskStore) -> None:
+async def test_concurrent_takers_never_pass_the_limit(store: Store) -> None:
     leases = [new_lease() for _ in range(20)]
     taken = await asyncio.gather(
-        *(store.take_slot("bar", limit=3, lease=lease, worker_id="w") for lease in leases)
+        *(store.slots.take("bar", limit=3, lease=lease, worker_id="w") for lease in leases)
     )
     assert sum(taken) == 3
-    assert len(await store.slot_holders("bar")) == 3
+    assert len(await store.slots.holders("bar")) == 3
     winner = leases[taken.index(True)]
-    await store.free_slot("bar", winner)
-    assert await store.take_slot("bar", limit=3, lease=new_lease(), worker_id="w")
-    assert not await store.take_slot("bar", limit=3, lease=new_lease(), worker_id="w")
+    await store.slots.free("bar", winner)
+    assert await store.slots.take("bar", limit=3, lease=new_lease(), worker_id="w")
+    assert not await store.slots.take("bar", limit=3, lease=new_lease(), worker_id="w")
 
 
-async def test_recovery_frees_only_slots_that_hold_no_started_task(store: TaskStore) -> None:
+async def test_recovery_frees_only_slots_that_hold_no_started_task(store: Store) -> None:
     running, claimed_nothing = new_lease(), new_lease()
-    await store.create(task_type=TaskType.BAR, run_at=None, max_attempts=3)
-    assert await store.take_slot("bar", limit=5, lease=running, worker_id="w")
-    assert await store.claim("w", lease=running, types=("bar",)) is not None
-    assert await store.take_slot("bar", limit=5, lease=claimed_nothing, worker_id="w")
+    await store.tasks.create(task_type=TaskType.BAR, run_at=None, max_attempts=3)
+    assert await store.slots.take("bar", limit=5, lease=running, worker_id="w")
+    assert await store.claims.claim("w", lease=running, types=("bar",)) is not None
+    assert await store.slots.take("bar", limit=5, lease=claimed_nothing, worker_id="w")
     # Young slots are never freed: their claim may still be landing.
-    assert await store.free_lost_slots(60.0) == 0
+    assert await store.slots.free_lost(60.0) == 0
 
     async def freed_one() -> bool:
         # `at` is the clock's estimate, the cutoff what the database has surely reached:
         # a slot taken a few milliseconds ago may not be past it yet.
-        return await store.free_lost_slots(0.0) == 1
+        return await store.slots.free_lost(0.0) == 1
 
     await eventually(freed_one, within=5)
-    assert await store.free_lost_slots(0.0) == 0
-    assert [h["lease"] for h in await store.slot_holders("bar")] == [running]
+    assert await store.slots.free_lost(0.0) == 0
+    assert [h["lease"] for h in await store.slots.holders("bar")] == [running]
 
 
 # -- real processes ---------------------------------------------------------------------
 
 
 async def test_the_limit_holds_across_workers_and_other_types_flow(
-    store: TaskStore, spawn_worker: Spawn, slow_stub: SlowStub
+    store: Store, spawn_worker: Spawn, slow_stub: SlowStub
 ) -> None:
     bars = await create(store, TaskType.BAR, 14)
     async with sampling(store) as sampler:
@@ -209,13 +210,13 @@ async def test_the_limit_holds_across_workers_and_other_types_flow(
     async def slots_given_back() -> bool:
         # A slot is given back just after its task's own write, so the last one may still
         # be on its way when the last COMPLETE is seen (CI once caught it in between).
-        return await store.slot_holders("bar") == []
+        return await store.slots.holders("bar") == []
 
     await eventually(slots_given_back, within=1.0)
 
 
 async def test_a_killed_workers_slot_comes_back_with_recovery(
-    store: TaskStore, settings: Settings, spawn_worker: Spawn, slow_stub: SlowStub
+    store: Store, settings: Settings, spawn_worker: Spawn, slow_stub: SlowStub
 ) -> None:
     slow_stub.delay = 1.5
     bars = await create(store, TaskType.BAR, 10)
@@ -223,7 +224,7 @@ async def test_a_killed_workers_slot_comes_back_with_recovery(
         victim = spawn_worker(**limited(bar_url=slow_stub.url))
 
         async def victim_holds_a_slot() -> bool:
-            holders = await store.slot_holders("bar")
+            holders = await store.slots.holders("bar")
             return any(h.get("worker") == victim.worker_id for h in holders)
 
         await eventually(victim_holds_a_slot)
@@ -250,11 +251,11 @@ async def test_a_killed_workers_slot_comes_back_with_recovery(
     after = [s for s in sampler.samples if s.at > killed_at + freed_after]
     assert max(len(s.holders) for s in after) == LIMIT
     assert all(s.alive() for s in survivors)
-    assert await store.slot_holders("bar") == []
+    assert await store.slots.holders("bar") == []
 
 
 async def test_a_clean_stop_gives_its_slots_back(
-    store: TaskStore, spawn_worker: Spawn, slow_stub: SlowStub
+    store: Store, spawn_worker: Spawn, slow_stub: SlowStub
 ) -> None:
     slow_stub.delay = 30.0
     await create(store, TaskType.BAR, 4)
@@ -262,20 +263,20 @@ async def test_a_clean_stop_gives_its_slots_back(
     await wait_until_started(worker)
 
     async def holds_both() -> bool:
-        holders = await store.slot_holders("bar")
+        holders = await store.slots.holders("bar")
         return len(holders) == LIMIT and await count(store, TaskType.BAR, State.STARTED) == LIMIT
 
     await eventually(holds_both)
     worker.signal(signal.SIGTERM)
     assert await asyncio.to_thread(worker.wait) == 0
     # At once, not after a stale threshold: the tasks went back, then their slots.
-    assert await store.slot_holders("bar") == []
+    assert await store.slots.holders("bar") == []
     assert await count(store, TaskType.BAR, State.NOTSTARTED) == 4
     assert "released back to the queue" in worker.stderr()
 
 
 async def test_a_limited_task_does_not_wait_behind_a_backlog_of_other_types(
-    store: TaskStore, spawn_worker: Spawn, slow_stub: SlowStub
+    store: Store, spawn_worker: Spawn, slow_stub: SlowStub
 ) -> None:
     # Unlimited types are claimed in one claim that succeeds as long as a backlog lasts;
     # the limited types are still tried at least once a second meanwhile.
@@ -290,7 +291,7 @@ async def test_a_limited_task_does_not_wait_behind_a_backlog_of_other_types(
     (bar,) = await create(store, TaskType.BAR, 1)
 
     async def bar_started() -> bool:
-        return (await store.get(bar)).state is not State.NOTSTARTED
+        return (await store.tasks.get(bar)).state is not State.NOTSTARTED
 
     await eventually(bar_started)
     assert await count(store, TaskType.BAZ, State.NOTSTARTED) > 0, "the backlog was gone first"

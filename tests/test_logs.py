@@ -19,7 +19,7 @@ import pytest
 from service.config import Settings
 from service.localdb import free_port
 from service.logs import formatter
-from service.store import TaskStore
+from service.store import Store
 from tests.conftest import WorkerProcess, eventually, settings_env, wait_until_started
 
 REQUIRED = {"time", "level", "logger", "message"}
@@ -72,7 +72,7 @@ class ApiProcess:
 
 
 @pytest.fixture
-def api_process(settings: Settings, store: TaskStore, tmp_path: Path) -> Iterator[ApiProcess]:
+def api_process(settings: Settings, store: Store, tmp_path: Path) -> Iterator[ApiProcess]:
     port = free_port()
     env = settings_env(settings, host="127.0.0.1", port=port, api_tokens="", log_format="json")
     api = ApiProcess(env, port, tmp_path)
@@ -85,7 +85,7 @@ def api_process(settings: Settings, store: TaskStore, tmp_path: Path) -> Iterato
 async def test_api_and_worker_write_json_lines(
     api_process: ApiProcess,
     spawn_worker: Callable[..., WorkerProcess],
-    store: TaskStore,
+    store: Store,
 ) -> None:
     api_process.wait_ready()
     worker = spawn_worker(log_format="json", bar_url="http://127.0.0.1:9/")
@@ -96,7 +96,7 @@ async def test_api_and_worker_write_json_lines(
     )  # port 9: refused
 
     async def finished() -> bool:
-        states = {t["state"] for t in (await store.tasks.find({}).to_list())}
+        states = {t["state"] for t in (await store.db.tasks.find({}).to_list())}
         return states == {"COMPLETE", "FAILED"}
 
     await eventually(finished, within=30)
@@ -130,9 +130,11 @@ async def test_api_and_worker_write_json_lines(
 
 
 def test_text_format_is_unchanged() -> None:
-    record = logging.LogRecord("service.worker", logging.INFO, "x", 1, "task %s", ("a",), None)
+    record = logging.LogRecord(
+        "service.worker.worker", logging.INFO, "x", 1, "task %s", ("a",), None
+    )
     line = formatter("text").format(record)
-    assert line.endswith(f" INFO    service.worker[{record.process}] task a")
+    assert line.endswith(f" INFO    service.worker.worker[{record.process}] task a")
 
 
 def test_json_format_keeps_extra_fields_and_tracebacks_on_one_line() -> None:

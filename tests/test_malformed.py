@@ -18,10 +18,10 @@ from aiohttp.test_utils import TestClient
 
 from service.config import Settings
 from service.localdb import free_port
-from service.malformed import MalformedScan
 from service.models import State, Task, TaskType
-from service.store import TaskStore, new_lease
-from service.worker import retry_delay
+from service.store import Store, new_lease
+from service.worker.malformed import MalformedScan
+from service.worker.worker import retry_delay
 from tests.conftest import WorkerProcess, eventually, settings_env, wait_until_started
 
 Spawn = Callable[..., WorkerProcess]
@@ -92,15 +92,15 @@ RUNNABLE = {
 }
 
 
-async def insert_odd(store: TaskStore) -> dict[str, Any]:
+async def insert_odd(store: Store) -> dict[str, Any]:
     """Insert every odd document plus two with string and int _ids; return name -> _id."""
     keys: dict[str, Any] = {}
     for name, document in odd_documents(store.clock.surely_now()).items():
-        keys[name] = (await store.tasks.insert_one(document)).inserted_id
+        keys[name] = (await store.db.tasks.insert_one(document)).inserted_id
     good = odd_documents(store.clock.surely_now())["created_at_missing"]
     good["created_at"] = good["run_at"]
     for name, key in (("string_id", "legacy-task-1"), ("int_id", 7)):
-        await store.tasks.insert_one({**good, "_id": key})
+        await store.db.tasks.insert_one({**good, "_id": key})
         keys[name] = key
     return keys
 
@@ -111,11 +111,11 @@ def test_every_shape_is_sorted_into_one_outcome() -> None:
 
 
 async def test_workers_survive_odd_documents_and_finish_the_good_ones(
-    store: TaskStore, spawn_worker: Spawn, api: TestClient[Any, Any], settings: Settings
+    store: Store, spawn_worker: Spawn, api: TestClient[Any, Any], settings: Settings
 ) -> None:
     keys = await insert_odd(store)
     good = [
-        await store.create(task_type=t, run_at=None, max_attempts=3)
+        await store.tasks.create(task_type=t, run_at=None, max_attempts=3)
         for t in [TaskType.BAZ] * 20 + [TaskType.FOO] * 4
     ]
     workers = [spawn_worker(concurrency=4) for _ in range(2)]
@@ -126,32 +126,36 @@ async def test_workers_survive_odd_documents_and_finish_the_good_ones(
     malformed = [keys[n] for n in MALFORMED]
 
     async def settled() -> bool:
-        done = await store.tasks.count_documents(
+        done = await store.db.tasks.count_documents(
             {"_id": {"$in": [t.key for t in good] + runnable}, "state": "COMPLETE"}
         )
-        failed = await store.tasks.count_documents({"_id": {"$in": malformed}, "state": "FAILED"})
+        failed = await store.db.tasks.count_documents(
+            {"_id": {"$in": malformed}, "state": "FAILED"}
+        )
         return done == len(good) + len(runnable) and failed == len(malformed)
 
     try:
         await eventually(settled, within=60)
     except AssertionError:
-        states = [(d["_id"], d.get("state")) async for d in store.tasks.find({}, {"state": 1})]
+        states = [(d["_id"], d.get("state")) async for d in store.db.tasks.find({}, {"state": 1})]
         raise AssertionError((states, [w.stderr()[-3000:] for w in workers])) from None
     # A safety poll and a recovery round later, nothing else has moved and nobody died.
     await asyncio.sleep(settings.max_poll_interval + settings.stale_after)
     assert all(worker.alive() for worker in workers), [w.stderr() for w in workers]
 
     for name in LEFT_ALONE | WAITING:
-        doc = await store.tasks.find_one({"_id": keys[name]})
+        doc = await store.db.tasks.find_one({"_id": keys[name]})
         assert doc is not None
         expected = odd_documents(store.clock.now())[name]
         assert doc.get("state") == expected.get("state"), name
         assert "lease" not in doc, name
     for name in MALFORMED:
-        task = Task.from_document(await store.tasks.find_one({"_id": keys[name]}) or {})
+        task = Task.from_document(await store.db.tasks.find_one({"_id": keys[name]}) or {})
         assert task.state == State.FAILED and task.attempts == 1, name
         assert task.error is not None and task.error.startswith("malformed task: max_attempts")
-    upper = Task.from_document(await store.tasks.find_one({"_id": keys["type_upper_case"]}) or {})
+    upper = Task.from_document(
+        await store.db.tasks.find_one({"_id": keys["type_upper_case"]}) or {}
+    )
     assert upper.output == f"Foo {upper.id}"
 
     async def scanned() -> bool:  # each worker's first scan comes some seconds after start
@@ -226,44 +230,44 @@ async def assert_ops_answer(settings: Settings, *, unreadable: int) -> None:
 
 
 async def test_malformed_documents_are_logged_once_per_process(
-    store: TaskStore, caplog: pytest.LogCaptureFixture
+    store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
     keys = await insert_odd(store)
     scan = MalformedScan(store, interval=60)
-    with caplog.at_level(logging.WARNING, logger="service.malformed"):
+    with caplog.at_level(logging.WARNING, logger="service.worker.malformed"):
         assert await scan.run_once() == len(LEFT_ALONE)
         assert await scan.run_once() == len(LEFT_ALONE)
     for name in LEFT_ALONE:
         assert caplog.text.count(f"task {keys[name]} cannot be run") == 1
-    assert (await store.stats(stale_after=2.0)).unreadable == len(LEFT_ALONE)
+    assert (await store.figures.stats(stale_after=2.0)).unreadable == len(LEFT_ALONE)
 
 
-async def test_recovery_handles_errors_of_another_shape(store: TaskStore) -> None:
+async def test_recovery_handles_errors_of_another_shape(store: Store) -> None:
     stale = store.clock.now() - timedelta(seconds=600)
     doc = odd_documents(store.clock.now())["errors_not_list"]
     doc |= {"state": "STARTED", "heartbeat_at": stale, "attempts": 1, "lease": "x"}
-    key = (await store.tasks.insert_one(doc)).inserted_id
+    key = (await store.db.tasks.insert_one(doc)).inserted_id
     missing = {k: v for k, v in doc.items() if k not in ("_id", "max_attempts")}
-    gone = (await store.tasks.insert_one(missing)).inserted_id
+    gone = (await store.db.tasks.insert_one(missing)).inserted_id
 
-    assert await store.recover_stale(2.0) == 2
-    back = Task.from_document(await store.tasks.find_one({"_id": key}) or {})
+    assert await store.claims.recover_stale(2.0) == 2
+    back = Task.from_document(await store.db.tasks.find_one({"_id": key}) or {})
     assert back.state == State.NOTSTARTED and back.lease is None
     assert [e.attempt for e in back.errors] == [1]
-    failed = Task.from_document(await store.tasks.find_one({"_id": gone}) or {})
+    failed = Task.from_document(await store.db.tasks.find_one({"_id": gone}) or {})
     assert failed.state == State.FAILED
 
 
 async def test_a_worker_exits_non_zero_on_an_unexpected_database_error(
-    store: TaskStore, spawn_worker: Spawn
+    store: Store, spawn_worker: Spawn
 ) -> None:
     # A unique index on `worker` makes the server refuse this worker's second claim: an
     # error no code path expects. The worker must stop at once and say so, not carry on.
-    await store.tasks.create_index("worker", unique=True, sparse=True)
+    await store.db.tasks.create_index("worker", unique=True, sparse=True)
     worker = spawn_worker(concurrency=4, foo_seconds=30.0)
     await wait_until_started(worker)
     for _ in range(2):
-        await store.create(task_type=TaskType.FOO, run_at=None, max_attempts=3)
+        await store.tasks.create(task_type=TaskType.FOO, run_at=None, max_attempts=3)
     code = await asyncio.to_thread(worker.wait, 20)
     assert code != 0
     assert "unexpected error; stopping" in worker.stderr() or "E11000" in worker.stderr()
@@ -297,31 +301,31 @@ def test_backoff_of_a_stored_attempt_count_in_the_thousands_does_not_overflow() 
     assert 0 < retry_delay(2000, base=1.0, cap=300.0) <= 300.0
 
 
-async def test_output_and_errors_of_any_size_or_encoding_are_stored(store: TaskStore) -> None:
+async def test_output_and_errors_of_any_size_or_encoding_are_stored(store: Store) -> None:
     huge = "x" * (17 * 1024 * 1024)  # past MongoDB's 16 MB document limit
     for output in (huge, "half a surrogate: \udc80"):
-        await store.create(task_type=TaskType.BAZ, run_at=None, max_attempts=2)
-        task = await store.claim("w", lease=new_lease())
+        await store.tasks.create(task_type=TaskType.BAZ, run_at=None, max_attempts=2)
+        task = await store.claims.claim("w", lease=new_lease())
         assert task is not None
-        assert await store.complete(task, output)
-        stored = await store.get(task.id)
+        assert await store.claims.complete(task, output)
+        stored = await store.tasks.get(task.id)
         assert stored.state == State.COMPLETE and stored.output is not None
         assert len(stored.output) < 70 * 1024
     assert stored.output == "half a surrogate: ?"
-    await store.create(task_type=TaskType.BAZ, run_at=None, max_attempts=2)
-    task = await store.claim("w", lease=new_lease())
+    await store.tasks.create(task_type=TaskType.BAZ, run_at=None, max_attempts=2)
+    task = await store.claims.claim("w", lease=new_lease())
     assert task is not None
-    assert await store.fail(task, huge, retry_at=None)
-    failed = await store.get(task.id)
+    assert await store.claims.fail(task, huge, retry_at=None)
+    failed = await store.tasks.get(task.id)
     assert failed.error is not None and failed.error.endswith("more characters not stored]")
 
 
 async def test_args_that_are_not_json_are_shown_as_malformed_not_a_500(
-    store: TaskStore, api: TestClient[Any, Any]
+    store: Store, api: TestClient[Any, Any]
 ) -> None:
     doc = odd_documents(store.clock.now())["created_at_missing"]
     doc |= {"state": "FAILED", "args": {"when": store.clock.now(), "n": float("nan")}}
-    key = (await store.tasks.insert_one(doc)).inserted_id
+    key = (await store.db.tasks.insert_one(doc)).inserted_id
     for path in (f"/tasks/{key}", "/tasks", "/taskstate/FAILED", "/stats"):
         response = await api.get(path)
         assert response.status == 200, (path, await response.text())

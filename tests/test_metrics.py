@@ -15,11 +15,11 @@ from bson import ObjectId
 from prometheus_client.parser import text_string_to_metric_families
 from pymongo import AsyncMongoClient, monitoring
 
-from service.app import create_app
 from service.clock import DbClock
 from service.config import Settings
-from service.metrics import QueueCollector
-from service.store import TaskStore
+from service.store import Store
+from service.web.app import create_app
+from service.web.metrics import QueueCollector
 
 Client = TestClient[Any, Any]
 MakeClient = Callable[[web.Application], Awaitable[Client]]
@@ -44,7 +44,7 @@ def task(state: str, task_type: str, **fields: Any) -> dict[str, Any]:
     return doc
 
 
-async def test_task_counts_agree_with_the_database(api: Client, store: TaskStore) -> None:
+async def test_task_counts_agree_with_the_database(api: Client, store: Store) -> None:
     now = datetime.now(UTC)
     old = now - timedelta(seconds=600)
     docs = [
@@ -59,7 +59,7 @@ async def test_task_counts_agree_with_the_database(api: Client, store: TaskStore
         task("STARTED", "foo", heartbeat_at=now - timedelta(seconds=60)),  # stale
         task("PAUSED", "qux"),  # odd: one unknown/unknown series, not a label per value
     ]
-    await store.tasks.insert_many(docs)
+    await store.db.tasks.insert_many(docs)
     samples = await scrape(api)
 
     def tasks(state: str, task_type: str) -> float:
@@ -117,9 +117,9 @@ async def test_scrapes_within_the_cache_period_cost_one_query_batch(settings: Se
         settings.mongodb_url, tz_aware=True, event_listeners=[log]
     )
     try:
-        store = TaskStore(client, database=settings.database, clock=DbClock())
+        store = Store(client, database=settings.database, clock=DbClock())
         await store.sync_clock()
-        await store.tasks.insert_many([task("COMPLETE", "foo") for _ in range(20)])
+        await store.db.tasks.insert_many([task("COMPLETE", "foo") for _ in range(20)])
         log.names.clear()
         queue = QueueCollector(ttl=60.0, stale_after=settings.stale_after)
         # Fifty scrapes at once, then fifty more: one batch of reads in all.
@@ -140,7 +140,7 @@ async def test_scrapes_within_the_cache_period_cost_one_query_batch(settings: Se
 
 
 async def test_scrapes_during_a_slow_refresh_get_the_last_figures_at_once(
-    store: TaskStore, settings: Settings
+    store: Store, settings: Settings
 ) -> None:
     queue = QueueCollector(ttl=60.0, stale_after=settings.stale_after)
     await queue.refresh(store)
@@ -152,7 +152,7 @@ async def test_scrapes_during_a_slow_refresh_get_the_last_figures_at_once(
 
         async def queue_figures(self, *, stale_after: float) -> Any:
             await gate.wait()
-            return await store.queue_figures(stale_after=stale_after)
+            return await store.figures.queue_figures(stale_after=stale_after)
 
     queue.ttl = 0.0
     slow = asyncio.create_task(queue.refresh(SlowStore()))  # type: ignore[arg-type]
@@ -166,12 +166,12 @@ async def test_scrapes_during_a_slow_refresh_get_the_last_figures_at_once(
 
 
 async def test_the_api_caches_for_metrics_cache_seconds(
-    settings: Settings, store: TaskStore, aiohttp_client: MakeClient
+    settings: Settings, store: Store, aiohttp_client: MakeClient
 ) -> None:
     client = await aiohttp_client(create_app(dataclasses.replace(settings, metrics_cache=60.0)))
-    await store.tasks.insert_one(task("FAILED", "baz"))
+    await store.db.tasks.insert_one(task("FAILED", "baz"))
     first = await scrape(client)
-    await store.tasks.insert_one(task("FAILED", "baz"))
+    await store.db.tasks.insert_one(task("FAILED", "baz"))
     for _ in range(5):
         again = await scrape(client)
         key = ("task_runner_tasks", (("state", "FAILED"), ("type", "baz")))
@@ -227,7 +227,7 @@ async def test_request_counters_use_route_patterns(api: Client) -> None:
 
 
 async def test_metrics_need_a_token_only_when_reads_do(
-    settings: Settings, store: TaskStore, aiohttp_client: MakeClient
+    settings: Settings, store: Store, aiohttp_client: MakeClient
 ) -> None:
     open_reads = await aiohttp_client(
         create_app(dataclasses.replace(settings, api_tokens=("t0ken",)))

@@ -9,12 +9,12 @@ from collections import Counter
 from collections.abc import Callable
 
 from service.models import State, TaskType
-from service.store import TaskStore
+from service.store import Store
 from tests.conftest import StubHttpServer, WorkerProcess, all_tasks, eventually, wait_until_started
 
 
 async def test_three_workers_run_200_mixed_tasks_exactly_once(
-    store: TaskStore, spawn_worker: Callable[..., WorkerProcess], http_stub: StubHttpServer
+    store: Store, spawn_worker: Callable[..., WorkerProcess], http_stub: StubHttpServer
 ) -> None:
     http_stub.status = 503
     # Two on uvloop (the default), one on the standard asyncio loop.
@@ -24,10 +24,10 @@ async def test_three_workers_run_200_mixed_tasks_exactly_once(
         await wait_until_started(worker)
         assert f"concurrency 8, event loop {loop}" in worker.stderr()
     types = [random.choice(list(TaskType)) for _ in range(200)]
-    created = [await store.create(task_type=t, run_at=None, max_attempts=1) for t in types]
+    created = [await store.tasks.create(task_type=t, run_at=None, max_attempts=1) for t in types]
 
     async def all_complete() -> bool:
-        return await store.tasks.count_documents({"state": State.COMPLETE.value}) == 200
+        return await store.db.tasks.count_documents({"state": State.COMPLETE.value}) == 200
 
     await eventually(all_complete, within=120)
     for worker in workers:

@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from service.app import create_app
 from service.clock import DbClock
 from service.config import Settings
 from service.localdb import LocalDatabase, free_port
 from service.models import TaskType
-from service.store import TaskStore, open_client
+from service.store import Store, open_client
+from service.web.app import create_app
 from tests.conftest import WorkerProcess, eventually, wait_until_started
 from tests.test_resilience import completions
 
@@ -31,9 +31,9 @@ def own_db(tmp_path: Path) -> Iterator[LocalDatabase]:
 
 
 @pytest.fixture
-async def own_store(own_db: LocalDatabase, settings: Settings) -> AsyncIterator[TaskStore]:
+async def own_store(own_db: LocalDatabase, settings: Settings) -> AsyncIterator[Store]:
     client = open_client(own_db.url, timeout=1.0, appname="tests")
-    store = TaskStore(client, database=settings.database, clock=DbClock())
+    store = Store(client, database=settings.database, clock=DbClock())
     await store.sync_clock()
     await store.ensure_indexes()
     yield store
@@ -42,7 +42,7 @@ async def own_store(own_db: LocalDatabase, settings: Settings) -> AsyncIterator[
 
 async def test_database_restart_mid_run(
     own_db: LocalDatabase,
-    own_store: TaskStore,
+    own_store: Store,
     settings: Settings,
     spawn_worker: Callable[..., WorkerProcess],
     aiohttp_client: Any,
@@ -58,12 +58,12 @@ async def test_database_restart_mid_run(
     for worker in workers:
         await wait_until_started(worker)
     created = [
-        await store.create(task_type=t, run_at=None, max_attempts=3)
+        await store.tasks.create(task_type=t, run_at=None, max_attempts=3)
         for t in [TaskType.FOO, TaskType.BAZ] * 60
     ]
 
     async def some_done() -> bool:
-        return await store.tasks.count_documents({"state": "COMPLETE"}) >= 20
+        return await store.db.tasks.count_documents({"state": "COMPLETE"}) >= 20
 
     await eventually(some_done)
     own_db.stop()
@@ -83,7 +83,7 @@ async def test_database_restart_mid_run(
     await eventually(api_back, within=20)
 
     async def all_complete() -> bool:
-        return await store.tasks.count_documents({"state": "COMPLETE"}) == len(created)
+        return await store.db.tasks.count_documents({"state": "COMPLETE"}) == len(created)
 
     await eventually(all_complete, within=90)
     done = completions(workers)
@@ -93,6 +93,6 @@ async def test_database_restart_mid_run(
         line for w in workers for line in w.stdout_lines() if line.startswith("Foo ")
     )
     assert foo_lines == Counter(f"Foo {t.id}" for t in created if t.type == TaskType.FOO)
-    errors = [d async for d in store.tasks.find({"errors.0": {"$exists": True}})]
+    errors = [d async for d in store.db.tasks.find({"errors.0": {"$exists": True}})]
     assert errors == [], [(d["_id"], d["errors"], d["worker"]) for d in errors]
     assert all(w.alive() for w in workers)

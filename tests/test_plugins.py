@@ -21,12 +21,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from service.app import create_app
 from service.config import Settings
 from service.localdb import free_port
 from service.models import State
 from service.plugins import PluginError, load_registry
-from service.store import TaskStore
+from service.store import Store
+from service.web.app import create_app
 from tests.conftest import (
     WorkerProcess,
     eventually,
@@ -126,7 +126,7 @@ class ApiProcess:
 
 
 @pytest.fixture
-def start_api(settings: Settings, store: TaskStore, tmp_path: Path) -> Iterator[Callable[..., Any]]:
+def start_api(settings: Settings, store: Store, tmp_path: Path) -> Iterator[Callable[..., Any]]:
     """Start `task-runner api` processes on the test's database; each is stopped at the end."""
     started: list[ApiProcess] = []
 
@@ -150,22 +150,22 @@ async def post(http: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, A
         return response.status, await response.json()
 
 
-async def finished(store: TaskStore, task_id: str, within: float = 30.0) -> Any:
+async def finished(store: Store, task_id: str, within: float = 30.0) -> Any:
     """Wait for the task to be COMPLETE or FAILED and return it."""
 
     async def done() -> bool:
-        task = await store.get(task_id)
+        task = await store.tasks.get(task_id)
         return task.state in (State.COMPLETE, State.FAILED)
 
     await eventually(done, within=within)
-    return await store.get(task_id)
+    return await store.tasks.get(task_id)
 
 
 # -- a module named in TASK_RUNNER_TASK_MODULES ------------------------------------------------
 
 
 async def test_a_plugin_module_with_an_argument_schema_runs_through_api_and_worker(
-    store: TaskStore,
+    store: Store,
     tmp_path: Path,
     start_api: Callable[..., ApiProcess],
     spawn_worker: Callable[..., WorkerProcess],
@@ -217,7 +217,7 @@ async def test_a_plugin_module_with_an_argument_schema_runs_through_api_and_work
     assert answer["error"]["details"]["type"] == [
         "must be one of foo, bar, baz, greet, ping, hang, nap (any letter case)"
     ]
-    assert await store.tasks.count_documents({}) == 3
+    assert await store.db.tasks.count_documents({}) == 3
 
     # GET /tasks?type= takes the plugin's types; the document shows them and their schemas.
     async with http.get(f"{api.url}/tasks?type=Greet") as response:
@@ -297,7 +297,7 @@ def install_package(root: Path) -> Path:
 
 
 async def test_a_package_entry_point_adds_types_to_api_and_worker(
-    store: TaskStore,
+    store: Store,
     tmp_path: Path,
     start_api: Callable[..., ApiProcess],
     spawn_worker: Callable[..., WorkerProcess],
@@ -319,7 +319,7 @@ async def test_a_package_entry_point_adds_types_to_api_and_worker(
     worker = spawn_worker()
     assert (await finished(store, shout["id"])).output == "HI!"
     assert (await finished(store, whisper["id"])).output == f"psst {whisper['id']}"
-    registered = await store.workers.find_one({"_id": worker.worker_id})
+    registered = await store.db.workers.find_one({"_id": worker.worker_id})
     assert registered is not None
     assert registered["types"] == ["foo", "bar", "baz", "shout", "whisper"]
     worker.signal(signal.SIGTERM)
@@ -328,7 +328,7 @@ async def test_a_package_entry_point_adds_types_to_api_and_worker(
 
 async def test_an_entry_point_in_the_api_fixture(
     settings: Settings,
-    store: TaskStore,
+    store: Store,
     tmp_path: Path,
     aiohttp_client: Callable[[web.Application], Any],
     monkeypatch: pytest.MonkeyPatch,
@@ -344,7 +344,7 @@ async def test_an_entry_point_in_the_api_fixture(
 
 
 async def test_an_old_worker_leaves_a_new_types_tasks_to_a_new_worker(
-    store: TaskStore,
+    store: Store,
     tmp_path: Path,
     spawn_worker: Callable[..., WorkerProcess],
     monkeypatch: pytest.MonkeyPatch,
@@ -355,15 +355,15 @@ async def test_an_old_worker_leaves_a_new_types_tasks_to_a_new_worker(
     await wait_until_started(old)
     now = store.clock.now()
     # The new type's task is due first: a worker that could claim it would take it first.
-    greet = await store.create(
+    greet = await store.tasks.create(
         task_type="greet", run_at=now - timedelta(seconds=30), max_attempts=1, args={"name": "Cy"}
     )
-    baz = [await store.create(task_type="baz", run_at=None, max_attempts=1) for _ in range(5)]
+    baz = [await store.tasks.create(task_type="baz", run_at=None, max_attempts=1) for _ in range(5)]
     for task in baz:
         assert (await finished(store, task.id)).state == State.COMPLETE
-    left = await store.get(greet.id)
+    left = await store.tasks.get(greet.id)
     assert (left.state, left.attempts) == (State.NOTSTARTED, 0)
-    registered = await store.workers.find_one({"_id": old.worker_id})
+    registered = await store.db.workers.find_one({"_id": old.worker_id})
     assert registered is not None and registered["types"] == ["foo", "bar", "baz"]
 
     new = spawn_worker(task_modules=(module,))
@@ -377,7 +377,7 @@ async def test_an_old_worker_leaves_a_new_types_tasks_to_a_new_worker(
 
 
 async def test_stored_args_that_no_longer_load_fail_the_task_once(
-    store: TaskStore,
+    store: Store,
     tmp_path: Path,
     spawn_worker: Callable[..., WorkerProcess],
     monkeypatch: pytest.MonkeyPatch,
@@ -385,10 +385,12 @@ async def test_stored_args_that_no_longer_load_fail_the_task_once(
     module = write_module(tmp_path, PLUGIN)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     # As an older version, a migration or a person might have left them.
-    wrong = await store.create(task_type="greet", run_at=None, max_attempts=3, args={"name": 5})
-    extra = await store.create(task_type="foo", run_at=None, max_attempts=3, args={"x": 1})
-    shape = await store.create(task_type="greet", run_at=None, max_attempts=3)
-    await store.tasks.update_one({"_id": shape.key}, {"$set": {"args": "name=Ada"}})
+    wrong = await store.tasks.create(
+        task_type="greet", run_at=None, max_attempts=3, args={"name": 5}
+    )
+    extra = await store.tasks.create(task_type="foo", run_at=None, max_attempts=3, args={"x": 1})
+    shape = await store.tasks.create(task_type="greet", run_at=None, max_attempts=3)
+    await store.db.tasks.update_one({"_id": shape.key}, {"$set": {"args": "name=Ada"}})
     worker = spawn_worker(task_modules=(module,))
     failed = [await finished(store, task.id) for task in (wrong, extra, shape)]
     assert [(t.state, t.attempts) for t in failed] == [(State.FAILED, 1)] * 3
@@ -493,14 +495,14 @@ def test_the_decorator_refuses_what_it_cannot_run() -> None:
 
 
 async def test_a_run_past_its_time_limit_fails_the_attempt_and_is_retried(
-    store: TaskStore,
+    store: Store,
     tmp_path: Path,
     spawn_worker: Callable[..., WorkerProcess],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     module = write_module(tmp_path, PLUGIN)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    create = store.create
+    create = store.tasks.create
     # The type's default (0.5 s), the task's own (0.3 s), TASK_RUNNER_TASK_TIMEOUT (0.4 s).
     by_type = await create(task_type="hang", run_at=None, max_attempts=2)
     by_task = await create(task_type="hang", run_at=None, max_attempts=2, time_limit=0.3)

@@ -16,30 +16,30 @@ from aiohttp.test_utils import TestClient
 from bson import ObjectId
 
 from service.models import State, Task, TaskType
-from service.store import TaskStore, new_lease
+from service.store import Store, new_lease
 from tests.conftest import WorkerProcess, all_tasks, eventually, wait_until_started
 
 Spawn = Callable[..., WorkerProcess]
 Client = TestClient[Any, Any]
 
 
-async def create(store: TaskStore, priority: int, *, in_seconds: float = 0) -> str:
+async def create(store: Store, priority: int, *, in_seconds: float = 0) -> str:
     run_at = None if in_seconds == 0 else store.clock.now() + timedelta(seconds=in_seconds)
-    task = await store.create(
+    task = await store.tasks.create(
         task_type=TaskType.FOO, run_at=run_at, max_attempts=1, priority=priority
     )
     return task.id
 
 
-async def claim_all(store: TaskStore) -> list[str]:
+async def claim_all(store: Store) -> list[str]:
     claimed: list[str] = []
-    while (task := await store.claim("w", lease=new_lease())) is not None:
+    while (task := await store.claims.claim("w", lease=new_lease())) is not None:
         claimed.append(task.id)
     return claimed
 
 
 async def test_the_higher_priority_is_claimed_first_then_the_earlier_run_at(
-    store: TaskStore,
+    store: Store,
 ) -> None:
     low = await create(store, -10)
     normal_first = await create(store, 0)
@@ -48,7 +48,7 @@ async def test_the_higher_priority_is_claimed_first_then_the_earlier_run_at(
     highest_in_an_hour = await create(store, 10, in_seconds=3600)
     higher_second = await create(store, 5)
     # Due a second ago: earlier run_at than the two 0s, so it goes first among them.
-    normal_earliest = await store.tasks.insert_one(
+    normal_earliest = await store.db.tasks.insert_one(
         {
             "_id": ObjectId(),
             "type": "foo",
@@ -69,10 +69,10 @@ async def test_the_higher_priority_is_claimed_first_then_the_earlier_run_at(
         low,
     ]
     # A task due now is never held back by a higher one that is not due yet.
-    assert (await store.get(highest_in_an_hour)).state is State.NOTSTARTED
+    assert (await store.tasks.get(highest_in_an_hour)).state is State.NOTSTARTED
 
 
-async def test_tasks_written_before_priorities_count_as_zero(store: TaskStore) -> None:
+async def test_tasks_written_before_priorities_count_as_zero(store: Store) -> None:
     def earlier_version(seconds_ago: float, state: State = State.NOTSTARTED) -> dict[str, object]:
         return {
             "_id": ObjectId(),
@@ -86,19 +86,19 @@ async def test_tasks_written_before_priorities_count_as_zero(store: TaskStore) -
     old = [earlier_version(30), earlier_version(20)]
     running = earlier_version(40, State.STARTED)
     done = earlier_version(50, State.COMPLETE)
-    await store.tasks.insert_many([*old, running, done])
+    await store.db.tasks.insert_many([*old, running, done])
     newer = await create(store, 0)
     lower = await create(store, -1)
     # Without a priority, a descending index puts them after -1: what the start-up fixes.
     await store.ensure_indexes()
     assert await claim_all(store) == [str(old[0]["_id"]), str(old[1]["_id"]), newer, lower]
-    stored = {doc["_id"]: doc async for doc in store.tasks.find({})}
+    stored = {doc["_id"]: doc async for doc in store.db.tasks.find({})}
     assert stored[running["_id"]]["priority"] == 0  # it may be retried: it waits fairly too
     assert "priority" not in stored[done["_id"]]  # finished history is left as it is
     # Idempotent: a second start changes nothing.
-    result = await store.tasks.count_documents({"priority": {"$exists": False}})
+    result = await store.db.tasks.count_documents({"priority": {"$exists": False}})
     await store.ensure_indexes()
-    assert await store.tasks.count_documents({"priority": {"$exists": False}}) == result == 1
+    assert await store.db.tasks.count_documents({"priority": {"$exists": False}}) == result == 1
 
 
 async def test_the_api_takes_and_shows_priority(api: Client) -> None:
@@ -119,11 +119,9 @@ def started_order(tasks: list[Task]) -> list[Task]:
     return sorted(tasks, key=lambda t: (t.started_at or datetime.max, t.id))
 
 
-async def run_to_completion(
-    store: TaskStore, workers: list[WorkerProcess], count: int
-) -> list[Task]:
+async def run_to_completion(store: Store, workers: list[WorkerProcess], count: int) -> list[Task]:
     async def all_complete() -> bool:
-        return await store.tasks.count_documents({"state": State.COMPLETE.value}) == count
+        return await store.db.tasks.count_documents({"state": State.COMPLETE.value}) == count
 
     await eventually(all_complete, within=120)
     for worker in workers:
@@ -133,7 +131,7 @@ async def run_to_completion(
 
 
 async def test_one_worker_runs_due_tasks_in_priority_order(
-    store: TaskStore, spawn_worker: Spawn
+    store: Store, spawn_worker: Spawn
 ) -> None:
     # All due before the worker starts; one slot, so each claim picks among all that wait.
     priorities = [random.randint(-10, 10) for _ in range(10)] + [0, 0, 10, -10]
@@ -146,11 +144,11 @@ async def test_one_worker_runs_due_tasks_in_priority_order(
     worker = spawn_worker(concurrency=1)
     done = await run_to_completion(store, [worker], len(created))
     assert [t.id for t in started_order(done)] == expected
-    assert (await store.get(waiting)).state is State.NOTSTARTED
+    assert (await store.tasks.get(waiting)).state is State.NOTSTARTED
 
 
 async def test_three_workers_start_the_highest_priorities_first(
-    store: TaskStore, spawn_worker: Spawn
+    store: Store, spawn_worker: Spawn
 ) -> None:
     priorities = [random.randint(-10, 10) for _ in range(30)]
     created = dict(zip([await create(store, p) for p in priorities], priorities, strict=True))
@@ -164,7 +162,7 @@ async def test_three_workers_start_the_highest_priorities_first(
         ]
     }
     claims: list[str] = []
-    async with await store.tasks.watch([{"$match": claimed}], max_await_time_ms=500) as stream:
+    async with await store.db.tasks.watch([{"$match": claimed}], max_await_time_ms=500) as stream:
         workers = [spawn_worker(concurrency=2) for _ in range(3)]
         for worker in workers:
             await wait_until_started(worker)

@@ -15,7 +15,8 @@ from datetime import timedelta
 from bson import ObjectId
 
 from service.models import State, Task, TaskType
-from service.store import WORKER_LOST, TaskStore
+from service.store import Store
+from service.store.claims import WORKER_LOST
 from tests.conftest import (
     StubHttpServer,
     WorkerProcess,
@@ -33,23 +34,21 @@ def completions(workers: list[WorkerProcess]) -> Counter[str]:
     return Counter(m.group(1) for w in workers for m in COMPLETED.finditer(w.stderr()))
 
 
-async def create_many(
-    store: TaskStore, types: list[TaskType], *, max_attempts: int = 3
-) -> list[Task]:
-    return [await store.create(task_type=t, run_at=None, max_attempts=max_attempts) for t in types]
+async def create_many(store: Store, types: list[TaskType], *, max_attempts: int = 3) -> list[Task]:
+    return [
+        await store.tasks.create(task_type=t, run_at=None, max_attempts=max_attempts) for t in types
+    ]
 
 
-async def wait_for_state(
-    store: TaskStore, task_id: str, state: State, *, within: float = 30
-) -> Task:
+async def wait_for_state(store: Store, task_id: str, state: State, *, within: float = 30) -> Task:
     async def reached() -> bool:
-        return (await store.get(task_id)).state is state
+        return (await store.tasks.get(task_id)).state is state
 
     await eventually(reached, within=within)
-    return await store.get(task_id)
+    return await store.tasks.get(task_id)
 
 
-async def test_kill_9_two_of_four_workers_mid_run(store: TaskStore, spawn_worker: Spawn) -> None:
+async def test_kill_9_two_of_four_workers_mid_run(store: Store, spawn_worker: Spawn) -> None:
     # All due before any worker starts, so the run is still going when the kill comes.
     created = await create_many(store, [TaskType.FOO, TaskType.BAZ] * 150)
     workers = [spawn_worker(concurrency=5, foo_seconds=1.0) for _ in range(4)]
@@ -58,7 +57,7 @@ async def test_kill_9_two_of_four_workers_mid_run(store: TaskStore, spawn_worker
     async def victims_busy() -> bool:
         # Each victim holds a task. (Not "many at once": how many tasks a worker holds
         # depends on how fast the server answers claims, and the local one is slow.)
-        holders = await store.tasks.distinct(
+        holders = await store.db.tasks.distinct(
             "worker", {"state": "STARTED", "worker": {"$in": [v.worker_id for v in victims]}}
         )
         return len(holders) == len(victims)
@@ -76,7 +75,7 @@ async def test_kill_9_two_of_four_workers_mid_run(store: TaskStore, spawn_worker
     assert held
 
     async def all_complete() -> bool:
-        return await store.tasks.count_documents({"state": "COMPLETE"}) == len(created)
+        return await store.db.tasks.count_documents({"state": "COMPLETE"}) == len(created)
 
     await eventually(all_complete, within=120)
     tasks = {t.id: t for t in await all_tasks(store)}
@@ -117,7 +116,7 @@ async def test_kill_9_two_of_four_workers_mid_run(store: TaskStore, spawn_worker
         assert [(e.error, e.worker in victim_ids) for e in task.errors] == [(WORKER_LOST, True)]
 
 
-async def test_frozen_worker_late_result_is_rejected(store: TaskStore, spawn_worker: Spawn) -> None:
+async def test_frozen_worker_late_result_is_rejected(store: Store, spawn_worker: Spawn) -> None:
     frozen = spawn_worker(concurrency=1, foo_seconds=3.0)
     await wait_until_started(frozen)
     task = (await create_many(store, [TaskType.FOO]))[0]
@@ -134,7 +133,7 @@ async def test_frozen_worker_late_result_is_rejected(store: TaskStore, spawn_wor
         return "lease lost" in frozen.stderr()
 
     await eventually(frozen_gave_up, within=10)
-    after = await store.get(task.id)
+    after = await store.tasks.get(task.id)
     assert after.worker == rescuer.worker_id
     assert after.finished_at == done.finished_at
     assert completions([frozen, rescuer]) == Counter({task.id: 1})
@@ -142,7 +141,7 @@ async def test_frozen_worker_late_result_is_rejected(store: TaskStore, spawn_wor
 
 
 async def test_sigterm_drains_then_releases_without_losing_an_attempt(
-    store: TaskStore, spawn_worker: Spawn
+    store: Store, spawn_worker: Spawn
 ) -> None:
     leaving = spawn_worker(concurrency=4, foo_seconds=30.0, shutdown_grace=0.5)
     await wait_until_started(leaving)
@@ -154,7 +153,7 @@ async def test_sigterm_drains_then_releases_without_losing_an_attempt(
     assert leaving.wait() == 0
     assert time.monotonic() - started < 10
     for task in tasks:
-        released = await store.get(task.id)
+        released = await store.tasks.get(task.id)
         assert released.state is State.NOTSTARTED
         assert released.attempts == 0
         assert released.worker is None
@@ -166,7 +165,7 @@ async def test_sigterm_drains_then_releases_without_losing_an_attempt(
     assert leaving.stdout_lines() == []
 
 
-async def test_sigterm_lets_short_tasks_finish(store: TaskStore, spawn_worker: Spawn) -> None:
+async def test_sigterm_lets_short_tasks_finish(store: Store, spawn_worker: Spawn) -> None:
     worker = spawn_worker(concurrency=4, foo_seconds=1.5, shutdown_grace=20)
     await wait_until_started(worker)
     tasks = await create_many(store, [TaskType.FOO] * 2)
@@ -175,18 +174,18 @@ async def test_sigterm_lets_short_tasks_finish(store: TaskStore, spawn_worker: S
     worker.signal(signal.SIGTERM)
     assert worker.wait() == 0
     for task in tasks:
-        assert (await store.get(task.id)).state is State.COMPLETE
+        assert (await store.tasks.get(task.id)).state is State.COMPLETE
     assert sorted(worker.stdout_lines()) == sorted(f"Foo {t.id}" for t in tasks)
 
 
 async def test_deleting_a_running_task_stops_it_within_a_heartbeat(
-    store: TaskStore, spawn_worker: Spawn
+    store: Store, spawn_worker: Spawn
 ) -> None:
     worker = spawn_worker(concurrency=2, foo_seconds=30.0)
     await wait_until_started(worker)
     task = (await create_many(store, [TaskType.FOO]))[0]
     await wait_for_state(store, task.id, State.STARTED)
-    await store.delete(task.id)
+    await store.tasks.delete(task.id)
     deleted_at = time.monotonic()
 
     async def stopped() -> bool:
@@ -196,13 +195,13 @@ async def test_deleting_a_running_task_stops_it_within_a_heartbeat(
     # Heartbeat interval 0.5 s in tests; allow for a loaded machine.
     assert time.monotonic() - deleted_at < 3
     await asyncio.sleep(0.6)
-    assert await store.tasks.count_documents({"_id": ObjectId(task.id)}) == 0
+    assert await store.db.tasks.count_documents({"_id": ObjectId(task.id)}) == 0
     assert worker.stdout_lines() == []
     assert worker.alive()
 
 
 async def test_skewed_clocks_neither_start_early_nor_recover_live_tasks(
-    store: TaskStore, spawn_worker: Spawn
+    store: Store, spawn_worker: Spawn
 ) -> None:
     # Busy with one long task, so the due task below must go to a skewed worker.
     honest = spawn_worker(concurrency=1, foo_seconds=8.0)
@@ -213,7 +212,7 @@ async def test_skewed_clocks_neither_start_early_nor_recover_live_tasks(
     behind = spawn_worker(concurrency=2, clock_skew=-600)
     for worker in (ahead, behind):
         await wait_until_started(worker)
-    future = await store.create(
+    future = await store.tasks.create(
         task_type=TaskType.BAZ, run_at=store.clock.now() + timedelta(minutes=5), max_attempts=1
     )
     due = (await create_many(store, [TaskType.BAZ]))[0]
@@ -226,14 +225,14 @@ async def test_skewed_clocks_neither_start_early_nor_recover_live_tasks(
     assert done.attempts == 1
     assert done.errors == ()
     assert done.worker == honest.worker_id
-    assert (await store.get(future.id)).state is State.NOTSTARTED
+    assert (await store.tasks.get(future.id)).state is State.NOTSTARTED
     for worker in (ahead, behind):
         assert "off the database clock by" in worker.stderr()
         assert "recovered" not in worker.stderr()
 
 
 async def test_bar_retries_with_backoff_then_completes(
-    store: TaskStore, spawn_worker: Spawn, http_stub: StubHttpServer
+    store: Store, spawn_worker: Spawn, http_stub: StubHttpServer
 ) -> None:
     http_stub.drop_first = 2
     http_stub.status = 500
@@ -250,7 +249,7 @@ async def test_bar_retries_with_backoff_then_completes(
 
 
 async def test_bar_that_never_answers_fails_after_max_attempts(
-    store: TaskStore, spawn_worker: Spawn, http_stub: StubHttpServer
+    store: Store, spawn_worker: Spawn, http_stub: StubHttpServer
 ) -> None:
     http_stub.hang = True
     spawn_worker(bar_url=http_stub.url, bar_timeout=0.3)

@@ -8,30 +8,31 @@ from datetime import timedelta
 from typing import Any
 
 from service.models import TaskType
-from service.retention import Retention
-from service.store import RETENTION_INDEX, TaskStore
+from service.store import Store
+from service.store.retention import RETENTION_INDEX
+from service.worker.retention import Retention
 from tests.conftest import WorkerProcess, eventually, wait_until_started
 
 
-async def index(store: TaskStore) -> dict[str, Any] | None:
-    info: dict[str, Any] | None = (await store.tasks.index_information()).get(RETENTION_INDEX)
+async def index(store: Store) -> dict[str, Any] | None:
+    info: dict[str, Any] | None = (await store.db.tasks.index_information()).get(RETENTION_INDEX)
     return info
 
 
-async def test_the_ttl_index_follows_the_setting(store: TaskStore) -> None:
+async def test_the_ttl_index_follows_the_setting(store: Store) -> None:
     # An index of another shape under the name (an earlier build's) is made anew.
-    await store.tasks.create_index("finished_at", name=RETENTION_INDEX, expireAfterSeconds=9)
-    assert await store.ensure_retention(3600) == "created"
+    await store.db.tasks.create_index("finished_at", name=RETENTION_INDEX, expireAfterSeconds=9)
+    assert await store.retention.ensure(3600) == "created"
     assert (await index(store) or {})["expireAfterSeconds"] == 3600
-    assert await store.ensure_retention(3600) == "kept"
-    assert await store.ensure_retention(60) == "changed"
+    assert await store.retention.ensure(3600) == "kept"
+    assert await store.retention.ensure(60) == "changed"
     assert (await index(store) or {})["expireAfterSeconds"] == 60
-    assert await store.ensure_retention(0) == "dropped"
+    assert await store.retention.ensure(0) == "dropped"
     assert await index(store) is None
-    assert await store.ensure_retention(0) == "none"
+    assert await store.retention.ensure(0) == "none"
 
 
-async def test_the_sweep_deletes_only_tasks_finished_long_enough_ago(store: TaskStore) -> None:
+async def test_the_sweep_deletes_only_tasks_finished_long_enough_ago(store: Store) -> None:
     now = store.clock.now()
     old = now - timedelta(hours=2)
     finished = [
@@ -39,46 +40,46 @@ async def test_the_sweep_deletes_only_tasks_finished_long_enough_ago(store: Task
         for state in ("COMPLETE", "FAILED")
         for _ in range(3)
     ]
-    await store.tasks.insert_many(finished)
-    recent = await store.create(task_type=TaskType.BAZ, run_at=None, max_attempts=1)
-    await store.tasks.update_one(
+    await store.db.tasks.insert_many(finished)
+    recent = await store.tasks.create(task_type=TaskType.BAZ, run_at=None, max_attempts=1)
+    await store.db.tasks.update_one(
         {"_id": recent.key}, {"$set": {"state": "COMPLETE", "finished_at": now}}
     )
-    waiting = await store.create(task_type=TaskType.FOO, run_at=old, max_attempts=1)
+    waiting = await store.tasks.create(task_type=TaskType.FOO, run_at=old, max_attempts=1)
     # Waiting, yet with a finished_at (a person or a migration wrote it): not finished work.
     odd = {"state": "NOTSTARTED", "type": "baz", "run_at": old, "finished_at": old}
-    odd_key = (await store.tasks.insert_one(odd)).inserted_id
+    odd_key = (await store.db.tasks.insert_one(odd)).inserted_id
 
     sweep = Retention(store, retention=3600, grace=0)
     assert await sweep.run_once() == 6
     assert await sweep.run_once() == 0
-    left = {str(doc["_id"]) async for doc in store.tasks.find({})}
+    left = {str(doc["_id"]) async for doc in store.db.tasks.find({})}
     assert left == {recent.id, waiting.id, str(odd_key)}
     assert await Retention(store, retention=0).run_once() == 0
 
 
-async def test_the_servers_ttl_monitor_expires_finished_tasks(store: TaskStore) -> None:
+async def test_the_servers_ttl_monitor_expires_finished_tasks(store: Store) -> None:
     # The real thing, not our sweep: MongoDB's and SecantusDB's monitors run about once a
     # minute, so this waits up to two sweeps.
-    done = await store.create(task_type=TaskType.BAZ, run_at=None, max_attempts=1)
+    done = await store.tasks.create(task_type=TaskType.BAZ, run_at=None, max_attempts=1)
     now = store.clock.now()
-    await store.tasks.update_one(
+    await store.db.tasks.update_one(
         {"_id": done.key}, {"$set": {"state": "COMPLETE", "finished_at": now}}
     )
-    waiting = await store.create(task_type=TaskType.BAZ, run_at=None, max_attempts=1)
-    await store.tasks.update_one({"_id": waiting.key}, {"$set": {"finished_at": now}})
+    waiting = await store.tasks.create(task_type=TaskType.BAZ, run_at=None, max_attempts=1)
+    await store.db.tasks.update_one({"_id": waiting.key}, {"$set": {"finished_at": now}})
     await Retention(store, retention=1).ensure()
 
     async def expired() -> bool:
-        return await store.tasks.count_documents({"_id": done.key}) == 0
+        return await store.db.tasks.count_documents({"_id": done.key}) == 0
 
     await eventually(expired, within=150, interval=1.0)
     # Only finished tasks expire, whatever else carries a finished_at.
-    assert await store.tasks.count_documents({"_id": waiting.key}) == 1
+    assert await store.db.tasks.count_documents({"_id": waiting.key}) == 1
 
 
 async def test_a_worker_sets_the_ttl_index_from_its_setting(
-    store: TaskStore, spawn_worker: Callable[..., WorkerProcess]
+    store: Store, spawn_worker: Callable[..., WorkerProcess]
 ) -> None:
     worker = spawn_worker(retention=120)
     await wait_until_started(worker)

@@ -23,17 +23,13 @@ import pytest
 from aiohttp.test_utils import TestClient
 from pymongo.errors import DuplicateKeyError
 
-from service.app import create_app
 from service.config import Settings
 from service.models import Schedule, State, Task
-from service.scheduler import Scheduler
-from service.store import (
-    OCCURRENCE_INDEX,
-    TaskStore,
-    Timing,
-    latest_occurrence,
-    next_occurrence,
-)
+from service.store import Store
+from service.store.occurrences import Timing, latest_occurrence, next_occurrence
+from service.store.schedules import OCCURRENCE_INDEX
+from service.web.app import create_app
+from service.worker.schedules import Scheduler
 from tests.conftest import (
     WorkerProcess,
     all_tasks,
@@ -218,7 +214,7 @@ async def test_schedule_lifecycle_through_the_api(api: TestClient[Any, Any]) -> 
 
 
 async def test_schedule_writes_need_a_token(
-    settings: Settings, store: TaskStore, aiohttp_client: Any
+    settings: Settings, store: Store, aiohttp_client: Any
 ) -> None:
     guarded = dataclasses.replace(settings, api_tokens=("s3cret",))
     client = await aiohttp_client(create_app(guarded))
@@ -237,20 +233,20 @@ async def test_schedule_writes_need_a_token(
 # -- the schedule job, one round at a time -----------------------------------------------------
 
 
-async def _overdue(store: TaskStore, missed: str, *, by: float, every: float = 1) -> Schedule:
+async def _overdue(store: Store, missed: str, *, by: float, every: float = 1) -> Schedule:
     """An `every`-second schedule whose first occurrence was `by` seconds ago (in the future
     if negative) and never made."""
-    schedule = await store.create_schedule(template=FOO, timing=Timing(every=every, missed=missed))
+    schedule = await store.schedules.create(template=FOO, timing=Timing(every=every, missed=missed))
     anchor = store.clock.surely_now() - timedelta(seconds=by)
-    await store.schedules.update_one(
+    await store.db.schedules.update_one(
         {"_id": schedule.key}, {"$set": {"anchor": anchor, "next_at": anchor}}
     )
-    found = await store.get_schedule(schedule.id)
+    found = await store.schedules.get(schedule.id)
     assert found is not None
     return found
 
 
-async def _tasks_of(store: TaskStore, schedule: Schedule) -> list[Task]:
+async def _tasks_of(store: Store, schedule: Schedule) -> list[Task]:
     return sorted(
         (t for t in await all_tasks(store) if t.schedule_id == schedule.id),
         key=lambda t: t.occurrence or datetime.min.replace(tzinfo=UTC),
@@ -273,7 +269,7 @@ def _made_ahead(tasks: list[Task], job: Scheduler) -> None:
         assert task.created_at < task.occurrence <= task.created_at + job.lookahead
 
 
-async def test_missed_occurrences_latest_once_or_none(store: TaskStore) -> None:
+async def test_missed_occurrences_latest_once_or_none(store: Store) -> None:
     latest = await _overdue(store, "latest", by=10.5)
     skip = await _overdue(store, "skip", by=10.5)
     job = Scheduler(store, interval=0.2)
@@ -294,7 +290,7 @@ async def test_missed_occurrences_latest_once_or_none(store: TaskStore) -> None:
     assert created == len(made) + len(made_skip)
     # Each schedule moved on past what it made; a second round makes no missed one again.
     for schedule, tasks in ((latest, made), (skip, made_skip)):
-        moved = await store.get_schedule(schedule.id)
+        moved = await store.schedules.get(schedule.id)
         assert moved is not None and tasks[-1].occurrence is not None
         assert moved.next_at == tasks[-1].occurrence + timedelta(seconds=1)
     await job.run_once()
@@ -305,7 +301,7 @@ async def test_missed_occurrences_latest_once_or_none(store: TaskStore) -> None:
     assert all(t.occurrence is not None and t.occurrence > missed for t in again[1:])
 
 
-async def test_racing_jobs_make_one_task_per_occurrence(store: TaskStore) -> None:
+async def test_racing_jobs_make_one_task_per_occurrence(store: Store) -> None:
     schedules = [await _overdue(store, "latest", by=0.2) for _ in range(5)]
     jobs = [Scheduler(store, interval=0.2) for _ in range(4)]
     created = await asyncio.gather(*(job.run_once() for job in jobs for _ in range(3)))
@@ -319,23 +315,23 @@ async def test_racing_jobs_make_one_task_per_occurrence(store: TaskStore) -> Non
     assert sum(created) == total
     # The unique index itself refuses a second task for an occurrence.
     with pytest.raises(DuplicateKeyError):
-        await store.tasks.insert_one(
+        await store.db.tasks.insert_one(
             {"schedule_id": made[0].schedule_id, "occurrence": made[0].occurrence}
         )
-    indexes = await store.tasks.index_information()
+    indexes = await store.db.tasks.index_information()
     assert indexes[OCCURRENCE_INDEX]["unique"] is True
     # Tasks made without a schedule are outside the partial index.
     for _ in range(2):
-        await store.create(task_type="foo", run_at=None, max_attempts=1)
+        await store.tasks.create(task_type="foo", run_at=None, max_attempts=1)
 
 
-async def test_paused_schedule_makes_nothing_until_resumed(store: TaskStore) -> None:
+async def test_paused_schedule_makes_nothing_until_resumed(store: Store) -> None:
     schedule = await _overdue(store, "latest", by=5.5)
-    await store.pause_schedule(schedule.id, paused=True)
+    await store.schedules.pause(schedule.id, paused=True)
     job = Scheduler(store, interval=0.2)
     assert await job.run_once() == 0
     assert await _tasks_of(store, schedule) == []
-    await store.pause_schedule(schedule.id, paused=False)
+    await store.schedules.pause(schedule.id, paused=False)
     created = await job.run_once()
     made = await _tasks_of(store, schedule)
     assert schedule.next_at is not None
@@ -345,14 +341,14 @@ async def test_paused_schedule_makes_nothing_until_resumed(store: TaskStore) -> 
     assert created == len(made) >= 2
 
 
-async def test_deleted_schedule_makes_nothing_more(store: TaskStore) -> None:
+async def test_deleted_schedule_makes_nothing_more(store: Store) -> None:
     schedule = await _overdue(store, "latest", by=3.5)
-    assert await store.delete_schedule(schedule.id)
+    assert await store.schedules.delete(schedule.id)
     assert await Scheduler(store, interval=0.2).run_once() == 0
     assert await _tasks_of(store, schedule) == []
 
 
-async def _made_ahead_and_due(store: TaskStore, job: Scheduler) -> tuple[Schedule, list[Task]]:
+async def _made_ahead_and_due(store: Store, job: Scheduler) -> tuple[Schedule, list[Task]]:
     """An every-3s schedule after one round (looking 5.4 s ahead) made its occurrences 4.5 s
     and 1.5 s ago (due, the first of them claimed: STARTED) and those 1.5 s and 4.5 s ahead
     (waiting)."""
@@ -361,25 +357,25 @@ async def _made_ahead_and_due(store: TaskStore, job: Scheduler) -> tuple[Schedul
     made = await _tasks_of(store, schedule)
     _consecutive(schedule.next_at, made, step=3)
     assert len(made) == 4, made
-    started = await store.claim("w", lease="l")
+    started = await store.claims.claim("w", lease="l")
     assert started is not None and started.id == made[0].id
     return schedule, made
 
 
-async def test_pause_and_delete_withdraw_only_the_tasks_not_yet_due(store: TaskStore) -> None:
+async def test_pause_and_delete_withdraw_only_the_tasks_not_yet_due(store: Store) -> None:
     job = Scheduler(store, interval=4)  # makes tasks up to 5.4 s ahead
     schedule, made = await _made_ahead_and_due(store, job)
     await _made_ahead_and_due(store, job)  # another schedule's
-    plain = await store.create(
+    plain = await store.tasks.create(
         task_type="foo", run_at=store.clock.now() + timedelta(minutes=1), max_attempts=1
     )
     others = {t.id: t for t in await all_tasks(store) if t.schedule_id != schedule.id}
     ahead = made[2].occurrence
 
     # Pausing removes the two ahead and moves next_at back to the first of them.
-    paused = await store.pause_schedule(schedule.id, paused=True)
+    paused = await store.schedules.pause(schedule.id, paused=True)
     assert paused is not None and paused.paused and paused.next_at == ahead
-    stored = await store.get_schedule(schedule.id)
+    stored = await store.schedules.get(schedule.id)
     assert stored == paused
     kept = await _tasks_of(store, schedule)
     assert [(t.id, t.state) for t in kept] == [
@@ -389,14 +385,14 @@ async def test_pause_and_delete_withdraw_only_the_tasks_not_yet_due(store: TaskS
     assert await job.run_once() == 0
     assert await _tasks_of(store, schedule) == kept
     # Resuming continues from there: the same occurrences are made again, once each.
-    await store.pause_schedule(schedule.id, paused=False)
+    await store.schedules.pause(schedule.id, paused=False)
     assert await job.run_once() == 2
     again = await _tasks_of(store, schedule)
     _consecutive(schedule.next_at, again, step=3)
     assert len(again) == 4 and again[:2] == kept
 
     # Deleting removes the ahead ones again, and leaves the due and the running one.
-    assert await store.delete_schedule(schedule.id)
+    assert await store.schedules.delete(schedule.id)
     assert [t.id for t in await _tasks_of(store, schedule)] == [t.id for t in kept]
     # Nothing else was touched: another schedule's tasks, a task made through the API.
     assert {t.id: t for t in await all_tasks(store) if t.schedule_id != schedule.id} == others
@@ -404,7 +400,7 @@ async def test_pause_and_delete_withdraw_only_the_tasks_not_yet_due(store: TaskS
 
 
 async def test_a_round_that_read_the_schedule_before_a_pause_or_delete(
-    store: TaskStore,
+    store: Store,
 ) -> None:
     """A worker's round reads a schedule, the schedule is paused (or deleted) and its ahead
     tasks withdrawn, then the round inserts the task of the occurrence it read: its advance,
@@ -413,29 +409,29 @@ async def test_a_round_that_read_the_schedule_before_a_pause_or_delete(
     for stop in ("pause", "delete"):
         schedule = await _overdue(store, "latest", by=-1.5, every=60)
         now = store.clock.surely_now()
-        (read,) = await store.due_schedules(now=now + job.lookahead, limit=10)
+        (read,) = await store.schedules.due(now=now + job.lookahead, limit=10)
         if stop == "pause":
-            assert await store.pause_schedule(schedule.id, paused=True) is not None
+            assert await store.schedules.pause(schedule.id, paused=True) is not None
         else:
-            assert await store.delete_schedule(schedule.id)
+            assert await store.schedules.delete(schedule.id)
         assert await job.materialise(read, now) == 0
         assert await _tasks_of(store, schedule) == []
         if stop == "pause":
-            stored = await store.get_schedule(schedule.id)
+            stored = await store.schedules.get(schedule.id)
             assert stored is not None and stored.next_at == schedule.next_at
-            await store.pause_schedule(schedule.id, paused=False)
+            await store.schedules.pause(schedule.id, paused=False)
             assert await job.run_once() == 1
             (made,) = await _tasks_of(store, schedule)
             assert made.occurrence == schedule.next_at
-            assert await store.delete_schedule(schedule.id)
+            assert await store.schedules.delete(schedule.id)
     # Rounds racing on an active schedule: one's insert is refused and the other's advance,
     # and the task that stands is not withdrawn.
     schedule = await _overdue(store, "latest", by=-1.5, every=60)
     now = store.clock.surely_now()
-    (read,) = await store.due_schedules(now=now + job.lookahead, limit=10)
+    (read,) = await store.schedules.due(now=now + job.lookahead, limit=10)
     assert read.next_at is not None
     following = next_occurrence(read, read.next_at, inclusive=False)
-    assert await store.advance_schedule(read, to=following, now=now)  # the other's advance
+    assert await store.schedules.advance(read, to=following, now=now)  # the other's advance
     assert await job.materialise(read, now) == 1  # this one's insert stands
     assert await Scheduler(store, interval=2).materialise(read, now) == 0  # a third: refused
     (made,) = await _tasks_of(store, schedule)
@@ -446,7 +442,7 @@ async def test_a_round_that_read_the_schedule_before_a_pause_or_delete(
 
 
 @pytest.fixture
-def two_apis(settings: Settings, store: TaskStore, tmp_path: Path) -> Iterator[list[ApiProcess]]:
+def two_apis(settings: Settings, store: Store, tmp_path: Path) -> Iterator[list[ApiProcess]]:
     servers = [ApiProcess(settings, tmp_path / f"api{i}.log") for i in range(2)]
     yield servers
     for server in servers:
@@ -472,7 +468,7 @@ def _check_once_each(tasks: list[Task], *, lookahead: timedelta) -> None:
 
 
 async def test_fleet_makes_exactly_one_task_per_occurrence(
-    store: TaskStore,
+    store: Store,
     two_apis: list[ApiProcess],
     spawn_worker: Callable[..., WorkerProcess],
 ) -> None:
@@ -526,7 +522,7 @@ ON_TIME = timedelta(seconds=0.5)
 
 
 async def test_tasks_made_ahead_start_on_time_through_pause_resume_and_delete(
-    store: TaskStore,
+    store: Store,
     api: TestClient[Any, Any],
     spawn_worker: Callable[..., WorkerProcess],
 ) -> None:
@@ -630,10 +626,10 @@ SKIPPED = re.compile(r"schedule (\w+): missed occurrences from (\S+) to (\S+) sk
 
 
 async def test_missed_occurrences_after_the_whole_fleet_was_down(
-    store: TaskStore, spawn_worker: Callable[..., WorkerProcess]
+    store: Store, spawn_worker: Callable[..., WorkerProcess]
 ) -> None:
-    latest = await store.create_schedule(template=FOO, timing=Timing(every=1))
-    skip = await store.create_schedule(template=FOO, timing=Timing(every=1, missed="skip"))
+    latest = await store.schedules.create(template=FOO, timing=Timing(every=1))
+    skip = await store.schedules.create(template=FOO, timing=Timing(every=1, missed="skip"))
     fleet = [spawn_worker(**FAST) for _ in range(3)]
     # Each worker up (its signal handlers set) before the SIGTERM: the first one up makes
     # the first tasks ahead at once.
@@ -650,7 +646,7 @@ async def test_missed_occurrences_after_the_whole_fleet_was_down(
         assert worker.wait() == 0, worker.stderr()
     first_missed = {}
     for schedule in (latest, skip):
-        stored = await store.get_schedule(schedule.id)
+        stored = await store.schedules.get(schedule.id)
         assert stored is not None and stored.next_at is not None
         first_missed[schedule.id] = stored.next_at
     before = {s.id: len(await _tasks_of(store, s)) for s in (latest, skip)}
@@ -687,12 +683,12 @@ async def test_missed_occurrences_after_the_whole_fleet_was_down(
     assert survivor.wait() == 0, survivor.stderr()
 
 
-async def test_task_runner_schedules_lists_them(settings: Settings, store: TaskStore) -> None:
-    every = await store.create_schedule(template=FOO, timing=Timing(every=60))
-    cron = await store.create_schedule(
+async def test_task_runner_schedules_lists_them(settings: Settings, store: Store) -> None:
+    every = await store.schedules.create(template=FOO, timing=Timing(every=60))
+    cron = await store.schedules.create(
         template=FOO, timing=Timing(cron="0 9 * * 1-5", timezone="Europe/Paris", missed="skip")
     )
-    await store.pause_schedule(cron.id, paused=True)
+    await store.schedules.pause(cron.id, paused=True)
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -713,7 +709,7 @@ async def test_task_runner_schedules_lists_them(settings: Settings, store: TaskS
     assert lines[3] == "2 schedule(s)"
 
 
-async def test_occurrences_found_late_by_a_round_are_each_made(store: TaskStore) -> None:
+async def test_occurrences_found_late_by_a_round_are_each_made(store: Store) -> None:
     schedule = await _overdue(store, "skip", by=1.5)
     job = Scheduler(store, interval=0.5)  # late after 2 s: the two past ones are on time
     created = await job.run_once()

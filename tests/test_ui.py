@@ -25,13 +25,13 @@ from aiohttp.test_utils import TestClient
 from bson import ObjectId
 from playwright.async_api import Browser, BrowserContext, Page, Route, async_playwright
 
-import service.ui
-from service.app import create_app
+import service.web.ui
 from service.config import Settings
-from service.feed import TaskFeed
 from service.localdb import free_port
-from service.store import TaskStore
-from service.ui import FEED
+from service.store import Store
+from service.web.app import create_app
+from service.web.feed import TaskFeed
+from service.web.ui import FEED
 from tests.conftest import StubHttpServer, WorkerProcess, eventually, settings_env
 
 Client = TestClient[Any, Any]
@@ -51,7 +51,7 @@ SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "dashboard.png"
 TOKEN = "t0ken-for-the-dashboard"
 
 
-async def failed_task(store: TaskStore, **fields: Any) -> str:
+async def failed_task(store: Store, **fields: Any) -> str:
     """A FAILED task written directly, with one failed attempt."""
     now = datetime.now(UTC)
     doc = {
@@ -68,11 +68,11 @@ async def failed_task(store: TaskStore, **fields: Any) -> str:
         "errors": [{"attempt": 1, "error": "HTTP 418", "at": now, "worker": "pod-1:7"}],
         **fields,
     }
-    await store.tasks.insert_one(doc)
+    await store.db.tasks.insert_one(doc)
     return str(doc["_id"])
 
 
-async def stale_task(store: TaskStore, *, attempts: int, max_attempts: int) -> str:
+async def stale_task(store: Store, *, attempts: int, max_attempts: int) -> str:
     """A STARTED task whose worker went silent a minute ago."""
     long_ago = datetime.now(UTC) - timedelta(minutes=1)
     doc = {
@@ -88,7 +88,7 @@ async def stale_task(store: TaskStore, *, attempts: int, max_attempts: int) -> s
         "lease": "lost-lease",
         "worker": "gone-host:1",
     }
-    await store.tasks.insert_one(doc)
+    await store.db.tasks.insert_one(doc)
     return str(doc["_id"])
 
 
@@ -96,7 +96,7 @@ async def stale_task(store: TaskStore, *, attempts: int, max_attempts: int) -> s
 
 
 async def test_requeue_puts_a_failed_task_back_and_refuses_others(
-    api: Client, store: TaskStore
+    api: Client, store: Store
 ) -> None:
     task_id = await failed_task(store)
     response = await api.post(f"/tasks/{task_id}/requeue")
@@ -104,7 +104,7 @@ async def test_requeue_puts_a_failed_task_back_and_refuses_others(
     body = await response.json()
     assert (body["id"], body["state"], body["attempts"]) == (task_id, "NOTSTARTED", 0)
     assert len(body["errors"]) == 1  # the history stays
-    doc = await store.tasks.find_one({"_id": ObjectId(task_id)})
+    doc = await store.db.tasks.find_one({"_id": ObjectId(task_id)})
     assert doc is not None and doc["state"] == "NOTSTARTED"
 
     again = await api.post(f"/tasks/{task_id}/requeue")
@@ -119,7 +119,7 @@ async def test_requeue_puts_a_failed_task_back_and_refuses_others(
 
 
 async def test_recover_answers_which_tasks_went_back_and_which_failed(
-    api: Client, store: TaskStore
+    api: Client, store: Store
 ) -> None:
     back = await stale_task(store, attempts=1, max_attempts=3)
     out = await stale_task(store, attempts=3, max_attempts=3)
@@ -130,20 +130,20 @@ async def test_recover_answers_which_tasks_went_back_and_which_failed(
     assert body["requeued"] == [back]
     assert body["failed"] == [out]
     assert body["not_recovered"] == []
-    states = {str(d["_id"]): d["state"] async for d in store.tasks.find({})}
+    states = {str(d["_id"]): d["state"] async for d in store.db.tasks.find({})}
     assert states == {back: "NOTSTARTED", out: "FAILED"}
     empty = await (await api.post("/recover")).json()
     assert (empty["found"], empty["requeued"], empty["failed"]) == (0, [], [])
 
 
-async def test_stats_summarise_the_queue(api: Client, store: TaskStore) -> None:
+async def test_stats_summarise_the_queue(api: Client, store: Store) -> None:
     for task_type in ("foo", "foo", "bar"):
         assert (await api.post("/tasks", json={"type": task_type})).status == 201
     later = {"type": "baz", "run_at": "2999-01-01T00:00:00Z"}
     assert (await api.post("/tasks", json=later)).status == 201
     failed = await failed_task(store)
     stale = await stale_task(store, attempts=1, max_attempts=3)
-    await store.tasks.insert_one({"_id": ObjectId(), "state": 7, "type": "foo"})  # unreadable
+    await store.db.tasks.insert_one({"_id": ObjectId(), "state": 7, "type": "foo"})  # unreadable
     await asyncio.sleep(0.05)
     body = await (await api.get("/stats")).json()
     assert body["total"] == 7
@@ -160,7 +160,7 @@ async def test_stats_summarise_the_queue(api: Client, store: TaskStore) -> None:
 
 
 async def test_actions_need_a_token_and_the_page_does_not(
-    settings: Settings, store: TaskStore, aiohttp_client: MakeClient
+    settings: Settings, store: Store, aiohttp_client: MakeClient
 ) -> None:
     guarded = dataclasses.replace(settings, api_tokens=("s3cret",), auth_reads=True)
     client = await aiohttp_client(create_app(guarded))
@@ -203,7 +203,7 @@ async def read_events(response: Any, count: int, *, within: float = 10.0) -> lis
 
 @pytest.mark.parametrize("change_streams", [True, False], ids=["change-stream", "polling"])
 async def test_events_follow_task_changes(
-    settings: Settings, store: TaskStore, aiohttp_client: MakeClient, change_streams: bool
+    settings: Settings, store: Store, aiohttp_client: MakeClient, change_streams: bool
 ) -> None:
     client = await aiohttp_client(
         create_app(dataclasses.replace(settings, change_streams=change_streams))
@@ -216,8 +216,8 @@ async def test_events_follow_task_changes(
     if change_streams:
         [event] = await read_events(response, 1)
         assert event == {"op": "insert", "id": created["id"], "state": "NOTSTARTED", "type": "foo"}
-        await store.tasks.update_one({"_id": ObjectId(created["id"])}, {"$set": {"worker": "x"}})
-        await store.tasks.update_one(
+        await store.db.tasks.update_one({"_id": ObjectId(created["id"])}, {"$set": {"worker": "x"}})
+        await store.db.tasks.update_one(
             {"_id": ObjectId(created["id"])}, {"$set": {"state": "STARTED"}}
         )
         [event] = await read_events(response, 1)  # the first update changed no state
@@ -231,9 +231,9 @@ async def test_events_follow_task_changes(
 
 
 async def test_an_event_stream_ends_when_the_client_leaves_and_at_shutdown(
-    settings: Settings, store: TaskStore, aiohttp_client: MakeClient, monkeypatch: Any
+    settings: Settings, store: Store, aiohttp_client: MakeClient, monkeypatch: Any
 ) -> None:
-    monkeypatch.setattr(service.ui, "KEEPALIVE", 0.1)
+    monkeypatch.setattr(service.web.ui, "KEEPALIVE", 0.1)
     client = await aiohttp_client(create_app(settings))
     assert client.app is not None
     feed: TaskFeed = client.app[FEED]
@@ -258,7 +258,7 @@ async def test_an_event_stream_ends_when_the_client_leaves_and_at_shutdown(
 
 
 async def test_an_event_stream_ends_before_the_request_timeout(
-    settings: Settings, store: TaskStore, aiohttp_client: MakeClient
+    settings: Settings, store: Store, aiohttp_client: MakeClient
 ) -> None:
     client = await aiohttp_client(create_app(dataclasses.replace(settings, request_timeout=1.0)))
     response = await client.get("/events")
@@ -339,7 +339,7 @@ class Stack:
 
 @pytest.fixture
 async def stack(
-    settings: Settings, store: TaskStore, http_stub: StubHttpServer, tmp_path: Path
+    settings: Settings, store: Store, http_stub: StubHttpServer, tmp_path: Path
 ) -> AsyncIterator[Stack]:
     """API (with tokens) + one worker + headless Chromium cut off from all but the API."""
     env = settings_env(
@@ -450,7 +450,7 @@ async def test_the_dashboard_follows_tasks_live_and_shows_the_fleet(stack: Stack
     await page.screenshot(path=str(SCREENSHOT), full_page=True)
 
 
-async def test_requeue_and_delete_from_the_page(stack: Stack, store: TaskStore) -> None:
+async def test_requeue_and_delete_from_the_page(stack: Stack, store: Store) -> None:
     stack.stub.drop_first = 1  # the first request goes unanswered, the next gets a 418
     status, failing = stack.api.call("POST", "/tasks", {"type": "bar", "max_attempts": 1})
     assert status == 201
@@ -484,7 +484,7 @@ async def test_requeue_and_delete_from_the_page(stack: Stack, store: TaskStore) 
     await page.click("#detail-delete")
     await page.wait_for_selector("#detail-gone")
     assert stack.api.call("GET", f"/tasks/{waiting['id']}")[0] == 404
-    assert await store.tasks.count_documents({"_id": ObjectId(waiting["id"])}) == 0
+    assert await store.db.tasks.count_documents({"_id": ObjectId(waiting["id"])}) == 0
 
 
 WEEKDAYS_IN_PARIS = {"type": "baz", "cron": "30 9 * * 1-5", "timezone": "Europe/Paris"}
@@ -539,7 +539,7 @@ async def test_schedules_show_and_pause_resume_and_delete_from_the_page(stack: S
     await page.wait_for_selector("#schedule-count:text-is('(1, 0 paused)')")
 
 
-async def test_what_tasks_hold_is_shown_as_text(stack: Stack, store: TaskStore) -> None:
+async def test_what_tasks_hold_is_shown_as_text(stack: Stack, store: Store) -> None:
     hostile = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script>'
     task_id = await failed_task(store, output=hostile, error=hostile, type="foo")
     page = await open_dashboard(stack)

@@ -24,12 +24,12 @@ from openapi_schema_validator import OAS30Validator
 from pymongo import AsyncMongoClient, MongoClient, monitoring
 
 import service.store
-from service.api import OPENAPI, TASK_FEED
-from service.app import create_app
 from service.config import Settings
-from service.feed import TaskFeed
 from service.models import Task
-from service.store import TaskStore
+from service.store import Store
+from service.web.api import OPENAPI, TASK_FEED
+from service.web.app import create_app
+from service.web.feed import TaskFeed
 from tests.conftest import StubHttpServer, WorkerProcess, eventually, wait_until_started
 from tests.test_api_fuzz import DIGITS_TEXT, FUZZ, LiveApi, resolve
 from tests.test_ui import failed_task
@@ -54,7 +54,7 @@ async def create(client: Client, **body: Any) -> str:
     return str((await response.json())["id"])
 
 
-async def waiting_task(store: TaskStore) -> str:
+async def waiting_task(store: Store) -> str:
     """A NOTSTARTED task due far in the future: nothing will change it."""
     now = datetime.now(UTC)
     doc = {
@@ -66,7 +66,7 @@ async def waiting_task(store: TaskStore) -> str:
         "attempts": 0,
         "max_attempts": 3,
     }
-    await store.tasks.insert_one(doc)
+    await store.db.tasks.insert_one(doc)
     return str(doc["_id"])
 
 
@@ -94,7 +94,7 @@ def feed_of(client: Client) -> TaskFeed:
 @MODES
 async def test_a_wait_answers_as_soon_as_the_task_completes_or_fails(
     modes: Callable[..., Awaitable[Client]],
-    store: TaskStore,
+    store: Store,
     spawn_worker: Callable[..., WorkerProcess],
     http_stub: StubHttpServer,
     change_streams: bool,
@@ -123,7 +123,7 @@ async def test_a_wait_answers_as_soon_as_the_task_completes_or_fails(
     assert feed_of(client).waiters == 0
 
 
-async def test_a_failed_task_answers_at_once(api: Client, store: TaskStore) -> None:
+async def test_a_failed_task_answers_at_once(api: Client, store: Store) -> None:
     task_id = await failed_task(store)
     status, body, seconds = await timed_get(api, f"/tasks/{task_id}?wait=10")
     assert (status, body["state"], body["error"]) == (200, "FAILED", "HTTP 418")
@@ -135,7 +135,7 @@ async def test_a_failed_task_answers_at_once(api: Client, store: TaskStore) -> N
 
 @MODES
 async def test_a_wait_that_times_out_answers_the_current_state(
-    modes: Callable[..., Awaitable[Client]], store: TaskStore, change_streams: bool
+    modes: Callable[..., Awaitable[Client]], store: Store, change_streams: bool
 ) -> None:
     client = await modes(change_streams)
     task_id = await create(client, type="foo", run_at=LATER)
@@ -145,7 +145,7 @@ async def test_a_wait_that_times_out_answers_the_current_state(
     # "Current": what the task is at the end of the wait, not what it was at its start.
     waiting = asyncio.create_task(timed_get(client, f"/tasks/{task_id}?wait=1"))
     await eventually(lambda: _true(feed_of(client).waiters == 1), within=5)
-    await store.tasks.update_one({"_id": ObjectId(task_id)}, {"$set": {"worker": "someone"}})
+    await store.db.tasks.update_one({"_id": ObjectId(task_id)}, {"$set": {"worker": "someone"}})
     status, body, seconds = await waiting
     assert (status, body["state"], body["worker"]) == (200, "NOTSTARTED", "someone")
 
@@ -156,7 +156,7 @@ async def _true(value: bool) -> bool:
 
 @MODES
 async def test_a_task_deleted_during_the_wait_is_404(
-    modes: Callable[..., Awaitable[Client]], store: TaskStore, change_streams: bool
+    modes: Callable[..., Awaitable[Client]], store: Store, change_streams: bool
 ) -> None:
     client = await modes(change_streams)
     task_id = await create(client, type="foo", run_at=LATER)
@@ -173,7 +173,7 @@ async def test_a_task_deleted_during_the_wait_is_404(
 
 
 async def test_a_wait_ends_before_the_request_timeout(
-    modes: Callable[..., Awaitable[Client]], store: TaskStore
+    modes: Callable[..., Awaitable[Client]], store: Store
 ) -> None:
     client = await modes(True, request_timeout=2.0)
     task_id = await waiting_task(store)
@@ -182,7 +182,7 @@ async def test_a_wait_ends_before_the_request_timeout(
     assert 1.4 < seconds < 2.0, seconds  # cut to the timeout minus a quarter of it
 
 
-async def test_a_client_that_leaves_leaves_nothing_behind(api: Client, store: TaskStore) -> None:
+async def test_a_client_that_leaves_leaves_nothing_behind(api: Client, store: Store) -> None:
     feed = feed_of(api)
     feed.linger = 0.0
     task_id = await waiting_task(store)
@@ -197,7 +197,7 @@ async def test_a_client_that_leaves_leaves_nothing_behind(api: Client, store: Ta
 
 
 async def test_shutdown_ends_every_wait(
-    settings: Settings, store: TaskStore, aiohttp_client: MakeClient
+    settings: Settings, store: Store, aiohttp_client: MakeClient
 ) -> None:
     client = await aiohttp_client(create_app(settings))
     task_id = await waiting_task(store)
@@ -222,7 +222,7 @@ async def test_shutdown_ends_every_wait(
     ids=["change-stream-open", "change-stream-opening", "polling-opening"],
 )
 async def test_a_completion_just_after_the_first_read_is_not_missed(
-    store: TaskStore, change_streams: bool, already_watching: bool, monkeypatch: Any
+    store: Store, change_streams: bool, already_watching: bool, monkeypatch: Any
 ) -> None:
     # No poll comes within the test: only the stream, or the read when the watch opens.
     feed = TaskFeed(store, change_streams=change_streams, wait_poll_interval=30.0)
@@ -230,11 +230,11 @@ async def test_a_completion_just_after_the_first_read_is_not_missed(
     if already_watching:
         with feed.subscribe() as queue:
             assert await asyncio.wait_for(queue.get(), 10) == {"op": "open"}
-    real_get = store.get
+    real_get = store.tasks.get
 
     async def read_then_complete(wanted: str) -> Task:
         task = await real_get(wanted)  # NOTSTARTED
-        await store.tasks.update_one(
+        await store.db.tasks.update_one(
             {"_id": ObjectId(task_id)}, {"$set": {"state": "COMPLETE", "output": "done"}}
         )
         monkeypatch.setattr(store, "get", real_get)
@@ -253,7 +253,7 @@ async def test_a_completion_just_after_the_first_read_is_not_missed(
 
 
 async def test_polling_reads_a_new_waiters_task_within_the_wait_interval(
-    store: TaskStore,
+    store: Store,
 ) -> None:
     # The watch already polls (for the dashboard, every 30 s here): a waiter who joins does not
     # wait for that poll, but for one read within `wait_poll_interval`.
@@ -264,7 +264,7 @@ async def test_polling_reads_a_new_waiters_task_within_the_wait_interval(
             assert await asyncio.wait_for(queue.get(), 10) == {"op": "open"}
         waiting = asyncio.create_task(feed.wait_for(task_id, within=20))
         await eventually(lambda: _true(feed.waiters == 1), within=5)
-        await store.tasks.update_one({"_id": ObjectId(task_id)}, {"$set": {"state": "FAILED"}})
+        await store.db.tasks.update_one({"_id": ObjectId(task_id)}, {"$set": {"state": "FAILED"}})
         started = time.monotonic()
         assert (await waiting).state == "FAILED"
         assert time.monotonic() - started < 1.5
@@ -294,7 +294,7 @@ class Commands(monitoring.CommandListener):
 @MODES
 async def test_many_waiters_cost_a_bounded_number_of_commands(
     modes: Callable[..., Awaitable[Client]],
-    store: TaskStore,
+    store: Store,
     change_streams: bool,
     monkeypatch: Any,
 ) -> None:
@@ -333,7 +333,7 @@ async def test_many_waiters_cost_a_bounded_number_of_commands(
 # -- the parameter ----------------------------------------------------------------------------
 
 
-async def test_bad_wait_values_are_400(api: Client, store: TaskStore) -> None:
+async def test_bad_wait_values_are_400(api: Client, store: Store) -> None:
     task_id = await failed_task(store)
     for value in (
         "0",

@@ -19,15 +19,15 @@ from service.clock import DbClock
 from service.config import Settings
 from service.models import TaskType
 from service.plugins import load_registry
-from service.store import TaskStore, open_client
-from service.worker import Worker, http_session
+from service.store import Store, open_client
+from service.worker.worker import Worker, http_session
 from tests.conftest import WorkerProcess, eventually, wait_until_started
 
 SLOT = 0.150  # seconds between two tasks' run_at
 
 
 async def test_tasks_created_through_the_api_each_start_on_time(
-    api: TestClient[Any, Any], store: TaskStore, spawn_worker: Callable[..., WorkerProcess]
+    api: TestClient[Any, Any], store: Store, spawn_worker: Callable[..., WorkerProcess]
 ) -> None:
     # Forty tasks due 3 s ahead at 150 ms spacing, one idle worker (production poll
     # interval, so a task that waits for the safety poll shows). Accounting that drifted
@@ -44,10 +44,10 @@ async def test_tasks_created_through_the_api_each_start_on_time(
 
     async def all_complete() -> bool:
         assert worker.alive(), worker.stderr()
-        return await store.tasks.count_documents({"state": "COMPLETE"}) == count
+        return await store.db.tasks.count_documents({"state": "COMPLETE"}) == count
 
     await eventually(all_complete, within=30)
-    docs = [doc async for doc in store.tasks.find({}).sort("run_at", 1)]
+    docs = [doc async for doc in store.db.tasks.find({}).sort("run_at", 1)]
     lags = [(doc["started_at"] - doc["run_at"]).total_seconds() for doc in docs]
     print("lags (ms):", [round(lag * 1000) for lag in lags])
     assert all(lag >= 0 for lag in lags), lags
@@ -69,40 +69,40 @@ def malformed_waiting(now: datetime) -> list[dict[str, Any]]:
     ]
 
 
-async def test_the_look_up_ignores_undated_documents_and_other_types(store: TaskStore) -> None:
+async def test_the_look_up_ignores_undated_documents_and_other_types(store: Store) -> None:
     now = store.clock.surely_now()
     past = now - timedelta(days=365 * 30)
-    await store.tasks.insert_many(malformed_waiting(now))
-    assert await store.earliest_waiting(after=past, types=["baz"]) == []
-    assert await store.earliest_waiting(after=past) == []
+    await store.db.tasks.insert_many(malformed_waiting(now))
+    assert await store.watch.earliest_waiting(after=past, types=["baz"]) == []
+    assert await store.watch.earliest_waiting(after=past) == []
     qux = ObjectId()
-    await store.tasks.insert_one(
+    await store.db.tasks.insert_one(
         {"_id": qux, "state": "NOTSTARTED", "type": "qux", "run_at": now, "attempts": 0}
     )
-    assert await store.earliest_waiting(after=past, types=["baz"]) == []
-    assert await store.earliest_waiting(after=past) == [(qux, now)]
-    later = await store.create(
+    assert await store.watch.earliest_waiting(after=past, types=["baz"]) == []
+    assert await store.watch.earliest_waiting(after=past) == [(qux, now)]
+    later = await store.tasks.create(
         task_type=TaskType.BAZ, run_at=now + timedelta(seconds=60), max_attempts=1
     )
-    latest = await store.create(
+    latest = await store.tasks.create(
         task_type=TaskType.BAZ, run_at=now + timedelta(seconds=90), max_attempts=1
     )
     expected = [(ObjectId(later.id), later.run_at), (ObjectId(latest.id), latest.run_at)]
-    assert await store.earliest_waiting(after=past, types=["baz", "foo"], limit=5) == expected
-    assert await store.earliest_waiting(after=past, limit=2) == [(qux, now), expected[0]]
+    assert await store.watch.earliest_waiting(after=past, types=["baz", "foo"], limit=5) == expected
+    assert await store.watch.earliest_waiting(after=past, limit=2) == [(qux, now), expected[0]]
     # From a time on: what waits before it (not claimed: not this worker's to claim) is left out.
-    assert await store.earliest_waiting(after=now + timedelta(seconds=1)) == expected[:1]
+    assert await store.watch.earliest_waiting(after=now + timedelta(seconds=1)) == expected[:1]
     assert later.run_at is not None
     after_later = later.run_at + timedelta(milliseconds=1)
-    assert await store.earliest_waiting(after=after_later) == expected[1:]
+    assert await store.watch.earliest_waiting(after=after_later) == expected[1:]
 
 
-async def test_the_stream_skips_undated_documents_and_other_types(store: TaskStore) -> None:
+async def test_the_stream_skips_undated_documents_and_other_types(store: Store) -> None:
     opened = asyncio.Event()
     seen: list[tuple[Any, datetime | None]] = []
 
     async def listen() -> None:
-        async for wakeup in store.wakeups(types=["baz"], max_await=0.5, on_open=opened.set):
+        async for wakeup in store.watch.wakeups(types=["baz"], max_await=0.5, on_open=opened.set):
             seen.append(wakeup)
 
     listener = asyncio.create_task(listen())
@@ -110,20 +110,22 @@ async def test_the_stream_skips_undated_documents_and_other_types(store: TaskSto
         async with asyncio.timeout(10):
             await opened.wait()
         now = store.clock.surely_now()
-        await store.tasks.insert_many(malformed_waiting(now))
-        await store.tasks.insert_one(
+        await store.db.tasks.insert_many(malformed_waiting(now))
+        await store.db.tasks.insert_one(
             {"_id": ObjectId(), "state": "NOTSTARTED", "type": "qux", "run_at": now}
         )
         # Back to NOTSTARTED with a run_at that is not a date: skipped too.
-        await store.tasks.update_many(
+        await store.db.tasks.update_many(
             {"type": "baz"}, {"$set": {"state": "NOTSTARTED", "run_at": "later"}}
         )
-        good = await store.create(task_type=TaskType.BAZ, run_at=None, max_attempts=1)
+        good = await store.tasks.create(task_type=TaskType.BAZ, run_at=None, max_attempts=1)
         # A release: back to NOTSTARTED without a run_at, due as it was.
-        await store.tasks.update_one(
+        await store.db.tasks.update_one(
             {"_id": ObjectId(good.id)}, {"$set": {"state": "STARTED", "lease": "x"}}
         )
-        await store.tasks.update_one({"_id": ObjectId(good.id)}, {"$set": {"state": "NOTSTARTED"}})
+        await store.db.tasks.update_one(
+            {"_id": ObjectId(good.id)}, {"$set": {"state": "NOTSTARTED"}}
+        )
 
         async def both_seen() -> bool:
             assert not listener.done() or listener.result() is None
@@ -138,12 +140,12 @@ async def test_the_stream_skips_undated_documents_and_other_types(store: TaskSto
 
 
 async def test_a_worker_stays_up_beside_undated_documents(
-    store: TaskStore, spawn_worker: Callable[..., WorkerProcess]
+    store: Store, spawn_worker: Callable[..., WorkerProcess]
 ) -> None:
-    await store.tasks.insert_many(malformed_waiting(store.clock.surely_now()))
+    await store.db.tasks.insert_many(malformed_waiting(store.clock.surely_now()))
     worker = spawn_worker()
     await wait_until_started(worker)
-    task = await store.create(
+    task = await store.tasks.create(
         task_type=TaskType.BAZ,
         run_at=store.clock.surely_now() + timedelta(seconds=1),
         max_attempts=1,
@@ -151,7 +153,7 @@ async def test_a_worker_stays_up_beside_undated_documents(
 
     async def complete() -> bool:
         assert worker.alive(), worker.stderr()
-        return (await store.get(task.id)).state == "COMPLETE"
+        return (await store.tasks.get(task.id)).state == "COMPLETE"
 
     await eventually(complete, within=20)
     await asyncio.sleep(2.5)  # a couple of safety polls: each looks the documents up
@@ -159,7 +161,7 @@ async def test_a_worker_stays_up_beside_undated_documents(
     assert "Traceback" not in worker.stderr(), worker.stderr()
 
 
-class LosesACancellation(TaskStore):
+class LosesACancellation(Store):
     """A change stream whose read loses the first cancellation, as a read can inside the
     driver: on Python 3.11 `asyncio.wait_for` (which the driver's send uses) returns
     normally when it is cancelled just as its operation completes."""

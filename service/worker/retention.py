@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from service import worker_metrics as metrics
 from service.periodic import Periodic
-from service.store import TaskStore
+from service.store import Store
+from service.worker import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class Retention(Periodic):
 
     def __init__(
         self,
-        store: TaskStore,
+        store: Store,
         *,
         retention: float,
         interval: float = 60.0,
@@ -42,7 +42,7 @@ class Retention(Periodic):
 
     async def ensure(self) -> None:
         """Create, change or drop the TTL index to match the setting (at start-up)."""
-        done = await self.store.ensure_retention(self.retention)
+        done = await self.store.retention.ensure(self.retention)
         if done in ("created", "changed", "dropped"):
             kept = "for ever" if self.retention <= 0 else f"for {self.retention:g}s"
             logger.info("retention index %s: finished tasks are kept %s", done, kept)
@@ -52,7 +52,9 @@ class Retention(Periodic):
         if self.retention <= 0:
             return 0
         cutoff = self.store.clock.surely_now() - timedelta(seconds=self.retention + self.grace)
-        deleted = await self.store.delete_expired(finished_before=cutoff, limit=SWEEP_LIMIT)
+        deleted = await self.store.retention.delete_expired(
+            finished_before=cutoff, limit=SWEEP_LIMIT
+        )
         if deleted:
             logger.info("retention: deleted %d finished task(s) the TTL monitor left", deleted)
         return deleted

@@ -20,12 +20,9 @@ from typing import Any
 
 import aiohttp
 
-from service import worker_metrics as metrics
 from service.clock import DbClock
 from service.config import Settings
 from service.errors import DatabaseUnavailable
-from service.limits import Slots
-from service.malformed import MalformedScan
 from service.models import Task
 from service.periodic import Periodic
 from service.plugins import (
@@ -36,11 +33,14 @@ from service.plugins import (
     load_registry,
     run_task,
 )
-from service.recovery import Recoverer
-from service.retention import Retention
-from service.scheduler import Scheduler
-from service.store import TaskStore, new_lease, open_client
-from service.wakeups import WakeUps
+from service.store import Store, new_lease, open_client
+from service.worker import metrics
+from service.worker.malformed import MalformedScan
+from service.worker.recovery import Recoverer
+from service.worker.retention import Retention
+from service.worker.schedules import Scheduler
+from service.worker.slots import Slots
+from service.worker.wakeups import WakeUps
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class Heartbeat(Periodic):
         running = self.worker.running
         fresh = self.interval * FRESH_SHARE
         due = [lease for lease, r in running.items() if began - r.refreshed >= fresh]
-        lost = await store.heartbeat(due)
+        lost = await store.claims.heartbeat(due)
         for lease in due:
             if (held := running.get(lease)) is not None:
                 held.refreshed = began
@@ -153,7 +153,7 @@ class Heartbeat(Periodic):
             # Marked first: a failed write is retried by the next round, not every one after.
             self._rounds_unregistered = 0
             self._registered = None
-            await self.worker.store.register_worker(
+            await self.worker.store.workers.register(
                 self.worker.worker_id, self.worker.registration(holds)
             )
             self._registered = holds
@@ -170,7 +170,7 @@ class Worker:
 
     def __init__(
         self,
-        store: TaskStore,
+        store: Store,
         settings: Settings,
         *,
         registry: Registry,
@@ -325,7 +325,7 @@ class Worker:
 
     async def _unregister(self) -> None:
         try:
-            await self.store.unregister_worker(self.worker_id)
+            await self.store.workers.unregister(self.worker_id)
         except DatabaseUnavailable as exc:
             metrics.DATABASE_ERRORS.inc()
             logger.warning("worker record not removed (%s); it will show as gone", exc)
@@ -421,7 +421,7 @@ class Worker:
         # ask for its lease before claiming anew, or the task would sit STARTED, held by
         # nobody, until recovery.
         if self._unconfirmed_lease is not None:
-            task = await self.store.claimed(self._unconfirmed_lease)
+            task = await self.store.claims.claimed(self._unconfirmed_lease)
             self._unconfirmed_lease = None
             if task is not None:
                 logger.info("task %s: claim confirmed after reconnecting", task.id)
@@ -432,7 +432,7 @@ class Worker:
         if task is not None and open_claim and task.type not in self.types:
             # A type this worker does not run (a newer version's, or none at all): give it
             # back untouched for the workers that do, and name our types from now on.
-            given = await self.store.give_back(task)
+            given = await self.store.claims.give_back(task)
             self._name_types_until = time.monotonic() + NAME_TYPES_FOR
             logger.info(
                 "task %s is of type %r, which this worker does not run: %s; claims name "
@@ -448,7 +448,7 @@ class Worker:
     async def _claim_as(self, types: tuple[str, ...] | None) -> Task | None:
         lease = new_lease()
         self._unconfirmed_lease = lease
-        task = await self.store.claim(self.worker_id, lease=lease, types=types)
+        task = await self.store.claims.claim(self.worker_id, lease=lease, types=types)
         self._unconfirmed_lease = None
         return task
 
@@ -537,7 +537,9 @@ class Worker:
     ) -> None:
         try:
             if error is None:
-                written = await self._persist(lambda: self.store.complete(task, output or ""))
+                written = await self._persist(
+                    lambda: self.store.claims.complete(task, output or "")
+                )
                 outcome = "COMPLETE"
                 kind = "complete"
             else:
@@ -548,7 +550,7 @@ class Worker:
                     )
                     retry_at = self.store.clock.now() + _seconds(delay)
                 written = await self._persist(
-                    lambda: self.store.fail(task, error, retry_at=retry_at)
+                    lambda: self.store.claims.fail(task, error, retry_at=retry_at)
                 )
                 outcome = "FAILED" if retry_at is None else f"retry at {retry_at.isoformat()}"
                 kind = "failed" if retry_at is None else "retry"
@@ -632,7 +634,7 @@ class Worker:
         await asyncio.gather(*(r.execution for r in left), return_exceptions=True)
         for running in left:
             try:
-                if not running.lost and await self.store.release(running.task):
+                if not running.lost and await self.store.claims.release(running.task):
                     logger.info("task %s released back to the queue", running.task.id)
                 # Only once the task has left STARTED: the limit holds throughout.
                 await self.slots.free(running.task)
@@ -688,12 +690,12 @@ async def _serve(settings: Settings, registry: Registry) -> None:
         appname="task-runner-worker",
         event_listeners=[metrics.CommandCounter()],
     )
-    store = TaskStore(client, database=settings.database, clock=DbClock(skew=settings.clock_skew))
+    store = Store(client, database=settings.database, clock=DbClock(skew=settings.clock_skew))
     try:
         try:
             await _wait_for_database(store)
             await store.ensure_indexes()
-            await store.ensure_worker_indexes()
+            await store.workers.ensure_indexes()
         except asyncio.CancelledError:
             if not signals.seen:
                 raise
@@ -709,7 +711,7 @@ async def _serve(settings: Settings, registry: Registry) -> None:
         await client.close()
 
 
-async def _wait_for_database(store: TaskStore) -> None:
+async def _wait_for_database(store: Store) -> None:
     backoff = 0.5
     while True:
         try:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 
-from service import worker_metrics as metrics
 from service.periodic import Periodic
-from service.store import TaskStore
+from service.store import Store
+from service.worker import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ REMEMBERED = 10_000
 class MalformedScan(Periodic):
     """Logs each document the workers cannot read, once."""
 
-    def __init__(self, store: TaskStore, *, interval: float) -> None:
+    def __init__(self, store: Store, *, interval: float) -> None:
         # The first look comes FIRST_SCAN_AFTER seconds after start; then every `interval`
         # seconds (it scans the collection, so not often).
         super().__init__(interval=FIRST_SCAN_AFTER, jitter=0.25)
@@ -38,7 +38,7 @@ class MalformedScan(Periodic):
     async def run_once(self) -> int:
         """Look for unreadable documents; log the ones not logged yet. Returns how many."""
         self.interval = self.every
-        found = await self.store.unreadable(limit=SCAN_LIMIT)
+        found = await self.store.figures.unreadable(limit=SCAN_LIMIT)
         for task in found:
             if task.id in self._logged:
                 continue

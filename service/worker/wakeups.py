@@ -38,11 +38,11 @@ from collections.abc import Callable, Collection, Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
-from service import worker_metrics as metrics
 from service.errors import ChangeStreamsUnavailable, DatabaseUnavailable
 from service.models import Task
 from service.periodic import stop_task
-from service.store import TaskStore
+from service.store import Store
+from service.worker import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class WakeUps:
 
     def __init__(
         self,
-        store: TaskStore,
+        store: Store,
         *,
         types: Iterable[str],
         max_poll: float,
@@ -136,7 +136,7 @@ class WakeUps:
         self._next = None
         announced = sum(1 for entry in self._live() if entry[0] >= floor)
         limit = min(announced, LOOKUP_EXCLUDES) + 1
-        found = await self.store.earliest_waiting(
+        found = await self.store.watch.earliest_waiting(
             after=floor, types=self.lookup_types(), limit=limit
         )
         for task_id, run_at in found:
@@ -213,7 +213,7 @@ class WakeUps:
         backoff = 1.0
         while True:
             try:
-                async for task_id, run_at in self.store.wakeups(
+                async for task_id, run_at in self.store.watch.wakeups(
                     types=self.types,
                     max_await=self.max_poll,
                     on_open=self._stream_opened,

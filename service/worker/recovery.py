@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import time
 
-from service import worker_metrics as metrics
 from service.periodic import Periodic
-from service.store import TaskStore
+from service.store import Store
+from service.worker import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class Recoverer(Periodic):
     """
 
     def __init__(
-        self, store: TaskStore, *, stale_after: float, interval: float, slots: bool = False
+        self, store: Store, *, stale_after: float, interval: float, slots: bool = False
     ) -> None:
         super().__init__(interval=interval, jitter=0.25)
         self.store = store
@@ -47,7 +47,7 @@ class Recoverer(Periodic):
         if time.monotonic() - self._reachable_since < self.stale_after:
             return 0
         began = self.store.clock.surely_now()
-        moved = await self.store.recover_stale(self.stale_after, within=self.stale_after / 4)
+        moved = await self.store.claims.recover_stale(self.stale_after, within=self.stale_after / 4)
         logger.debug(
             "recovery began %s (reachable %.2fs), moved %d",
             began.isoformat(),
@@ -61,7 +61,7 @@ class Recoverer(Periodic):
             )
         if self.slots:
             # After the tasks: a slot is freed only once its task has left STARTED.
-            freed = await self.store.free_lost_slots(self.stale_after, within=self.stale_after / 4)
+            freed = await self.store.slots.free_lost(self.stale_after, within=self.stale_after / 4)
             if freed:
                 logger.warning("freed %d concurrency slot(s) held by no running task", freed)
         return moved

@@ -1,4 +1,4 @@
-"""The dashboard (GET /ui: static files in service/static/ui, no build step, nothing from
+"""The dashboard (GET /ui: static files in service/web/static/ui, no build step, nothing from
 the network) and its live feed (GET /events: Server-Sent Events from one TaskFeed per
 process). Everything the page shows or does goes through the REST API.
 """
@@ -13,9 +13,9 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from service.api import SETTINGS, STORE
-from service.feed import TaskFeed
-from service.openapi import operation
+from service.web.api import SETTINGS, STORE
+from service.web.feed import TaskFeed
+from service.web.openapi import operation
 
 STATIC = Path(__file__).parent / "static" / "ui"
 FEED = web.AppKey("feed", TaskFeed)

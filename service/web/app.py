@@ -8,12 +8,15 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from swagger_ui_bundle import swagger_ui_path
 
-from service.api import EARLIER_ALIASES, OPENAPI, REGISTRY, SETTINGS, STORE, TASK_FEED, routes
 from service.clock import DbClock
 from service.config import Settings
 from service.errors import DatabaseUnavailable
-from service.metrics import METRICS, ApiMetrics
-from service.middlewares import (
+from service.periodic import Periodic
+from service.plugins import Registry, load_registry
+from service.store import Store, open_client
+from service.web.api import EARLIER_ALIASES, OPENAPI, REGISTRY, SETTINGS, STORE, TASK_FEED, routes
+from service.web.metrics import METRICS, ApiMetrics
+from service.web.middlewares import (
     ACCESS_LOGGER,
     AccessLog,
     ProtocolLog,
@@ -22,11 +25,8 @@ from service.middlewares import (
     metrics_middleware,
     timeout_middleware,
 )
-from service.openapi import build_spec
-from service.periodic import Periodic
-from service.plugins import Registry, load_registry
-from service.store import TaskStore, open_client
-from service.ui import FEED, add_dashboard
+from service.web.openapi import build_spec
+from service.web.ui import FEED, add_dashboard
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 class DatabaseSetup(Periodic):
     """Keeps the clock offset fresh; creates the indexes once the database first answers."""
 
-    def __init__(self, store: TaskStore, *, interval: float) -> None:
+    def __init__(self, store: Store, *, interval: float) -> None:
         super().__init__(interval=interval, jitter=0.1)
         self.store = store
         self.healthy_interval = interval
@@ -54,7 +54,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     client = open_client(
         settings.effective_mongodb_url, timeout=settings.db_timeout, appname="task-runner-api"
     )
-    store = TaskStore(client, database=settings.database, clock=DbClock(skew=settings.clock_skew))
+    store = Store(client, database=settings.database, clock=DbClock(skew=settings.clock_skew))
     app[STORE] = store
     setup = DatabaseSetup(store, interval=60.0)
     try:

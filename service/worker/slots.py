@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable, Mapping
 
 from service.models import Task
-from service.store import TaskStore, new_lease
+from service.store import Store, new_lease
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class Slots:
 
     def __init__(
         self,
-        store: TaskStore,
+        store: Store,
         *,
         limits: Mapping[str, int],
         types: Iterable[str],
@@ -89,7 +89,7 @@ class Slots:
         type is no longer tried until a wake-up says a task of it may be due.
         """
         lease = new_lease()
-        taken = await self.store.take_slot(
+        taken = await self.store.slots.take(
             task_type, limit=self.limits[task_type], lease=lease, worker_id=self.worker_id
         )
         if not taken:
@@ -99,13 +99,13 @@ class Slots:
             return None
         # A claim whose reply is lost may have landed: confirm() asks before the next claim.
         self._unconfirmed = (task_type, lease)
-        task = await self.store.claim(
+        task = await self.store.claims.claim(
             self.worker_id, lease=lease, types=(task_type,), within=self.claim_within
         )
         self._unconfirmed = None
         self._full.pop(task_type, None)
         if task is None:
-            await self.store.free_slot(task_type, lease)
+            await self.store.slots.free(task_type, lease)
         return task
 
     async def confirm(self) -> Task | None:
@@ -113,9 +113,9 @@ class Slots:
         if self._unconfirmed is None:
             return None
         task_type, lease = self._unconfirmed
-        task = await self.store.claimed(lease)
+        task = await self.store.claims.claimed(lease)
         if task is None:
-            await self.store.free_slot(task_type, lease)
+            await self.store.slots.free(task_type, lease)
         self._unconfirmed = None
         return task
 
@@ -123,5 +123,5 @@ class Slots:
         """Give back the slot `task` was claimed under, once it has left STARTED (or is no
         longer ours); its type is tried again at once."""
         if task.type in self.limits and task.lease is not None:
-            await self.store.free_slot(task.type, task.lease)
+            await self.store.slots.free(task.type, task.lease)
             self._full[task.type] = (time.monotonic(), FIRST_BACKOFF / 2)

@@ -28,7 +28,7 @@ from service.errors import (
     TaskNotFound,
     TaskNotRequeueable,
 )
-from service.metrics import UNMATCHED, ApiMetrics
+from service.web.metrics import UNMATCHED, ApiMetrics
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The API's Prometheus metrics: the queue as the database sees it, and its own requests.
 
 Each app has its own registry (tests build many apps in one process). The queue figures
-come from one batch of indexed reads (TaskStore.queue_figures), cached for
+come from one batch of indexed reads (Figures.queue_figures), cached for
 TASK_RUNNER_METRICS_CACHE seconds and refreshed by one batch at a time however many
 scrapes arrive: scraping every replica every second costs the database one batch per
 replica per cache period.
@@ -25,7 +25,8 @@ from pymongo.errors import PyMongoError
 from service.config import Settings
 from service.errors import DatabaseUnavailable
 from service.models import State, TaskType
-from service.store import QueueFigures, TaskStore
+from service.store import Store
+from service.store.figures import QueueFigures
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class QueueCollector:
     def _fresh(self) -> bool:
         return self.snapshot is not None and self.clock() - self.snapshot.taken < self.ttl
 
-    async def refresh(self, store: TaskStore) -> None:
+    async def refresh(self, store: Store) -> None:
         """Read the figures unless a refresh within the last `ttl` seconds holds. One refresh
         at a time: scrapes that arrive meanwhile are served the last figures (their age is
         exported) rather than wait, since a refresh can take seconds on a large collection
@@ -92,7 +93,7 @@ class QueueCollector:
                 return
             self.refreshes += 1
             try:
-                figures: QueueFigures | None = await store.queue_figures(
+                figures: QueueFigures | None = await store.figures.queue_figures(
                     stale_after=self.stale_after
                 )
             except (DatabaseUnavailable, PyMongoError) as exc:
@@ -175,7 +176,7 @@ class ApiMetrics:
         self.requests.labels(route, method, str(status)).inc()
         self.duration.labels(route, method).observe(seconds)
 
-    async def render(self, store: TaskStore, accept: str) -> tuple[bytes, str]:
+    async def render(self, store: Store, accept: str) -> tuple[bytes, str]:
         """The exposition in the format `accept` asks for, and its content type."""
         await self.queue.refresh(store)
         encoder, content_type = choose_encoder(accept)

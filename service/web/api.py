@@ -13,12 +13,15 @@ from marshmallow import ValidationError
 
 from service.config import Settings
 from service.errors import DeleteAllDisabled
-from service.feed import TaskFeed
-from service.metrics import METRICS
 from service.models import Schedule, State, Task
-from service.openapi import DOCS_PAGE, operation, undocumented
 from service.plugins import Registry
-from service.schemas import (
+from service.store import Store
+from service.store.idempotency import IdempotentCreate
+from service.store.occurrences import Timing
+from service.web.feed import TaskFeed
+from service.web.metrics import METRICS
+from service.web.openapi import DOCS_PAGE, operation, undocumented
+from service.web.schemas import (
     CreateScheduleSchema,
     CreateTaskSchema,
     DeletedSchema,
@@ -37,14 +40,13 @@ from service.schemas import (
     encode_cursor,
     parse_number,
 )
-from service.store import IdempotentCreate, TaskStore, Timing
 
 SETTINGS = web.AppKey("settings", Settings)
-STORE = web.AppKey("store", TaskStore)
+STORE = web.AppKey("store", Store)
 OPENAPI = web.AppKey("openapi", dict)
 # The task types this API accepts: loaded once at start-up, as the workers load theirs.
 REGISTRY = web.AppKey("registry", Registry)
-# The process's one TaskFeed (the dashboard's, see service.ui), for GET /tasks/{id}?wait=.
+# The process's one TaskFeed (the dashboard's, see service.web.ui), for GET /tasks/{id}?wait=.
 TASK_FEED = web.AppKey("task_feed", TaskFeed)
 H = TypeVar("H", bound=Callable[..., Any])
 
@@ -121,7 +123,7 @@ async def _create(request: web.Request, data: dict[str, Any]) -> web.Response:
     settings = request.app[SETTINGS]
     store = request.app[STORE]
     once = _idempotent(request, settings)
-    create = store.create if once is None else functools.partial(store.create_once, once)
+    create = store.tasks.create if once is None else functools.partial(store.keys.create_once, once)
     task = await create(
         task_type=loaded["type"].name,
         run_at=loaded["run_at"],
@@ -193,7 +195,7 @@ async def list_tasks(request: web.Request) -> web.Response:
     if query["limit"] > max_page:
         raise ValidationError({"limit": [f"must be between 1 and {max_page}"]})
     after = None if query["cursor"] is None else decode_cursor(query["cursor"])
-    page = await request.app[STORE].page(
+    page = await request.app[STORE].tasks.page(
         states=() if query["state"] is None else (query["state"],),
         task_type=None if query["type"] is None else query["type"].name,
         limit=query["limit"],
@@ -215,7 +217,7 @@ async def get_task(request: web.Request) -> web.Response:
     """One task, whole; with `wait`, once it is COMPLETE or FAILED or the wait is over."""
     wait = task_query_schema.load(_single_valued_query(request))["wait"]
     if wait is None:
-        return _task_response(await request.app[STORE].get(request.match_info["id"]))
+        return _task_response(await request.app[STORE].tasks.get(request.match_info["id"]))
     timeout = request.app[SETTINGS].request_timeout
     # End the wait before the timeout middleware would answer 503 instead.
     within = min(wait, timeout - min(1.0, timeout / 4))
@@ -233,7 +235,7 @@ async def get_task(request: web.Request) -> web.Response:
 @operation("delete a task", responses={204: None}, errors=(404,))
 async def delete_task(request: web.Request) -> web.Response:
     """Delete a task; a worker running it stops within one heartbeat interval."""
-    await request.app[STORE].delete(request.match_info["id"])
+    await request.app[STORE].tasks.delete(request.match_info["id"])
     return web.Response(status=204)
 
 
@@ -269,7 +271,7 @@ async def list_workers(request: web.Request) -> web.Response:
     """Every registered worker: what it holds, when it was last heard from, and whether it
     is alive (heard from within TASK_RUNNER_STALE_AFTER seconds, on the database clock)."""
     stale_after = request.app[SETTINGS].stale_after
-    workers = await request.app[STORE].list_workers(stale_after)
+    workers = await request.app[STORE].workers.seen(stale_after)
     return web.json_response(
         worker_list_schema.dump({"stale_after": stale_after, "workers": workers})
     )
@@ -291,7 +293,7 @@ async def legacy_tasks_in_state(request: web.Request) -> web.Response:
     tasks: list[Task] = []
     after = None
     while True:
-        page = await store.page(states=(state,), limit=1000, after=after)
+        page = await store.tasks.page(states=(state,), limit=1000, after=after)
         tasks.extend(page.tasks)
         # A page that ends where the last one did (sort keys of odd BSON types) ends it too.
         if page.after is None or page.after == after:
@@ -326,7 +328,7 @@ async def legacy_delete_all(request: web.Request) -> web.Response:
         raise DeleteAllDisabled(
             "deleting all tasks is disabled; set TASK_RUNNER_ALLOW_DELETE_ALL=true to enable it"
         )
-    deleted = await request.app[STORE].delete_all()
+    deleted = await request.app[STORE].tasks.delete_all()
     return web.json_response({"deleted": deleted})
 
 
@@ -365,7 +367,7 @@ def also_error(status: int, description: str) -> Callable[[H], H]:
 @operation("requeue a FAILED task", responses={200: TaskSchema}, errors=(404,))
 async def requeue_task(request: web.Request) -> web.Response:
     """The task back to NOTSTARTED, due now, with its attempts reset (its errors kept)."""
-    return _task_response(await request.app[STORE].requeue(request.match_info["id"]))
+    return _task_response(await request.app[STORE].tasks.requeue(request.match_info["id"]))
 
 
 @routes.post("/recover")
@@ -375,10 +377,10 @@ async def recover(request: web.Request) -> web.Response:
     for TASK_RUNNER_STALE_AFTER goes back to NOTSTARTED, or FAILED when out of attempts."""
     store = request.app[STORE]
     stale_after = request.app[SETTINGS].stale_after
-    stale = await store.find_stale(stale_after)
+    stale = await store.claims.find_stale(stale_after)
     if stale:
-        await store.recover_stale(stale_after, only=[task.id for task in stale])
-    after = await store.get_many(task.id for task in stale)
+        await store.claims.recover_stale(stale_after, only=[task.id for task in stale])
+    after = await store.tasks.get_many(task.id for task in stale)
     result: dict[str, Any] = {
         "stale_after": stale_after,
         "found": len(stale),
@@ -417,7 +419,7 @@ async def stats(request: web.Request) -> web.Response:
     tasks, unreadable documents and the latest failures: what the dashboard shows."""
     store = request.app[STORE]
     stale_after = request.app[SETTINGS].stale_after
-    summary = await store.stats(stale_after)
+    summary = await store.figures.stats(stale_after)
     now = store.clock.now()
     by_state: dict[str, int] = dict.fromkeys(State, 0)
     by_type: dict[str, int] = {}
@@ -435,7 +437,7 @@ async def stats(request: web.Request) -> web.Response:
         "by_state": by_state,
         "by_type": by_type,
         "counts": counts,
-        "due": await store.count_due(),
+        "due": await store.figures.count_due(),
         "oldest_due": None
         if oldest is None
         else {
@@ -448,9 +450,9 @@ async def stats(request: web.Request) -> web.Response:
         },
         "stale_after": stale_after,
         "stale": summary.stale,
-        "stale_tasks": await store.stale_sample(stale_after, limit=20),
+        "stale_tasks": await store.figures.stale_sample(stale_after, limit=20),
         "unreadable": summary.unreadable,
-        "recent_failures": await store.latest(State.FAILED, limit=10),
+        "recent_failures": await store.figures.latest(State.FAILED, limit=10),
     }
     return web.json_response(StatsSchema().dump(body))
 
@@ -505,7 +507,7 @@ async def create_schedule(request: web.Request) -> web.Response:
         end_at=loaded["end_at"],
         missed=loaded["missed"].value,
     )
-    schedule = await request.app[STORE].create_schedule(template=template, timing=timing)
+    schedule = await request.app[STORE].schedules.create(template=template, timing=timing)
     return _schedule_response(schedule, status=201)
 
 
@@ -514,7 +516,7 @@ async def create_schedule(request: web.Request) -> web.Response:
 async def list_schedules(request: web.Request) -> web.Response:
     """Every schedule (up to TASK_RUNNER_MAX_PAGE_SIZE), oldest first."""
     limit = request.app[SETTINGS].max_page_size
-    schedules = await request.app[STORE].list_schedules(limit=limit)
+    schedules = await request.app[STORE].schedules.page(limit=limit)
     return web.json_response(ScheduleListSchema().dump({"schedules": schedules}))
 
 
@@ -523,7 +525,7 @@ async def list_schedules(request: web.Request) -> web.Response:
 @operation("one schedule", responses={200: ScheduleSchema})
 async def get_schedule(request: web.Request) -> web.Response:
     """One schedule, with its next occurrence."""
-    return _schedule_response(await request.app[STORE].get_schedule(request.match_info["id"]))
+    return _schedule_response(await request.app[STORE].schedules.get(request.match_info["id"]))
 
 
 @routes.delete("/schedules/{id}")
@@ -532,7 +534,7 @@ async def get_schedule(request: web.Request) -> web.Response:
 async def delete_schedule(request: web.Request) -> web.Response:
     """Delete a schedule: no more occurrences; its tasks made ahead whose occurrence has not
     come yet are deleted with it, those already due or running run as usual."""
-    if not await request.app[STORE].delete_schedule(request.match_info["id"]):
+    if not await request.app[STORE].schedules.delete(request.match_info["id"]):
         raise web.HTTPNotFound(text=NO_SCHEDULE)
     return web.Response(status=204)
 
@@ -544,7 +546,7 @@ async def pause_schedule(request: web.Request) -> web.Response:
     """Pause a schedule: it creates nothing until resumed, and its tasks made ahead whose
     occurrence has not come yet are withdrawn (its next_at moves back to the first of them)."""
     store = request.app[STORE]
-    return _schedule_response(await store.pause_schedule(request.match_info["id"], paused=True))
+    return _schedule_response(await store.schedules.pause(request.match_info["id"], paused=True))
 
 
 @routes.post("/schedules/{id}/resume")
@@ -553,4 +555,4 @@ async def pause_schedule(request: web.Request) -> web.Response:
 async def resume_schedule(request: web.Request) -> web.Response:
     """Resume a paused schedule; occurrences missed meanwhile follow its missed policy."""
     store = request.app[STORE]
-    return _schedule_response(await store.pause_schedule(request.match_info["id"], paused=False))
+    return _schedule_response(await store.schedules.pause(request.match_info["id"], paused=False))

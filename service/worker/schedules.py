@@ -33,10 +33,11 @@ import dataclasses
 import logging
 from datetime import datetime, timedelta
 
-from service import worker_metrics as metrics
 from service.models import MissedPolicy, Schedule, Task
 from service.periodic import Periodic
-from service.store import TaskStore, latest_occurrence, next_occurrence
+from service.store import Store
+from service.store.occurrences import latest_occurrence, next_occurrence
+from service.worker import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ LOOKAHEAD_MARGIN = 1.0
 class Scheduler(Periodic):
     """Creates the task of each coming occurrence, once, and advances the schedule."""
 
-    def __init__(self, store: TaskStore, *, interval: float) -> None:
+    def __init__(self, store: Store, *, interval: float) -> None:
         super().__init__(interval=interval, jitter=0.1)
         self.store = store
         # An occurrence found later than this was missed (the workers were down, or the
@@ -67,7 +68,7 @@ class Scheduler(Periodic):
         how many tasks this worker created."""
         now = self.store.clock.surely_now()
         created = 0
-        for schedule in await self.store.due_schedules(now=now + self.lookahead, limit=BATCH):
+        for schedule in await self.store.schedules.due(now=now + self.lookahead, limit=BATCH):
             created += await self.materialise(schedule, now)
         return created
 
@@ -95,7 +96,7 @@ class Scheduler(Periodic):
                     occurrence_text(occurrence),
                 )
             following = next_occurrence(schedule, occurrence, inclusive=False)
-            if not await self.store.advance_schedule(schedule, to=following, now=now):
+            if not await self.store.schedules.advance(schedule, to=following, now=now):
                 # Another worker moved it on, or it was paused or deleted meanwhile.
                 if task is not None and not await self._withdrawn(schedule, task):
                     created += 1
@@ -105,7 +106,7 @@ class Scheduler(Periodic):
         return created
 
     async def _make(self, schedule: Schedule, occurrence: datetime, *, missed: bool) -> Task | None:
-        task = await self.store.create_occurrence(schedule, occurrence)
+        task = await self.store.schedules.create_occurrence(schedule, occurrence)
         if task is None:
             return None  # another worker made it
         logger.info(
@@ -122,9 +123,9 @@ class Scheduler(Periodic):
         """The task this round just made, after its advance failed: if the schedule was
         paused or deleted since this round read it, the pause's or delete's withdrawal may
         have come before the insert, so withdraw the task here unless it is due already."""
-        if await self.store.schedule_active(schedule):
+        if await self.store.schedules.active(schedule):
             return False  # another worker advanced it: the task stands
-        if await self.store.withdraw_ahead(schedule, task_id=task.id) is None:
+        if await self.store.schedules.withdraw_ahead(schedule, task_id=task.id) is None:
             return False
         logger.info(
             "schedule %s: task %s withdrawn (the schedule was paused or deleted meanwhile)",

@@ -13,7 +13,7 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from marshmallow import fields
 
 from service.plugins import Registry
-from service.schemas import (
+from service.web.schemas import (
     AnyCaseEnum,
     CreateTaskSchema,
     ErrorSchema,

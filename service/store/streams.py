@@ -1,0 +1,256 @@
+"""Watching the tasks: change streams (wake-ups, the dashboard's events) and the cheap
+reads that stand in for them where the server has none."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Iterable,
+)
+from datetime import datetime, timedelta
+from typing import Any
+
+from pymongo.errors import (
+    ConnectionFailure,
+    OperationFailure,
+)
+
+from service.errors import (
+    ChangeStreamsUnavailable,
+    DatabaseUnavailable,
+)
+from service.models import State
+from service.store.base import (
+    EARLIEST_RUN_AT,
+    LATEST_RUN_AT,
+    TIME_SORT,
+    Database,
+    type_names,
+    unavailable,
+)
+
+logger = logging.getLogger(__name__)
+
+EMPTY_BATCH_PAUSE = 0.05
+
+
+WAKEUP_FIELDS = (
+    "operationType",
+    "documentKey",
+    "fullDocument.run_at",
+    "updateDescription.updatedFields.run_at",
+)
+
+
+def _buffered(stream: Any) -> int:
+    """Changes a change stream holds already, read by its last getMore: reading them sends
+    no command. PyMongo keeps them in its cursor's batch (`_data`, checked by
+    tests/test_wakeups.py); unknown, the answer is 1, so that the stream is never paused."""
+    return len(getattr(getattr(stream, "_cursor", None), "_data", (None,)))
+
+
+class TaskWatch:
+    """What changes among the tasks: wake-ups for workers, events for the dashboard."""
+
+    def __init__(self, db: Database) -> None:
+        self.tasks = db.tasks
+        self.clock = db.clock
+
+    @unavailable
+    async def earliest_waiting(
+        self, *, after: datetime, types: Iterable[str] | None = None, limit: int = 1
+    ) -> list[tuple[Any, datetime]]:
+        """The `limit` earliest waiting tasks (of these types) due at or after `after`:
+        their `_id` and run_at, earliest first, for a worker to sleep until the first it
+        does not know of yet.
+
+        Equalities and one range (no type: see Worker._claims_any_type), so SecantusDB
+        reads them off the `{state, run_at, _id}` index rather than scanning. A document
+        whose run_at is missing or not a date is never among them: the range matches
+        only dates (and dates that Python can hold).
+        """
+        query: dict[str, Any] = {
+            "state": State.NOTSTARTED.value,
+            "run_at": {"$gte": after, "$lte": LATEST_RUN_AT},
+        }
+        if types is not None:
+            query["type"] = {"$in": type_names(types)}
+        cursor = self.tasks.find(
+            query, projection={"run_at": True}, sort=TIME_SORT, limit=limit, batch_size=limit
+        )
+        return [
+            (doc["_id"], doc["run_at"])
+            async for doc in cursor
+            if isinstance(doc.get("run_at"), datetime)
+        ]
+
+    async def wakeups(
+        self,
+        *,
+        types: Iterable[str] | None = None,
+        max_await: float,
+        on_open: Callable[[], None],
+        ready: asyncio.Event | None = None,
+        gather: float = 0.0,
+    ) -> AsyncIterator[tuple[Any, datetime | None]]:
+        """Yield as tasks become claimable: (their `_id`, their run_at or None for "now").
+
+        A change stream over inserts (of these types) and every update that puts a task
+        back to NOTSTARTED (retry, release, recovery, requeue; an update event does not
+        carry the type, so those come whatever their type), so idle workers learn of new
+        work without polling. An event whose run_at is missing or not a date is skipped.
+        `on_open` is called once the stream is open. Each read waits for `ready`, at most
+        `max_await` seconds so the server keeps the cursor (what happens meanwhile stays in
+        the stream). After a batch of only tasks due more than 2 x `gather` seconds on, the
+        next getMore waits `gather` seconds: tasks created ahead of time in bulk are then
+        read a batch at a time, at the cost of a task due at once created within that
+        pause being announced up to `gather` late. Raises ChangeStreamsUnavailable where the
+        server has none (a standalone mongod).
+        """
+        dated = {"$gte": EARLIEST_RUN_AT, "$lte": LATEST_RUN_AT}
+        insert: dict[str, Any] = {"operationType": "insert", "fullDocument.run_at": dated}
+        if types is not None:
+            insert["fullDocument.type"] = {"$in": type_names(types)}
+        requeued = {
+            "operationType": "update",
+            "updateDescription.updatedFields.state": State.NOTSTARTED.value,
+            "$or": [
+                {"updateDescription.updatedFields.run_at": {"$exists": False}},
+                {"updateDescription.updatedFields.run_at": dated},
+            ],
+        }
+        pipeline: list[dict[str, Any]] = [
+            {"$match": {"$or": [insert, requeued]}},
+            # Only what is read: no other field of an odd document can fail to decode.
+            {"$project": dict.fromkeys(WAKEUP_FIELDS, 1)},
+        ]
+        opened = False
+        try:
+            async with await self.tasks.watch(
+                pipeline, max_await_time_ms=int(max_await * 1000)
+            ) as stream:
+                on_open()
+                opened = True
+                gather_next = False  # the last batch held only tasks due later on
+                while True:
+                    if ready is not None:
+                        # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns
+                        # normally when cancelled just as the event is set, swallowing
+                        # the cancellation, and the watcher would never stop.
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(max_await):
+                                await ready.wait()
+                    fetching = _buffered(stream) == 0  # this read sends a getMore
+                    if fetching and gather_next:
+                        await asyncio.sleep(gather)
+                    change = await stream.try_next()
+                    if change is None:
+                        # MongoDB answers a getMore when a matching event comes or after
+                        # max_await; some servers (SecantusDB, DocumentDB) answer at once
+                        # on any write. Pace those empty answers so that busy databases
+                        # do not cost a getMore per write.
+                        gather_next = False
+                        await asyncio.sleep(EMPTY_BATCH_PAUSE)
+                        continue
+                    task_id = change.get("documentKey", {}).get("_id")
+                    if change.get("operationType") == "insert":
+                        fields = change.get("fullDocument") or {}
+                    else:
+                        fields = change.get("updateDescription", {}).get("updatedFields", {})
+                        if "run_at" not in fields:  # a release or a recovery: due as it was
+                            gather_next = False
+                            yield task_id, None
+                            continue
+                    run_at = fields.get("run_at")
+                    # A batch of tasks all due later (work scheduled ahead, perhaps in
+                    # bulk): the next getMore waits `gather` so that what comes meanwhile
+                    # arrives in one answer, not one getMore per task per worker.
+                    later = isinstance(run_at, datetime) and (
+                        run_at > self.clock.surely_now() + timedelta(seconds=2 * gather)
+                    )
+                    gather_next = bool(gather) and later and (fetching or gather_next)
+                    if isinstance(run_at, datetime):  # else not a date: nobody can claim it
+                        yield task_id, run_at
+        except ConnectionFailure as exc:
+            raise DatabaseUnavailable(f"change stream lost: {exc.__class__.__name__}") from exc
+        except OperationFailure as exc:
+            if opened:  # e.g. the resume point fell off the oplog: open a new stream
+                raise DatabaseUnavailable(f"change stream failed: {exc}") from exc
+            raise ChangeStreamsUnavailable(str(exc)) from exc
+
+    async def task_events(self, *, max_await: float) -> AsyncGenerator[dict[str, Any] | None]:
+        """Yield each task insert, delete, replace and change of state as
+        {"op", "id", "state", "type"} (state and type when the event carries them); None once
+        the stream is open, then after each empty read (at least every `max_await` seconds)
+        so that the caller can stop. Heartbeats are left out. Returns when the stream ends
+        (an invalidate). Raises ChangeStreamsUnavailable where the server has none,
+        DatabaseUnavailable when the stream is lost.
+        """
+        pipeline: list[dict[str, Any]] = [
+            {
+                "$match": {
+                    "$or": [
+                        {"operationType": {"$in": ["insert", "delete", "replace"]}},
+                        {
+                            "operationType": "update",
+                            "updateDescription.updatedFields.state": {"$exists": True},
+                        },
+                    ]
+                }
+            },
+            {
+                "$project": {
+                    "operationType": 1,
+                    "documentKey": 1,
+                    "fullDocument.state": 1,
+                    "fullDocument.type": 1,
+                    "updateDescription.updatedFields.state": 1,
+                }
+            },
+        ]
+        opened = False
+        try:
+            async with await self.tasks.watch(
+                pipeline, max_await_time_ms=int(max_await * 1000)
+            ) as stream:
+                opened = True
+                yield None
+                while stream.alive:
+                    change = await stream.try_next()
+                    if change is None:
+                        yield None
+                        await asyncio.sleep(EMPTY_BATCH_PAUSE)  # see wakeups()
+                        continue
+                    op = change.get("operationType")
+                    if op not in ("insert", "delete", "replace", "update"):
+                        continue  # drop, invalidate: the stream ends with them
+                    fields = change.get("fullDocument") or {}
+                    if op == "update":
+                        fields = change.get("updateDescription", {}).get("updatedFields", {})
+                    state, task_type = fields.get("state"), fields.get("type")
+                    yield {
+                        "op": op,
+                        "id": str(change.get("documentKey", {}).get("_id")),
+                        "state": state if isinstance(state, str) else None,
+                        "type": task_type.lower() if isinstance(task_type, str) else None,
+                    }
+        except ConnectionFailure as exc:
+            raise DatabaseUnavailable(f"change stream lost: {exc.__class__.__name__}") from exc
+        except OperationFailure as exc:
+            if opened:
+                raise DatabaseUnavailable(f"change stream failed: {exc}") from exc
+            raise ChangeStreamsUnavailable(str(exc)) from exc
+
+    @unavailable
+    async def fingerprint(self) -> tuple[Any, ...]:
+        """Something that changes when tasks are added, removed or change state, from cheap
+        commands (counts on the time index, the newest _id): the feed's polling fallback."""
+        counts = [await self.tasks.count_documents({"state": s.value}) for s in State]
+        newest = await self.tasks.find_one({}, projection={"_id": True}, sort=[("_id", -1)])
+        total = await self.tasks.estimated_document_count()
+        return (*counts, total, None if newest is None else newest["_id"])
