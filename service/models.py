@@ -22,6 +22,9 @@ class State(StrEnum):
 
 TERMINAL = frozenset({State.COMPLETE, State.FAILED})
 PRIORITY_MIN, PRIORITY_MAX = -10, 10
+# A schedule's `every`: from a second to ten years of seconds (the API's bounds, and what
+# the occurrence arithmetic is safe with: a step of milliseconds that is never 0).
+EVERY_MIN, EVERY_MAX = 1, 10 * 366 * 24 * 3600
 ACTIVE = frozenset({State.NOTSTARTED, State.STARTED})
 
 
@@ -166,6 +169,12 @@ class Schedule:
         missed = reader.text("missed")
         if missed is not None and missed not in set(MissedPolicy):
             reader.problems.append(("missed", f"missed {missed!r} is not latest or skip"))
+        cron = reader.text("cron")
+        every = reader.seconds("every", least=EVERY_MIN, most=EVERY_MAX)
+        anchor = reader.time("anchor")
+        timing_read = not {"cron", "every", "anchor"} & {name for name, _ in reader.problems}
+        if timing_read and cron is None and (every is None or anchor is None):
+            reader.problems.append(("cron", "neither cron nor every with an anchor is set"))
         return cls(
             id=str(doc.get("_id")),
             key=doc.get("_id"),
@@ -174,10 +183,10 @@ class Schedule:
             priority=reader.priority(),
             max_attempts=reader.count("max_attempts", required=True, least=1),
             timeout=reader.seconds("timeout"),
-            cron=reader.text("cron"),
+            cron=cron,
             timezone=reader.text("timezone") or "UTC",
-            every=reader.seconds("every"),
-            anchor=reader.time("anchor"),
+            every=every,
+            anchor=anchor,
             start_at=reader.time("start_at"),
             end_at=reader.time("end_at"),
             missed=missed if missed in set(MissedPolicy) else MissedPolicy.LATEST.value,
@@ -257,12 +266,20 @@ class _Reader:
         self._wrong("priority", value, f"a whole number from {PRIORITY_MIN} to {PRIORITY_MAX}")
         return 0
 
-    def seconds(self, name: str) -> float | None:
+    def seconds(
+        self, name: str, *, least: float | None = None, most: float | None = None
+    ) -> float | None:
         value = self._get(name, False)
+        if value is None:
+            return None
         number = isinstance(value, int | float) and not isinstance(value, bool)
-        if value is None or (number and math.isfinite(value) and value > 0):
-            return None if value is None else float(value)
-        self._wrong(name, value, "a number of seconds above 0")
+        fits = number and math.isfinite(value) and value > 0
+        if fits and (least is None or value >= least) and (most is None or value <= most):
+            return float(value)
+        expected = "a number of seconds above 0"
+        if least is not None and most is not None:
+            expected = f"a number of seconds from {least} to {most}"
+        self._wrong(name, value, expected)
         return None
 
     def attempt_errors(self) -> tuple[AttemptError, ...]:

@@ -6,37 +6,19 @@ from __future__ import annotations
 import functools
 import logging
 import uuid
-from collections.abc import (
-    Awaitable,
-    Callable,
-    Iterable,
-    Mapping,
-    Sequence,
-)
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
 from bson import ObjectId
 from bson.errors import InvalidId
-from pymongo import (
-    ASCENDING,
-    DESCENDING,
-    AsyncMongoClient,
-    WriteConcern,
-    monitoring,
-)
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, WriteConcern, monitoring
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import (
-    ConnectionFailure,
-    PyMongoError,
-)
+from pymongo.errors import ConnectionFailure, PyMongoError
 
 from service.clock import DbClock, to_millis
-from service.errors import (
-    DatabaseUnavailable,
-    TaskNotFound,
-)
+from service.errors import DatabaseUnavailable, TaskNotFound
 from service.models import State
 
 logger = logging.getLogger(__name__)

@@ -7,17 +7,12 @@ the meantime, the write matches nothing and the caller is told so."""
 from __future__ import annotations
 
 import logging
-from collections.abc import (
-    Collection,
-    Iterable,
-)
+from collections.abc import Collection, Iterable
 from datetime import datetime
 from typing import Any
 
 import pymongo
-from pymongo import (
-    ReturnDocument,
-)
+from pymongo import ReturnDocument
 
 from service.models import State, Task
 from service.store.base import (

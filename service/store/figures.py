@@ -9,9 +9,7 @@ from datetime import datetime
 from typing import Any
 
 import pymongo
-from pymongo import (
-    ASCENDING,
-)
+from pymongo import ASCENDING
 
 from service.models import State, Task
 from service.store.base import (

@@ -13,33 +13,19 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import (
-    Mapping,
-)
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from bson import ObjectId
-from pymongo import (
-    ASCENDING,
-)
-from pymongo.errors import (
-    DuplicateKeyError,
-)
+from pymongo import ASCENDING
+from pymongo.errors import DuplicateKeyError
 
 from service.clock import to_millis
-from service.errors import (
-    DatabaseUnavailable,
-    IdempotencyKeyReused,
-    IdempotentTaskGone,
-)
+from service.errors import DatabaseUnavailable, IdempotencyKeyReused, IdempotentTaskGone
 from service.models import Task
-from service.store.base import (
-    Database,
-    new_task_document,
-    unavailable,
-)
+from service.store.base import Database, new_task_document, unavailable
 
 logger = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ def next_occurrence(schedule: Schedule, after: datetime, *, inclusive: bool) -> 
         step = round(schedule.every * 1000)
         elapsed = (after - schedule.anchor) // _MS
         count = max(0, -(-elapsed // step) if inclusive else elapsed // step + 1)
-        found = schedule.anchor + count * step * _MS
+        found = _plus(schedule.anchor, count * step)
     elif schedule.cron is not None:
         start = after - _MS if inclusive else after
         found = _cron_step(schedule, start, forward=True)
@@ -61,7 +61,7 @@ def latest_occurrence(schedule: Schedule, now: datetime) -> datetime | None:
     found: datetime | None = None
     if schedule.every is not None and schedule.anchor is not None:
         step = round(schedule.every * 1000)
-        found = schedule.anchor + (now - schedule.anchor) // _MS // step * step * _MS
+        found = _plus(schedule.anchor, (now - schedule.anchor) // _MS // step * step)
     elif schedule.cron is not None:
         found = _cron_step(schedule, now + _MS, forward=False)
     return first if found is None or found < first else to_millis(found)
@@ -75,7 +75,30 @@ def _cron_step(schedule: Schedule, start: datetime, *, forward: bool) -> datetim
         zone = zoneinfo.ZoneInfo(schedule.timezone)
         matches = croniter(schedule.cron, start.astimezone(zone))
         found = matches.get_next(datetime) if forward else matches.get_prev(datetime)
-    except (ValueError, KeyError, zoneinfo.ZoneInfoNotFoundError, CroniterError):
+    except (ArithmeticError, LookupError, TypeError, ValueError, CroniterError):
         return None  # a stored expression this version cannot read: no occurrences
     assert isinstance(found, datetime)
     return found.astimezone(UTC)
+
+
+def _plus(moment: datetime, milliseconds: int) -> datetime | None:
+    """`moment` plus that many milliseconds; None past the dates Python can hold."""
+    try:
+        return moment + milliseconds * _MS
+    except OverflowError:
+        return None
+
+
+def timing_problems(schedule: Schedule) -> tuple[str, ...]:
+    """What stops the schedule's cron expression or time zone from giving occurrences."""
+    if schedule.cron is None:
+        return ()
+    try:
+        zone = zoneinfo.ZoneInfo(schedule.timezone)
+    except (LookupError, ValueError, TypeError):
+        return (f"timezone {schedule.timezone!r} is not a time zone",)
+    try:
+        croniter(schedule.cron, datetime.now(zone))
+    except (ArithmeticError, LookupError, TypeError, ValueError, CroniterError):
+        return (f"cron {schedule.cron!r} is not a five-field cron expression",)
+    return ()

@@ -10,10 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from service.models import State
-from service.store.base import (
-    Database,
-    unavailable,
-)
+from service.store.base import Database, unavailable
 
 logger = logging.getLogger(__name__)
 

@@ -7,35 +7,31 @@ that insert idempotent, and advancing `next_at` is fenced on its old value."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import (
-    Mapping,
-)
+import time
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
 from bson import ObjectId
-from pymongo import (
-    ASCENDING,
-    ReturnDocument,
-)
-from pymongo.errors import (
-    DuplicateKeyError,
-)
+from pymongo import ASCENDING, ReturnDocument
+from pymongo.errors import DuplicateKeyError
 
 from service.clock import to_millis
-from service.models import Schedule, State, Task
-from service.store.base import (
-    Database,
-    id_filter,
-    new_task_document,
-    object_id,
-    unavailable,
+from service.models import MissedPolicy, Schedule, State, Task
+from service.store.base import Database, id_filter, new_task_document, object_id, unavailable
+from service.store.occurrences import (
+    Timing,
+    latest_occurrence,
+    next_occurrence,
+    timing_problems,
 )
-from service.store.occurrences import Timing, next_occurrence
 
 logger = logging.getLogger(__name__)
 
+# How long a schedule found unusable is kept out of the due reads before it is read again.
+UNUSABLE_KEPT_OUT = 300.0
 OCCURRENCE_INDEX = "schedule_occurrence"
 
 
@@ -46,6 +42,11 @@ class Schedules:
         self.tasks = db.tasks
         self.schedules = db.schedules
         self.clock = db.clock
+        # Schedules found unusable, kept out of `due` until UNUSABLE_KEPT_OUT has passed,
+        # and what was last logged of each (a schedule is logged once per set of problems).
+        self._unusable: dict[Any, tuple[str, ...]] = {}
+        self._unusable_until = 0.0
+        self._logged: dict[Any, tuple[str, ...]] = {}
 
     @unavailable
     async def ensure_indexes(self) -> None:
@@ -91,13 +92,13 @@ class Schedules:
     async def get(self, schedule_id: str) -> Schedule | None:
         """The schedule with this id, or None."""
         doc = await self.schedules.find_one(id_filter(schedule_id))
-        return None if doc is None else Schedule.from_document(doc)
+        return None if doc is None else read_schedule(doc)
 
     @unavailable
     async def page(self, *, limit: int) -> list[Schedule]:
         """Up to `limit` schedules, oldest first."""
         cursor = self.schedules.find({}).sort("_id", ASCENDING).limit(limit)
-        return [Schedule.from_document(doc) async for doc in cursor]
+        return [read_schedule(doc) async for doc in cursor]
 
     @unavailable
     async def delete(self, schedule_id: str) -> bool:
@@ -121,12 +122,32 @@ class Schedules:
         )
         if doc is None:
             return None
-        schedule = Schedule.from_document(doc)
-        if paused:
-            earliest = await self.withdraw_ahead(schedule)
-            if earliest is not None and (schedule.next_at is None or earliest < schedule.next_at):
-                doc["next_at"] = earliest
-        return Schedule.from_document(doc)
+        schedule = read_schedule(doc)
+        if not paused:
+            return await self._resumed(schedule)
+        earliest = await self.withdraw_ahead(schedule)
+        if earliest is not None and (schedule.next_at is None or earliest < schedule.next_at):
+            doc["next_at"] = earliest
+        return read_schedule(doc)
+
+    async def _resumed(self, schedule: Schedule) -> Schedule:
+        """A resumed schedule whose next occurrence came during the pause: the occurrences
+        of the pause follow its missed policy (`latest`: the latest of them, once; `skip`:
+        none), fenced on `next_at` as a round's advance is."""
+        now = self.clock.surely_now()
+        if schedule.next_at is None or schedule.next_at > now or schedule.problems:
+            return schedule
+        if schedule.missed == MissedPolicy.SKIP:
+            to = next_occurrence(schedule, now, inclusive=False)
+        else:
+            to = latest_occurrence(schedule, now)
+        if to == schedule.next_at:
+            return schedule
+        result = await self.schedules.update_one(
+            {"_id": schedule.key, "next_at": schedule.next_at, "paused": False},
+            {"$set": {"next_at": to}},
+        )
+        return dataclasses.replace(schedule, next_at=to) if result.modified_count else schedule
 
     def _ahead(self, schedule_key: Any) -> dict[str, Any]:
         # A schedule's tasks whose occurrence has not come yet on the database clock. A task
@@ -173,10 +194,29 @@ class Schedules:
     @unavailable
     async def due(self, *, now: datetime, limit: int) -> list[Schedule]:
         """Schedules not paused whose next occurrence is at or before `now` (the due index;
-        the schedule job passes a moment ahead of the clock)."""
-        due = {"paused": False, "next_at": {"$lte": now}}
+        the schedule job passes a moment ahead of the clock). A schedule that cannot be
+        used as stored (`problems`) is left alone, logged once, and kept out of the next
+        reads for a while, so that it does not take the place of good ones."""
+        if time.monotonic() > self._unusable_until:
+            self._unusable_until = time.monotonic() + UNUSABLE_KEPT_OUT
+            self._unusable.clear()  # mended documents come back
+        due: dict[str, Any] = {"paused": False, "next_at": {"$lte": now}}
+        if self._unusable:
+            due["_id"] = {"$nin": list(self._unusable)}
         cursor = self.schedules.find(due).sort("next_at", ASCENDING).limit(limit)
-        return [Schedule.from_document(doc) async for doc in cursor]
+        usable = []
+        async for doc in cursor:
+            schedule = read_schedule(doc)
+            if not schedule.problems:
+                usable.append(schedule)
+                continue
+            self._unusable[schedule.key] = schedule.problems
+            if self._logged.get(schedule.key) != schedule.problems:
+                self._logged[schedule.key] = schedule.problems
+                logger.warning(
+                    "schedule %s is left alone: %s", schedule.id, "; ".join(schedule.problems)
+                )
+        return usable
 
     @unavailable
     async def create_occurrence(self, schedule: Schedule, occurrence: datetime) -> Task | None:
@@ -209,3 +249,13 @@ class Schedules:
             {"$set": {"next_at": to, "advanced_at": now}},
         )
         return result.modified_count == 1
+
+
+def read_schedule(doc: Mapping[str, Any]) -> Schedule:
+    """A stored schedule, with what stops its cron expression or time zone from giving
+    occurrences among its `problems`; never raises."""
+    schedule = Schedule.from_document(doc)
+    timing = timing_problems(schedule)
+    return (
+        dataclasses.replace(schedule, problems=schedule.problems + timing) if timing else schedule
+    )

@@ -6,24 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import (
-    AsyncGenerator,
-    AsyncIterator,
-    Callable,
-    Iterable,
-)
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
-from pymongo.errors import (
-    ConnectionFailure,
-    OperationFailure,
-)
+from pymongo.errors import ConnectionFailure, OperationFailure
 
-from service.errors import (
-    ChangeStreamsUnavailable,
-    DatabaseUnavailable,
-)
+from service.errors import ChangeStreamsUnavailable, DatabaseUnavailable
 from service.models import State
 from service.store.base import (
     EARLIEST_RUN_AT,

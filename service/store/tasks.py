@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import (
-    Iterable,
-    Mapping,
-)
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from bson import DatetimeMS, Decimal128, Int64, ObjectId, Timestamp
 from bson.errors import InvalidId
-from pymongo import (
-    ASCENDING,
-    ReturnDocument,
-)
+from pymongo import ASCENDING, ReturnDocument
 
-from service.errors import (
-    InvalidTaskId,
-    TaskNotFound,
-    TaskNotRequeueable,
-)
+from service.errors import InvalidTaskId, TaskNotFound, TaskNotRequeueable
 from service.models import State, Task
 from service.store.base import (
     CLAIM_INDEX,

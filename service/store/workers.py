@@ -7,14 +7,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from pymongo import (
-    ASCENDING,
-)
+from pymongo import ASCENDING
 
-from service.store.base import (
-    Database,
-    unavailable,
-)
+from service.store.base import Database, unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -92,9 +87,7 @@ class WorkerRegistry:
     async def register(self, worker_id: str, fields: dict[str, Any]) -> None:
         """Write this worker's record (one upsert); `last_seen` is the server's clock."""
         await self.workers.update_one(
-            {"_id": worker_id},
-            {"$set": fields, "$currentDate": {"last_seen": True}},
-            upsert=True,
+            {"_id": worker_id}, {"$set": fields, "$currentDate": {"last_seen": True}}, upsert=True
         )
 
     @unavailable
