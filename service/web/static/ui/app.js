@@ -62,8 +62,13 @@ function when(iso) {
   const date = new Date(iso);
   if (Number.isNaN(date.getTime())) return String(iso);
   const ago = (Date.now() - date.getTime()) / 1000;
-  const text = date.toLocaleString();
-  return el("span", { title: iso }, text, el("span", { class: "muted" }, " (" + relative(ago) + ")"));
+  const text = utc(date);
+  return el("span", { title: iso, class: "time" }, text, el("span", { class: "muted" }, " (" + relative(ago) + ")"));
+}
+
+// Times as the API writes them: UTC, whatever the browser's zone and locale.
+function utc(date) {
+  return date.toISOString().replace("T", " ").replace(/\.\d+Z$/, "") + " UTC";
 }
 
 function relative(ago) {
@@ -198,7 +203,7 @@ async function loadStats() {
           el("td", { class: "num" }, t.attempts),
           el("td", {}, when(t.finished_at)),
           el("td", { class: "error" }, short(t.error)),
-          el("td", {}, el("button", { type: "button", class: "requeue", onclick: () => requeue(t.id) }, "Requeue")),
+          el("td", { class: "buttons" }, el("button", { type: "button", class: "requeue", onclick: () => requeue(t.id) }, "Requeue")),
         ),
       ),
       "no failed task",
@@ -393,10 +398,25 @@ async function loadDetail() {
     el("h3", {}, "Attempts that failed"),
     table(
       ["attempt", "at", "worker", "error"],
-      task.errors.map((e) => el("tr", {}, el("td", { class: "num" }, e.attempt ?? "?"), el("td", {}, when(e.at)), el("td", {}, e.worker || "–"), el("td", { class: "error" }, e.error))),
+      attemptRows(task.errors),
       "none",
     ),
   );
+}
+
+// The failed attempts in order; where the count starts again (a requeue gave the task a
+// fresh set of attempts), a row says so.
+function attemptRows(errors) {
+  const rows = [];
+  let last = null;
+  for (const e of errors) {
+    if (last !== null && typeof e.attempt === "number" && e.attempt <= last) {
+      rows.push(el("tr", { class: "requeued" }, el("td", { colspan: 4, class: "muted" }, "requeued: a fresh set of attempts")));
+    }
+    if (typeof e.attempt === "number") last = e.attempt;
+    rows.push(el("tr", {}, el("td", { class: "num" }, e.attempt ?? "?"), el("td", {}, when(e.at)), el("td", {}, e.worker || "–"), el("td", { class: "error" }, e.error)));
+  }
+  return rows;
 }
 
 // -- refreshing ---------------------------------------------------------------------------
@@ -408,7 +428,7 @@ async function refresh() {
     const results = await Promise.allSettled([loadStats(), loadWorkers(), loadTasks(), loadSchedules(), loadDetail()]);
     const failed = results.find((r) => r.status === "rejected");
     if (failed) say(failed.reason.message || String(failed.reason), true);
-    $("updated").textContent = "updated " + new Date().toLocaleTimeString();
+    $("updated").textContent = "updated " + utc(new Date()).slice(11);
     document.body.dataset.refreshed = String(Number(document.body.dataset.refreshed || 0) + 1);
   })();
   try {
