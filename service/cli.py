@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from service.config import (
-    HELP,
     LOG_LEVELS,
     Settings,
     SettingsError,
+    declared,
     env_name,
     is_known_variable,
     redact,
@@ -118,6 +118,9 @@ def _shown(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+HELP = {spec.name: spec.help for spec in declared()}
 
 
 def _add_setting_flags(
