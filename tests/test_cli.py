@@ -15,7 +15,7 @@ from bson import ObjectId
 
 from service.config import Settings
 from service.localdb import free_port
-from service.models import State, TaskType
+from service.models import State
 from service.store import Store, new_lease
 from tests.conftest import settings_env
 
@@ -35,7 +35,7 @@ async def task_runner(
 
 async def stuck_task(store: Store, *, max_attempts: int = 3) -> str:
     """A task claimed by a worker that has been silent for ten minutes."""
-    await store.tasks.create(task_type=TaskType.FOO, run_at=None, max_attempts=max_attempts)
+    await store.tasks.create(task_type="foo", run_at=None, max_attempts=max_attempts)
     task = await store.claims.claim("gone-host:123", lease=new_lease())
     assert task is not None
     old = store.clock.now() - timedelta(seconds=600)
@@ -44,7 +44,7 @@ async def stuck_task(store: Store, *, max_attempts: int = 3) -> str:
 
 
 async def test_stats_counts_by_state_and_type(settings: Settings, store: Store) -> None:
-    for task_type in (TaskType.FOO, TaskType.FOO, TaskType.BAZ):
+    for task_type in ("foo", "foo", "baz"):
         await store.tasks.create(task_type=task_type, run_at=None, max_attempts=1)
     await stuck_task(store)
     result = await task_runner(settings, "stats")
@@ -237,7 +237,7 @@ async def test_help_says_where_settings_live_and_shows_real_defaults(settings: S
         assert result.returncode == 0
         text = " ".join(result.stdout.split())
         assert "None" not in text, name
-        assert 'README.md, section "Running the parts"' in text, name
+        assert "docs/configuration.md" in text, name
         assert "service.config" not in text
         if name != "requeue":
             assert "--log-level {DEBUG,INFO,WARNING,ERROR}" in text, name
@@ -258,7 +258,7 @@ async def test_help_says_where_settings_live_and_shows_real_defaults(settings: S
 async def test_requeue_tells_a_bad_id_an_unknown_id_and_another_state_apart(
     settings: Settings, store: Store
 ) -> None:
-    waiting = await store.tasks.create(task_type=TaskType.FOO, run_at=None, max_attempts=1)
+    waiting = await store.tasks.create(task_type="foo", run_at=None, max_attempts=1)
     malformed = await command(settings, "requeue", "6b05d02e")
     assert malformed.returncode == 1
     assert "'6b05d02e' is not a task id" in one_line(malformed)

@@ -1,0 +1,5 @@
+"""`python -m service.config > docs/configuration.md` regenerates the settings page."""
+
+from service.config.docs import main
+
+main()

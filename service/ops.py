@@ -1,0 +1,197 @@
+"""What the HTTP API and the CLI both do: recover stale tasks, requeue a failed one, and count
+the tasks by state and type.
+
+Each function takes the store and returns plain records; the callers turn them into JSON
+(service.web.api) or a table (service.cli.printers). The records' attribute names are the fields
+of the API's answers, so its schemas dump them as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+from service.models import State, Task
+
+if TYPE_CHECKING:
+    from service.store import Store
+    from service.store.figures import Stats
+
+
+class Outcome(StrEnum):
+    """What a recovery pass did to one stale task (the lists of POST /recover's answer)."""
+
+    REQUEUED = "requeued"
+    FAILED = "failed"
+    NOT_RECOVERED = "not_recovered"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recovered:
+    """One stale task as found, and as read back after the recovery update (None: deleted)."""
+
+    before: Task
+    after: Task | None
+
+    @property
+    def id(self) -> str:
+        return self.before.id
+
+    @property
+    def outcome(self) -> Outcome:
+        """Judged from the task's state now: another worker may have claimed it since, or its
+        own worker may have been heard from before the update."""
+        now = self.after
+        if now is None or (now.state == State.STARTED and now.lease == self.before.lease):
+            return Outcome.NOT_RECOVERED
+        if now.state == State.STARTED:  # recovered, then claimed again at once
+            return Outcome.REQUEUED
+        if now.state == State.FAILED and now.finished_at != self.before.finished_at:
+            return Outcome.FAILED
+        if now.state == State.NOTSTARTED:
+            return Outcome.REQUEUED
+        return Outcome.NOT_RECOVERED
+
+    @property
+    def reason(self) -> str:
+        """Why it was not recovered ("" when it was)."""
+        now = self.after
+        if now is None:
+            return "deleted meanwhile"
+        if self.outcome is not Outcome.NOT_RECOVERED:
+            return ""
+        if now.state == State.STARTED:
+            return "its worker was heard from again"
+        return f"{now.state} meanwhile"
+
+    def describe(self) -> str:
+        """What happened to it, in words (`task-runner recover` prints one line per task)."""
+        outcome = self.outcome
+        if self.after is None:
+            return self.reason
+        if outcome is Outcome.NOT_RECOVERED:
+            return f"not recovered: {self.reason}"
+        if outcome is Outcome.FAILED:
+            return "-> FAILED: attempts used up"
+        if self.after.state == State.STARTED:
+            return f"-> NOTSTARTED, and already claimed again by {self.after.worker}"
+        return "-> NOTSTARTED: back in the queue"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recovery:
+    """One recovery pass: the threshold, how many tasks the update moved, and each stale
+    task's fate. `stale_after`, `found`, `requeued`, `failed` and `not_recovered` (each with
+    `id` and `reason`) are the fields of POST /recover's answer."""
+
+    stale_after: float
+    moved: int
+    tasks: tuple[Recovered, ...]
+
+    @property
+    def found(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def requeued(self) -> list[str]:
+        """Back to NOTSTARTED (some perhaps claimed again already)."""
+        return [task.id for task in self.tasks if task.outcome is Outcome.REQUEUED]
+
+    @property
+    def failed(self) -> list[str]:
+        """FAILED: their attempts were used up."""
+        return [task.id for task in self.tasks if task.outcome is Outcome.FAILED]
+
+    @property
+    def not_recovered(self) -> list[Recovered]:
+        return [task for task in self.tasks if task.outcome is Outcome.NOT_RECOVERED]
+
+
+async def find_stale(store: Store, stale_after: float) -> list[Task]:
+    """STARTED tasks whose worker has been silent for `stale_after` seconds, oldest first."""
+    return await store.claims.find_stale(stale_after)
+
+
+async def recover(
+    store: Store, *, stale_after: float, stale: Sequence[Task] | None = None
+) -> Recovery:
+    """Recover the stale tasks once: back to NOTSTARTED, or FAILED when out of attempts.
+
+    `stale` is the list `find_stale` returned a moment ago (found again when None): only
+    those tasks are moved, with the store's single conditional update, so a task that turned
+    stale since it was shown is left for the next pass. Each one is then read back, in one
+    query, to tell what happened to it.
+    """
+    if stale is None:
+        stale = await store.claims.find_stale(stale_after)
+    ids = [task.id for task in stale]
+    moved = await store.claims.recover_stale(stale_after, only=ids) if ids else 0
+    after = await store.tasks.get_many(ids)
+    tasks = tuple(Recovered(before=task, after=after.get(task.id)) for task in stale)
+    return Recovery(stale_after=stale_after, moved=moved, tasks=tasks)
+
+
+async def requeue(store: Store, task_id: str) -> Task:
+    """A FAILED task back to NOTSTARTED, due now, with its attempts reset (its errors kept).
+
+    Raises InvalidTaskId for an id no task can have, TaskNotFound when no task has it, and
+    TaskNotRequeueable (with the task's `state`) when it is not FAILED.
+    """
+    return await store.tasks.requeue(task_id)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Count:
+    """How many tasks are in one state and of one type, as stored (odd values as text)."""
+
+    state: str
+    type: str
+    count: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Summary:
+    """The queue at a glance: counts ordered by state, then type, with their totals."""
+
+    counts: tuple[Count, ...]
+    oldest_due: Task | None  # the NOTSTARTED task due first, if any is due
+    stale: int  # STARTED tasks with no heartbeat within the stale threshold
+    unreadable: int  # documents no worker can claim or recover
+
+    @property
+    def by_state(self) -> dict[str, int]:
+        """Every state (0 when none), then any other value stored as a state."""
+        totals = {state.value: 0 for state in State}
+        for count in self.counts:
+            totals[count.state] = totals.get(count.state, 0) + count.count
+        return totals
+
+    @property
+    def by_type(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for count in self.counts:
+            totals[count.type] = totals.get(count.type, 0) + count.count
+        return totals
+
+    @property
+    def total(self) -> int:
+        return sum(count.count for count in self.counts)
+
+
+def summarize(stats: Stats) -> Summary:
+    """The store's Stats with its counts in one order: by state, then by type, as text."""
+    ordered = sorted(stats.by_state_and_type.items(), key=lambda item: tuple(map(str, item[0])))
+    counts = tuple(
+        Count(state=str(state), type=str(task_type), count=count)
+        for (state, task_type), count in ordered
+    )
+    return Summary(
+        counts=counts, oldest_due=stats.oldest_due, stale=stats.stale, unreadable=stats.unreadable
+    )
+
+
+async def stats(store: Store, stale_after: float) -> Summary:
+    """Counts by state and type, the oldest due task, and the stale and unreadable ones."""
+    return summarize(await store.figures.stats(stale_after))
