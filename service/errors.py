@@ -25,6 +25,11 @@ class DatabaseUnavailable(TaskRunnerError):
     """MongoDB did not answer in time; the caller may try again later."""
 
 
+class DatabaseRefused(TaskRunnerError):
+    """The database answered but refused this client: its credentials or their privileges.
+    Retrying will not help; the message never shows the password."""
+
+
 class ChangeStreamsUnavailable(TaskRunnerError):
     """The server offers no change streams (a standalone mongod): workers poll instead."""
 

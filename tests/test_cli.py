@@ -288,3 +288,51 @@ async def test_stats_counts_unreadable_documents(settings: Settings, store: Stor
     result = await command(settings, "stats")
     assert result.returncode == 0, result.stderr
     assert "unreadable documents: 0" in result.stdout.splitlines()
+
+
+def test_refused_credentials_are_one_line_that_hides_the_password(tmp_path: Path) -> None:
+    from pymongo import MongoClient
+
+    from service.localdb import START_SCRIPT, LocalDatabase
+
+    port, path = free_port(), str(tmp_path / "db")
+    setup = LocalDatabase(port=port, path=path, sync_on_commit=False)
+    setup.start()
+    try:
+        admin: MongoClient[dict[str, object]] = MongoClient(setup.url)
+        with admin:
+            admin.admin.command("createUser", "ops", pwd="right", roles=["root"])
+    finally:
+        setup.stop()
+    command = [sys.executable, "-P", "-c", START_SCRIPT, "--port", str(port), "--auth"]
+    server = subprocess.Popen(
+        [*command, "--storage-path", path],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        anyone: MongoClient[dict[str, object]] = MongoClient(
+            f"mongodb://127.0.0.1:{port}", serverSelectionTimeoutMS=20_000
+        )
+        with anyone:
+            anyone.admin.command("hello")  # answered without credentials once the server is up
+        url = f"mongodb://ops:wrong-secret@127.0.0.1:{port}/?directConnection=true"
+        env = {k: v for k, v in settings_env(Settings()).items() if k != "MONGODB_URL"}
+        env["MONGODB_URL"] = url
+        for command in (["stats"], ["api", "--port", str(free_port())], ["worker"]):
+            result = subprocess.run(
+                [sys.executable, "-m", "service.cli", *command],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            said = result.stdout + result.stderr
+            assert result.returncode == 1, said
+            assert "Traceback" not in said and "wrong-secret" not in said, said
+            last = result.stderr.strip().splitlines()[-1]
+            assert "refused" in last and "AuthenticationFailed" in last, said
+            assert "ops:***@" in last, said
+    finally:
+        server.terminate()
+        server.wait(timeout=15)

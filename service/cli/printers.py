@@ -33,7 +33,7 @@ async def _with_store(printer: Printer, settings: Settings, args: argparse.Names
     from pymongo.errors import ConfigurationError
 
     from service.clock import DbClock
-    from service.errors import DatabaseUnavailable, TaskNotFound, TaskRunnerError
+    from service.errors import DatabaseRefused, DatabaseUnavailable, TaskNotFound, TaskRunnerError
     from service.store import Store, open_client
 
     url = settings.effective_mongodb_url
@@ -48,6 +48,9 @@ async def _with_store(printer: Printer, settings: Settings, args: argparse.Names
         return await printer(store, settings, args)
     except DatabaseUnavailable as exc:
         print(f"task-runner: cannot reach the database at {redact(url)}: {exc}", file=sys.stderr)
+        return 1
+    except DatabaseRefused as exc:
+        print(f"task-runner: {exc} at {redact(url)}", file=sys.stderr)
         return 1
     except (TaskNotFound, TaskRunnerError) as exc:
         print(f"task-runner: {exc}", file=sys.stderr)

@@ -10,7 +10,8 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from service.config import Settings
+from service.config import Settings, redact
+from service.errors import DatabaseRefused
 
 if TYPE_CHECKING:
     from service.plugins import Registry
@@ -51,7 +52,15 @@ def run_api(settings: Settings, args: argparse.Namespace) -> int:
             raise
         print(f"task-runner api: {cannot_listen(settings, exc)}", file=sys.stderr)
         return 1
+    except DatabaseRefused as exc:
+        print(f"task-runner api: {refused(settings, exc)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def refused(settings: Settings, exc: DatabaseRefused) -> str:
+    """The database's refusal in one line, naming the URL without its password."""
+    return f"{exc} at {redact(settings.effective_mongodb_url)}; check the user and password"
 
 
 def cannot_listen(settings: Settings, exc: OSError) -> str:
@@ -90,5 +99,8 @@ def run_worker(settings: Settings, args: argparse.Namespace) -> int:
         run(worker.serve(settings, registry=registry))
     except MetricsPortUnusable as exc:
         print(f"task-runner worker: {exc}", file=sys.stderr)
+        return 1
+    except DatabaseRefused as exc:
+        print(f"task-runner worker: {refused(settings, exc)}", file=sys.stderr)
         return 1
     return 0

@@ -15,10 +15,10 @@ from bson import ObjectId
 from bson.errors import InvalidId
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, WriteConcern, monitoring
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import ConnectionFailure, PyMongoError
+from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from service.clock import DbClock, to_millis
-from service.errors import DatabaseUnavailable, TaskNotFound
+from service.errors import DatabaseRefused, DatabaseUnavailable, TaskNotFound
 from service.models import State
 
 logger = logging.getLogger(__name__)
@@ -52,8 +52,13 @@ LATEST_RUN_AT = datetime.fromisoformat("9999-12-31T23:59:59.999+00:00")
 DURABLE = WriteConcern(w="majority", j=True)
 
 
+# Server error codes that mean the credentials, or what they may do, are refused.
+REFUSALS = {18: "AuthenticationFailed", 13: "Unauthorized"}
+
+
 def unavailable(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    """Turn the driver's connection errors into DatabaseUnavailable."""
+    """Turn the driver's connection errors into DatabaseUnavailable, and a refusal of the
+    credentials into DatabaseRefused."""
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -61,6 +66,13 @@ def unavailable(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             return await fn(*args, **kwargs)
         except ConnectionFailure as exc:
             raise DatabaseUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
+        except OperationFailure as exc:
+            if exc.code in REFUSALS:
+                name = (exc.details or {}).get("codeName") or REFUSALS[exc.code]
+                raise DatabaseRefused(f"the database refused this client: {name}") from None
+            if exc.timeout:
+                raise DatabaseUnavailable("database timed out") from exc
+            raise
         except PyMongoError as exc:
             if exc.timeout:
                 raise DatabaseUnavailable("database timed out") from exc
