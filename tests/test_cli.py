@@ -336,3 +336,15 @@ def test_refused_credentials_are_one_line_that_hides_the_password(tmp_path: Path
     finally:
         server.terminate()
         server.wait(timeout=15)
+
+
+async def test_a_limit_on_a_type_that_does_not_exist_stops_with_one_line(
+    settings: Settings,
+) -> None:
+    for command in ("worker", "api"):
+        result = await task_runner(settings, command, type_limits=("fooo=2",))
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        assert "TASK_RUNNER_TYPE_LIMITS" in lines[0] and "fooo" in lines[0], lines
+        assert "foo, bar, baz" in lines[0] or "bar, baz, foo" in lines[0], lines

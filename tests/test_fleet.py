@@ -173,6 +173,7 @@ async def test_workers_shows_who_is_alive_and_what_each_holds(
     for worker_id in ids:
         (row,) = [line for line in lines if line.startswith(worker_id + " ")]
         assert row.split()[1] == "alive"
+        assert " foo,bar,baz " in row, row
     assert "2 worker(s): 2 alive, 0 gone" in printed.stdout
 
     killed, stopped = workers

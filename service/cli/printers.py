@@ -88,9 +88,10 @@ async def workers(store: Store, settings: Settings, args: argparse.Namespace) ->
         print("no workers registered")
         return 0
     width = max(len("worker"), *(len(w.id) for w in found)) + 2
+    types = max(len("types"), *(len(",".join(w.types)) for w in found)) + 2
     print(
         f"{'worker':<{width}}{'state':<7}{'seen':>8}  {'running':>9}  {'version':<10}"
-        f"{'metrics':<9}{'up since':<21}tasks held"
+        f"{'metrics':<9}{'up since':<21}{'types':<{types}}tasks held"
     )
     for w in found:
         seen = "never" if w.seconds_since_seen is None else f"{w.seconds_since_seen:.1f}s"
@@ -99,7 +100,8 @@ async def workers(store: Store, settings: Settings, args: argparse.Namespace) ->
         since = "unknown" if w.started_at is None else w.started_at.strftime("%Y-%m-%d %H:%M:%S")
         print(
             f"{w.id:<{width}}{'alive' if w.alive else 'gone':<7}{seen:>8}  {load:>9}  "
-            f"{w.version or '?':<10}{port:<9}{since:<21}{' '.join(w.tasks) or '-'}"
+            f"{w.version or '?':<10}{port:<9}{since:<21}{','.join(w.types) or '?':<{types}}"
+            f"{' '.join(w.tasks) or '-'}"
         )
     alive = sum(w.alive for w in found)
     print(

@@ -24,10 +24,19 @@ def task_types(settings: Settings, command: str) -> Registry | None:
     from service.plugins import PluginError, load_registry
 
     try:
-        return load_registry(settings.task_modules)
+        registry = load_registry(settings.task_modules)
     except PluginError as exc:
         print(f"task-runner {command}: {exc}", file=sys.stderr)
         return None
+    unknown = sorted(set(settings.limits) - set(registry.names))
+    if unknown:
+        print(
+            f"task-runner {command}: TASK_RUNNER_TYPE_LIMITS names {', '.join(unknown)}, "
+            f"which is no task type here (the types: {', '.join(registry.names)})",
+            file=sys.stderr,
+        )
+        return None
+    return registry
 
 
 def run_api(settings: Settings, args: argparse.Namespace) -> int:
