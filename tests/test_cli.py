@@ -348,3 +348,18 @@ async def test_a_limit_on_a_type_that_does_not_exist_stops_with_one_line(
         assert len(lines) == 1, result.stderr
         assert "TASK_RUNNER_TYPE_LIMITS" in lines[0] and "fooo" in lines[0], lines
         assert "foo, bar, baz" in lines[0] or "bar, baz, foo" in lines[0], lines
+
+
+def test_the_stop_message_names_the_signal_that_asked_for_it() -> None:
+    from service.cli.supervisor import Signals
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        signals = Signals()
+        signal.raise_signal(signal.SIGTERM)
+        assert signals.requested() and "SIGTERM again" in signals.again()
+        signals._on_signal(signal.SIGINT, None)  # as Ctrl-C would (SIGINT may be ignored here)
+        assert signals.count == 2 and "Ctrl-C again" in signals.again()
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)

@@ -33,11 +33,19 @@ class Signals:
 
     def __init__(self) -> None:
         self.count = 0
+        self.last: int | None = None  # the last signal received
         for signum in (signal.SIGTERM,) if SIGINT_IGNORED else (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.count += 1
+        self.last = signum
+
+    def again(self) -> str:
+        """How to ask, once more, for a stop now: as the last stop was asked for."""
+        if self.last == signal.SIGTERM:
+            return "send SIGTERM again to stop now"
+        return "Ctrl-C again to stop now"
 
     def requested(self) -> bool:
         """True once a stop was asked for."""
@@ -122,7 +130,7 @@ class Stack:
         """
         running = [c for c in self.children if c.process.poll() is None]
         if running or self.db is not None:
-            logger.info("stopping%s", "; Ctrl-C again to stop now" if running else "")
+            logger.info("stopping%s", f"; {self.signals.again()}" if running else "")
         self._stop(running, self.grace + STOP_MARGIN)
         if self.db is not None and self.db.process is not None:
             self._stop([Child("database", self.db.process)], 15.0)
