@@ -211,6 +211,15 @@ def _from_module(name: str, source: str) -> list[TaskDefinition]:
 def _import(name: str, what: str) -> ModuleType:
     try:
         return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        hint = ""
+        if exc.name is not None and name.startswith(exc.name):
+            # The module itself, not one of its imports, is what Python could not find.
+            hint = (
+                "; is the directory that holds it on PYTHONPATH (an absolute path) in the "
+                "environment of the api and every worker?"
+            )
+        raise PluginError(f"{what} could not be imported: {_one_line(exc)}{hint}") from None
     except Exception as exc:
         raise PluginError(f"{what} could not be imported: {_one_line(exc)}") from None
 

@@ -523,3 +523,13 @@ async def test_a_run_past_its_time_limit_fails_the_attempt_and_is_retried(
     worker.signal(signal.SIGTERM)
     assert worker.wait() == 0
     assert worker.stdout_lines() == [f"napped {quick.id}"]
+
+
+def test_a_task_module_python_cannot_find_hints_at_pythonpath(
+    settings: Settings, tmp_path: Path
+) -> None:
+    done = run_command(settings, "worker", "acme_tasks_not_on_the_path", tmp_path)
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert "No module named 'acme_tasks_not_on_the_path'" in line, line
+    assert "PYTHONPATH" in line, line
