@@ -21,24 +21,23 @@ from service.store.occurrences import Timing
 from service.web.feed import TaskFeed
 from service.web.metrics import METRICS
 from service.web.openapi import DOCS_PAGE, operation, undocumented
-from service.web.schemas import (
+from service.web.schemas.fields import parse_number
+from service.web.schemas.meta import ErrorSchema, HealthSchema
+from service.web.schemas.operations import RecoverSchema, StatsSchema, WorkerListSchema
+from service.web.schemas.schedules import (
     CreateScheduleSchema,
-    CreateTaskSchema,
-    DeletedSchema,
-    ErrorSchema,
-    HealthSchema,
-    ListQuerySchema,
-    RecoverSchema,
     ScheduleListSchema,
     ScheduleSchema,
-    StatsSchema,
+)
+from service.web.schemas.tasks import (
+    CreateTaskSchema,
+    DeletedSchema,
+    ListQuerySchema,
     TaskPageSchema,
     TaskQuerySchema,
     TaskSchema,
-    WorkerListSchema,
     decode_cursor,
     encode_cursor,
-    parse_number,
 )
 
 SETTINGS = web.AppKey("settings", Settings)

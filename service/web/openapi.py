@@ -13,14 +13,9 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from marshmallow import fields
 
 from service.plugins import Registry
-from service.web.schemas import (
-    AnyCaseEnum,
-    CreateTaskSchema,
-    ErrorSchema,
-    RunAt,
-    TaskTypeName,
-    Timestamp,
-)
+from service.web.schemas.fields import AnyCaseEnum, RunAt, TaskTypeName, Timestamp
+from service.web.schemas.meta import ErrorSchema
+from service.web.schemas.tasks import CreateTaskSchema
 
 H = TypeVar("H", bound=Callable[..., Any])
 
