@@ -225,7 +225,12 @@ async def test_a_completion_just_after_the_first_read_is_not_missed(
     store: Store, change_streams: bool, already_watching: bool, monkeypatch: Any
 ) -> None:
     # No poll comes within the test: only the stream, or the read when the watch opens.
-    feed = TaskFeed(store, change_streams=change_streams, wait_poll_interval=30.0)
+    feed = TaskFeed(
+        watch=store.watch,
+        tasks=store.tasks,
+        change_streams=change_streams,
+        wait_poll_interval=30.0,
+    )
     task_id = await waiting_task(store)
     if already_watching:
         with feed.subscribe() as queue:
@@ -257,7 +262,13 @@ async def test_polling_reads_a_new_waiters_task_within_the_wait_interval(
 ) -> None:
     # The watch already polls (for the dashboard, every 30 s here): a waiter who joins does not
     # wait for that poll, but for one read within `wait_poll_interval`.
-    feed = TaskFeed(store, change_streams=False, poll_interval=30.0, wait_poll_interval=0.3)
+    feed = TaskFeed(
+        watch=store.watch,
+        tasks=store.tasks,
+        change_streams=False,
+        poll_interval=30.0,
+        wait_poll_interval=0.3,
+    )
     task_id = await waiting_task(store)
     try:
         with feed.subscribe() as queue:

@@ -253,7 +253,7 @@ async def metrics(request: web.Request) -> web.Response:
     figures are cached for TASK_RUNNER_METRICS_CACHE seconds; a database that does not
     answer shows as task_runner_database_up 0, not as an error."""
     body, content_type = await request.app[METRICS].render(
-        request.app[STORE], request.headers.get("Accept", "")
+        request.app[STORE].figures, request.headers.get("Accept", "")
     )
     return web.Response(body=body, headers={"Content-Type": content_type})
 

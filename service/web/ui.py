@@ -109,7 +109,10 @@ async def events(request: web.Request) -> web.StreamResponse:
 
 async def feed_context(app: web.Application) -> AsyncIterator[None]:
     """One TaskFeed for the process (a cleanup_ctx, after the database's)."""
-    feed = TaskFeed(app[STORE], change_streams=app[SETTINGS].change_streams)
+    store = app[STORE]
+    feed = TaskFeed(
+        watch=store.watch, tasks=store.tasks, change_streams=app[SETTINGS].change_streams
+    )
     app[FEED] = feed
     yield
     await feed.close()
