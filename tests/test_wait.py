@@ -27,9 +27,9 @@ import service.store.base
 from service.config import Settings
 from service.models import Task
 from service.store import Store
-from service.web.api import OPENAPI, TASK_FEED
 from service.web.app import create_app
 from service.web.feed import TaskFeed
+from service.web.keys import OPENAPI, TASK_FEED
 from tests.conftest import StubHttpServer, WorkerProcess, eventually, wait_until_started
 from tests.test_api_fuzz import DIGITS_TEXT, FUZZ, LiveApi, resolve
 from tests.test_ui import failed_task

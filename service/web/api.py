@@ -14,12 +14,9 @@ from marshmallow import ValidationError
 from service.config import Settings
 from service.errors import DeleteAllDisabled
 from service.models import Schedule, State, Task
-from service.plugins import Registry
-from service.store import Store
 from service.store.idempotency import IdempotentCreate
 from service.store.occurrences import Timing
-from service.web.feed import TaskFeed
-from service.web.metrics import METRICS
+from service.web.keys import METRICS, OPENAPI, REGISTRY, SETTINGS, STORE, TASK_FEED
 from service.web.openapi import DOCS_PAGE, operation, undocumented
 from service.web.schemas.fields import parse_number
 from service.web.schemas.meta import ErrorSchema, HealthSchema
@@ -40,13 +37,6 @@ from service.web.schemas.tasks import (
     encode_cursor,
 )
 
-SETTINGS = web.AppKey("settings", Settings)
-STORE = web.AppKey("store", Store)
-OPENAPI = web.AppKey("openapi", dict)
-# The task types this API accepts: loaded once at start-up, as the workers load theirs.
-REGISTRY = web.AppKey("registry", Registry)
-# The process's one TaskFeed (the dashboard's, see service.web.ui), for GET /tasks/{id}?wait=.
-TASK_FEED = web.AppKey("task_feed", TaskFeed)
 H = TypeVar("H", bound=Callable[..., Any])
 
 task_schema = TaskSchema()

@@ -16,7 +16,6 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
@@ -180,6 +179,3 @@ class ApiMetrics:
         await self.queue.refresh(figures)
         encoder, content_type = choose_encoder(accept)
         return encoder(self.registry), content_type
-
-
-METRICS = web.AppKey("metrics", ApiMetrics)

@@ -13,12 +13,11 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from service.web.api import SETTINGS, STORE
 from service.web.feed import TaskFeed
+from service.web.keys import SETTINGS, STORE, TASK_FEED
 from service.web.openapi import operation
 
 STATIC = Path(__file__).parent / "static" / "ui"
-FEED = web.AppKey("feed", TaskFeed)
 # A comment line every so often: proxies keep the stream, and a client that left is noticed.
 KEEPALIVE = 5.0
 # Sent with each stream: how soon (ms) the browser's EventSource reconnects.
@@ -74,7 +73,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     state ({"op", "id", "state", "type"}), {"op": "open"} once changes are watched, and
     {"op": "changed"} where the server has no change streams (polled). Each stream ends
     before TASK_RUNNER_REQUEST_TIMEOUT; clients reconnect (EventSource does by itself)."""
-    feed = request.app[FEED]
+    feed = request.app[TASK_FEED]
     timeout = request.app[SETTINGS].request_timeout
     # End the stream before the timeout middleware would answer 503 on top of it.
     lifetime = timeout - min(1.0, timeout / 4)
@@ -108,12 +107,13 @@ async def events(request: web.Request) -> web.StreamResponse:
 
 
 async def feed_context(app: web.Application) -> AsyncIterator[None]:
-    """One TaskFeed for the process (a cleanup_ctx, after the database's)."""
+    """One TaskFeed for the process (a cleanup_ctx, after the database's): the event
+    stream's and GET /tasks/{id}?wait='s."""
     store = app[STORE]
     feed = TaskFeed(
         watch=store.watch, tasks=store.tasks, change_streams=app[SETTINGS].change_streams
     )
-    app[FEED] = feed
+    app[TASK_FEED] = feed
     yield
     await feed.close()
 
@@ -121,7 +121,7 @@ async def feed_context(app: web.Application) -> AsyncIterator[None]:
 async def end_streams(app: web.Application) -> None:
     """on_shutdown: end every open stream, so that shutdown does not wait on them (the
     runner waits for running handlers before it runs the cleanup contexts)."""
-    feed = app.get(FEED)
+    feed = app.get(TASK_FEED)
     if feed is not None:
         await feed.close()
 
