@@ -14,7 +14,6 @@ from service.errors import DatabaseUnavailable
 from service.periodic import Periodic
 from service.plugins import Registry, load_registry
 from service.store import Store, open_client
-from service.web.api import EARLIER_ALIASES, routes
 from service.web.keys import METRICS, OPENAPI, REGISTRY, SETTINGS, STORE
 from service.web.metrics import ApiMetrics
 from service.web.middlewares import (
@@ -27,6 +26,7 @@ from service.web.middlewares import (
     timeout_middleware,
 )
 from service.web.openapi import build_spec
+from service.web.routes import EARLIER_ALIASES, ROUTES
 from service.web.ui import add_dashboard
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
     app[REGISTRY] = registry
     app[METRICS] = metrics
     app.cleanup_ctx.append(_database)
-    app.add_routes(routes)
+    app.add_routes(ROUTES)
     app.router.add_static("/docs/static", swagger_ui_path, name="docs-static")
     add_dashboard(app)
     app[OPENAPI] = build_spec(

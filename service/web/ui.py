@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, TypeVar
 
 from aiohttp import web
 
 from service.web.feed import TaskFeed
 from service.web.keys import SETTINGS, STORE, TASK_FEED
-from service.web.openapi import operation
+from service.web.openapi import answers, operation
 
 STATIC = Path(__file__).parent / "static" / "ui"
 # A comment line every so often: proxies keep the stream, and a client that left is noticed.
@@ -35,18 +34,6 @@ SECURITY_HEADERS = {
 }
 
 routes = web.RouteTableDef()
-H = TypeVar("H", bound=Callable[..., Any])
-
-
-def answers(media_type: str) -> Callable[[H], H]:
-    """Document the 200 answer of an operation as `media_type` text (put above @operation)."""
-
-    def attach(handler: H) -> H:
-        ok = handler.openapi["responses"]["200"]  # type: ignore[attr-defined]
-        ok["content"] = {media_type: {"schema": {"type": "string"}}}
-        return handler
-
-    return attach
 
 
 @routes.get("/ui")
