@@ -27,9 +27,9 @@ from pymongo import MongoClient
 
 from service.config import Settings
 from service.localdb import free_port
-from service.web.api import OPENAPI
 from service.web.app import create_app
-from service.web.schemas import YEAR_10000
+from service.web.keys import OPENAPI
+from service.web.schemas.fields import YEAR_10000
 
 OBJECT_ID = st.text(alphabet="0123456789abcdef", min_size=24, max_size=24)
 SCALARS = (

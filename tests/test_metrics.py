@@ -123,16 +123,16 @@ async def test_scrapes_within_the_cache_period_cost_one_query_batch(settings: Se
         log.names.clear()
         queue = QueueCollector(ttl=60.0, stale_after=settings.stale_after)
         # Fifty scrapes at once, then fifty more: one batch of reads in all.
-        await asyncio.gather(*(queue.refresh(store) for _ in range(50)))
+        await asyncio.gather(*(queue.refresh(store.figures) for _ in range(50)))
         batch = list(log.names)
         assert 1 <= len(batch) <= 6, batch
         for _ in range(50):
-            await queue.refresh(store)
+            await queue.refresh(store.figures)
         assert log.names == batch
         assert queue.refreshes == 1
         # Past the period, the next scrape reads again: once.
         queue.ttl = 0.0
-        await queue.refresh(store)
+        await queue.refresh(store.figures)
         assert len(log.names) == 2 * len(batch)
     finally:
         await client.drop_database(settings.database)
@@ -143,22 +143,22 @@ async def test_scrapes_during_a_slow_refresh_get_the_last_figures_at_once(
     store: Store, settings: Settings
 ) -> None:
     queue = QueueCollector(ttl=60.0, stale_after=settings.stale_after)
-    await queue.refresh(store)
+    await queue.refresh(store.figures)
     first = queue.snapshot
     gate = asyncio.Event()
 
-    class SlowStore:
-        """The real store, held at the gate: a refresh that takes as long as we like."""
+    class SlowFigures:
+        """The real figures, held at the gate: a refresh that takes as long as we like."""
 
         async def queue_figures(self, *, stale_after: float) -> Any:
             await gate.wait()
             return await store.figures.queue_figures(stale_after=stale_after)
 
     queue.ttl = 0.0
-    slow = asyncio.create_task(queue.refresh(SlowStore()))  # type: ignore[arg-type]
+    slow = asyncio.create_task(queue.refresh(SlowFigures()))  # type: ignore[arg-type]
     await asyncio.sleep(0)
     # Another scrape meanwhile answers at once, with the figures it has.
-    await asyncio.wait_for(queue.refresh(store), 1.0)
+    await asyncio.wait_for(queue.refresh(store.figures), 1.0)
     assert queue.snapshot is first and not slow.done()
     gate.set()
     await slow

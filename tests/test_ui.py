@@ -31,7 +31,7 @@ from service.localdb import free_port
 from service.store import Store
 from service.web.app import create_app
 from service.web.feed import TaskFeed
-from service.web.ui import FEED
+from service.web.keys import TASK_FEED
 from tests.conftest import StubHttpServer, WorkerProcess, eventually, settings_env
 
 Client = TestClient[Any, Any]
@@ -236,7 +236,7 @@ async def test_an_event_stream_ends_when_the_client_leaves_and_at_shutdown(
     monkeypatch.setattr(service.web.ui, "KEEPALIVE", 0.1)
     client = await aiohttp_client(create_app(settings))
     assert client.app is not None
-    feed: TaskFeed = client.app[FEED]
+    feed: TaskFeed = client.app[TASK_FEED]
     leaving = await client.get("/events")
     await read_events(leaving, 1)
     staying = await client.get("/events")

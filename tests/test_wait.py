@@ -23,13 +23,13 @@ from hypothesis import strategies as st
 from openapi_schema_validator import OAS30Validator
 from pymongo import AsyncMongoClient, MongoClient, monitoring
 
-import service.store
+import service.store.base
 from service.config import Settings
 from service.models import Task
 from service.store import Store
-from service.web.api import OPENAPI, TASK_FEED
 from service.web.app import create_app
 from service.web.feed import TaskFeed
+from service.web.keys import OPENAPI, TASK_FEED
 from tests.conftest import StubHttpServer, WorkerProcess, eventually, wait_until_started
 from tests.test_api_fuzz import DIGITS_TEXT, FUZZ, LiveApi, resolve
 from tests.test_ui import failed_task
@@ -225,7 +225,12 @@ async def test_a_completion_just_after_the_first_read_is_not_missed(
     store: Store, change_streams: bool, already_watching: bool, monkeypatch: Any
 ) -> None:
     # No poll comes within the test: only the stream, or the read when the watch opens.
-    feed = TaskFeed(store, change_streams=change_streams, wait_poll_interval=30.0)
+    feed = TaskFeed(
+        watch=store.watch,
+        tasks=store.tasks,
+        change_streams=change_streams,
+        wait_poll_interval=30.0,
+    )
     task_id = await waiting_task(store)
     if already_watching:
         with feed.subscribe() as queue:
@@ -237,10 +242,10 @@ async def test_a_completion_just_after_the_first_read_is_not_missed(
         await store.db.tasks.update_one(
             {"_id": ObjectId(task_id)}, {"$set": {"state": "COMPLETE", "output": "done"}}
         )
-        monkeypatch.setattr(store, "get", real_get)
+        monkeypatch.setattr(store.tasks, "get", real_get)
         return task
 
-    monkeypatch.setattr(store, "get", read_then_complete)
+    monkeypatch.setattr(store.tasks, "get", read_then_complete)
     try:
         started = time.monotonic()
         task = await feed.wait_for(task_id, within=20)
@@ -257,7 +262,13 @@ async def test_polling_reads_a_new_waiters_task_within_the_wait_interval(
 ) -> None:
     # The watch already polls (for the dashboard, every 30 s here): a waiter who joins does not
     # wait for that poll, but for one read within `wait_poll_interval`.
-    feed = TaskFeed(store, change_streams=False, poll_interval=30.0, wait_poll_interval=0.3)
+    feed = TaskFeed(
+        watch=store.watch,
+        tasks=store.tasks,
+        change_streams=False,
+        poll_interval=30.0,
+        wait_poll_interval=0.3,
+    )
     task_id = await waiting_task(store)
     try:
         with feed.subscribe() as queue:
@@ -304,7 +315,7 @@ async def test_many_waiters_cost_a_bounded_number_of_commands(
         # Beside the listeners the app itself passes, if any.
         return AsyncMongoClient(*args, event_listeners=[*event_listeners, commands], **kwargs)
 
-    monkeypatch.setattr(service.store, "AsyncMongoClient", counted)
+    monkeypatch.setattr(service.store.base, "AsyncMongoClient", counted)
     client = await modes(change_streams)
     feed = feed_of(client)
     wait = 3.0

@@ -14,8 +14,8 @@ from service.errors import DatabaseUnavailable
 from service.periodic import Periodic
 from service.plugins import Registry, load_registry
 from service.store import Store, open_client
-from service.web.api import EARLIER_ALIASES, OPENAPI, REGISTRY, SETTINGS, STORE, TASK_FEED, routes
-from service.web.metrics import METRICS, ApiMetrics
+from service.web.keys import METRICS, OPENAPI, REGISTRY, SETTINGS, STORE
+from service.web.metrics import ApiMetrics
 from service.web.middlewares import (
     ACCESS_LOGGER,
     AccessLog,
@@ -26,7 +26,8 @@ from service.web.middlewares import (
     timeout_middleware,
 )
 from service.web.openapi import build_spec
-from service.web.ui import FEED, add_dashboard
+from service.web.routes import EARLIER_ALIASES, ROUTES
+from service.web.ui import add_dashboard
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +70,6 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     await client.close()
 
 
-async def _share_feed(app: web.Application) -> AsyncIterator[None]:
-    """Hand the dashboard's TaskFeed to the waits of GET /tasks/{id}: one watch per process."""
-    app[TASK_FEED] = app[FEED]
-    yield
-
-
 def create_app(settings: Settings, *, registry: Registry | None = None) -> web.Application:
     """The API application for these settings and task types (None: loaded here, as the
     workers load theirs; a problem raises PluginError)."""
@@ -102,10 +97,9 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
     app[REGISTRY] = registry
     app[METRICS] = metrics
     app.cleanup_ctx.append(_database)
-    app.add_routes(routes)
+    app.add_routes(ROUTES)
     app.router.add_static("/docs/static", swagger_ui_path, name="docs-static")
     add_dashboard(app)
-    app.cleanup_ctx.append(_share_feed)  # after the dashboard's, which opens the feed
     app[OPENAPI] = build_spec(
         app, bearer=bool(settings.api_tokens), earlier_aliases=EARLIER_ALIASES, registry=registry
     )

@@ -26,7 +26,8 @@ from typing import Any
 from service.errors import ChangeStreamsUnavailable, DatabaseUnavailable, TaskNotFound
 from service.models import TERMINAL, Task
 from service.periodic import stop_task
-from service.store import Store
+from service.store.streams import TaskWatch
+from service.store.tasks import Tasks
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +57,9 @@ class TaskFeed:
 
     def __init__(
         self,
-        store: Store,
         *,
+        watch: TaskWatch,
+        tasks: Tasks,
         change_streams: bool = True,
         poll_interval: float = 2.0,
         max_await: float = 1.0,
@@ -67,7 +69,8 @@ class TaskFeed:
         wait_poll_interval: float = 0.5,
         wait_check: float = 0.5,
     ) -> None:
-        self.store = store
+        self.watch = watch
+        self.tasks = tasks
         self.change_streams = change_streams
         self.poll_interval = poll_interval
         self.max_await = max_await
@@ -116,14 +119,14 @@ class TaskFeed:
         seen by the watcher, or by the read of every waited task that follows its opening.
         """
         if self._closed:
-            return await self.store.tasks.get(task_id)
+            return await self.tasks.get(task_id)
         key, waiter = task_id, self._join(task_id)
         try:
-            task = await self.store.tasks.get(task_id)
+            task = await self.tasks.get(task_id)
             if task.id != key:  # another spelling of its id: join under the one events use
                 self._leave(key, waiter)
                 key, waiter = task.id, self._join(task.id)
-                task = await self.store.tasks.get(task.id)
+                task = await self.tasks.get(task.id)
             if task.state in TERMINAL:
                 return task
             # Started only now (a 404 opens nothing): what changes before the watcher is open
@@ -138,7 +141,7 @@ class TaskFeed:
             return waiter.task
         if waiter.deleted:
             raise TaskNotFound(task_id)
-        return await self.store.tasks.get(key)  # the wait is over: as it is now
+        return await self.tasks.get(key)  # the wait is over: as it is now
 
     async def _wait(self, waiter: _Waiter, *, within: float, left: Callable[[], bool]) -> bool:
         """Until the waiter is settled or `within` seconds pass; False if the client left."""
@@ -232,7 +235,7 @@ class TaskFeed:
         while self._unread:
             task_ids, self._unread = self._unread, set()
             try:
-                found = await self.store.tasks.get_many(task_ids)
+                found = await self.tasks.get_many(task_ids)
             except DatabaseUnavailable as exc:
                 logger.warning(
                     "event feed: %s; reading waited tasks again in %gs", exc, self.retry_after
@@ -283,7 +286,7 @@ class TaskFeed:
         self._read(self._waiting)  # what changed before the watcher was open
 
     async def _stream(self) -> None:
-        events = self.store.watch.task_events(max_await=self.max_await)
+        events = self.watch.task_events(max_await=self.max_await)
         try:
             async for event in events:
                 if self.mode is None:  # the first None: the stream is open
@@ -301,7 +304,7 @@ class TaskFeed:
         """Waited tasks every `wait_poll_interval` (one read for all), and the fingerprint
         every `poll_interval` while someone listens."""
         loop = asyncio.get_running_loop()
-        last: tuple[Any, ...] | None = await self.store.watch.fingerprint()
+        last: tuple[Any, ...] | None = await self.watch.fingerprint()
         self._opened("polling")
         next_fingerprint = loop.time() + self.poll_interval
         next_read: float | None = None
@@ -321,7 +324,7 @@ class TaskFeed:
             if not self._subscribers:
                 last = None  # nobody to tell; the next listener hears "changed" once
                 continue
-            now = await self.store.watch.fingerprint()
+            now = await self.watch.fingerprint()
             if now != last:
                 last = now
                 self.publish(CHANGED)

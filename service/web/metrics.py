@@ -16,7 +16,6 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
@@ -25,8 +24,7 @@ from pymongo.errors import PyMongoError
 from service.config import Settings
 from service.errors import DatabaseUnavailable
 from service.models import State, TaskType
-from service.store import Store
-from service.store.figures import QueueFigures
+from service.store.figures import Figures, QueueFigures
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +77,7 @@ class QueueCollector:
     def _fresh(self) -> bool:
         return self.snapshot is not None and self.clock() - self.snapshot.taken < self.ttl
 
-    async def refresh(self, store: Store) -> None:
+    async def refresh(self, figures: Figures) -> None:
         """Read the figures unless a refresh within the last `ttl` seconds holds. One refresh
         at a time: scrapes that arrive meanwhile are served the last figures (their age is
         exported) rather than wait, since a refresh can take seconds on a large collection
@@ -93,14 +91,14 @@ class QueueCollector:
                 return
             self.refreshes += 1
             try:
-                figures: QueueFigures | None = await store.figures.queue_figures(
+                read: QueueFigures | None = await figures.queue_figures(
                     stale_after=self.stale_after
                 )
             except (DatabaseUnavailable, PyMongoError) as exc:
                 # /metrics still answers (database_up 0); the next scrape after ttl retries.
                 logger.warning("queue figures for /metrics unavailable: %s", exc)
-                figures = None
-            self.snapshot = Snapshot(figures, self.clock())
+                read = None
+            self.snapshot = Snapshot(read, self.clock())
 
     def collect(self) -> Iterator[Metric]:
         """The gauges of the last snapshot (prometheus_client's Collector protocol)."""
@@ -176,11 +174,8 @@ class ApiMetrics:
         self.requests.labels(route, method, str(status)).inc()
         self.duration.labels(route, method).observe(seconds)
 
-    async def render(self, store: Store, accept: str) -> tuple[bytes, str]:
+    async def render(self, figures: Figures, accept: str) -> tuple[bytes, str]:
         """The exposition in the format `accept` asks for, and its content type."""
-        await self.queue.refresh(store)
+        await self.queue.refresh(figures)
         encoder, content_type = choose_encoder(accept)
         return encoder(self.registry), content_type
-
-
-METRICS = web.AppKey("metrics", ApiMetrics)

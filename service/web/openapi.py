@@ -1,5 +1,6 @@
-"""The OpenAPI 3 document, generated from the app's own routes and marshmallow schemas,
-and a docs page (Swagger UI, served from the swagger-ui-bundle package: no CDN needed).
+"""The OpenAPI 3 document, generated from the app's own routes and marshmallow schemas (the
+decorators here attach each handler's operation), and a docs page (Swagger UI, served from
+the swagger-ui-bundle package: no CDN needed).
 """
 
 from __future__ import annotations
@@ -13,14 +14,9 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from marshmallow import fields
 
 from service.plugins import Registry
-from service.web.schemas import (
-    AnyCaseEnum,
-    CreateTaskSchema,
-    ErrorSchema,
-    RunAt,
-    TaskTypeName,
-    Timestamp,
-)
+from service.web.schemas.fields import AnyCaseEnum, RunAt, TaskTypeName, Timestamp
+from service.web.schemas.meta import ErrorSchema
+from service.web.schemas.tasks import CreateTaskSchema
 
 H = TypeVar("H", bound=Callable[..., Any])
 
@@ -60,6 +56,30 @@ def undocumented(handler: H) -> H:
     """Mark a route that is a page for people, not an API operation."""
     handler.openapi = {}  # type: ignore[attr-defined]
     return handler
+
+
+def also_error(status: int, description: str) -> Callable[[H], H]:
+    """Document one more error answer of an operation (put above @operation)."""
+
+    def attach(handler: H) -> H:
+        handler.openapi["responses"][str(status)] = {  # type: ignore[attr-defined]
+            "description": description,
+            "content": {"application/json": {"schema": ErrorSchema}},
+        }
+        return handler
+
+    return attach
+
+
+def answers(media_type: str) -> Callable[[H], H]:
+    """Document the 200 answer of an operation as `media_type` text (put above @operation)."""
+
+    def attach(handler: H) -> H:
+        ok = handler.openapi["responses"]["200"]  # type: ignore[attr-defined]
+        ok["content"] = {media_type: {"schema": {"type": "string"}}}
+        return handler
+
+    return attach
 
 
 def _response(description: str, schema: Any) -> dict[str, Any]:

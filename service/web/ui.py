@@ -7,18 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, TypeVar
 
 from aiohttp import web
 
-from service.web.api import SETTINGS, STORE
 from service.web.feed import TaskFeed
-from service.web.openapi import operation
+from service.web.keys import SETTINGS, STORE, TASK_FEED
+from service.web.openapi import answers, operation
 
 STATIC = Path(__file__).parent / "static" / "ui"
-FEED = web.AppKey("feed", TaskFeed)
 # A comment line every so often: proxies keep the stream, and a client that left is noticed.
 KEEPALIVE = 5.0
 # Sent with each stream: how soon (ms) the browser's EventSource reconnects.
@@ -36,18 +34,6 @@ SECURITY_HEADERS = {
 }
 
 routes = web.RouteTableDef()
-H = TypeVar("H", bound=Callable[..., Any])
-
-
-def answers(media_type: str) -> Callable[[H], H]:
-    """Document the 200 answer of an operation as `media_type` text (put above @operation)."""
-
-    def attach(handler: H) -> H:
-        ok = handler.openapi["responses"]["200"]  # type: ignore[attr-defined]
-        ok["content"] = {media_type: {"schema": {"type": "string"}}}
-        return handler
-
-    return attach
 
 
 @routes.get("/ui")
@@ -74,7 +60,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     state ({"op", "id", "state", "type"}), {"op": "open"} once changes are watched, and
     {"op": "changed"} where the server has no change streams (polled). Each stream ends
     before TASK_RUNNER_REQUEST_TIMEOUT; clients reconnect (EventSource does by itself)."""
-    feed = request.app[FEED]
+    feed = request.app[TASK_FEED]
     timeout = request.app[SETTINGS].request_timeout
     # End the stream before the timeout middleware would answer 503 on top of it.
     lifetime = timeout - min(1.0, timeout / 4)
@@ -108,9 +94,13 @@ async def events(request: web.Request) -> web.StreamResponse:
 
 
 async def feed_context(app: web.Application) -> AsyncIterator[None]:
-    """One TaskFeed for the process (a cleanup_ctx, after the database's)."""
-    feed = TaskFeed(app[STORE], change_streams=app[SETTINGS].change_streams)
-    app[FEED] = feed
+    """One TaskFeed for the process (a cleanup_ctx, after the database's): the event
+    stream's and GET /tasks/{id}?wait='s."""
+    store = app[STORE]
+    feed = TaskFeed(
+        watch=store.watch, tasks=store.tasks, change_streams=app[SETTINGS].change_streams
+    )
+    app[TASK_FEED] = feed
     yield
     await feed.close()
 
@@ -118,7 +108,7 @@ async def feed_context(app: web.Application) -> AsyncIterator[None]:
 async def end_streams(app: web.Application) -> None:
     """on_shutdown: end every open stream, so that shutdown does not wait on them (the
     runner waits for running handlers before it runs the cleanup contexts)."""
-    feed = app.get(FEED)
+    feed = app.get(TASK_FEED)
     if feed is not None:
         await feed.close()
 

@@ -1,0 +1,74 @@
+"""What the resources' handlers share: reading a JSON body or a query string safely (no
+MongoDB operators, no deep nesting), and a task as an answer."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+from marshmallow import ValidationError
+
+from service.models import Task
+from service.web.schemas.tasks import TaskSchema
+
+task_schema = TaskSchema()
+
+# No valid request nests deeper than 2; this leaves room and keeps every walk shallow.
+MAX_NESTING = 32
+
+
+def task_response(task: Task, *, status: int = 200) -> web.Response:
+    """The task as JSON; a 201 also says where the new task is (Location)."""
+    response = web.json_response(task_schema.dump(task), status=status)
+    if status == 201:
+        response.headers["Location"] = f"/tasks/{task.id}"
+    return response
+
+
+async def json_object(request: web.Request) -> dict[str, Any]:
+    """The request's body: a JSON object without MongoDB operators, else a 400 or 415."""
+    if request.content_type != "application/json":
+        raise web.HTTPUnsupportedMediaType(text="send the body as application/json")
+    try:
+        raw = await request.read()
+    except (web.RequestPayloadError, ConnectionResetError) as exc:
+        # A malformed chunk, or a client that went away mid-body: a 400, not a logged 500.
+        raise web.HTTPBadRequest(text=f"the request body could not be read: {exc}") from None
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ValidationError({"body": ["not valid JSON"]}) from None
+    except RecursionError:
+        raise ValidationError({"body": [f"nested deeper than {MAX_NESTING} levels"]}) from None
+    if not isinstance(body, dict):
+        raise ValidationError({"body": ["must be a JSON object"]})
+    reject_operators(body, "body")
+    return body
+
+
+def reject_operators(value: Any, where: str) -> None:
+    """Refuse anything shaped like a MongoDB operator ("$ne", {"$gt": ...}) anywhere, and
+    anything nested deeper than MAX_NESTING (walked with a stack, not recursion).
+    """
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list) and depth >= MAX_NESTING:
+            raise ValidationError({where: [f"nested deeper than {MAX_NESTING} levels"]})
+        if isinstance(item, dict):
+            stack.extend((part, depth + 1) for pair in item.items() for part in pair)
+        elif isinstance(item, list):
+            stack.extend((part, depth + 1) for part in item)
+        elif isinstance(item, str) and item.startswith("$"):
+            raise ValidationError({where: [f"{item[:40]!r}: MongoDB operators are not accepted"]})
+
+
+def single_valued_query(request: web.Request) -> dict[str, str]:
+    """The query string as a dict: each parameter given once, no MongoDB operators."""
+    query = request.query
+    repeated = sorted({key for key in query if len(query.getall(key)) > 1})
+    if repeated:
+        raise ValidationError({key: ["give this parameter once"] for key in repeated})
+    reject_operators(dict(query), "query")
+    return dict(query)

@@ -1,0 +1,103 @@
+"""Recurring schedules: create, list, get, delete, pause and resume."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from service.models import Schedule
+from service.store.occurrences import Timing
+from service.web.common import json_object
+from service.web.keys import REGISTRY, SETTINGS, STORE
+from service.web.openapi import also_error, operation
+from service.web.schemas.schedules import (
+    CreateScheduleSchema,
+    ScheduleListSchema,
+    ScheduleSchema,
+)
+
+schedule_schema = ScheduleSchema()
+NO_SCHEDULE = "no such schedule"
+
+
+def _schedule_response(schedule: Schedule | None, *, status: int = 200) -> web.Response:
+    if schedule is None:
+        raise web.HTTPNotFound(text=NO_SCHEDULE)
+    response = web.json_response(schedule_schema.dump(schedule), status=status)
+    if status == 201:
+        response.headers["Location"] = f"/schedules/{schedule.id}"
+    return response
+
+
+@operation(
+    "create a recurring schedule",
+    responses={201: ScheduleSchema},
+    errors=(400, 413, 415),
+    requestBody={
+        "required": True,
+        "content": {"application/json": {"schema": CreateScheduleSchema}},
+    },
+)
+async def create_schedule(request: web.Request) -> web.Response:
+    """Create a schedule: a task template ({"type", "args", "priority", "max_attempts",
+    "timeout"}, checked as POST /tasks checks them) with "cron" (and "timezone") or "every"."""
+    body = await json_object(request)
+    loaded = CreateScheduleSchema(registry=request.app[REGISTRY]).load(body)
+    template = {
+        "type": loaded["type"].name,
+        "args": loaded["args"],
+        "priority": loaded["priority"],
+        "max_attempts": loaded["max_attempts"] or request.app[SETTINGS].max_attempts,
+        "timeout": loaded["timeout"],
+    }
+    timing = Timing(
+        cron=loaded["cron"],
+        timezone=loaded["timezone"],
+        every=loaded["every"],
+        start_at=loaded["start_at"],
+        end_at=loaded["end_at"],
+        missed=loaded["missed"].value,
+    )
+    schedule = await request.app[STORE].schedules.create(template=template, timing=timing)
+    return _schedule_response(schedule, status=201)
+
+
+@operation("list schedules", responses={200: ScheduleListSchema})
+async def list_schedules(request: web.Request) -> web.Response:
+    """Every schedule (up to TASK_RUNNER_MAX_PAGE_SIZE), oldest first."""
+    limit = request.app[SETTINGS].max_page_size
+    schedules = await request.app[STORE].schedules.page(limit=limit)
+    return web.json_response(ScheduleListSchema().dump({"schedules": schedules}))
+
+
+@also_error(404, NO_SCHEDULE)
+@operation("one schedule", responses={200: ScheduleSchema})
+async def get_schedule(request: web.Request) -> web.Response:
+    """One schedule, with its next occurrence."""
+    return _schedule_response(await request.app[STORE].schedules.get(request.match_info["id"]))
+
+
+@also_error(404, NO_SCHEDULE)
+@operation("delete a schedule", responses={204: None})
+async def delete_schedule(request: web.Request) -> web.Response:
+    """Delete a schedule: no more occurrences; its tasks made ahead whose occurrence has not
+    come yet are deleted with it, those already due or running run as usual."""
+    if not await request.app[STORE].schedules.delete(request.match_info["id"]):
+        raise web.HTTPNotFound(text=NO_SCHEDULE)
+    return web.Response(status=204)
+
+
+@also_error(404, NO_SCHEDULE)
+@operation("pause a schedule", responses={200: ScheduleSchema})
+async def pause_schedule(request: web.Request) -> web.Response:
+    """Pause a schedule: it creates nothing until resumed, and its tasks made ahead whose
+    occurrence has not come yet are withdrawn (its next_at moves back to the first of them)."""
+    schedules = request.app[STORE].schedules
+    return _schedule_response(await schedules.pause(request.match_info["id"], paused=True))
+
+
+@also_error(404, NO_SCHEDULE)
+@operation("resume a schedule", responses={200: ScheduleSchema})
+async def resume_schedule(request: web.Request) -> web.Response:
+    """Resume a paused schedule; occurrences missed meanwhile follow its missed policy."""
+    schedules = request.app[STORE].schedules
+    return _schedule_response(await schedules.pause(request.match_info["id"], paused=False))

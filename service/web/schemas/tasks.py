@@ -1,0 +1,252 @@
+"""Tasks: the body of a new task, the query parameters of the list and of one task, a
+task and a page of them as answered, and the list's opaque cursors."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from bson import DatetimeMS, Int64, ObjectId, json_util
+from bson.json_util import CANONICAL_JSON_OPTIONS
+from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
+
+from service.models import PRIORITY_MAX, PRIORITY_MIN, State
+from service.plugins import TaskDefinition
+from service.web.schemas.fields import (
+    AnyCaseEnum,
+    DigitsInteger,
+    DigitsNumber,
+    RunAt,
+    TaskTypeName,
+    Timestamp,
+    WithRegistry,
+)
+
+MAX_ATTEMPTS_LIMIT = 100
+MAX_TIMEOUT = 7 * 24 * 3600
+
+
+class CreateTaskSchema(WithRegistry):
+    """POST /tasks body. `type` loads as the type's TaskDefinition and `args` as what its
+    schema accepted (the dump of its load), ready to store."""
+
+    class Meta:
+        unknown = RAISE
+
+    # Each field's `example` is what the docs page pre-fills for "Try it out"; a test posts
+    # the request built from them and expects 201.
+    type = TaskTypeName(
+        required=True, metadata={"description": "any letter case", "example": "foo"}
+    )
+    run_at = RunAt(
+        load_default=None,
+        allow_none=False,
+        metadata={
+            "description": "ISO 8601 with a UTC offset, or Unix seconds; omit, or give a past "
+            "time, for now",
+            "example": "2026-01-31T12:00:00Z",
+        },
+    )
+    max_attempts = fields.Integer(
+        strict=True,
+        load_default=None,
+        allow_none=False,
+        validate=validate.Range(min=1, max=MAX_ATTEMPTS_LIMIT),
+        metadata={
+            "description": "cap on attempts; the service default when omitted",
+            "example": 3,
+        },
+    )
+    args = fields.Dict(
+        keys=fields.String(),
+        load_default=None,
+        allow_none=False,
+        metadata={
+            "description": "the task's arguments, checked against its type's schema; a type "
+            "without a schema takes none",
+            "example": {},
+        },
+    )
+    priority = fields.Integer(
+        strict=True,
+        load_default=0,
+        validate=validate.Range(min=PRIORITY_MIN, max=PRIORITY_MAX),
+        metadata={
+            "description": "among due tasks, the higher is claimed first",
+            "example": 0,
+        },
+    )
+    timeout = fields.Float(
+        load_default=None,
+        allow_none=False,
+        allow_nan=False,
+        validate=validate.Range(min=0, min_inclusive=False, max=MAX_TIMEOUT),
+        metadata={
+            "description": "seconds one run may take before it is cancelled and counted as a "
+            "failed attempt; default: the type's, then TASK_RUNNER_TASK_TIMEOUT",
+            "example": 60,
+        },
+    )
+
+    @validates_schema(skip_on_field_errors=False)
+    def _check_args(self, data: dict[str, Any], **kwargs: Any) -> None:
+        # Checked by the type's own schema, alongside the other fields' errors.
+        definition = data.get("type")
+        if isinstance(definition, TaskDefinition) and "args" in data:
+            try:
+                data["args"] = definition.accept_args(data.get("args"))
+            except ValidationError as exc:
+                raise ValidationError(exc.messages, field_name="args") from None
+
+
+class ListQuerySchema(WithRegistry):
+    """GET /tasks query parameters."""
+
+    class Meta:
+        unknown = RAISE
+
+    state = AnyCaseEnum(State, load_default=None)
+    type = TaskTypeName(load_default=None)
+    limit = DigitsInteger(
+        load_default=100,
+        validate=validate.Range(min=1, max=1000),
+        metadata={"description": "page size; at most TASK_RUNNER_MAX_PAGE_SIZE (1000)"},
+    )
+    cursor = fields.String(load_default=None)
+
+
+# The longest GET /tasks/{id}?wait= (seconds); the request timeout may cap it further.
+MAX_WAIT = 60
+
+
+class TaskQuerySchema(Schema):
+    """GET /tasks/{id} query parameters."""
+
+    class Meta:
+        unknown = RAISE
+
+    wait = DigitsNumber(
+        load_default=None,
+        validate=validate.Range(min=0, max=MAX_WAIT, min_inclusive=False),
+        metadata={
+            "exclusiveMinimum": True,
+            "description": "seconds (more than 0, at most 60; ASCII digits, optionally with a "
+            "decimal point) to wait for the task to be COMPLETE or FAILED: the answer comes as "
+            "soon as it is, or at the end of the wait with the task as it is then. The wait is "
+            "cut to end before TASK_RUNNER_REQUEST_TIMEOUT: at the timeout minus a margin of "
+            "a quarter of it, at most one second (29 s with the default 30 s). 404 if the "
+            "task does not exist or is deleted during the wait.",
+        },
+    )
+
+
+class AttemptErrorSchema(Schema):
+    """One failed attempt."""
+
+    attempt = fields.Integer(required=True, allow_none=True)
+    error = fields.String(required=True)
+    at = Timestamp(required=True, allow_none=True)
+    worker = fields.String(allow_none=True)
+
+
+class TaskSchema(Schema):
+    """A task as the API shows it; every time is ISO 8601 UTC.
+
+    A document stored in another shape (by hand, a migration, another version) is shown as
+    far as it can be read: a field of the wrong shape is null and `problems` says why.
+    """
+
+    id = fields.String(required=True)
+    type = fields.String(
+        required=True,
+        metadata={"description": "lowercase; one of the types the API has loaded, or as stored"},
+    )
+    state = fields.String(
+        required=True,
+        metadata={
+            "description": f"{', '.join(State)}; anything else only with `problems`",
+        },
+    )
+    run_at = Timestamp(required=True, allow_none=True)
+    created_at = Timestamp(required=True, allow_none=True)
+    started_at = Timestamp(required=True, allow_none=True)
+    finished_at = Timestamp(required=True, allow_none=True)
+    heartbeat_at = Timestamp(required=True, allow_none=True)
+    attempts = fields.Integer(required=True)
+    max_attempts = fields.Integer(required=True, allow_none=True)
+    worker = fields.String(required=True, allow_none=True)
+    output = fields.String(required=True, allow_none=True)
+    error = fields.String(required=True, allow_none=True)
+    errors = fields.List(fields.Nested(AttemptErrorSchema), required=True)
+    args = fields.Dict(required=True, allow_none=True, metadata={"description": "as given"})
+    priority = fields.Integer(required=True)
+    timeout = fields.Float(required=True, allow_none=True)
+    schedule_id = fields.String(
+        required=True,
+        allow_none=True,
+        metadata={"description": "the schedule that created this task; null: none did"},
+    )
+    occurrence = Timestamp(
+        required=True,
+        allow_none=True,
+        metadata={"description": "the schedule's occurrence this task stands for (its run_at)"},
+    )
+    problems = fields.List(
+        fields.String(),
+        required=True,
+        metadata={"description": "what is malformed in the stored document; empty when none"},
+    )
+
+
+class TaskPageSchema(Schema):
+    """One page of GET /tasks."""
+
+    tasks = fields.List(fields.Nested(TaskSchema), required=True)
+    next_cursor = fields.String(
+        required=True, allow_none=True, metadata={"description": "pass as cursor; null: last"}
+    )
+
+
+class DeletedSchema(Schema):
+    """DELETE / (delete all)."""
+
+    deleted = fields.Integer(required=True)
+
+
+def encode_cursor(after: tuple[Any, Any]) -> str:
+    """The opaque cursor for the page after a task's stored (run_at, _id).
+
+    The usual key (a date and an ObjectId) is written compactly; a document of another
+    shape as BSON's extended JSON, so paging goes on past it.
+    """
+    run_at, key = after
+    if isinstance(run_at, datetime) and isinstance(key, ObjectId):
+        value: list[Any] = [round(run_at.timestamp() * 1000), str(key)]
+    else:
+        value = ["bson", json_util.dumps([run_at, key], json_options=CANONICAL_JSON_OPTIONS)]
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+
+# What a stored sort key may hold; anything else in a cursor (a document with operators,
+# a regular expression, code) was not written by this API.
+CURSOR_SCALARS = (type(None), bool, int, float, str, datetime, DatetimeMS, ObjectId, Int64)
+
+
+def decode_cursor(cursor: str) -> tuple[Any, Any]:
+    """Undo encode_cursor; anything else is a ValidationError."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        first, second = json.loads(raw)
+        if first == "bson" and isinstance(second, str):
+            run_at, key = json_util.loads(second, json_options=CANONICAL_JSON_OPTIONS)
+            if not all(isinstance(v, CURSOR_SCALARS) for v in (run_at, key)):
+                raise ValueError(cursor)
+            return run_at, key
+        if isinstance(first, bool) or not isinstance(first, int) or not ObjectId.is_valid(second):
+            raise ValueError(cursor)
+        return datetime.fromtimestamp(first / 1000, UTC), ObjectId(second)
+    except (ValueError, TypeError, binascii.Error, OverflowError, OSError, RecursionError):
+        raise ValidationError({"cursor": ["not a cursor this API issued"]}) from None
