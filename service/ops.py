@@ -2,7 +2,7 @@
 the tasks by state and type.
 
 Each function takes the store and returns plain records; the callers turn them into JSON
-(service.web.api) or a table (service.cli.printers). The records' attribute names are the fields
+(service.web.operations) or a table (service.cli.printers). The records' attribute names are the fields
 of the API's answers, so its schemas dump them as they are.
 """
 
