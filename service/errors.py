@@ -13,6 +13,14 @@ class TaskNotFound(TaskRunnerError):
         self.task_id = task_id
 
 
+class ScheduleNotFound(TaskRunnerError):
+    """No schedule has this id (or it was deleted)."""
+
+    def __init__(self, schedule_id: str) -> None:
+        super().__init__(f"no schedule with id {schedule_id!r}")
+        self.schedule_id = schedule_id
+
+
 class InvalidTask(TaskRunnerError):
     """A request describes a task that cannot exist (bad type, time, attempts...)."""
 

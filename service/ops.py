@@ -2,8 +2,8 @@
 the tasks by state and type.
 
 Each function takes the store and returns plain records; the callers turn them into JSON
-(service.web.operations) or a table (service.cli.printers). The records' attribute names are the fields
-of the API's answers, so its schemas dump them as they are.
+(service.web.operations) or a table (service.cli.printers). The records' attribute names are
+the fields of the API's answers, so its schemas dump them as they are.
 """
 
 from __future__ import annotations

@@ -149,11 +149,27 @@ async def test_health(api: Client) -> None:
 async def test_unknown_route_and_method_are_json(api: Client) -> None:
     response = await api.get("/nowhere")
     assert response.status == 404
-    assert (await response.json())["error"]["code"] == "not_found"
+    error = (await response.json())["error"]
+    assert error["code"] == "not_found"
+    assert error["message"] == "no route GET /nowhere; the routes are listed at /docs"
     response = await api.put("/tasks")
     assert response.status == 405
     assert "GET" in response.headers["Allow"]
-    assert (await response.json())["error"]["code"] == "method_not_allowed"
+    error = (await response.json())["error"]
+    assert error["code"] == "method_not_allowed"
+    assert error["message"].startswith("PUT is not allowed on /tasks; allowed: "), error
+
+
+async def test_json_answers_end_with_a_newline_and_openapi_has_the_package_version(
+    api: Client,
+) -> None:
+    from service import version
+
+    for path in ("/health", "/tasks", "/nowhere", "/openapi.json"):
+        response = await api.get(path)
+        assert (await response.read()).endswith(b"}\n"), path
+    document = await (await api.get("/openapi.json")).json()
+    assert document["info"]["version"] == version() != "1.0.0"
 
 
 # -- the earlier version's routes ---------------------------------------------------------

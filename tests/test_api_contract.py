@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -50,6 +51,14 @@ async def test_every_bad_create_is_a_precise_400_and_stores_nothing(
         "missing type": ({"run_at": 0}, "type"),
         "run_at null": ({"type": "foo", "run_at": None}, "run_at"),
         "run_at garbage": ({"type": "foo", "run_at": "next tuesday"}, "run_at"),
+        "run_at with a NUL after it": (
+            {"type": "foo", "run_at": "2030-01-01T00:00:00Z\u0000"},
+            "run_at",
+        ),
+        "run_at with a space before it": (
+            {"type": "foo", "run_at": " 2030-01-01T00:00:00Z"},
+            "run_at",
+        ),
         "no UTC offset": ({"type": "foo", "run_at": "2030-01-01T00:00:00"}, "run_at"),
         "negative seconds": ({"type": "foo", "run_at": -5}, "run_at"),
         "seconds as a string": ({"type": "foo", "run_at": "1700000000"}, "run_at"),
@@ -384,6 +393,25 @@ async def guarded(settings: Settings, store: Store, aiohttp_client: MakeClient) 
             )
         )
     )
+
+
+async def test_a_token_that_is_not_utf8_is_a_401_not_a_500(guarded: Client, store: Store) -> None:
+    body = b'{"type": "foo"}'
+    request = http(
+        b"POST /tasks HTTP/1.1",
+        b"Authorization: Bearer s3cret-\xff\xfe",
+        b"Content-Type: application/json",
+        b"Content-Length: %d" % len(body),
+        body=body,
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", guarded.port)
+    writer.write(request)
+    answer = await reader.read()
+    writer.close()
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401 "), answer
+    assert json.loads(payload)["error"]["code"] == "unauthorized"
+    assert await store.db.tasks.count_documents({}) == 0
 
 
 async def test_writes_need_a_token_when_tokens_are_set(

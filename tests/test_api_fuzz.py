@@ -319,6 +319,8 @@ def expected_status(kind: str, value: str, *, body: bytes, max_body: int) -> int
         return 400
     if not isinstance(run_at, str):
         return 201 if 0 <= run_at < YEAR_10000 else 400  # NaN and infinities compare false
+    if not (run_at.isascii() and run_at.isprintable() and run_at == run_at.strip()):
+        return 400  # ISO 8601 is printable ASCII, nothing around it
     try:
         parsed = datetime.fromisoformat(run_at)
         if parsed.tzinfo is None:

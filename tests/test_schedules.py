@@ -200,7 +200,7 @@ async def test_schedule_lifecycle_through_the_api(api: TestClient[Any, Any]) -> 
     ]:
         missing = await api.request(method, target)
         assert missing.status == 404, (method, target)
-        assert (await missing.json())["error"]["code"] == "not_found"
+        assert (await missing.json())["error"]["code"] == "schedule_not_found"
     document = await (await api.get("/openapi.json")).json()
     for path_name, methods in {
         "/schedules": {"get", "post"},

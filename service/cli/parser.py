@@ -55,12 +55,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    from service import version
 
-    try:
-        return version("task-runner")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
+    found = version()
+    return "unknown (not installed)" if found == "unknown" else found
 
 
 def _spelt(choices: tuple[str, ...]) -> Callable[[str], str]:

@@ -4,6 +4,7 @@ MongoDB operators, no deep nesting), and a task as an answer."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -14,13 +15,26 @@ from service.web.schemas.tasks import TaskSchema
 
 task_schema = TaskSchema()
 
+
+def _dumps(value: Any) -> str:
+    # One line and a newline: `curl` output then ends before the shell's prompt.
+    return json.dumps(value) + "\n"
+
+
+def json_response(
+    data: Any, *, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """`data` as a JSON answer, ending with a newline."""
+    return web.json_response(data, status=status, headers=headers, dumps=_dumps)
+
+
 # No valid request nests deeper than 2; this leaves room and keeps every walk shallow.
 MAX_NESTING = 32
 
 
 def task_response(task: Task, *, status: int = 200) -> web.Response:
     """The task as JSON; a 201 also says where the new task is (Location)."""
-    response = web.json_response(task_schema.dump(task), status=status)
+    response = json_response(task_schema.dump(task), status=status)
     if status == 201:
         response.headers["Location"] = f"/tasks/{task.id}"
     return response

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from service.errors import DeleteAllDisabled
 from service.models import Task
-from service.web.common import task_schema
+from service.web.common import json_response, task_schema
 from service.web.keys import REGISTRY, SETTINGS, STORE
 from service.web.openapi import operation
 from service.web.schemas.fields import parse_number
@@ -35,7 +35,7 @@ async def legacy_tasks_in_state(request: web.Request) -> web.Response:
         found.extend(page.tasks)
         # A page that ends where the last one did (sort keys of odd BSON types) ends it too.
         if page.after is None or page.after == after:
-            return web.json_response(task_schema.dump(found, many=True))
+            return json_response(task_schema.dump(found, many=True))
         after = page.after
 
 
@@ -65,4 +65,4 @@ async def legacy_delete_all(request: web.Request) -> web.Response:
             "deleting all tasks is disabled; set TASK_RUNNER_ALLOW_DELETE_ALL=true to enable it"
         )
     deleted = await request.app[STORE].tasks.delete_all()
-    return web.json_response({"deleted": deleted})
+    return json_response({"deleted": deleted})

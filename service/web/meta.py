@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from service.web.common import json_response
 from service.web.keys import METRICS, OPENAPI, STORE
 from service.web.openapi import DOCS_PAGE, answers, operation, undocumented
 from service.web.schemas.meta import HealthSchema
@@ -13,7 +14,7 @@ from service.web.schemas.meta import HealthSchema
 async def health(request: web.Request) -> web.Response:
     """200 when the database answers, 503 (from the error middleware) when it does not."""
     await request.app[STORE].ping()
-    return web.json_response({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 @answers("text/plain")  # the Prometheus text format, not JSON
@@ -31,7 +32,7 @@ async def metrics(request: web.Request) -> web.Response:
 @operation("this document", responses={200: {"type": "object"}})
 async def openapi_document(request: web.Request) -> web.Response:
     """The OpenAPI 3 document of this API."""
-    return web.json_response(request.app[OPENAPI])
+    return json_response(request.app[OPENAPI])
 
 
 @undocumented

@@ -25,9 +25,11 @@ from service.errors import (
     IdempotencyKeyReused,
     IdempotentTaskGone,
     InvalidTask,
+    ScheduleNotFound,
     TaskNotFound,
     TaskNotRequeueable,
 )
+from service.web.common import json_response
 from service.web.metrics import UNMATCHED, ApiMetrics
 
 logger = logging.getLogger(__name__)
@@ -49,7 +51,7 @@ def error_response(
 ) -> web.Response:
     """The one JSON error shape."""
     body = {"error": {"code": code, "message": message, "details": details or {}}}
-    return web.json_response(body, status=status, headers=headers)
+    return json_response(body, status=status, headers=headers)
 
 
 def _domain_error(exc: Exception) -> web.Response | None:
@@ -59,6 +61,8 @@ def _domain_error(exc: Exception) -> web.Response | None:
         )
     if isinstance(exc, TaskNotFound):
         return error_response(404, "task_not_found", str(exc), details={"id": exc.task_id})
+    if isinstance(exc, ScheduleNotFound):
+        return error_response(404, "schedule_not_found", str(exc), details={"id": exc.schedule_id})
     if isinstance(exc, TaskNotRequeueable):
         return error_response(
             409,
@@ -98,13 +102,26 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             k: v for k, v in exc.headers.items() if k.lower() in ("allow", "www-authenticate")
         }
         code = HTTP_CODES.get(exc.status, "http_error")
-        return error_response(exc.status, code, exc.text or exc.reason, headers=headers)
+        return error_response(exc.status, code, _http_message(request, exc), headers=headers)
     except Exception as exc:
         response = _domain_error(exc)
         if response is not None:
             return response
         logger.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, "internal_error", "internal error; it has been logged")
+
+
+def _http_message(request: web.Request, exc: web.HTTPException) -> str:
+    """What went wrong, in words: aiohttp's own default texts ("404: Not Found") say less."""
+    if exc.text and exc.text != f"{exc.status}: {exc.reason}":
+        return exc.text
+    path = _printable(request.path, limit=200)
+    if exc.status == 404:
+        return f"no route {request.method} {path}; the routes are listed at /docs"
+    if exc.status == 405:
+        allowed = exc.headers.get("Allow", "")
+        return f"{request.method} is not allowed on {path}; allowed: {allowed or 'none'}"
+    return exc.reason
 
 
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -149,7 +166,9 @@ def auth_middleware(settings: Settings) -> Middleware:
         open_path = request.path in OPEN_PATHS or request.path.startswith(OPEN_PREFIXES)
         if tokens and guarded and not open_path:
             scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not known(token.strip().encode()):
+            # A header's bytes as sent: aiohttp keeps what is not UTF-8 as surrogates.
+            raw = token.strip().encode("utf-8", "surrogateescape")
+            if scheme.lower() != "bearer" or not known(raw):
                 raise web.HTTPUnauthorized(
                     text="send Authorization: Bearer <token>",
                     headers={"WWW-Authenticate": 'Bearer realm="task-runner"'},

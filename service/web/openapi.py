@@ -13,6 +13,7 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from marshmallow import fields
 
+from service import version
 from service.plugins import Registry
 from service.web.schemas.fields import AnyCaseEnum, RunAt, TaskTypeName, Timestamp
 from service.web.schemas.meta import ErrorSchema
@@ -150,7 +151,7 @@ def build_spec(
     plugin = MarshmallowPlugin()
     spec = APISpec(
         title="task-runner",
-        version="1.0.0",
+        version=version(),
         openapi_version="3.0.3",
         plugins=[plugin],
         info={"description": "Schedule tasks (foo, bar, baz) to run once, at or after a time."},

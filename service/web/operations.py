@@ -14,7 +14,7 @@ from aiohttp import web
 
 from service import ops
 from service.models import State, Task
-from service.web.common import task_response
+from service.web.common import json_response, task_response
 from service.web.keys import SETTINGS, STORE
 from service.web.openapi import also_error, operation
 from service.web.schemas.operations import RecoverSchema, StatsSchema, WorkerListSchema
@@ -29,9 +29,7 @@ async def list_workers(request: web.Request) -> web.Response:
     is alive (heard from within TASK_RUNNER_STALE_AFTER seconds, on the database clock)."""
     stale_after = request.app[SETTINGS].stale_after
     workers = await request.app[STORE].workers.seen(stale_after)
-    return web.json_response(
-        worker_list_schema.dump({"stale_after": stale_after, "workers": workers})
-    )
+    return json_response(worker_list_schema.dump({"stale_after": stale_after, "workers": workers}))
 
 
 @also_error(409, "the task is not FAILED; `details` says which state it is in")
@@ -46,7 +44,7 @@ async def recover(request: web.Request) -> web.Response:
     """What `task-runner recover` does, once: every STARTED task whose worker has been silent
     for TASK_RUNNER_STALE_AFTER goes back to NOTSTARTED, or FAILED when out of attempts."""
     result = await ops.recover(request.app[STORE], stale_after=request.app[SETTINGS].stale_after)
-    return web.json_response(RecoverSchema().dump(result))
+    return json_response(RecoverSchema().dump(result))
 
 
 @operation("the queue at a glance", responses={200: StatsSchema})
@@ -71,7 +69,7 @@ async def stats(request: web.Request) -> web.Response:
         "unreadable": summary.unreadable,
         "recent_failures": await store.figures.latest(State.FAILED, limit=10),
     }
-    return web.json_response(StatsSchema().dump(body))
+    return json_response(StatsSchema().dump(body))
 
 
 def _oldest(task: Task, now: datetime) -> dict[str, Any]:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from service.errors import ScheduleNotFound
 from service.models import Schedule
 from service.store.occurrences import Timing
-from service.web.common import json_object
+from service.web.common import json_object, json_response
 from service.web.keys import REGISTRY, SETTINGS, STORE
 from service.web.openapi import also_error, operation
 from service.web.schemas.schedules import (
@@ -19,10 +20,12 @@ schedule_schema = ScheduleSchema()
 NO_SCHEDULE = "no such schedule"
 
 
-def _schedule_response(schedule: Schedule | None, *, status: int = 200) -> web.Response:
+def _schedule_response(
+    schedule: Schedule | None, schedule_id: str, *, status: int = 200
+) -> web.Response:
     if schedule is None:
-        raise web.HTTPNotFound(text=NO_SCHEDULE)
-    response = web.json_response(schedule_schema.dump(schedule), status=status)
+        raise ScheduleNotFound(schedule_id)
+    response = json_response(schedule_schema.dump(schedule), status=status)
     if status == 201:
         response.headers["Location"] = f"/schedules/{schedule.id}"
     return response
@@ -58,7 +61,7 @@ async def create_schedule(request: web.Request) -> web.Response:
         missed=loaded["missed"].value,
     )
     schedule = await request.app[STORE].schedules.create(template=template, timing=timing)
-    return _schedule_response(schedule, status=201)
+    return _schedule_response(schedule, schedule.id, status=201)
 
 
 @operation("list schedules", responses={200: ScheduleListSchema})
@@ -66,14 +69,15 @@ async def list_schedules(request: web.Request) -> web.Response:
     """Every schedule (up to TASK_RUNNER_MAX_PAGE_SIZE), oldest first."""
     limit = request.app[SETTINGS].max_page_size
     schedules = await request.app[STORE].schedules.page(limit=limit)
-    return web.json_response(ScheduleListSchema().dump({"schedules": schedules}))
+    return json_response(ScheduleListSchema().dump({"schedules": schedules}))
 
 
 @also_error(404, NO_SCHEDULE)
 @operation("one schedule", responses={200: ScheduleSchema})
 async def get_schedule(request: web.Request) -> web.Response:
     """One schedule, with its next occurrence."""
-    return _schedule_response(await request.app[STORE].schedules.get(request.match_info["id"]))
+    schedule_id = request.match_info["id"]
+    return _schedule_response(await request.app[STORE].schedules.get(schedule_id), schedule_id)
 
 
 @also_error(404, NO_SCHEDULE)
@@ -82,7 +86,7 @@ async def delete_schedule(request: web.Request) -> web.Response:
     """Delete a schedule: no more occurrences; its tasks made ahead whose occurrence has not
     come yet are deleted with it, those already due or running run as usual."""
     if not await request.app[STORE].schedules.delete(request.match_info["id"]):
-        raise web.HTTPNotFound(text=NO_SCHEDULE)
+        raise ScheduleNotFound(request.match_info["id"])
     return web.Response(status=204)
 
 
@@ -92,7 +96,8 @@ async def pause_schedule(request: web.Request) -> web.Response:
     """Pause a schedule: it creates nothing until resumed, and its tasks made ahead whose
     occurrence has not come yet are withdrawn (its next_at moves back to the first of them)."""
     schedules = request.app[STORE].schedules
-    return _schedule_response(await schedules.pause(request.match_info["id"], paused=True))
+    schedule_id = request.match_info["id"]
+    return _schedule_response(await schedules.pause(schedule_id, paused=True), schedule_id)
 
 
 @also_error(404, NO_SCHEDULE)
@@ -100,4 +105,5 @@ async def pause_schedule(request: web.Request) -> web.Response:
 async def resume_schedule(request: web.Request) -> web.Response:
     """Resume a paused schedule; occurrences missed meanwhile follow its missed policy."""
     schedules = request.app[STORE].schedules
-    return _schedule_response(await schedules.pause(request.match_info["id"], paused=False))
+    schedule_id = request.match_info["id"]
+    return _schedule_response(await schedules.pause(schedule_id, paused=False), schedule_id)

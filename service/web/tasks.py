@@ -12,7 +12,7 @@ from marshmallow import ValidationError
 
 from service.config import Settings
 from service.store.idempotency import IdempotentCreate
-from service.web.common import json_object, single_valued_query, task_response
+from service.web.common import json_object, json_response, single_valued_query, task_response
 from service.web.keys import REGISTRY, SETTINGS, STORE, TASK_FEED
 from service.web.openapi import operation
 from service.web.schemas.tasks import (
@@ -112,7 +112,7 @@ async def list_tasks(request: web.Request) -> web.Response:
         after=after,
     )
     next_cursor = None if page.after is None else encode_cursor(page.after)
-    return web.json_response(page_schema.dump({"tasks": page.tasks, "next_cursor": next_cursor}))
+    return json_response(page_schema.dump({"tasks": page.tasks, "next_cursor": next_cursor}))
 
 
 @operation(

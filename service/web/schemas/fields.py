@@ -95,6 +95,9 @@ class RunAt(Timestamp):
         if not isinstance(value, str):
             return parse_unix_seconds(value)
         try:
+            if not (value.isascii() and value.isprintable() and value == value.strip()):
+                # fromisoformat overlooks some trailing characters (a NUL on Python 3.11).
+                raise ValueError(value)
             parsed = datetime.fromisoformat(value)
         except ValueError:
             raise ValidationError(
