@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -29,7 +30,7 @@ from service.models import Task
 from service.store import Store
 from service.web.app import create_app
 from service.web.feed import TaskFeed
-from service.web.keys import OPENAPI, TASK_FEED
+from service.web.keys import OPENAPI, STORE, TASK_FEED
 from tests.conftest import StubHttpServer, WorkerProcess, eventually, wait_until_started
 from tests.test_api_fuzz import DIGITS_TEXT, FUZZ, LiveApi, resolve
 from tests.test_ui import failed_task
@@ -443,3 +444,52 @@ def test_fuzzed_waits_answer_within_the_document(live_wait: tuple[LiveApi, str])
         OAS30Validator(schema).validate(json.loads(raw))
 
     one()
+
+
+async def test_six_hundred_waits_ending_together_all_answer_200(
+    settings: Settings, store: Store, aiohttp_client: MakeClient
+) -> None:
+    # The waits' own reads, at their start and at their end, must fit in the request
+    # timeout (30 s), however many end at once.
+    client = await aiohttp_client(create_app(settings))
+    tasks = [await waiting_task(store) for _ in range(50)]
+
+    async def wait(session: aiohttp.ClientSession, task_id: str) -> tuple[int, Any]:
+        async with session.get(client.make_url(f"/tasks/{task_id}?wait=10")) as response:
+            return response.status, await response.json()
+
+    # A connection per request (the test client's session holds at most 100 at once).
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        answers = await asyncio.gather(*(wait(session, tasks[i % 50]) for i in range(600)))
+    statuses = [status for status, _ in answers]
+    assert statuses.count(200) == 600, {s: statuses.count(s) for s in set(statuses)}
+    assert {body["id"] for _, body in answers} == set(tasks)
+    assert all(body["state"] == "NOTSTARTED" for _, body in answers)
+
+
+async def test_a_wait_on_a_slow_database_ends_in_time_with_its_reads_counted(
+    settings: Settings, store: Store, aiohttp_client: MakeClient
+) -> None:
+    # Every read takes 0.7 s: the first read, the wait (3 s: the 4 s timeout less its
+    # margin) and the last read must still end before the timeout answers 503.
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, request_timeout=4.0)))
+    app_store: Store = client.app[STORE]
+    tasks = app_store.tasks
+    get, get_many = tasks.get, tasks.get_many
+
+    async def slow_get(task_id: str) -> Task:
+        await asyncio.sleep(0.7)
+        return await get(task_id)
+
+    async def slow_get_many(task_ids: Any) -> dict[str, Task]:
+        await asyncio.sleep(0.7)
+        return await get_many(task_ids)
+
+    tasks.get, tasks.get_many = slow_get, slow_get_many  # type: ignore[method-assign]
+    task_ids = [await waiting_task(store) for _ in range(5)]
+    started = time.monotonic()
+    answers = await asyncio.gather(*(timed_get(client, f"/tasks/{i}?wait=10") for i in task_ids))
+    assert [status for status, _, _ in answers] == [200] * 5, answers
+    assert all(body["state"] == "NOTSTARTED" for _, body, _ in answers)
+    assert time.monotonic() - started < 4.0

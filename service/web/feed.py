@@ -84,6 +84,7 @@ class TaskFeed:
         self._waiting: dict[str, set[_Waiter]] = {}  # by task id (str(_id), as events say)
         self._unread: set[str] = set()  # waited ids to read: they changed, or may have
         self._reader: asyncio.Task[None] | None = None
+        self._final_reads = BatchedReads(tasks)
         self._joined = asyncio.Event()  # a waiter joined: the poll plans its next read
         self._task: asyncio.Task[None] | None = None
         self._idle_since = time.monotonic()
@@ -108,16 +109,27 @@ class TaskFeed:
             self._note_idle()
 
     async def wait_for(
-        self, task_id: str, *, within: float, left: Callable[[], bool] = _never
+        self,
+        task_id: str,
+        *,
+        within: float,
+        read_within: float = 1.0,
+        left: Callable[[], bool] = _never,
     ) -> Task:
         """The task as soon as it is COMPLETE or FAILED, else as it is after `within`
-        seconds or when the feed closes (the app shuts down). TaskNotFound if it does not
-        exist, or is deleted during the wait. When `left()` turns true (the client went away;
-        asked every `wait_check` seconds), it ends early with the state first read.
+        seconds (counted from this call, its reads included) or when the feed closes (the
+        app shuts down). TaskNotFound if it does not exist, or is deleted during the wait.
+        When `left()` turns true (the client went away; asked every `wait_check` seconds),
+        it ends early with the state first read.
+
+        The read at the end of a wait is made with every other wait ending then, in one
+        query; if it takes over `read_within` seconds (a flood of waits on a slow
+        database), the answer is the state first read: a finish would have been seen.
 
         Race-free: the waiter joins before the task is read, so a change after that read is
         seen by the watcher, or by the read of every waited task that follows its opening.
         """
+        deadline = asyncio.get_running_loop().time() + within
         if self._closed:
             return await self.tasks.get(task_id)
         key, waiter = task_id, self._join(task_id)
@@ -133,7 +145,7 @@ class TaskFeed:
             # is read again once it is.
             self._start_watching()
             self._joined.set()
-            if not await self._wait(waiter, within=within, left=left):
+            if not await self._wait(waiter, deadline=deadline, left=left):
                 return task  # nobody to answer
         finally:
             self._leave(key, waiter)
@@ -141,12 +153,17 @@ class TaskFeed:
             return waiter.task
         if waiter.deleted:
             raise TaskNotFound(task_id)
-        return await self.tasks.get(key)  # the wait is over: as it is now
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(read_within):
+                now = await self._final_reads.get(key)  # the wait is over: as it is now
+                if now is None:
+                    raise TaskNotFound(task_id)
+                return now
+        return task
 
-    async def _wait(self, waiter: _Waiter, *, within: float, left: Callable[[], bool]) -> bool:
-        """Until the waiter is settled or `within` seconds pass; False if the client left."""
+    async def _wait(self, waiter: _Waiter, *, deadline: float, left: Callable[[], bool]) -> bool:
+        """Until the waiter is settled or the deadline (loop time); False if the client left."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + within
         while not waiter.done.is_set() and (remaining := deadline - loop.time()) > 0:
             if left():
                 return False
@@ -346,3 +363,37 @@ def _offer(queue: asyncio.Queue[Event | None], event: Event | None, *, force: bo
         if force:  # make room: the closing mark must arrive
             queue.get_nowait()
             queue.put_nowait(event)
+
+
+class BatchedReads:
+    """Reads of tasks asked for at about the same moment, made as one query: a thousand
+    waits that end together cost one read, not a thousand in a row."""
+
+    def __init__(self, tasks: Tasks) -> None:
+        self.tasks = tasks
+        self._asked: dict[str, list[asyncio.Future[Task | None]]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def get(self, task_id: str) -> Task | None:
+        """The task as it is now, None if there is none."""
+        future: asyncio.Future[Task | None] = asyncio.get_running_loop().create_future()
+        self._asked.setdefault(task_id, []).append(future)
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.create_task(self._read(), name="task-feed-batched-reads")
+        return await future
+
+    async def _read(self) -> None:
+        while self._asked:
+            asked, self._asked = self._asked, {}
+            try:
+                found = await self.tasks.get_many(asked)
+            except Exception as exc:
+                for futures in asked.values():
+                    for future in futures:
+                        if not future.done():
+                            future.set_exception(exc)
+                continue
+            for task_id, futures in asked.items():
+                for future in futures:
+                    if not future.done():
+                        future.set_result(found.get(task_id))

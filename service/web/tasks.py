@@ -127,15 +127,19 @@ async def get_task(request: web.Request) -> web.Response:
     if wait is None:
         return task_response(await request.app[STORE].tasks.get(request.match_info["id"]))
     timeout = request.app[SETTINGS].request_timeout
-    # End the wait before the timeout middleware would answer 503 instead.
-    within = min(wait, timeout - min(1.0, timeout / 4))
+    # End the wait, and its last read, before the timeout middleware would answer 503.
+    margin = min(1.0, timeout / 4)
+    within = min(wait, timeout - margin)
 
     def left() -> bool:
         transport = request.transport
         return transport is None or transport.is_closing()
 
     feed = request.app[TASK_FEED]
-    return task_response(await feed.wait_for(request.match_info["id"], within=within, left=left))
+    found = await feed.wait_for(
+        request.match_info["id"], within=within, read_within=margin / 2, left=left
+    )
+    return task_response(found)
 
 
 @operation("delete a task", responses={204: None}, errors=(404,))
