@@ -233,7 +233,7 @@ async def test_malformed_documents_are_logged_once_per_process(
     store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
     keys = await insert_odd(store)
-    scan = MalformedScan(store, interval=60)
+    scan = MalformedScan(store.figures, interval=60)
     with caplog.at_level(logging.WARNING, logger="service.worker.malformed"):
         assert await scan.run_once() == len(LEFT_ALONE)
         assert await scan.run_once() == len(LEFT_ALONE)

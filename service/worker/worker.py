@@ -189,28 +189,34 @@ class Worker:
         # The types this worker runs: it claims, looks up and listens for no others.
         self.types: tuple[str, ...] = registry.names
         self.slots = Slots(
-            store,
+            store.slots,
+            store.claims,
             limits=settings.limits,
             types=self.types,
             worker_id=self.worker_id,
             claim_within=settings.stale_after / 4,
         )
         self.recoverer = Recoverer(
-            store,
+            store.claims,
+            clock=store.clock,
+            ping=store.ping,
             stale_after=settings.stale_after,
             interval=settings.stale_after / 2,
-            slots=bool(self.slots.limits),
+            slots=store.slots if self.slots.limits else None,
         )
         self.wakeups = WakeUps(
-            store,
+            store.watch,
+            clock=store.clock,
             types=self.types,
             max_poll=settings.max_poll_interval,
             change_stream=settings.change_streams,
             lookup_types=lambda: None if self._claims_any_type() else self.types,
         )
-        self.malformed = MalformedScan(store, interval=MALFORMED_SCAN_INTERVAL)
-        self.retention = Retention(store, retention=settings.retention)
-        self.scheduler = Scheduler(store, interval=settings.schedule_interval)
+        self.malformed = MalformedScan(store.figures, interval=MALFORMED_SCAN_INTERVAL)
+        self.retention = Retention(store.retention, clock=store.clock, retention=settings.retention)
+        self.scheduler = Scheduler(
+            store.schedules, clock=store.clock, interval=settings.schedule_interval
+        )
         jobs = (
             self.heartbeat,
             self.recoverer,
