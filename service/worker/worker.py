@@ -12,7 +12,7 @@ import random
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from datetime import timedelta
 from importlib.metadata import PackageNotFoundError, version
@@ -24,7 +24,6 @@ from service.clock import DbClock
 from service.config import Settings
 from service.errors import DatabaseUnavailable
 from service.models import Task
-from service.periodic import Periodic
 from service.plugins import (
     ArgsUnloadable,
     Registry,
@@ -35,6 +34,7 @@ from service.plugins import (
 )
 from service.store import Store, new_lease, open_client
 from service.worker import metrics
+from service.worker.heartbeat import Heartbeat
 from service.worker.malformed import MalformedScan
 from service.worker.recovery import Recoverer
 from service.worker.retention import Retention
@@ -48,9 +48,6 @@ MALFORMED_SCAN_INTERVAL = 300.0
 # After a task of a type this worker does not run was claimed and given back, claims list
 # this worker's types for this long before trying without again.
 NAME_TYPES_FOR = 300
-# A lease claimed or refreshed less than this share of a heartbeat interval ago is fresh:
-# the heartbeat leaves it for the next round, and the registry does not list it yet.
-FRESH_SHARE = 0.25
 
 
 class _CannotRun(Exception):
@@ -99,71 +96,6 @@ class Running:
     refreshed: float = 0.0
 
 
-class Heartbeat(Periodic):
-    """One write per interval refreshes the running tasks; lost leases are cancelled.
-
-    A task claimed or refreshed less than a quarter interval ago is left out: its
-    heartbeat_at is fresh enough (at most 1.25 intervals old before the next refresh, where
-    the stale threshold is at least 3), so in a burst of short tasks most finish before
-    their first heartbeat and cost none.
-
-    The worker's record in the registry is refreshed in the same round: whenever the tasks
-    it has held for a quarter interval changed, and otherwise every `refresh_every` rounds (a
-    third of the stale threshold), so an idle worker stays alive in the registry for a write
-    every few seconds.
-    """
-
-    def __init__(self, worker: Worker, *, interval: float, stale_after: float) -> None:
-        super().__init__(interval=interval, jitter=0.0)
-        self.worker = worker
-        self.refresh_every = max(1, int(stale_after / 3 / interval))
-        self._rounds_unregistered = 0
-        self._registered: tuple[str, ...] | None = None
-
-    async def run_once(self) -> set[str]:
-        """Refresh the leases; stop the tasks whose lease is gone. Returns the lost leases."""
-        store = self.worker.store
-        if store.clock.needs_sync():
-            await store.sync_clock()
-        began = time.monotonic()
-        running = self.worker.running
-        fresh = self.interval * FRESH_SHARE
-        due = [lease for lease, r in running.items() if began - r.refreshed >= fresh]
-        lost = await store.claims.heartbeat(due)
-        for lease in due:
-            if (held := running.get(lease)) is not None:
-                held.refreshed = began
-        took = time.monotonic() - began
-        if took > self.interval:
-            # Heartbeats this slow eat into the stale threshold: say so before it bites.
-            logger.warning("heartbeat for %d task(s) took %.2fs", len(due), took)
-        gone = [r.task for lease in lost if (r := self.worker.running.get(lease)) is not None]
-        for lease in lost:
-            self.worker.abandon(lease)
-        for task in gone:  # no longer STARTED under our lease: its slot can go now
-            await self.worker.slots.free(task)
-        await self.register()
-        return lost
-
-    async def register(self, *, force: bool = False) -> None:
-        """Write the worker's record if what it holds changed or it is due for a refresh."""
-        holds = self.worker.holds(claimed_before=time.monotonic() - self.interval * FRESH_SHARE)
-        self._rounds_unregistered += 1
-        if force or holds != self._registered or self._rounds_unregistered >= self.refresh_every:
-            # Marked first: a failed write is retried by the next round, not every one after.
-            self._rounds_unregistered = 0
-            self._registered = None
-            await self.worker.store.workers.register(
-                self.worker.worker_id, self.worker.registration(holds)
-            )
-            self._registered = holds
-
-    def on_unavailable(self) -> None:
-        """A heartbeat failed: recovery must wait for the database to be back long enough."""
-        metrics.DATABASE_ERRORS.inc()
-        self.worker.recoverer.database_lost()
-
-
 class Worker:
     """Claims due tasks of the types in `registry` and runs up to `settings.concurrency`
     of them at once, each with the shared HTTP client `http`."""
@@ -183,9 +115,6 @@ class Worker:
         self.http = http
         self.worker_id = worker_id or default_worker_id()
         self.running: dict[str, Running] = {}
-        self.heartbeat = Heartbeat(
-            self, interval=settings.heartbeat_interval, stale_after=settings.stale_after
-        )
         # The types this worker runs: it claims, looks up and listens for no others.
         self.types: tuple[str, ...] = registry.names
         self.slots = Slots(
@@ -203,6 +132,16 @@ class Worker:
             stale_after=settings.stale_after,
             interval=settings.stale_after / 2,
             slots=store.slots if self.slots.limits else None,
+        )
+        self.heartbeat = Heartbeat(
+            store.claims,
+            store.workers,
+            holder=self,
+            clock=store.clock,
+            sync_clock=store.sync_clock,
+            database_lost=self.recoverer.database_lost,
+            interval=settings.heartbeat_interval,
+            stale_after=settings.stale_after,
         )
         self.wakeups = WakeUps(
             store.watch,
@@ -306,6 +245,25 @@ class Worker:
         return tuple(
             sorted(r.task.id for r in self.running.values() if r.claimed_at < claimed_before)
         )
+
+    def leases_to_refresh(self, *, now: float, fresh: float) -> list[str]:
+        """The leases of running tasks refreshed (or claimed) `fresh` seconds or more before
+        `now` (time.monotonic()): the heartbeat writes these."""
+        return [lease for lease, r in self.running.items() if now - r.refreshed >= fresh]
+
+    def refreshed(self, leases: Collection[str], *, at: float) -> None:
+        """The heartbeat wrote these leases' heartbeat_at no earlier than `at`."""
+        for lease in leases:
+            if (held := self.running.get(lease)) is not None:
+                held.refreshed = at
+
+    async def leases_lost(self, leases: Collection[str]) -> None:
+        """The heartbeat found these leases gone: stop their tasks, free their slots."""
+        gone = [r.task for lease in leases if (r := self.running.get(lease)) is not None]
+        for lease in leases:
+            self.abandon(lease)
+        for task in gone:  # no longer STARTED under our lease: its slot can go now
+            await self.slots.free(task)
 
     def registration(self, holds: tuple[str, ...]) -> dict[str, Any]:
         """This worker's record in the registry (the store adds last_seen)."""
