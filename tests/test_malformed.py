@@ -20,8 +20,8 @@ from service.config import Settings
 from service.localdb import free_port
 from service.models import State, Task, TaskType
 from service.store import Store, new_lease
+from service.worker.execution import retry_delay
 from service.worker.malformed import MalformedScan
-from service.worker.worker import retry_delay
 from tests.conftest import WorkerProcess, eventually, settings_env, wait_until_started
 
 Spawn = Callable[..., WorkerProcess]

@@ -8,13 +8,11 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import timedelta
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -24,16 +22,10 @@ from service.clock import DbClock
 from service.config import Settings
 from service.errors import DatabaseUnavailable
 from service.models import Task
-from service.plugins import (
-    ArgsUnloadable,
-    Registry,
-    TaskContext,
-    TaskTimedOut,
-    load_registry,
-    run_task,
-)
+from service.plugins import Registry, load_registry
 from service.store import Store, new_lease, open_client
 from service.worker import metrics
+from service.worker.execution import Executor
 from service.worker.heartbeat import Heartbeat
 from service.worker.malformed import MalformedScan
 from service.worker.recovery import Recoverer
@@ -48,10 +40,6 @@ MALFORMED_SCAN_INTERVAL = 300.0
 # After a task of a type this worker does not run was claimed and given back, claims list
 # this worker's types for this long before trying without again.
 NAME_TYPES_FOR = 300
-
-
-class _CannotRun(Exception):
-    """A claimed task that this worker cannot run as stored (its message says why)."""
 
 
 class WorkerCrashed(Exception):
@@ -74,13 +62,6 @@ def http_session() -> aiohttp.ClientSession:
     if hasattr(session, "_retry_connection"):
         session._retry_connection = False
     return session
-
-
-def retry_delay(attempt: int, *, base: float, cap: float) -> float:
-    """Exponential backoff with jitter: base * 2**(attempt-1), capped, then 50-100% of it."""
-    # The exponent is bounded: a stored attempts count in the thousands must not overflow.
-    delay: float = min(cap, base * 2.0 ** min(attempt - 1, 60))
-    return delay * random.uniform(0.5, 1.0)
 
 
 @dataclass
@@ -150,6 +131,15 @@ class Worker:
             max_poll=settings.max_poll_interval,
             change_stream=settings.change_streams,
             lookup_types=lambda: None if self._claims_any_type() else self.types,
+        )
+        self.executor = Executor(
+            store.claims,
+            clock=store.clock,
+            slots=self.slots,
+            registry=registry,
+            settings=settings,
+            http=http,
+            worker_id=self.worker_id,
         )
         self.malformed = MalformedScan(store.figures, interval=MALFORMED_SCAN_INTERVAL)
         self.retention = Retention(store.retention, clock=store.clock, retention=settings.retention)
@@ -437,140 +427,18 @@ class Worker:
         )
 
     async def _execute(self, task: Task) -> None:
-        started = time.monotonic()
-        if task.unrunnable:
-            # Claimed (the filter could not see it) but not runnable as stored: fail it for
-            # good, once, saying why; retrying cannot make the document well formed.
-            self._mark_finishing(task)
-            error = "malformed task: " + "; ".join(task.unrunnable)
-            await self._finish(task, started, error=error, retry=False)
-            return
         try:
-            output = await self._run(task)
-        except asyncio.CancelledError:
+            outcome = await self.executor.run(task)
+            self._mark_finishing(task)
+            await self.executor.finish(task, outcome)
+        finally:
             self._forget(task)
-            raise
-        except _CannotRun as exc:
-            # Retrying cannot make stored arguments load: fail it for good, saying why.
-            self._mark_finishing(task)
-            await self._finish(task, started, error=str(exc), retry=False)
-        except TaskTimedOut as exc:
-            self._mark_finishing(task)
-            await self._finish(task, started, error=str(exc))
-        except Exception as exc:
-            self._mark_finishing(task)
-            await self._finish(task, started, error=f"{type(exc).__name__}: {exc}")
-        else:
-            self._mark_finishing(task)
-            await self._finish(task, started, output=output)
-
-    async def _run(self, task: Task) -> str:
-        """Load the task's arguments with its type's schema and run it within its time
-        limit: the task's own, else its type's, else TASK_RUNNER_TASK_TIMEOUT."""
-        definition = self.registry.get(task.type)
-        if definition is None:  # the claim's filter names only our types
-            raise _CannotRun(f"no task type {task.type!r} in this worker")
-        if "args" in task.malformed:
-            raise _CannotRun(
-                "malformed task: " + "; ".join(p for p in task.problems if p.startswith("args "))
-            )
-        try:
-            args = definition.load_args(task.args)
-        except ArgsUnloadable as exc:
-            raise _CannotRun(str(exc)) from None
-        ctx = TaskContext(
-            task_id=task.id, attempt=task.attempts, settings=self.settings, http=self.http
-        )
-        time_limit = task.timeout or definition.timeout or self.settings.task_timeout
-        return await run_task(definition, ctx, args, time_limit=time_limit)
 
     def _mark_finishing(self, task: Task) -> None:
         assert task.lease is not None
         running = self.running.get(task.lease)
         if running is not None:
             running.finishing = True
-
-    async def _finish(
-        self,
-        task: Task,
-        started: float,
-        *,
-        output: str | None = None,
-        error: str | None = None,
-        retry: bool = True,
-    ) -> None:
-        try:
-            if error is None:
-                written = await self._persist(
-                    lambda: self.store.claims.complete(task, output or "")
-                )
-                outcome = "COMPLETE"
-                kind = "complete"
-            else:
-                retry_at = None
-                if retry and task.max_attempts is not None and task.attempts < task.max_attempts:
-                    delay = retry_delay(
-                        task.attempts, base=self.settings.retry_base, cap=self.settings.retry_max
-                    )
-                    retry_at = self.store.clock.now() + _seconds(delay)
-                written = await self._persist(
-                    lambda: self.store.claims.fail(task, error, retry_at=retry_at)
-                )
-                outcome = "FAILED" if retry_at is None else f"retry at {retry_at.isoformat()}"
-                kind = "failed" if retry_at is None else "retry"
-            if self.slots.limited(task.type):
-                # Written or not, the task is no longer STARTED under our lease.
-                await self._persist_none(lambda: self.slots.free(task))
-            took = time.monotonic() - started
-            metrics.finished(task.type, kind if written else "lease_lost", took)
-            event = {  # the fields of a JSON log line (service/logs.py)
-                "task_id": task.id,
-                "type": task.type,
-                "attempt": task.attempts,
-                "duration": round(took, 6),
-                "worker": self.worker_id,
-                "outcome": outcome.split(" ")[0] if written else "lease_lost",
-            }
-            if written:
-                logger.info(
-                    "task %s type=%s attempt=%d %s in %.3fs%s",
-                    task.id,
-                    task.type,
-                    task.attempts,
-                    outcome,
-                    took,
-                    "" if error is None else f": {error}",
-                    extra=event,
-                )
-            else:
-                logger.warning(
-                    "task %s type=%s attempt=%d: lease lost, result dropped",
-                    task.id,
-                    task.type,
-                    task.attempts,
-                    extra=event,
-                )
-        finally:
-            self._forget(task)
-
-    async def _persist(self, write: Callable[[], Awaitable[bool]]) -> bool:
-        """Retry a fenced write through a database outage; the fence makes a retry safe."""
-        backoff = 0.1
-        while True:
-            try:
-                return await write()
-            except DatabaseUnavailable as exc:
-                metrics.DATABASE_ERRORS.inc()
-                logger.warning("writing a result failed: %s; retrying in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.settings.heartbeat_interval)
-
-    async def _persist_none(self, write: Callable[[], Awaitable[None]]) -> None:
-        async def done() -> bool:
-            await write()
-            return True
-
-        await self._persist(done)
 
     def _forget(self, task: Task) -> None:
         assert task.lease is not None
@@ -607,10 +475,6 @@ class Worker:
                 logger.warning(
                     "task %s not released (%s); recovery will return it", running.task.id, exc
                 )
-
-
-def _seconds(value: float) -> timedelta:
-    return timedelta(seconds=value)
 
 
 def installed_version() -> str:
