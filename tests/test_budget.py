@@ -273,7 +273,7 @@ async def test_the_look_up_names_types_only_when_the_claim_does(
     )
 
     async def named() -> bool:
-        return not worker._claims_any_type()
+        return not worker.claimer.claims_any_type()
 
     await eventually(named)
     log.done.clear()

@@ -23,8 +23,9 @@ from service.config import Settings
 from service.errors import DatabaseUnavailable
 from service.models import Task
 from service.plugins import Registry, load_registry
-from service.store import Store, new_lease, open_client
+from service.store import Store, open_client
 from service.worker import metrics
+from service.worker.claimer import Claimer
 from service.worker.execution import Executor
 from service.worker.heartbeat import Heartbeat
 from service.worker.malformed import MalformedScan
@@ -37,9 +38,6 @@ from service.worker.wakeups import WakeUps
 logger = logging.getLogger(__name__)
 
 MALFORMED_SCAN_INTERVAL = 300.0
-# After a task of a type this worker does not run was claimed and given back, claims list
-# this worker's types for this long before trying without again.
-NAME_TYPES_FOR = 300
 
 
 class WorkerCrashed(Exception):
@@ -130,7 +128,14 @@ class Worker:
             types=self.types,
             max_poll=settings.max_poll_interval,
             change_stream=settings.change_streams,
-            lookup_types=lambda: None if self._claims_any_type() else self.types,
+            lookup_types=lambda: None if self.claimer.claims_any_type() else self.types,
+        )
+        self.claimer = Claimer(
+            store.claims,
+            slots=self.slots,
+            wakeups=self.wakeups,
+            worker_id=self.worker_id,
+            types=self.types,
         )
         self.executor = Executor(
             store.claims,
@@ -159,8 +164,6 @@ class Worker:
         self._stopping = asyncio.Event()
         self._hurry = asyncio.Event()
         self._finished = asyncio.Event()  # a running task ended
-        self._unconfirmed_lease: str | None = None
-        self._name_types_until = 0.0  # time.monotonic(): until then claims list our types
         self.fatal: BaseException | None = None
         self.version = installed_version()
         self.started_at = store.clock.now()
@@ -311,7 +314,7 @@ class Worker:
                 continue
             try:
                 began = time.monotonic()  # no later than the server stamped heartbeat_at
-                task, looked = await self._claim_round()
+                task, looked = await self.claimer.claim_round()
                 if task is not None:
                     metrics.CLAIMED.inc()
                     self._start(task, claimed_at=began)
@@ -320,7 +323,7 @@ class Worker:
                     metrics.EMPTY.inc()
                     await self.wakeups.found_nothing()
                 else:
-                    await self._wait()
+                    await self.claimer.wait()
                 backoff = 0.1
             except DatabaseUnavailable as exc:
                 metrics.DATABASE_ERRORS.inc()
@@ -332,88 +335,6 @@ class Worker:
             except Exception as exc:
                 self._crash(exc)
                 return
-
-    async def _claim_round(self) -> tuple[Task | None, bool]:
-        """One try: (the task claimed or None, whether every type was looked at).
-
-        A limited type whose back-off is over is tried first, without a wake-up (a slot
-        freed by another worker is announced to nobody). Otherwise, when the wake-ups say
-        something is due, the unlimited types are claimed in one claim as ever, then each
-        limited type not known to be full under a slot of its own; the limited types go
-        first when a backlog of the others has kept them waiting (Slots.overdue).
-        """
-        task = await self.slots.confirm()
-        if task is not None:
-            logger.info("task %s: claim confirmed after reconnecting", task.id)
-            return task, False
-        for task_type in self.slots.retry_types():
-            task = await self.slots.claim(task_type)
-            if task is not None:
-                return task, False
-        if not self.wakeups.due():
-            return None, False
-        first = self.slots.overdue()
-        task = await self.slots.claim_open() if first else None
-        if task is None and self.slots.unlimited:
-            task = await self._claim()
-        if task is None and not first:
-            task = await self.slots.claim_open()
-        return task, task is None
-
-    async def _wait(self) -> None:
-        """Wait for the wake-ups, or until a full limited type is worth trying again."""
-        seconds = self.slots.retry_in()
-        if seconds is None:
-            await self.wakeups.wait()
-            return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self.wakeups.wait()
-
-    async def _claim(self) -> Task | None:
-        # A claim whose reply was lost (the database went away mid-call) may have landed:
-        # ask for its lease before claiming anew, or the task would sit STARTED, held by
-        # nobody, until recovery.
-        if self._unconfirmed_lease is not None:
-            task = await self.store.claims.claimed(self._unconfirmed_lease)
-            self._unconfirmed_lease = None
-            if task is not None:
-                logger.info("task %s: claim confirmed after reconnecting", task.id)
-                return task
-        open_claim = self._claims_any_type()
-        types = None if open_claim else self.slots.unlimited
-        task = await self._claim_as(types)
-        if task is not None and open_claim and task.type not in self.types:
-            # A type this worker does not run (a newer version's, or none at all): give it
-            # back untouched for the workers that do, and name our types from now on.
-            given = await self.store.claims.give_back(task)
-            self._name_types_until = time.monotonic() + NAME_TYPES_FOR
-            logger.info(
-                "task %s is of type %r, which this worker does not run: %s; claims name "
-                "this worker's types for %ds",
-                task.id,
-                task.type,
-                "given back" if given else "already taken back",
-                NAME_TYPES_FOR,
-            )
-            task = await self._claim_as(self.slots.unlimited)
-        return task
-
-    async def _claim_as(self, types: tuple[str, ...] | None) -> Task | None:
-        lease = new_lease()
-        self._unconfirmed_lease = lease
-        task = await self.store.claims.claim(self.worker_id, lease=lease, types=types)
-        self._unconfirmed_lease = None
-        return task
-
-    def _claims_any_type(self) -> bool:
-        """Whether a claim may leave the type out of its filter: no limited type to keep
-        out, and no task of another type seen waiting lately. (On MongoDB the type costs a
-        claim nothing; SecantusDB uses the claim index only for a filter of equalities and
-        one range, and scans the collection for anything more: 2.5x the time at 10,000
-        waiting tasks.)"""
-        every_type = len(self.slots.unlimited) == len(self.types)
-        return every_type and time.monotonic() >= self._name_types_until
 
     # -- running ----------------------------------------------------------------------
 
