@@ -22,7 +22,8 @@ from service.models import State, TaskType
 from service.plugins import load_registry
 from service.store import Store
 from service.store.streams import EMPTY_BATCH_PAUSE
-from service.worker.worker import Worker, http_session
+from service.worker.process import http_session
+from service.worker.worker import Worker
 from tests.conftest import eventually
 
 

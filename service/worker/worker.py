@@ -8,12 +8,10 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import aiohttp
@@ -29,6 +27,13 @@ from service.worker.claimer import Claimer
 from service.worker.execution import Executor
 from service.worker.heartbeat import Heartbeat
 from service.worker.malformed import MalformedScan
+from service.worker.process import (
+    Signals,
+    default_worker_id,
+    http_session,
+    installed_version,
+    wait_for_database,
+)
 from service.worker.recovery import Recoverer
 from service.worker.retention import Retention
 from service.worker.schedules import Scheduler
@@ -42,24 +47,6 @@ MALFORMED_SCAN_INTERVAL = 300.0
 
 class WorkerCrashed(Exception):
     """The worker stopped because of an unexpected error (its cause is chained)."""
-
-
-def default_worker_id() -> str:
-    """Host and process id: who holds a task, for the people on call."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def http_session() -> aiohttp.ClientSession:
-    """The worker's HTTP client, shared by its tasks: one request per attempt.
-
-    aiohttp silently resends an idempotent request once when the connection drops. Our own
-    retries already back off and record every failure, so that hidden retry is turned off
-    (the same switch aiohttp's test client uses) to keep one attempt = one request.
-    """
-    session = aiohttp.ClientSession()
-    if hasattr(session, "_retry_connection"):
-        session._retry_connection = False
-    return session
 
 
 @dataclass
@@ -398,14 +385,6 @@ class Worker:
                 )
 
 
-def installed_version() -> str:
-    """The installed task-runner package's version, as `task-runner --version` shows it."""
-    try:
-        return version("task-runner")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 async def serve(settings: Settings, *, registry: Registry | None = None) -> None:
     """Run one worker process until SIGTERM/SIGINT; a second signal stops at once.
 
@@ -431,7 +410,7 @@ async def serve(settings: Settings, *, registry: Registry | None = None) -> None
 
 
 async def _serve(settings: Settings, registry: Registry) -> None:
-    signals = _Signals(settings.shutdown_grace)
+    signals = Signals(settings.shutdown_grace)
     signals.install()
     client = open_client(
         settings.effective_mongodb_url,
@@ -442,7 +421,7 @@ async def _serve(settings: Settings, registry: Registry) -> None:
     store = Store(client, database=settings.database, clock=DbClock(skew=settings.clock_skew))
     try:
         try:
-            await _wait_for_database(store)
+            await wait_for_database(store)
             await store.ensure_indexes()
             await store.workers.ensure_indexes()
         except asyncio.CancelledError:
@@ -458,45 +437,3 @@ async def _serve(settings: Settings, registry: Registry) -> None:
             await worker.run()
     finally:
         await client.close()
-
-
-async def _wait_for_database(store: Store) -> None:
-    backoff = 0.5
-    while True:
-        try:
-            await store.sync_clock()
-            return
-        except DatabaseUnavailable as exc:
-            logger.warning("database not reachable yet (%s); retrying in %.1fs", exc, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 10.0)
-
-
-class _Signals:
-    """SIGTERM/SIGINT: the first stops gracefully, the second at once; before the worker
-    exists, the first cancels the start-up."""
-
-    def __init__(self, grace: float) -> None:
-        self.grace = grace
-        self.seen = 0
-        self.worker: Worker | None = None
-        self._main = asyncio.current_task()
-
-    def install(self) -> None:
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._on_signal, signum)
-
-    def _on_signal(self, signum: int) -> None:
-        self.seen += 1
-        name = signal.Signals(signum).name
-        if self.worker is None:
-            logger.info("%s: stopping before the worker started", name)
-            if self._main is not None:
-                self._main.cancel()
-        elif self.seen == 1:
-            logger.info("%s: stopping; running tasks get %.1fs to finish", name, self.grace)
-            self.worker.stop()
-        else:
-            logger.warning("%s again: stopping now", name)
-            self.worker.stop_now()
