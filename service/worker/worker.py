@@ -10,9 +10,9 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -47,6 +47,19 @@ MALFORMED_SCAN_INTERVAL = 300.0
 
 class WorkerCrashed(Exception):
     """The worker stopped because of an unexpected error (its cause is chained)."""
+
+
+class Job(Protocol):
+    """A background job of the worker (a Periodic, or the wake-ups' stream watcher)."""
+
+    # Told of an unexpected error, after which the job has ended.
+    on_crash: Callable[[BaseException], None] | None
+
+    def start(self) -> None:
+        """Start running in the background."""
+
+    async def stop(self) -> None:
+        """Stop, and wait (a bounded time) for the job to end."""
 
 
 @dataclass
@@ -138,15 +151,7 @@ class Worker:
         self.scheduler = Scheduler(
             store.schedules, clock=store.clock, interval=settings.schedule_interval
         )
-        jobs = (
-            self.heartbeat,
-            self.recoverer,
-            self.malformed,
-            self.retention,
-            self.scheduler,
-            self.wakeups,
-        )
-        for job in jobs:
+        for job in self.jobs:
             job.on_crash = self._crash
         self._stopping = asyncio.Event()
         self._hurry = asyncio.Event()
@@ -154,6 +159,20 @@ class Worker:
         self.fatal: BaseException | None = None
         self.version = installed_version()
         self.started_at = store.clock.now()
+
+    @property
+    def jobs(self) -> tuple[Job, ...]:
+        """The background jobs, in the order they start."""
+        # They stop in the reverse order: the wake-ups first (nothing more is claimed), the
+        # heartbeat last (the leases of tasks still running stay fresh while the others stop).
+        return (
+            self.heartbeat,
+            self.recoverer,
+            self.malformed,
+            self.retention,
+            self.scheduler,
+            self.wakeups,
+        )
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -173,22 +192,14 @@ class Worker:
             await self.retention.ensure()
         except DatabaseUnavailable as exc:
             logger.warning("retention index not checked (%s); the next start will", exc)
-        self.heartbeat.start()
-        self.recoverer.start()
-        self.malformed.start()
-        self.retention.start()
-        self.scheduler.start()
-        self.wakeups.start()
+        for job in self.jobs:
+            job.start()
         try:
             await self._claim_loop()
             await self._drain(self.settings.shutdown_grace)
         finally:
-            await self.wakeups.stop()
-            await self.malformed.stop()
-            await self.retention.stop()
-            await self.scheduler.stop()
-            await self.recoverer.stop()
-            await self.heartbeat.stop()
+            for job in reversed(self.jobs):
+                await job.stop()
             await self._release_all()
             if self.fatal is None:
                 await self._unregister()
