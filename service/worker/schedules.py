@@ -10,10 +10,10 @@ occurrence to the next round: its insert is refused, and its advance completes t
 
 Tasks made ahead are ordinary waiting tasks (run_at = occurrence): the workers' wake-ups
 start each at its occurrence, as any task created ahead of its run_at, whatever the interval
-(measured on SecantusDB: 3 to 13 ms after it, where making it only once due started it up
-to an interval and its jitter late). What is still made late is what no earlier round could see
-coming: an occurrence less than about an interval after the schedule was created or resumed,
-one while no worker ran, and past CATCH_UP occurrences of one schedule per round.
+(a task made only once due would start up to an interval and its jitter late). What is still
+made late is what no earlier round could see coming: an occurrence less than about an
+interval after the schedule was created or resumed, one while no worker ran, and past
+CATCH_UP occurrences of one schedule per round.
 
 Deleting or pausing a schedule withdraws its tasks whose occurrence has not come yet (a pause
 also moves next_at back to the first of them). A round that read the schedule just before

@@ -1,5 +1,5 @@
-"""The worker: one claimer feeding a bounded set of running tasks, with heartbeat,
-recovery, wake-ups and a graceful stop.
+"""The worker: one claimer feeding a bounded set of running tasks, its background jobs and a
+graceful stop; serve() runs one in a process.
 """
 
 from __future__ import annotations
@@ -146,11 +146,7 @@ class Worker:
             http=http,
             worker_id=self.worker_id,
         )
-        self.malformed = MalformedScan(store.figures, interval=MALFORMED_SCAN_INTERVAL)
-        self.retention = Retention(store.retention, clock=store.clock, retention=settings.retention)
-        self.scheduler = Scheduler(
-            store.schedules, clock=store.clock, interval=settings.schedule_interval
-        )
+        self.malformed, self.retention, self.scheduler = _upkeep(store, settings)
         for job in self.jobs:
             job.on_crash = self._crash
         self._stopping = asyncio.Event()
@@ -394,6 +390,16 @@ class Worker:
                 logger.warning(
                     "task %s not released (%s); recovery will return it", running.task.id, exc
                 )
+
+
+def _upkeep(store: Store, settings: Settings) -> tuple[MalformedScan, Retention, Scheduler]:
+    """The jobs every worker runs for the whole database, whatever it runs itself: the
+    malformed scan, retention and the schedules."""
+    return (
+        MalformedScan(store.figures, interval=MALFORMED_SCAN_INTERVAL),
+        Retention(store.retention, clock=store.clock, retention=settings.retention),
+        Scheduler(store.schedules, clock=store.clock, interval=settings.schedule_interval),
+    )
 
 
 async def serve(settings: Settings, *, registry: Registry | None = None) -> None:
