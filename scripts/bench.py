@@ -43,7 +43,8 @@ from service.plugins import load_registry  # noqa: E402
 from service.store import Store, new_lease, open_client  # noqa: E402
 from service.store.base import CLAIM_SORT  # noqa: E402
 from service.store.claims import claimable  # noqa: E402
-from service.worker.worker import Worker, http_session  # noqa: E402
+from service.worker.process import http_session  # noqa: E402
+from service.worker.worker import Worker  # noqa: E402
 
 
 async def lag_percentiles(store: Store, count: int) -> tuple[float, float, float]:

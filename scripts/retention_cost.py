@@ -87,7 +87,7 @@ async def main(args: argparse.Namespace) -> None:
                 await store.db.tasks.insert_many(batch)
             before = await claim_latencies(store, args.claims)
             print(f"{args.finished} finished tasks kept:   {summary(before)}")
-            sweep = Retention(store, retention=WEEK, grace=0)
+            sweep = Retention(store.retention, clock=store.clock, retention=WEEK, grace=0)
             started = time.perf_counter()
             deleted = 0
             while moved := await sweep.run_once():

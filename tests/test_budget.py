@@ -22,7 +22,8 @@ from service.models import State, TaskType
 from service.plugins import load_registry
 from service.store import Store
 from service.store.streams import EMPTY_BATCH_PAUSE
-from service.worker.worker import Worker, http_session
+from service.worker.process import http_session
+from service.worker.worker import Worker
 from tests.conftest import eventually
 
 
@@ -273,7 +274,7 @@ async def test_the_look_up_names_types_only_when_the_claim_does(
     )
 
     async def named() -> bool:
-        return not worker._claims_any_type()
+        return not worker.claimer.claims_any_type()
 
     await eventually(named)
     log.done.clear()

@@ -20,8 +20,8 @@ from service.config import Settings
 from service.localdb import free_port
 from service.models import State, Task, TaskType
 from service.store import Store, new_lease
+from service.worker.execution import retry_delay
 from service.worker.malformed import MalformedScan
-from service.worker.worker import retry_delay
 from tests.conftest import WorkerProcess, eventually, settings_env, wait_until_started
 
 Spawn = Callable[..., WorkerProcess]
@@ -233,7 +233,7 @@ async def test_malformed_documents_are_logged_once_per_process(
     store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
     keys = await insert_odd(store)
-    scan = MalformedScan(store, interval=60)
+    scan = MalformedScan(store.figures, interval=60)
     with caplog.at_level(logging.WARNING, logger="service.worker.malformed"):
         assert await scan.run_once() == len(LEFT_ALONE)
         assert await scan.run_once() == len(LEFT_ALONE)

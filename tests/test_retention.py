@@ -50,12 +50,12 @@ async def test_the_sweep_deletes_only_tasks_finished_long_enough_ago(store: Stor
     odd = {"state": "NOTSTARTED", "type": "baz", "run_at": old, "finished_at": old}
     odd_key = (await store.db.tasks.insert_one(odd)).inserted_id
 
-    sweep = Retention(store, retention=3600, grace=0)
+    sweep = Retention(store.retention, clock=store.clock, retention=3600, grace=0)
     assert await sweep.run_once() == 6
     assert await sweep.run_once() == 0
     left = {str(doc["_id"]) async for doc in store.db.tasks.find({})}
     assert left == {recent.id, waiting.id, str(odd_key)}
-    assert await Retention(store, retention=0).run_once() == 0
+    assert await Retention(store.retention, clock=store.clock, retention=0).run_once() == 0
 
 
 async def test_the_servers_ttl_monitor_expires_finished_tasks(store: Store) -> None:
@@ -68,7 +68,7 @@ async def test_the_servers_ttl_monitor_expires_finished_tasks(store: Store) -> N
     )
     waiting = await store.tasks.create(task_type=TaskType.BAZ, run_at=None, max_attempts=1)
     await store.db.tasks.update_one({"_id": waiting.key}, {"$set": {"finished_at": now}})
-    await Retention(store, retention=1).ensure()
+    await Retention(store.retention, clock=store.clock, retention=1).ensure()
 
     async def expired() -> bool:
         return await store.db.tasks.count_documents({"_id": done.key}) == 0

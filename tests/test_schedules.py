@@ -233,6 +233,10 @@ async def test_schedule_writes_need_a_token(
 # -- the schedule job, one round at a time -----------------------------------------------------
 
 
+def _scheduler(store: Store, *, interval: float) -> Scheduler:
+    return Scheduler(store.schedules, clock=store.clock, interval=interval)
+
+
 async def _overdue(store: Store, missed: str, *, by: float, every: float = 1) -> Schedule:
     """An `every`-second schedule whose first occurrence was `by` seconds ago (in the future
     if negative) and never made."""
@@ -272,7 +276,7 @@ def _made_ahead(tasks: list[Task], job: Scheduler) -> None:
 async def test_missed_occurrences_latest_once_or_none(store: Store) -> None:
     latest = await _overdue(store, "latest", by=10.5)
     skip = await _overdue(store, "skip", by=10.5)
-    job = Scheduler(store, interval=0.2)
+    job = _scheduler(store, interval=0.2)
     created = await job.run_once()
     assert latest.next_at is not None and skip.next_at is not None
     # latest: the latest missed occurrence once (made late), then the coming ones ahead.
@@ -303,7 +307,7 @@ async def test_missed_occurrences_latest_once_or_none(store: Store) -> None:
 
 async def test_racing_jobs_make_one_task_per_occurrence(store: Store) -> None:
     schedules = [await _overdue(store, "latest", by=0.2) for _ in range(5)]
-    jobs = [Scheduler(store, interval=0.2) for _ in range(4)]
+    jobs = [_scheduler(store, interval=0.2) for _ in range(4)]
     created = await asyncio.gather(*(job.run_once() for job in jobs for _ in range(3)))
     total = 0
     for schedule in schedules:
@@ -328,7 +332,7 @@ async def test_racing_jobs_make_one_task_per_occurrence(store: Store) -> None:
 async def test_paused_schedule_makes_nothing_until_resumed(store: Store) -> None:
     schedule = await _overdue(store, "latest", by=5.5)
     await store.schedules.pause(schedule.id, paused=True)
-    job = Scheduler(store, interval=0.2)
+    job = _scheduler(store, interval=0.2)
     assert await job.run_once() == 0
     assert await _tasks_of(store, schedule) == []
     await store.schedules.pause(schedule.id, paused=False)
@@ -344,7 +348,7 @@ async def test_paused_schedule_makes_nothing_until_resumed(store: Store) -> None
 async def test_deleted_schedule_makes_nothing_more(store: Store) -> None:
     schedule = await _overdue(store, "latest", by=3.5)
     assert await store.schedules.delete(schedule.id)
-    assert await Scheduler(store, interval=0.2).run_once() == 0
+    assert await _scheduler(store, interval=0.2).run_once() == 0
     assert await _tasks_of(store, schedule) == []
 
 
@@ -363,7 +367,7 @@ async def _made_ahead_and_due(store: Store, job: Scheduler) -> tuple[Schedule, l
 
 
 async def test_pause_and_delete_withdraw_only_the_tasks_not_yet_due(store: Store) -> None:
-    job = Scheduler(store, interval=4)  # makes tasks up to 5.4 s ahead
+    job = _scheduler(store, interval=4)  # makes tasks up to 5.4 s ahead
     schedule, made = await _made_ahead_and_due(store, job)
     await _made_ahead_and_due(store, job)  # another schedule's
     plain = await store.tasks.create(
@@ -405,7 +409,7 @@ async def test_a_round_that_read_the_schedule_before_a_pause_or_delete(
     """A worker's round reads a schedule, the schedule is paused (or deleted) and its ahead
     tasks withdrawn, then the round inserts the task of the occurrence it read: its advance,
     fenced on the schedule not being paused, fails, and the round withdraws the task."""
-    job = Scheduler(store, interval=2)
+    job = _scheduler(store, interval=2)
     for stop in ("pause", "delete"):
         schedule = await _overdue(store, "latest", by=-1.5, every=60)
         now = store.clock.surely_now()
@@ -433,7 +437,7 @@ async def test_a_round_that_read_the_schedule_before_a_pause_or_delete(
     following = next_occurrence(read, read.next_at, inclusive=False)
     assert await store.schedules.advance(read, to=following, now=now)  # the other's advance
     assert await job.materialise(read, now) == 1  # this one's insert stands
-    assert await Scheduler(store, interval=2).materialise(read, now) == 0  # a third: refused
+    assert await _scheduler(store, interval=2).materialise(read, now) == 0  # a third: refused
     (made,) = await _tasks_of(store, schedule)
     assert made.occurrence == read.next_at
 
@@ -507,7 +511,7 @@ async def test_fleet_makes_exactly_one_task_per_occurrence(
     # Watched for three periods after the delete: nothing newer than it.
     await asyncio.sleep(3)
     tasks = [t for t in await all_tasks(store) if t.schedule_id]
-    _check_once_each(tasks, lookahead=Scheduler(store, interval=FAST_INTERVAL).lookahead)
+    _check_once_each(tasks, lookahead=_scheduler(store, interval=FAST_INTERVAL).lookahead)
     assert all(t.attempts == 1 for t in tasks)
     assert all(t.occurrence is not None and t.occurrence <= deleted_at for t in tasks)
     occurrences = sorted(t.occurrence for t in tasks if t.occurrence is not None)
@@ -531,7 +535,7 @@ async def test_tasks_made_ahead_start_on_time_through_pause_resume_and_delete(
     late). Pausing and deleting withdraw the tasks not yet due and nothing else; resuming
     continues, on time again from one lookahead on."""
     interval = 2.0
-    lookahead = Scheduler(store, interval=interval).lookahead  # 3.2 s
+    lookahead = _scheduler(store, interval=interval).lookahead  # 3.2 s
     workers = [spawn_worker(schedule_interval=interval, log_level="INFO") for _ in range(2)]
     for worker in workers:
         await wait_until_started(worker)
@@ -677,7 +681,7 @@ async def test_missed_occurrences_after_the_whole_fleet_was_down(
     assert skipped_up_to - first_missed[skip.id] >= timedelta(seconds=3)
     _check_once_each(
         [*await _tasks_of(store, latest), *await _tasks_of(store, skip)],
-        lookahead=Scheduler(store, interval=FAST_INTERVAL).lookahead,
+        lookahead=_scheduler(store, interval=FAST_INTERVAL).lookahead,
     )
     survivor.signal(signal.SIGTERM)
     assert survivor.wait() == 0, survivor.stderr()
@@ -711,7 +715,7 @@ async def test_task_runner_schedules_lists_them(settings: Settings, store: Store
 
 async def test_occurrences_found_late_by_a_round_are_each_made(store: Store) -> None:
     schedule = await _overdue(store, "skip", by=1.5)
-    job = Scheduler(store, interval=0.5)  # late after 2 s: the two past ones are on time
+    job = _scheduler(store, interval=0.5)  # late after 2 s: the two past ones are on time
     created = await job.run_once()
     made = await _tasks_of(store, schedule)
     # The two past occurrences, then those before the next round (1.55 s ahead) in advance.

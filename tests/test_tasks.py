@@ -14,7 +14,7 @@ from service.config import Settings
 from service.models import TaskType
 from service.plugins import TaskContext, load_registry, run_task
 from service.tasks.baz import BAZ_MAX
-from service.worker.worker import http_session
+from service.worker.process import http_session
 from tests.conftest import StubHttpServer
 
 Context = Callable[[str], TaskContext]

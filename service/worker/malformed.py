@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from service.periodic import Periodic
-from service.store import Store
+from service.store.figures import Figures
 from service.worker import metrics
 
 logger = logging.getLogger(__name__)
@@ -27,18 +27,18 @@ REMEMBERED = 10_000
 class MalformedScan(Periodic):
     """Logs each document the workers cannot read, once."""
 
-    def __init__(self, store: Store, *, interval: float) -> None:
+    def __init__(self, figures: Figures, *, interval: float) -> None:
         # The first look comes FIRST_SCAN_AFTER seconds after start; then every `interval`
         # seconds (it scans the collection, so not often).
         super().__init__(interval=FIRST_SCAN_AFTER, jitter=0.25)
         self.every = interval
-        self.store = store
+        self.figures = figures
         self._logged: set[str] = set()
 
     async def run_once(self) -> int:
         """Look for unreadable documents; log the ones not logged yet. Returns how many."""
         self.interval = self.every
-        found = await self.store.figures.unreadable(limit=SCAN_LIMIT)
+        found = await self.figures.unreadable(limit=SCAN_LIMIT)
         for task in found:
             if task.id in self._logged:
                 continue

@@ -142,6 +142,7 @@ class CommandCounter(monitoring.CommandListener):
         self._children: dict[str, Any] = {}
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
+        """Count the command under its name."""
         name = event.command_name
         child = self._children.get(name)
         if child is None:
@@ -149,10 +150,10 @@ class CommandCounter(monitoring.CommandListener):
         child.inc()
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
+        """Nothing more to count: the command was counted when sent."""
 
     def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        pass
+        """Nothing more to count: the command was counted when sent."""
 
 
 class MetricsPortUnusable(Exception):

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
+from service.clock import DbClock
 from service.periodic import Periodic
-from service.store import Store
+from service.store.claims import Claims
+from service.store.slots import SlotTable
 from service.worker import metrics
 
 logger = logging.getLogger(__name__)
@@ -27,10 +30,19 @@ class Recoverer(Periodic):
     """
 
     def __init__(
-        self, store: Store, *, stale_after: float, interval: float, slots: bool = False
+        self,
+        claims: Claims,
+        *,
+        clock: DbClock,
+        ping: Callable[[], Awaitable[None]],
+        stale_after: float,
+        interval: float,
+        slots: SlotTable | None = None,
     ) -> None:
         super().__init__(interval=interval, jitter=0.25)
-        self.store = store
+        self.claims = claims
+        self.clock = clock
+        self.ping = ping
         self.stale_after = stale_after
         self.slots = slots
         self._reachable_since: float | None = None
@@ -42,12 +54,12 @@ class Recoverer(Periodic):
     async def run_once(self) -> int:
         """Recover what is stale now; returns how many tasks were moved."""
         if self._reachable_since is None:
-            await self.store.ping()
+            await self.ping()
             self._reachable_since = time.monotonic()
         if time.monotonic() - self._reachable_since < self.stale_after:
             return 0
-        began = self.store.clock.surely_now()
-        moved = await self.store.claims.recover_stale(self.stale_after, within=self.stale_after / 4)
+        began = self.clock.surely_now()
+        moved = await self.claims.recover_stale(self.stale_after, within=self.stale_after / 4)
         logger.debug(
             "recovery began %s (reachable %.2fs), moved %d",
             began.isoformat(),
@@ -59,9 +71,9 @@ class Recoverer(Periodic):
             logger.warning(
                 "recovered %d stale task(s) (no heartbeat for %.1fs)", moved, self.stale_after
             )
-        if self.slots:
+        if self.slots is not None:
             # After the tasks: a slot is freed only once its task has left STARTED.
-            freed = await self.store.slots.free_lost(self.stale_after, within=self.stale_after / 4)
+            freed = await self.slots.free_lost(self.stale_after, within=self.stale_after / 4)
             if freed:
                 logger.warning("freed %d concurrency slot(s) held by no running task", freed)
         return moved

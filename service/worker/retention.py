@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
+from service.clock import DbClock
 from service.periodic import Periodic
-from service.store import Store
+from service.store.retention import Expiry
 from service.worker import metrics
 
 logger = logging.getLogger(__name__)
@@ -29,20 +30,22 @@ class Retention(Periodic):
 
     def __init__(
         self,
-        store: Store,
+        expiry: Expiry,
         *,
+        clock: DbClock,
         retention: float,
         interval: float = 60.0,
         grace: float = TTL_GRACE,
     ) -> None:
         super().__init__(interval=interval, jitter=0.25)
-        self.store = store
+        self.expiry = expiry
+        self.clock = clock
         self.retention = retention
         self.grace = grace
 
     async def ensure(self) -> None:
         """Create, change or drop the TTL index to match the setting (at start-up)."""
-        done = await self.store.retention.ensure(self.retention)
+        done = await self.expiry.ensure(self.retention)
         if done in ("created", "changed", "dropped"):
             kept = "for ever" if self.retention <= 0 else f"for {self.retention:g}s"
             logger.info("retention index %s: finished tasks are kept %s", done, kept)
@@ -51,10 +54,8 @@ class Retention(Periodic):
         """Delete up to SWEEP_LIMIT tasks finished longer ago than retention + grace."""
         if self.retention <= 0:
             return 0
-        cutoff = self.store.clock.surely_now() - timedelta(seconds=self.retention + self.grace)
-        deleted = await self.store.retention.delete_expired(
-            finished_before=cutoff, limit=SWEEP_LIMIT
-        )
+        cutoff = self.clock.surely_now() - timedelta(seconds=self.retention + self.grace)
+        deleted = await self.expiry.delete_expired(finished_before=cutoff, limit=SWEEP_LIMIT)
         if deleted:
             logger.info("retention: deleted %d finished task(s) the TTL monitor left", deleted)
         return deleted

@@ -10,10 +10,10 @@ occurrence to the next round: its insert is refused, and its advance completes t
 
 Tasks made ahead are ordinary waiting tasks (run_at = occurrence): the workers' wake-ups
 start each at its occurrence, as any task created ahead of its run_at, whatever the interval
-(measured on SecantusDB: 3 to 13 ms after it, where making it only once due started it up
-to an interval and its jitter late). What is still made late is what no earlier round could see
-coming: an occurrence less than about an interval after the schedule was created or resumed,
-one while no worker ran, and past CATCH_UP occurrences of one schedule per round.
+(a task made only once due would start up to an interval and its jitter late). What is still
+made late is what no earlier round could see coming: an occurrence less than about an
+interval after the schedule was created or resumed, one while no worker ran, and past
+CATCH_UP occurrences of one schedule per round.
 
 Deleting or pausing a schedule withdraws its tasks whose occurrence has not come yet (a pause
 also moves next_at back to the first of them). A round that read the schedule just before
@@ -33,10 +33,11 @@ import dataclasses
 import logging
 from datetime import datetime, timedelta
 
+from service.clock import DbClock
 from service.models import MissedPolicy, Schedule, Task
 from service.periodic import Periodic
-from service.store import Store
 from service.store.occurrences import latest_occurrence, next_occurrence
+from service.store.schedules import Schedules
 from service.worker import metrics
 
 logger = logging.getLogger(__name__)
@@ -53,9 +54,10 @@ LOOKAHEAD_MARGIN = 1.0
 class Scheduler(Periodic):
     """Creates the task of each coming occurrence, once, and advances the schedule."""
 
-    def __init__(self, store: Store, *, interval: float) -> None:
+    def __init__(self, schedules: Schedules, *, clock: DbClock, interval: float) -> None:
         super().__init__(interval=interval, jitter=0.1)
-        self.store = store
+        self.schedules = schedules
+        self.clock = clock
         # An occurrence found later than this was missed (the workers were down, or the
         # schedule paused); one found sooner is merely late by a round or two, and is made.
         self.late_after = timedelta(seconds=2 * interval + 1.0)
@@ -66,9 +68,9 @@ class Scheduler(Periodic):
     async def run_once(self) -> int:
         """One round over the schedules with an occurrence before the next round; returns
         how many tasks this worker created."""
-        now = self.store.clock.surely_now()
+        now = self.clock.surely_now()
         created = 0
-        for schedule in await self.store.schedules.due(now=now + self.lookahead, limit=BATCH):
+        for schedule in await self.schedules.due(now=now + self.lookahead, limit=BATCH):
             created += await self.materialise(schedule, now)
         return created
 
@@ -96,7 +98,7 @@ class Scheduler(Periodic):
                     occurrence_text(occurrence),
                 )
             following = next_occurrence(schedule, occurrence, inclusive=False)
-            if not await self.store.schedules.advance(schedule, to=following, now=now):
+            if not await self.schedules.advance(schedule, to=following, now=now):
                 # Another worker moved it on, or it was paused or deleted meanwhile.
                 if task is not None and not await self._withdrawn(schedule, task):
                     created += 1
@@ -106,7 +108,7 @@ class Scheduler(Periodic):
         return created
 
     async def _make(self, schedule: Schedule, occurrence: datetime, *, missed: bool) -> Task | None:
-        task = await self.store.schedules.create_occurrence(schedule, occurrence)
+        task = await self.schedules.create_occurrence(schedule, occurrence)
         if task is None:
             return None  # another worker made it
         logger.info(
@@ -123,9 +125,9 @@ class Scheduler(Periodic):
         """The task this round just made, after its advance failed: if the schedule was
         paused or deleted since this round read it, the pause's or delete's withdrawal may
         have come before the insert, so withdraw the task here unless it is due already."""
-        if await self.store.schedules.active(schedule):
+        if await self.schedules.active(schedule):
             return False  # another worker advanced it: the task stands
-        if await self.store.schedules.withdraw_ahead(schedule, task_id=task.id) is None:
+        if await self.schedules.withdraw_ahead(schedule, task_id=task.id) is None:
             return False
         logger.info(
             "schedule %s: task %s withdrawn (the schedule was paused or deleted meanwhile)",

@@ -15,7 +15,9 @@ import time
 from collections.abc import Iterable, Mapping
 
 from service.models import Task
-from service.store import Store, new_lease
+from service.store import new_lease
+from service.store.claims import Claims
+from service.store.slots import SlotTable
 
 logger = logging.getLogger(__name__)
 
@@ -32,14 +34,16 @@ class Slots:
 
     def __init__(
         self,
-        store: Store,
+        table: SlotTable,
+        claims: Claims,
         *,
         limits: Mapping[str, int],
         types: Iterable[str],
         worker_id: str,
         claim_within: float,
     ) -> None:
-        self.store = store
+        self.table = table
+        self.claims = claims
         own = set(types)
         self.limits = {name: n for name, n in limits.items() if name in own}
         self.unlimited = tuple(t for t in types if t not in self.limits)
@@ -89,7 +93,7 @@ class Slots:
         type is no longer tried until a wake-up says a task of it may be due.
         """
         lease = new_lease()
-        taken = await self.store.slots.take(
+        taken = await self.table.take(
             task_type, limit=self.limits[task_type], lease=lease, worker_id=self.worker_id
         )
         if not taken:
@@ -99,13 +103,13 @@ class Slots:
             return None
         # A claim whose reply is lost may have landed: confirm() asks before the next claim.
         self._unconfirmed = (task_type, lease)
-        task = await self.store.claims.claim(
+        task = await self.claims.claim(
             self.worker_id, lease=lease, types=(task_type,), within=self.claim_within
         )
         self._unconfirmed = None
         self._full.pop(task_type, None)
         if task is None:
-            await self.store.slots.free(task_type, lease)
+            await self.table.free(task_type, lease)
         return task
 
     async def confirm(self) -> Task | None:
@@ -113,9 +117,9 @@ class Slots:
         if self._unconfirmed is None:
             return None
         task_type, lease = self._unconfirmed
-        task = await self.store.claims.claimed(lease)
+        task = await self.claims.claimed(lease)
         if task is None:
-            await self.store.slots.free(task_type, lease)
+            await self.table.free(task_type, lease)
         self._unconfirmed = None
         return task
 
@@ -123,5 +127,5 @@ class Slots:
         """Give back the slot `task` was claimed under, once it has left STARTED (or is no
         longer ours); its type is tried again at once."""
         if task.type in self.limits and task.lease is not None:
-            await self.store.slots.free(task.type, task.lease)
+            await self.table.free(task.type, task.lease)
             self._full[task.type] = (time.monotonic(), FIRST_BACKOFF / 2)

@@ -38,10 +38,11 @@ from collections.abc import Callable, Collection, Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
+from service.clock import DbClock
 from service.errors import ChangeStreamsUnavailable, DatabaseUnavailable
 from service.models import Task
 from service.periodic import stop_task
-from service.store import Store
+from service.store.streams import TaskWatch
 from service.worker import metrics
 
 logger = logging.getLogger(__name__)
@@ -67,14 +68,16 @@ class WakeUps:
 
     def __init__(
         self,
-        store: Store,
+        watch: TaskWatch,
         *,
+        clock: DbClock,
         types: Iterable[str],
         max_poll: float,
         change_stream: bool,
         lookup_types: Callable[[], Collection[str] | None] | None = None,
     ) -> None:
-        self.store = store
+        self.task_watch = watch
+        self.clock = clock
         self.types = tuple(types)
         # The types a look-up names (None: any), as the worker's claim names them.
         self.lookup_types = lookup_types or (lambda: self.types)
@@ -87,9 +90,9 @@ class WakeUps:
         # The earliest waiting run_at the last look-up found among tasks not announced.
         self._next: datetime | None = None
         self._drain = True  # claim until empty: we do not know what is waiting
-        self._claim_floor = store.clock.surely_now()  # the claim's filter time is later
+        self._claim_floor = clock.surely_now()  # the claim's filter time is later
         self._claim_seq = 0  # announcements before the claim
-        self._poll_at = store.clock.surely_now()
+        self._poll_at = clock.surely_now()
         self._changed = asyncio.Event()
         # Set while the claimer waits. A claimer that is busy claiming needs no
         # announcements (it claims until empty, then looks up what is next), so the stream
@@ -103,7 +106,7 @@ class WakeUps:
 
     def due(self) -> bool:
         """Should the claimer try a claim now? The claimer claims right after a yes."""
-        now = self.store.clock.surely_now()
+        now = self.clock.surely_now()
         head = self._head()
         if self._drain or (head is not None and head < now):
             self._claim_floor, self._claim_seq = now, self._seq
@@ -126,7 +129,7 @@ class WakeUps:
         self._drop_before(floor, self._claim_seq)
         if must_look:
             await self._look_up(floor)
-        self._poll_at = self.store.clock.surely_now() + timedelta(seconds=self.max_poll)
+        self._poll_at = self.clock.surely_now() + timedelta(seconds=self.max_poll)
 
     async def _look_up(self, floor: datetime) -> None:
         """The earliest waiting run_at from the claim's time on among tasks not announced
@@ -136,7 +139,7 @@ class WakeUps:
         self._next = None
         announced = sum(1 for entry in self._live() if entry[0] >= floor)
         limit = min(announced, LOOKUP_EXCLUDES) + 1
-        found = await self.store.watch.earliest_waiting(
+        found = await self.task_watch.earliest_waiting(
             after=floor, types=self.lookup_types(), limit=limit
         )
         for task_id, run_at in found:
@@ -149,7 +152,7 @@ class WakeUps:
     async def wait(self) -> None:
         """Sleep until something may be due: an announcement, the earliest known run_at, a
         safety poll, or a nudge (a slot freed, a stop)."""
-        now = self.store.clock.surely_now()
+        now = self.clock.surely_now()
         if now >= self._poll_at and not self._drain:
             self._drain = True  # the safety poll is due
             return
@@ -170,7 +173,7 @@ class WakeUps:
         finally:
             self._listening.clear()
         self._changed.clear()
-        if self.store.clock.surely_now() >= self._poll_at:
+        if self.clock.surely_now() >= self._poll_at:
             self._drain = True
 
     def nudge(self) -> None:
@@ -213,14 +216,14 @@ class WakeUps:
         backoff = 1.0
         while True:
             try:
-                async for task_id, run_at in self.store.watch.wakeups(
+                async for task_id, run_at in self.task_watch.wakeups(
                     types=self.types,
                     max_await=self.max_poll,
                     on_open=self._stream_opened,
                     ready=self._listening,
                     gather=GATHER,
                 ):
-                    self._announce(task_id, run_at or self.store.clock.surely_now())
+                    self._announce(task_id, run_at or self.clock.surely_now())
                     self.nudge()
                     backoff = 1.0
             except ChangeStreamsUnavailable as exc:

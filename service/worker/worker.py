@@ -1,5 +1,5 @@
-"""The worker: one claimer feeding a bounded set of running tasks, with heartbeat,
-recovery, wake-ups and a graceful stop.
+"""The worker: one claimer feeding a bounded set of running tasks, its background jobs and a
+graceful stop; serve() runs one in a process.
 """
 
 from __future__ import annotations
@@ -8,15 +8,11 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
-import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from datetime import timedelta
-from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -24,18 +20,20 @@ from service.clock import DbClock
 from service.config import Settings
 from service.errors import DatabaseUnavailable
 from service.models import Task
-from service.periodic import Periodic
-from service.plugins import (
-    ArgsUnloadable,
-    Registry,
-    TaskContext,
-    TaskTimedOut,
-    load_registry,
-    run_task,
-)
-from service.store import Store, new_lease, open_client
+from service.plugins import Registry, load_registry
+from service.store import Store, open_client
 from service.worker import metrics
+from service.worker.claimer import Claimer
+from service.worker.execution import Executor
+from service.worker.heartbeat import Heartbeat
 from service.worker.malformed import MalformedScan
+from service.worker.process import (
+    Signals,
+    default_worker_id,
+    http_session,
+    installed_version,
+    wait_for_database,
+)
 from service.worker.recovery import Recoverer
 from service.worker.retention import Retention
 from service.worker.schedules import Scheduler
@@ -45,45 +43,23 @@ from service.worker.wakeups import WakeUps
 logger = logging.getLogger(__name__)
 
 MALFORMED_SCAN_INTERVAL = 300.0
-# After a task of a type this worker does not run was claimed and given back, claims list
-# this worker's types for this long before trying without again.
-NAME_TYPES_FOR = 300
-# A lease claimed or refreshed less than this share of a heartbeat interval ago is fresh:
-# the heartbeat leaves it for the next round, and the registry does not list it yet.
-FRESH_SHARE = 0.25
-
-
-class _CannotRun(Exception):
-    """A claimed task that this worker cannot run as stored (its message says why)."""
 
 
 class WorkerCrashed(Exception):
     """The worker stopped because of an unexpected error (its cause is chained)."""
 
 
-def default_worker_id() -> str:
-    """Host and process id: who holds a task, for the people on call."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+class Job(Protocol):
+    """A background job of the worker (a Periodic, or the wake-ups' stream watcher)."""
 
+    # Told of an unexpected error, after which the job has ended.
+    on_crash: Callable[[BaseException], None] | None
 
-def http_session() -> aiohttp.ClientSession:
-    """The worker's HTTP client, shared by its tasks: one request per attempt.
+    def start(self) -> None:
+        """Start running in the background."""
 
-    aiohttp silently resends an idempotent request once when the connection drops. Our own
-    retries already back off and record every failure, so that hidden retry is turned off
-    (the same switch aiohttp's test client uses) to keep one attempt = one request.
-    """
-    session = aiohttp.ClientSession()
-    if hasattr(session, "_retry_connection"):
-        session._retry_connection = False
-    return session
-
-
-def retry_delay(attempt: int, *, base: float, cap: float) -> float:
-    """Exponential backoff with jitter: base * 2**(attempt-1), capped, then 50-100% of it."""
-    # The exponent is bounded: a stored attempts count in the thousands must not overflow.
-    delay: float = min(cap, base * 2.0 ** min(attempt - 1, 60))
-    return delay * random.uniform(0.5, 1.0)
+    async def stop(self) -> None:
+        """Stop, and wait (a bounded time) for the job to end."""
 
 
 @dataclass
@@ -97,71 +73,6 @@ class Running:
     # time.monotonic() no later than the claim, and than its heartbeat_at was last written.
     claimed_at: float = 0.0
     refreshed: float = 0.0
-
-
-class Heartbeat(Periodic):
-    """One write per interval refreshes the running tasks; lost leases are cancelled.
-
-    A task claimed or refreshed less than a quarter interval ago is left out: its
-    heartbeat_at is fresh enough (at most 1.25 intervals old before the next refresh, where
-    the stale threshold is at least 3), so in a burst of short tasks most finish before
-    their first heartbeat and cost none.
-
-    The worker's record in the registry is refreshed in the same round: whenever the tasks
-    it has held for a quarter interval changed, and otherwise every `refresh_every` rounds (a
-    third of the stale threshold), so an idle worker stays alive in the registry for a write
-    every few seconds.
-    """
-
-    def __init__(self, worker: Worker, *, interval: float, stale_after: float) -> None:
-        super().__init__(interval=interval, jitter=0.0)
-        self.worker = worker
-        self.refresh_every = max(1, int(stale_after / 3 / interval))
-        self._rounds_unregistered = 0
-        self._registered: tuple[str, ...] | None = None
-
-    async def run_once(self) -> set[str]:
-        """Refresh the leases; stop the tasks whose lease is gone. Returns the lost leases."""
-        store = self.worker.store
-        if store.clock.needs_sync():
-            await store.sync_clock()
-        began = time.monotonic()
-        running = self.worker.running
-        fresh = self.interval * FRESH_SHARE
-        due = [lease for lease, r in running.items() if began - r.refreshed >= fresh]
-        lost = await store.claims.heartbeat(due)
-        for lease in due:
-            if (held := running.get(lease)) is not None:
-                held.refreshed = began
-        took = time.monotonic() - began
-        if took > self.interval:
-            # Heartbeats this slow eat into the stale threshold: say so before it bites.
-            logger.warning("heartbeat for %d task(s) took %.2fs", len(due), took)
-        gone = [r.task for lease in lost if (r := self.worker.running.get(lease)) is not None]
-        for lease in lost:
-            self.worker.abandon(lease)
-        for task in gone:  # no longer STARTED under our lease: its slot can go now
-            await self.worker.slots.free(task)
-        await self.register()
-        return lost
-
-    async def register(self, *, force: bool = False) -> None:
-        """Write the worker's record if what it holds changed or it is due for a refresh."""
-        holds = self.worker.holds(claimed_before=time.monotonic() - self.interval * FRESH_SHARE)
-        self._rounds_unregistered += 1
-        if force or holds != self._registered or self._rounds_unregistered >= self.refresh_every:
-            # Marked first: a failed write is retried by the next round, not every one after.
-            self._rounds_unregistered = 0
-            self._registered = None
-            await self.worker.store.workers.register(
-                self.worker.worker_id, self.worker.registration(holds)
-            )
-            self._registered = holds
-
-    def on_unavailable(self) -> None:
-        """A heartbeat failed: recovery must wait for the database to be back long enough."""
-        metrics.DATABASE_ERRORS.inc()
-        self.worker.recoverer.database_lost()
 
 
 class Worker:
@@ -183,35 +94,74 @@ class Worker:
         self.http = http
         self.worker_id = worker_id or default_worker_id()
         self.running: dict[str, Running] = {}
-        self.heartbeat = Heartbeat(
-            self, interval=settings.heartbeat_interval, stale_after=settings.stale_after
-        )
         # The types this worker runs: it claims, looks up and listens for no others.
         self.types: tuple[str, ...] = registry.names
         self.slots = Slots(
-            store,
+            store.slots,
+            store.claims,
             limits=settings.limits,
             types=self.types,
             worker_id=self.worker_id,
             claim_within=settings.stale_after / 4,
         )
         self.recoverer = Recoverer(
-            store,
+            store.claims,
+            clock=store.clock,
+            ping=store.ping,
             stale_after=settings.stale_after,
             interval=settings.stale_after / 2,
-            slots=bool(self.slots.limits),
+            slots=store.slots if self.slots.limits else None,
+        )
+        self.heartbeat = Heartbeat(
+            store.claims,
+            store.workers,
+            holder=self,
+            clock=store.clock,
+            sync_clock=store.sync_clock,
+            database_lost=self.recoverer.database_lost,
+            interval=settings.heartbeat_interval,
+            stale_after=settings.stale_after,
         )
         self.wakeups = WakeUps(
-            store,
+            store.watch,
+            clock=store.clock,
             types=self.types,
             max_poll=settings.max_poll_interval,
             change_stream=settings.change_streams,
-            lookup_types=lambda: None if self._claims_any_type() else self.types,
+            lookup_types=lambda: None if self.claimer.claims_any_type() else self.types,
         )
-        self.malformed = MalformedScan(store, interval=MALFORMED_SCAN_INTERVAL)
-        self.retention = Retention(store, retention=settings.retention)
-        self.scheduler = Scheduler(store, interval=settings.schedule_interval)
-        jobs = (
+        self.claimer = Claimer(
+            store.claims,
+            slots=self.slots,
+            wakeups=self.wakeups,
+            worker_id=self.worker_id,
+            types=self.types,
+        )
+        self.executor = Executor(
+            store.claims,
+            clock=store.clock,
+            slots=self.slots,
+            registry=registry,
+            settings=settings,
+            http=http,
+            worker_id=self.worker_id,
+        )
+        self.malformed, self.retention, self.scheduler = _upkeep(store, settings)
+        for job in self.jobs:
+            job.on_crash = self._crash
+        self._stopping = asyncio.Event()
+        self._hurry = asyncio.Event()
+        self._finished = asyncio.Event()  # a running task ended
+        self.fatal: BaseException | None = None
+        self.version = installed_version()
+        self.started_at = store.clock.now()
+
+    @property
+    def jobs(self) -> tuple[Job, ...]:
+        """The background jobs, in the order they start."""
+        # They stop in the reverse order: the wake-ups first (nothing more is claimed), the
+        # heartbeat last (the leases of tasks still running stay fresh while the others stop).
+        return (
             self.heartbeat,
             self.recoverer,
             self.malformed,
@@ -219,16 +169,6 @@ class Worker:
             self.scheduler,
             self.wakeups,
         )
-        for job in jobs:
-            job.on_crash = self._crash
-        self._stopping = asyncio.Event()
-        self._hurry = asyncio.Event()
-        self._finished = asyncio.Event()  # a running task ended
-        self._unconfirmed_lease: str | None = None
-        self._name_types_until = 0.0  # time.monotonic(): until then claims list our types
-        self.fatal: BaseException | None = None
-        self.version = installed_version()
-        self.started_at = store.clock.now()
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -248,22 +188,14 @@ class Worker:
             await self.retention.ensure()
         except DatabaseUnavailable as exc:
             logger.warning("retention index not checked (%s); the next start will", exc)
-        self.heartbeat.start()
-        self.recoverer.start()
-        self.malformed.start()
-        self.retention.start()
-        self.scheduler.start()
-        self.wakeups.start()
+        for job in self.jobs:
+            job.start()
         try:
             await self._claim_loop()
             await self._drain(self.settings.shutdown_grace)
         finally:
-            await self.wakeups.stop()
-            await self.malformed.stop()
-            await self.retention.stop()
-            await self.scheduler.stop()
-            await self.recoverer.stop()
-            await self.heartbeat.stop()
+            for job in reversed(self.jobs):
+                await job.stop()
             await self._release_all()
             if self.fatal is None:
                 await self._unregister()
@@ -300,6 +232,25 @@ class Worker:
         return tuple(
             sorted(r.task.id for r in self.running.values() if r.claimed_at < claimed_before)
         )
+
+    def leases_to_refresh(self, *, now: float, fresh: float) -> list[str]:
+        """The leases of running tasks refreshed (or claimed) `fresh` seconds or more before
+        `now` (time.monotonic()): the heartbeat writes these."""
+        return [lease for lease, r in self.running.items() if now - r.refreshed >= fresh]
+
+    def refreshed(self, leases: Collection[str], *, at: float) -> None:
+        """The heartbeat wrote these leases' heartbeat_at no earlier than `at`."""
+        for lease in leases:
+            if (held := self.running.get(lease)) is not None:
+                held.refreshed = at
+
+    async def leases_lost(self, leases: Collection[str]) -> None:
+        """The heartbeat found these leases gone: stop their tasks, free their slots."""
+        gone = [r.task for lease in leases if (r := self.running.get(lease)) is not None]
+        for lease in leases:
+            self.abandon(lease)
+        for task in gone:  # no longer STARTED under our lease: its slot can go now
+            await self.slots.free(task)
 
     def registration(self, holds: tuple[str, ...]) -> dict[str, Any]:
         """This worker's record in the registry (the store adds last_seen)."""
@@ -357,7 +308,7 @@ class Worker:
                 continue
             try:
                 began = time.monotonic()  # no later than the server stamped heartbeat_at
-                task, looked = await self._claim_round()
+                task, looked = await self.claimer.claim_round()
                 if task is not None:
                     metrics.CLAIMED.inc()
                     self._start(task, claimed_at=began)
@@ -366,7 +317,7 @@ class Worker:
                     metrics.EMPTY.inc()
                     await self.wakeups.found_nothing()
                 else:
-                    await self._wait()
+                    await self.claimer.wait()
                 backoff = 0.1
             except DatabaseUnavailable as exc:
                 metrics.DATABASE_ERRORS.inc()
@@ -378,88 +329,6 @@ class Worker:
             except Exception as exc:
                 self._crash(exc)
                 return
-
-    async def _claim_round(self) -> tuple[Task | None, bool]:
-        """One try: (the task claimed or None, whether every type was looked at).
-
-        A limited type whose back-off is over is tried first, without a wake-up (a slot
-        freed by another worker is announced to nobody). Otherwise, when the wake-ups say
-        something is due, the unlimited types are claimed in one claim as ever, then each
-        limited type not known to be full under a slot of its own; the limited types go
-        first when a backlog of the others has kept them waiting (Slots.overdue).
-        """
-        task = await self.slots.confirm()
-        if task is not None:
-            logger.info("task %s: claim confirmed after reconnecting", task.id)
-            return task, False
-        for task_type in self.slots.retry_types():
-            task = await self.slots.claim(task_type)
-            if task is not None:
-                return task, False
-        if not self.wakeups.due():
-            return None, False
-        first = self.slots.overdue()
-        task = await self.slots.claim_open() if first else None
-        if task is None and self.slots.unlimited:
-            task = await self._claim()
-        if task is None and not first:
-            task = await self.slots.claim_open()
-        return task, task is None
-
-    async def _wait(self) -> None:
-        """Wait for the wake-ups, or until a full limited type is worth trying again."""
-        seconds = self.slots.retry_in()
-        if seconds is None:
-            await self.wakeups.wait()
-            return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self.wakeups.wait()
-
-    async def _claim(self) -> Task | None:
-        # A claim whose reply was lost (the database went away mid-call) may have landed:
-        # ask for its lease before claiming anew, or the task would sit STARTED, held by
-        # nobody, until recovery.
-        if self._unconfirmed_lease is not None:
-            task = await self.store.claims.claimed(self._unconfirmed_lease)
-            self._unconfirmed_lease = None
-            if task is not None:
-                logger.info("task %s: claim confirmed after reconnecting", task.id)
-                return task
-        open_claim = self._claims_any_type()
-        types = None if open_claim else self.slots.unlimited
-        task = await self._claim_as(types)
-        if task is not None and open_claim and task.type not in self.types:
-            # A type this worker does not run (a newer version's, or none at all): give it
-            # back untouched for the workers that do, and name our types from now on.
-            given = await self.store.claims.give_back(task)
-            self._name_types_until = time.monotonic() + NAME_TYPES_FOR
-            logger.info(
-                "task %s is of type %r, which this worker does not run: %s; claims name "
-                "this worker's types for %ds",
-                task.id,
-                task.type,
-                "given back" if given else "already taken back",
-                NAME_TYPES_FOR,
-            )
-            task = await self._claim_as(self.slots.unlimited)
-        return task
-
-    async def _claim_as(self, types: tuple[str, ...] | None) -> Task | None:
-        lease = new_lease()
-        self._unconfirmed_lease = lease
-        task = await self.store.claims.claim(self.worker_id, lease=lease, types=types)
-        self._unconfirmed_lease = None
-        return task
-
-    def _claims_any_type(self) -> bool:
-        """Whether a claim may leave the type out of its filter: no limited type to keep
-        out, and no task of another type seen waiting lately. (On MongoDB the type costs a
-        claim nothing; SecantusDB uses the claim index only for a filter of equalities and
-        one range, and scans the collection for anything more: 2.5x the time at 10,000
-        waiting tasks.)"""
-        every_type = len(self.slots.unlimited) == len(self.types)
-        return every_type and time.monotonic() >= self._name_types_until
 
     # -- running ----------------------------------------------------------------------
 
@@ -473,140 +342,18 @@ class Worker:
         )
 
     async def _execute(self, task: Task) -> None:
-        started = time.monotonic()
-        if task.unrunnable:
-            # Claimed (the filter could not see it) but not runnable as stored: fail it for
-            # good, once, saying why; retrying cannot make the document well formed.
-            self._mark_finishing(task)
-            error = "malformed task: " + "; ".join(task.unrunnable)
-            await self._finish(task, started, error=error, retry=False)
-            return
         try:
-            output = await self._run(task)
-        except asyncio.CancelledError:
+            outcome = await self.executor.run(task)
+            self._mark_finishing(task)
+            await self.executor.finish(task, outcome)
+        finally:
             self._forget(task)
-            raise
-        except _CannotRun as exc:
-            # Retrying cannot make stored arguments load: fail it for good, saying why.
-            self._mark_finishing(task)
-            await self._finish(task, started, error=str(exc), retry=False)
-        except TaskTimedOut as exc:
-            self._mark_finishing(task)
-            await self._finish(task, started, error=str(exc))
-        except Exception as exc:
-            self._mark_finishing(task)
-            await self._finish(task, started, error=f"{type(exc).__name__}: {exc}")
-        else:
-            self._mark_finishing(task)
-            await self._finish(task, started, output=output)
-
-    async def _run(self, task: Task) -> str:
-        """Load the task's arguments with its type's schema and run it within its time
-        limit: the task's own, else its type's, else TASK_RUNNER_TASK_TIMEOUT."""
-        definition = self.registry.get(task.type)
-        if definition is None:  # the claim's filter names only our types
-            raise _CannotRun(f"no task type {task.type!r} in this worker")
-        if "args" in task.malformed:
-            raise _CannotRun(
-                "malformed task: " + "; ".join(p for p in task.problems if p.startswith("args "))
-            )
-        try:
-            args = definition.load_args(task.args)
-        except ArgsUnloadable as exc:
-            raise _CannotRun(str(exc)) from None
-        ctx = TaskContext(
-            task_id=task.id, attempt=task.attempts, settings=self.settings, http=self.http
-        )
-        time_limit = task.timeout or definition.timeout or self.settings.task_timeout
-        return await run_task(definition, ctx, args, time_limit=time_limit)
 
     def _mark_finishing(self, task: Task) -> None:
         assert task.lease is not None
         running = self.running.get(task.lease)
         if running is not None:
             running.finishing = True
-
-    async def _finish(
-        self,
-        task: Task,
-        started: float,
-        *,
-        output: str | None = None,
-        error: str | None = None,
-        retry: bool = True,
-    ) -> None:
-        try:
-            if error is None:
-                written = await self._persist(
-                    lambda: self.store.claims.complete(task, output or "")
-                )
-                outcome = "COMPLETE"
-                kind = "complete"
-            else:
-                retry_at = None
-                if retry and task.max_attempts is not None and task.attempts < task.max_attempts:
-                    delay = retry_delay(
-                        task.attempts, base=self.settings.retry_base, cap=self.settings.retry_max
-                    )
-                    retry_at = self.store.clock.now() + _seconds(delay)
-                written = await self._persist(
-                    lambda: self.store.claims.fail(task, error, retry_at=retry_at)
-                )
-                outcome = "FAILED" if retry_at is None else f"retry at {retry_at.isoformat()}"
-                kind = "failed" if retry_at is None else "retry"
-            if self.slots.limited(task.type):
-                # Written or not, the task is no longer STARTED under our lease.
-                await self._persist_none(lambda: self.slots.free(task))
-            took = time.monotonic() - started
-            metrics.finished(task.type, kind if written else "lease_lost", took)
-            event = {  # the fields of a JSON log line (service/logs.py)
-                "task_id": task.id,
-                "type": task.type,
-                "attempt": task.attempts,
-                "duration": round(took, 6),
-                "worker": self.worker_id,
-                "outcome": outcome.split(" ")[0] if written else "lease_lost",
-            }
-            if written:
-                logger.info(
-                    "task %s type=%s attempt=%d %s in %.3fs%s",
-                    task.id,
-                    task.type,
-                    task.attempts,
-                    outcome,
-                    took,
-                    "" if error is None else f": {error}",
-                    extra=event,
-                )
-            else:
-                logger.warning(
-                    "task %s type=%s attempt=%d: lease lost, result dropped",
-                    task.id,
-                    task.type,
-                    task.attempts,
-                    extra=event,
-                )
-        finally:
-            self._forget(task)
-
-    async def _persist(self, write: Callable[[], Awaitable[bool]]) -> bool:
-        """Retry a fenced write through a database outage; the fence makes a retry safe."""
-        backoff = 0.1
-        while True:
-            try:
-                return await write()
-            except DatabaseUnavailable as exc:
-                metrics.DATABASE_ERRORS.inc()
-                logger.warning("writing a result failed: %s; retrying in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.settings.heartbeat_interval)
-
-    async def _persist_none(self, write: Callable[[], Awaitable[None]]) -> None:
-        async def done() -> bool:
-            await write()
-            return True
-
-        await self._persist(done)
 
     def _forget(self, task: Task) -> None:
         assert task.lease is not None
@@ -645,16 +392,14 @@ class Worker:
                 )
 
 
-def _seconds(value: float) -> timedelta:
-    return timedelta(seconds=value)
-
-
-def installed_version() -> str:
-    """The installed task-runner package's version, as `task-runner --version` shows it."""
-    try:
-        return version("task-runner")
-    except PackageNotFoundError:
-        return "unknown"
+def _upkeep(store: Store, settings: Settings) -> tuple[MalformedScan, Retention, Scheduler]:
+    """The jobs every worker runs for the whole database, whatever it runs itself: the
+    malformed scan, retention and the schedules."""
+    return (
+        MalformedScan(store.figures, interval=MALFORMED_SCAN_INTERVAL),
+        Retention(store.retention, clock=store.clock, retention=settings.retention),
+        Scheduler(store.schedules, clock=store.clock, interval=settings.schedule_interval),
+    )
 
 
 async def serve(settings: Settings, *, registry: Registry | None = None) -> None:
@@ -682,7 +427,7 @@ async def serve(settings: Settings, *, registry: Registry | None = None) -> None
 
 
 async def _serve(settings: Settings, registry: Registry) -> None:
-    signals = _Signals(settings.shutdown_grace)
+    signals = Signals(settings.shutdown_grace)
     signals.install()
     client = open_client(
         settings.effective_mongodb_url,
@@ -693,7 +438,7 @@ async def _serve(settings: Settings, registry: Registry) -> None:
     store = Store(client, database=settings.database, clock=DbClock(skew=settings.clock_skew))
     try:
         try:
-            await _wait_for_database(store)
+            await wait_for_database(store)
             await store.ensure_indexes()
             await store.workers.ensure_indexes()
         except asyncio.CancelledError:
@@ -709,45 +454,3 @@ async def _serve(settings: Settings, registry: Registry) -> None:
             await worker.run()
     finally:
         await client.close()
-
-
-async def _wait_for_database(store: Store) -> None:
-    backoff = 0.5
-    while True:
-        try:
-            await store.sync_clock()
-            return
-        except DatabaseUnavailable as exc:
-            logger.warning("database not reachable yet (%s); retrying in %.1fs", exc, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 10.0)
-
-
-class _Signals:
-    """SIGTERM/SIGINT: the first stops gracefully, the second at once; before the worker
-    exists, the first cancels the start-up."""
-
-    def __init__(self, grace: float) -> None:
-        self.grace = grace
-        self.seen = 0
-        self.worker: Worker | None = None
-        self._main = asyncio.current_task()
-
-    def install(self) -> None:
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._on_signal, signum)
-
-    def _on_signal(self, signum: int) -> None:
-        self.seen += 1
-        name = signal.Signals(signum).name
-        if self.worker is None:
-            logger.info("%s: stopping before the worker started", name)
-            if self._main is not None:
-                self._main.cancel()
-        elif self.seen == 1:
-            logger.info("%s: stopping; running tasks get %.1fs to finish", name, self.grace)
-            self.worker.stop()
-        else:
-            logger.warning("%s again: stopping now", name)
-            self.worker.stop_now()
