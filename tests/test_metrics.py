@@ -147,12 +147,16 @@ async def test_scrapes_during_a_slow_refresh_get_the_last_figures_at_once(
     first = queue.snapshot
     gate = asyncio.Event()
 
-    class SlowStore:
-        """The real store, held at the gate: a refresh that takes as long as we like."""
+    class SlowFigures:
+        """The real store's figures, held at the gate: a refresh that takes as long as we
+        like."""
 
         async def queue_figures(self, *, stale_after: float) -> Any:
             await gate.wait()
             return await store.figures.queue_figures(stale_after=stale_after)
+
+    class SlowStore:
+        figures = SlowFigures()
 
     queue.ttl = 0.0
     slow = asyncio.create_task(queue.refresh(SlowStore()))  # type: ignore[arg-type]

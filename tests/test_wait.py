@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from openapi_schema_validator import OAS30Validator
 from pymongo import AsyncMongoClient, MongoClient, monitoring
 
-import service.store
+import service.store.base
 from service.config import Settings
 from service.models import Task
 from service.store import Store
@@ -237,10 +237,10 @@ async def test_a_completion_just_after_the_first_read_is_not_missed(
         await store.db.tasks.update_one(
             {"_id": ObjectId(task_id)}, {"$set": {"state": "COMPLETE", "output": "done"}}
         )
-        monkeypatch.setattr(store, "get", real_get)
+        monkeypatch.setattr(store.tasks, "get", real_get)
         return task
 
-    monkeypatch.setattr(store, "get", read_then_complete)
+    monkeypatch.setattr(store.tasks, "get", read_then_complete)
     try:
         started = time.monotonic()
         task = await feed.wait_for(task_id, within=20)
@@ -304,7 +304,7 @@ async def test_many_waiters_cost_a_bounded_number_of_commands(
         # Beside the listeners the app itself passes, if any.
         return AsyncMongoClient(*args, event_listeners=[*event_listeners, commands], **kwargs)
 
-    monkeypatch.setattr(service.store, "AsyncMongoClient", counted)
+    monkeypatch.setattr(service.store.base, "AsyncMongoClient", counted)
     client = await modes(change_streams)
     feed = feed_of(client)
     wait = 3.0
