@@ -21,7 +21,7 @@ from bson import ObjectId
 from hypothesis import given
 from hypothesis import strategies as st
 from openapi_schema_validator import OAS30Validator
-from pymongo import AsyncMongoClient, MongoClient, monitoring
+from pymongo import AsyncMongoClient, MongoClient
 
 import service.store.base
 from service.config import Settings
@@ -30,6 +30,7 @@ from service.store import Store
 from service.web.api import OPENAPI, TASK_FEED
 from service.web.app import create_app
 from service.web.feed import TaskFeed
+from service.worker.metrics import CommandCounter
 from tests.conftest import StubHttpServer, WorkerProcess, eventually, wait_until_started
 from tests.test_api_fuzz import DIGITS_TEXT, FUZZ, LiveApi, resolve
 from tests.test_ui import failed_task
@@ -275,22 +276,6 @@ async def test_polling_reads_a_new_waiters_task_within_the_wait_interval(
 # -- the cost: one watch for every waiter ------------------------------------------------------
 
 
-class Commands(monitoring.CommandListener):
-    """Every command the app's database client sends."""
-
-    def __init__(self) -> None:
-        self.names: list[str] = []
-
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
-        self.names.append(event.command_name)
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        pass
-
-
 @MODES
 async def test_many_waiters_cost_a_bounded_number_of_commands(
     modes: Callable[..., Awaitable[Client]],
@@ -298,7 +283,7 @@ async def test_many_waiters_cost_a_bounded_number_of_commands(
     change_streams: bool,
     monkeypatch: Any,
 ) -> None:
-    commands = Commands()
+    commands = CommandCounter(export=False)  # every command the app's client sends
 
     def counted(*args: Any, event_listeners: Any = (), **kwargs: Any) -> Any:
         # Beside the listeners the app itself passes, if any.
@@ -311,7 +296,7 @@ async def test_many_waiters_cost_a_bounded_number_of_commands(
     costs = {}
     for waiters in (5, 50):
         ids = [await waiting_task(store) for _ in range(waiters)]
-        commands.names.clear()
+        commands.reset()
         started = time.monotonic()
         answers = await asyncio.gather(*(timed_get(client, f"/tasks/{i}?wait={wait}") for i in ids))
         elapsed = time.monotonic() - started
@@ -320,10 +305,10 @@ async def test_many_waiters_cost_a_bounded_number_of_commands(
         # Each request reads its task when it starts and when its wait ends; everything else
         # is the one shared watch: a getMore a second, or one read of every waited task per
         # poll interval (0.5 s), plus opening it.
-        shared = len(commands.names) - 2 * waiters
-        costs[waiters] = (len(commands.names), shared, sorted(set(commands.names)))
+        shared = commands.total - 2 * waiters
+        costs[waiters] = (commands.total, shared, sorted(commands.counts))
         bound = elapsed / min(feed.max_await, feed.wait_poll_interval) + 12
-        assert 0 <= shared <= bound, (waiters, commands.names)
+        assert 0 <= shared <= bound, (waiters, commands.counts)
     print(f"\n{'change stream' if change_streams else 'polling'}: {costs}")
     # What one poll per waiter and interval would cost: 50 waiters for 3 s at 0.5 s = 300 reads.
     assert costs[50][0] < 50 * wait / feed.wait_poll_interval / 2
