@@ -23,7 +23,7 @@ from service.plugins import load_registry
 from service.store import Store
 from service.store.streams import EMPTY_BATCH_PAUSE
 from service.worker.worker import Worker, http_session
-from tests.conftest import eventually
+from tests.helpers import eventually
 
 
 class CommandLog(monitoring.CommandListener):
