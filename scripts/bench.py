@@ -33,7 +33,7 @@ import aiohttp  # noqa: E402
 import uvloop  # noqa: E402
 from aiohttp import web  # noqa: E402
 from bson import ObjectId  # noqa: E402
-from pymongo import AsyncMongoClient, ReturnDocument, monitoring  # noqa: E402
+from pymongo import AsyncMongoClient, ReturnDocument  # noqa: E402
 
 from service.clock import DbClock  # noqa: E402
 from service.config import Settings  # noqa: E402
@@ -43,6 +43,7 @@ from service.plugins import load_registry  # noqa: E402
 from service.store import Store, new_lease, open_client  # noqa: E402
 from service.store.base import CLAIM_SORT  # noqa: E402
 from service.store.claims import claimable  # noqa: E402
+from service.worker.metrics import CommandCounter  # noqa: E402
 from service.worker.process import http_session  # noqa: E402
 from service.worker.worker import Worker  # noqa: E402
 
@@ -215,7 +216,7 @@ class Bench:
 
     async def idle(self) -> float:
         """Commands per second sent by one idle worker with the default settings."""
-        counter = CommandCounter()
+        counter = CommandCounter(export=False)
         client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
             self.url, tz_aware=True, event_listeners=[counter]
         )
@@ -229,9 +230,9 @@ class Bench:
             worker = Worker(store, quick, registry=load_registry(), http=http, worker_id="bench")
             running = asyncio.create_task(worker.run())
             await asyncio.sleep(2)
-            counter.count = 0
+            counter.reset()
             await asyncio.sleep(self.args.idle_seconds)
-            per_second = counter.count / self.args.idle_seconds
+            per_second = counter.total / self.args.idle_seconds
             worker.stop()
             await running
         await client.drop_database(store.db.tasks.database.name)
@@ -441,20 +442,6 @@ async def scrape(http: aiohttp.ClientSession, port: int) -> dict[str, float]:
         elif line.startswith("process_cpu_seconds_total "):
             figures["cpu"] = float(line.rsplit(" ", 1)[1])
     return figures
-
-
-class CommandCounter(monitoring.CommandListener):
-    def __init__(self) -> None:
-        self.count = 0
-
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
-        self.count += 1
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        pass
 
 
 async def wait_http(url: str) -> None:

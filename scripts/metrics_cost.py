@@ -20,37 +20,20 @@ import statistics
 import sys
 import time
 import uuid
-from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from unittest import mock
 
 from aiohttp.test_utils import TestClient, TestServer
 from bson import ObjectId
-from pymongo import AsyncMongoClient, MongoClient, monitoring
+from pymongo import AsyncMongoClient, MongoClient
 
 from service.config import Settings
 from service.localdb import database_url
 from service.store.tasks import INDEXES
 from service.web import app as app_module
 from service.web.app import create_app
-
-
-class Commands(monitoring.CommandListener):
-    """The commands sent to the tasks collection."""
-
-    def __init__(self) -> None:
-        self.names: list[str] = []
-
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
-        if event.command.get(event.command_name) == "tasks":
-            self.names.append(event.command_name)
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        pass
+from service.worker.metrics import CommandCounter
 
 
 def fill(url: str, database: str, count: int) -> None:
@@ -96,7 +79,7 @@ def _summary(values: list[float]) -> str:
 
 async def scrape_for(url: str, database: str, args: argparse.Namespace) -> None:
     """Serve the API with a listener on its client; scrape; print the figures."""
-    log = Commands()
+    log = CommandCounter(export=False, collection="tasks")
 
     def listened(url: str, *, timeout: float, appname: str) -> AsyncMongoClient[dict[str, Any]]:
         # The service's client options, and a listener counting what the API sends.
@@ -113,25 +96,25 @@ async def scrape_for(url: str, database: str, args: argparse.Namespace) -> None:
     with mock.patch.object(app_module, "open_client", listened):
         client = TestClient(TestServer(create_app(settings)))
         await client.start_server()
-    log.names.clear()  # the start-up's index creation is not a scrape's
+    log.reset()  # the start-up's index creation is not a scrape's
     try:
         cached: list[float] = []
         refreshed: list[float] = []
         per_scrape: list[int] = []
         deadline = time.monotonic() + args.seconds
         while time.monotonic() < deadline:
-            before = len(log.names)
+            before = log.total
             started = time.perf_counter()
             response = await client.get("/metrics")
             await response.read()
             took = time.perf_counter() - started
             assert response.status == 200
-            sent = len(log.names) - before
+            sent = log.total - before
             per_scrape.append(sent)
             (refreshed if sent else cached).append(took)
             await asyncio.sleep(max(args.interval - took, 0))
         batches = len(refreshed)
-        kinds = Counter(log.names)
+        kinds = log.counts
         print(f"tasks: {args.tasks}, scrapes: {len(per_scrape)}, every {args.interval:g}s")
         print(f"metrics_cache: {args.cache:g}s -> query batches: {batches}")
         print(f"commands: {sum(per_scrape)} ({dict(kinds)})")

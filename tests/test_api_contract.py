@@ -8,12 +8,8 @@ import json
 import logging
 import signal
 import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -22,10 +18,9 @@ from aiohttp.test_utils import TestClient
 from openapi_spec_validator import validate
 
 from service.config import Settings
-from service.localdb import free_port
 from service.store import Store
 from service.web.app import create_app
-from tests.conftest import settings_env
+from tests.helpers import ApiProcess
 
 Client = TestClient[Any, Any]
 MakeClient = Callable[[web.Application], Awaitable[Client]]
@@ -228,64 +223,31 @@ async def test_methods_a_route_does_not_allow_are_405_with_allow(api: Client) ->
 # -- hostile requests against a real `task-runner api` process ----------------------------
 
 
-class ApiProcess:
-    """A real `task-runner api` process (web.run_app, as deployed), its log in a file."""
+def send(api: ApiProcess, *parts: bytes, pause: float = 0.0) -> tuple[int, dict[str, str], bytes]:
+    """Send raw bytes (pausing between parts); the status, headers and body answered."""
+    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
+        for part in parts:
+            sock.sendall(part)
+            time.sleep(pause)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in header_lines)
+    return int(status_line.split()[1]), headers, body
 
-    def __init__(self, settings: Settings, log: Path) -> None:
-        self.port = free_port()
-        self.log = log
-        # api_tokens="": settings_env would write the empty tuple as the token "()".
-        env = settings_env(
-            settings, host="127.0.0.1", port=self.port, log_level="INFO", api_tokens=""
-        )
-        with log.open("wb") as err:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "api"],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-            )
-        deadline = time.monotonic() + 30
-        while True:
-            assert self.process.poll() is None, log.read_text()
-            try:
-                url = f"http://127.0.0.1:{self.port}/health"
-                with urllib.request.urlopen(url, timeout=5) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
 
-    def send(self, *parts: bytes, pause: float = 0.0) -> tuple[int, dict[str, str], bytes]:
-        """Send raw bytes (pausing between parts); the status, headers and body answered."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
-            for part in parts:
-                sock.sendall(part)
-                time.sleep(pause)
-            answer = b""
-            while chunk := sock.recv(65536):
-                answer += chunk
-        head, _, body = answer.partition(b"\r\n\r\n")
-        status_line, *header_lines = head.decode("latin-1").split("\r\n")
-        headers = dict(line.split(": ", 1) for line in header_lines)
-        return int(status_line.split()[1]), headers, body
-
-    def stop(self) -> str:
-        """SIGTERM, wait, and return the whole log."""
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(30)
-        return self.log.read_text()
+def stop(api: ApiProcess) -> str:
+    """SIGTERM, wait (failing if it does not exit within 30 s), and return the whole log."""
+    api.signal(signal.SIGTERM)
+    api.wait(30)
+    return api.stderr()
 
 
 @pytest.fixture
-def api_process(settings: Settings, store: Store, tmp_path: Path) -> Iterator[ApiProcess]:
-    server = ApiProcess(settings, tmp_path / "api.log")
-    yield server
-    if server.process.poll() is None:
-        server.process.kill()
-        server.process.wait()
+def api_process(store: Store, start_api: Callable[..., ApiProcess]) -> ApiProcess:
+    return start_api(log_level="INFO")
 
 
 def http(request_line: bytes, *headers: bytes, body: bytes = b"") -> bytes:
@@ -325,7 +287,7 @@ def test_hostile_requests_to_a_real_server_are_400_and_logged_briefly(
         http(b"POST /FOO/%D9%A1%D9%A2 HTTP/1.1", b"Content-Length: 0"),
     ]
     for request in in_handlers:
-        assert_json_error(api_process.send(request), 400)
+        assert_json_error(send(api_process, request), 400)
     # Refused by aiohttp's HTTP parser before any handler or middleware runs: a 400 (its
     # body is aiohttp's short text; no supported hook lets an application shape it).
     in_parser = [
@@ -348,10 +310,10 @@ def test_hostile_requests_to_a_real_server_are_400_and_logged_briefly(
         ),
     ]
     for request in in_parser:
-        status, _, body = api_process.send(request)
+        status, _, body = send(api_process, request)
         assert status == 400, (request[:60], body)
         assert len(body) < 400, body
-    log = api_process.stop()
+    log = stop(api_process)
     assert "Traceback" not in log, log
     assert " ERROR " not in log, log
     refused = [line for line in log.splitlines() if "malformed HTTP" in line]
@@ -375,8 +337,8 @@ def test_a_body_cut_off_by_the_client_is_not_a_logged_500(
         sock.sendall(b"zz\r\n{}\r\n0\r\n\r\n")
         time.sleep(0.3)
     # A later request still works, and the log holds no traceback.
-    assert_json_error(api_process.send(json_post(b"/tasks", b"{}")), 400)
-    log = api_process.stop()
+    assert_json_error(send(api_process, json_post(b"/tasks", b"{}")), 400)
+    log = stop(api_process)
     assert "Traceback" not in log, log
     assert " ERROR " not in log, log
 

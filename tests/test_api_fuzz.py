@@ -5,11 +5,9 @@ refused request must leave the database unchanged.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import re
-import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -18,7 +16,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from aiohttp import web
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -26,10 +23,9 @@ from openapi_schema_validator import OAS30Validator
 from pymongo import MongoClient
 
 from service.config import Settings
-from service.localdb import free_port
-from service.web.app import create_app
 from service.web.keys import OPENAPI
 from service.web.schemas.fields import YEAR_10000
+from tests.helpers import LiveApi
 
 OBJECT_ID = st.text(alphabet="0123456789abcdef", min_size=24, max_size=24)
 SCALARS = (
@@ -150,50 +146,6 @@ REQUEST = st.fixed_dictionaries(
         "content_type": st.sampled_from(["application/json", "text/plain", None]),
     }
 )
-
-
-class LiveApi:
-    """The API served from its own thread and event loop, for a synchronous fuzzer."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.port = free_port()
-        self.app = create_app(settings)
-        self.ready = threading.Event()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        runner = web.AppRunner(self.app, access_log=None)
-        self.loop.run_until_complete(runner.setup())
-        self.loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
-        self.ready.set()
-        self.loop.run_forever()
-        self.loop.run_until_complete(runner.cleanup())
-        self.loop.close()
-
-    def __enter__(self) -> LiveApi:
-        self.thread.start()
-        assert self.ready.wait(30)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(30)
-
-    def send(self, request: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
-        query = urllib.parse.urlencode(request["query"])
-        path = urllib.parse.quote(request["path"], safe="/%")
-        url = f"http://127.0.0.1:{self.port}{path}" + (f"?{query}" if query else "")
-        body = request["body"]
-        data = body.encode() if isinstance(body, str) else body
-        headers = {"Content-Type": request["content_type"]} if request["content_type"] else {}
-        req = urllib.request.Request(url, data=data, method=request["method"], headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=30) as response:
-                return response.status, dict(response.headers), response.read()
-        except urllib.error.HTTPError as error:
-            return error.code, dict(error.headers), error.read()
 
 
 def resolve(node: Any, document: dict[str, Any]) -> Any:

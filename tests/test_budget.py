@@ -24,7 +24,7 @@ from service.store import Store
 from service.store.streams import EMPTY_BATCH_PAUSE
 from service.worker.process import http_session
 from service.worker.worker import Worker
-from tests.conftest import eventually
+from tests.helpers import eventually
 
 
 class CommandLog(monitoring.CommandListener):

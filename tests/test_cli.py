@@ -17,20 +17,13 @@ from service.config import Settings
 from service.localdb import free_port
 from service.models import State
 from service.store import Store, new_lease
-from tests.conftest import settings_env
+from tests.helpers import TASK_RUNNER, run_cli, settings_env
 
 
 async def task_runner(
     settings: Settings, *args: str, **overrides: object
 ) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "service.cli", *args],
-        env=settings_env(settings, **overrides),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return await asyncio.to_thread(run_cli, settings_env(settings, **overrides), *args)
 
 
 async def stuck_task(store: Store, *, max_attempts: int = 3) -> str:
@@ -115,21 +108,13 @@ async def test_help_documents_the_settings(settings: Settings) -> None:
 
 # -- the real `task-runner` command: settings, messages, help -------------------------
 
-TASK_RUNNER = str(Path(sys.executable).with_name("task-runner"))
-
 
 async def command(
     settings: Settings, *args: str, env: dict[str, str] | None = None, **overrides: object
 ) -> subprocess.CompletedProcess[str]:
     """The installed `task-runner` console script, as a user runs it."""
-    return await asyncio.to_thread(
-        subprocess.run,
-        [TASK_RUNNER, *args],
-        env={**settings_env(settings, **overrides), **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    environ = {**settings_env(settings, **overrides), **(env or {})}
+    return await asyncio.to_thread(run_cli, environ, *args, installed=True)
 
 
 def one_line(result: subprocess.CompletedProcess[str]) -> str:

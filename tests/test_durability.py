@@ -8,7 +8,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +20,14 @@ from service.clock import DbClock
 from service.config import Settings
 from service.localdb import free_port
 from service.store import Store, open_client
-from tests.conftest import WorkerProcess, eventually, settings_env, wait_until_started
+from tests.helpers import (
+    CLI,
+    ApiProcess,
+    WorkerProcess,
+    eventually,
+    settings_env,
+    wait_until_started,
+)
 
 
 def server_pids(port: int) -> list[int]:
@@ -52,12 +58,7 @@ class LocalDb:
 
     def start(self) -> None:
         with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "db"],
-                env=self.env,
-                stdout=log,
-                stderr=log,
-            )
+            self.process = subprocess.Popen([*CLI, "db"], env=self.env, stdout=log, stderr=log)
 
     async def ready(self) -> None:
         async def listening() -> bool:
@@ -94,24 +95,18 @@ def local_db(settings: Settings, tmp_path: Path) -> Iterator[LocalDb]:
 
 
 @pytest.fixture
-def api_process(
-    settings: Settings, local_db: LocalDb, tmp_path: Path
-) -> Iterator[Callable[[], str]]:
-    port = free_port()
-    env = settings_env(settings, mongodb_url=local_db.url, port=port, host="127.0.0.1")
-    with (tmp_path / "api.log").open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "api"], env=env, stdout=log, stderr=log
-        )
-    yield lambda: f"http://127.0.0.1:{port}"
-    process.terminate()
-    process.wait(30)
+def api_process(local_db: LocalDb, start_api: Callable[..., ApiProcess]) -> Iterator[ApiProcess]:
+    # Started before the database: it must answer once the database is up.
+    api = start_api(ready=False, mongodb_url=local_db.url)
+    yield api
+    api.signal(signal.SIGTERM)
+    api.wait(30)
 
 
 async def test_sigkill_of_the_database_twice_loses_no_acknowledged_task(
     settings: Settings,
     local_db: LocalDb,
-    api_process: Callable[[], str],
+    api_process: ApiProcess,
     spawn_worker: Callable[..., WorkerProcess],
 ) -> None:
     local_db.start()
@@ -132,7 +127,7 @@ async def test_sigkill_of_the_database_twice_loses_no_acknowledged_task(
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
             while not stop.is_set():
                 try:
-                    async with http.post(f"{api_process()}/tasks", json={"type": "foo"}) as r:
+                    async with http.post(f"{api_process.url}/tasks", json={"type": "foo"}) as r:
                         if r.status == 201:
                             acknowledged.append((await r.json())["id"])
                         else:

@@ -9,9 +9,6 @@ import functools
 import re
 import signal
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +20,15 @@ from service.config import Settings
 from service.localdb import free_port
 from service.models import State, TaskType
 from service.store import Store
-from tests.conftest import WorkerProcess, all_tasks, eventually, settings_env, wait_until_started
+from tests.helpers import (
+    CLI,
+    WorkerProcess,
+    all_tasks,
+    eventually,
+    run_cli,
+    settings_env,
+    wait_until_started,
+)
 
 Spawn = Callable[..., WorkerProcess]
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -47,14 +52,16 @@ async def scrape(port: int) -> Samples:
 
 async def scrape_when_up(port: int, *, within: float = 30.0) -> Samples:
     """scrape(port) once something listens there (a process that is still starting)."""
-    deadline = time.monotonic() + within
-    while True:
+
+    async def scraped() -> Samples | None:
         try:
             return await scrape(port)
         except aiohttp.ClientConnectionError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.1)
+            return None
+
+    samples = await eventually(scraped, within=within, interval=0.1, what=f"a scrape of :{port}")
+    assert samples is not None
+    return samples
 
 
 def total(samples: Samples, name: str, **labels: str) -> float:
@@ -67,16 +74,6 @@ async def workers_listed(api: TestClient[Any, Any]) -> dict[str, dict[str, Any]]
     response = await api.get("/workers")
     assert response.status == 200
     return {w["id"]: w for w in (await response.json())["workers"]}
-
-
-def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
-        env=settings_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 async def test_each_workers_metrics_agree_with_the_database(
@@ -153,7 +150,11 @@ async def test_workers_shows_who_is_alive_and_what_each_holds(
         return bool(held) and sorted(map(str, held)) == listed["tasks"]
 
     for worker_id in ids:
-        await eventually(functools.partial(holds_what_the_database_says, worker_id), within=30)
+        await eventually(
+            functools.partial(holds_what_the_database_says, worker_id),
+            within=30,
+            what=f"{worker_id} listed with the tasks it holds",
+        )
     listed = await workers_listed(api)
     assert sorted(listed) == sorted(ids)
     for worker in workers:
@@ -167,7 +168,7 @@ async def test_workers_shows_who_is_alive_and_what_each_holds(
         assert seen["types"] == ["foo", "bar", "baz"]
         assert seen["version"] and seen["started_at"] and seen["last_seen"]
 
-    printed = run_cli(settings, "workers")
+    printed = run_cli(settings_env(settings), "workers")
     assert printed.returncode == 0, printed.stderr
     lines = printed.stdout.splitlines()
     for worker_id in ids:
@@ -177,8 +178,7 @@ async def test_workers_shows_who_is_alive_and_what_each_holds(
     assert "2 worker(s): 2 alive, 0 gone" in printed.stdout
 
     killed, stopped = workers
-    killed.process.kill()
-    killed.wait()
+    killed.kill()
 
     async def killed_is_gone() -> bool:
         seen = (await workers_listed(api))[killed.worker_id]
@@ -188,7 +188,7 @@ async def test_workers_shows_who_is_alive_and_what_each_holds(
     listed = await workers_listed(api)
     assert listed[killed.worker_id]["seconds_since_seen"] > settings.stale_after
     assert listed[stopped.worker_id]["alive"] is True
-    printed = run_cli(settings, "workers")
+    printed = run_cli(settings_env(settings), "workers")
     (row,) = [line for line in printed.stdout.splitlines() if line.startswith(killed.worker_id)]
     assert row.split()[1] == "gone"
     assert "2 worker(s): 1 alive, 1 gone" in printed.stdout
@@ -240,9 +240,7 @@ async def test_a_busy_metrics_port_stops_the_worker_with_one_line(
 
 async def test_dev_gives_each_worker_a_metrics_port_and_prints_it(settings: Settings) -> None:
     env = settings_env(settings, port=free_port(), workers=2, log_format="text")
-    dev = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service.cli", "dev", env=env, stderr=asyncio.subprocess.PIPE
-    )
+    dev = await asyncio.create_subprocess_exec(*CLI, "dev", env=env, stderr=asyncio.subprocess.PIPE)
     assert dev.stderr is not None
     printed: list[str] = []
     try:

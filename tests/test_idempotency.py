@@ -7,14 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import subprocess
-import sys
 import time
-import urllib.request
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -24,13 +20,12 @@ from aiohttp.test_utils import TestClient
 from bson import ObjectId
 
 from service.config import Settings
-from service.localdb import free_port
 from service.models import TaskType
 from service.store import Store
 from service.store.base import new_task_document
 from service.store.idempotency import IdempotentCreate, request_hash
 from service.web.app import create_app
-from tests.conftest import settings_env
+from tests.helpers import ApiProcess
 
 Client = TestClient[Any, Any]
 BODY = {"type": "foo", "run_at": "2030-01-01T00:00:00Z", "priority": 3}
@@ -205,49 +200,16 @@ async def test_a_key_whose_task_was_deleted_does_not_create_it_again(
 # -- two real `task-runner api` processes ------------------------------------------------
 
 
-class ApiServer:
-    """A real `task-runner api` process on a free port."""
-
-    def __init__(self, settings: Settings, log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        # api_tokens="": settings_env would write the empty tuple as the token "()".
-        env = settings_env(settings, host="127.0.0.1", port=self.port, api_tokens="")
-        with log.open("wb") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "api"], env=env, stdout=out, stderr=out
-            )
-        self.log = log
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + 30
-        while True:
-            assert self.process.poll() is None, self.log.read_text()
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, self.log.read_text()
-            time.sleep(0.05)
-
-
 @pytest.fixture
-def two_apis(settings: Settings, store: Store, tmp_path: Path) -> Iterator[list[ApiServer]]:
-    servers = [ApiServer(settings, tmp_path / f"api{n}.log") for n in range(2)]
-    try:
-        for server in servers:
-            server.wait_ready()
-        yield servers
-    finally:
-        for server in servers:
-            server.process.kill()
-            server.process.wait()
+def two_apis(store: Store, start_api: Callable[..., ApiProcess]) -> list[ApiProcess]:
+    servers = [start_api(ready=False) for _ in range(2)]
+    for server in servers:
+        server.wait_ready()
+    return servers
 
 
 async def test_two_api_processes_racing_one_key_make_one_task(
-    two_apis: list[ApiServer], store: Store
+    two_apis: list[ApiProcess], store: Store
 ) -> None:
     keys, per_key = [f"race-{n}" for n in range(4)], 16
     async with aiohttp.ClientSession() as http:

@@ -16,7 +16,7 @@ import pytest
 from service.config import Settings, SettingsError
 from service.models import State, TaskType
 from service.store import Store, new_lease
-from tests.conftest import StubHttpServer, WorkerProcess, eventually, wait_until_started
+from tests.helpers import StubHttpServer, WorkerProcess, eventually, wait_until_started
 
 Spawn = Callable[..., WorkerProcess]
 LIMIT = 2
@@ -32,11 +32,8 @@ class SlowStub(StubHttpServer):
         self.most_in_flight = 0
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await reader.readuntil(b"\r\n\r\n")
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        if not await self._read_request(reader):
             return
-        self.requests += 1
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
@@ -229,8 +226,7 @@ async def test_a_killed_workers_slot_comes_back_with_recovery(
 
         await eventually(victim_holds_a_slot)
         survivors = [spawn_worker(**limited(bar_url=slow_stub.url)) for _ in range(2)]
-        victim.process.kill()
-        victim.wait()
+        victim.kill()
         killed_at = time.monotonic()
 
         async def slot_back() -> bool:

@@ -8,15 +8,12 @@ starts in turn; "nothing left behind" means no live process in /proc carries the
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,10 +22,12 @@ import pytest
 from pymongo import MongoClient
 
 from service.localdb import LocalDatabase, LocalDatabaseError, free_port
+from tests.helpers import TASK_RUNNER, call_api, wait_until
 
-TASK_RUNNER = str(Path(sys.executable).with_name("task-runner"))
 ROOT = Path(__file__).resolve().parent.parent
 MARK = "LOCAL_RUN_TEST_MARK"
+# Poll often: the moment a test interrupts at is the moment it tests.
+POLL = 0.02
 
 pytestmark = pytest.mark.skipif(
     bool(os.environ.get("MONGODB_URL")) or not Path(TASK_RUNNER).exists(),
@@ -74,15 +73,6 @@ def listening(port: int) -> list[str]:
     return found
 
 
-def wait_until(check: Callable[[], bool], *, within: float, what: str) -> None:
-    """Poll `check` until it is true; fail at the deadline."""
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within}s: {what}")
-        time.sleep(0.02)
-
-
 class Run:
     """A real `task-runner` command, its output in files."""
 
@@ -119,7 +109,7 @@ class Run:
             assert self.process.poll() is None, f"exited early:\n{self.output()}"
             return False
 
-        wait_until(seen, within=within, what=f"{text!r} in the output")
+        wait_until(seen, within=within, interval=POLL, what=f"{text!r} in the output")
 
     def children(self, word: str) -> list[int]:
         """Marked processes (other than the command itself) whose arguments contain `word`."""
@@ -268,11 +258,18 @@ def test_ctrl_c_at_any_moment_leaves_nothing(
     if moment.endswith("s"):
         time.sleep(float(moment[:-1]))  # a moment in time, not a condition: nothing to poll
     elif moment == "db spawned":
-        wait_until(lambda: bool(dev.children("secantus")), within=30, what="SecantusDB spawned")
+        wait_until(
+            lambda: bool(dev.children("secantus")),
+            within=30,
+            interval=POLL,
+            what="SecantusDB spawned",
+        )
     elif moment == "db ready":
         dev.wait_for("ready at")
     elif moment == "children spawned":
-        wait_until(lambda: bool(dev.children("worker")), within=30, what="a worker spawned")
+        wait_until(
+            lambda: bool(dev.children("worker")), within=30, interval=POLL, what="a worker spawned"
+        )
     else:
         dev.wait_for("Ctrl-C stops")
     dev.interrupt()
@@ -282,16 +279,10 @@ def test_ctrl_c_at_any_moment_leaves_nothing(
 
 
 def api_call(port: int, method: str, path: str, body: object = None) -> dict[str, object]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}{path}",
-        data=data,
-        method=method,
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        answer: dict[str, object] = json.loads(response.read() or b"{}")
-        return answer
+    """The JSON answer ({} for an empty one) of a request that must succeed."""
+    status, answer = call_api(f"http://127.0.0.1:{port}{path}", method, body)
+    assert 200 <= status < 300, (status, answer)
+    return dict(answer or {})
 
 
 def test_a_second_ctrl_c_skips_the_grace_period(
@@ -311,6 +302,7 @@ def test_a_second_ctrl_c_skips_the_grace_period(
     wait_until(
         lambda: api_call(ports[0], "GET", f"/tasks/{task['id']}")["state"] == "STARTED",
         within=30,
+        interval=POLL,
         what="the task started",
     )
     dev.interrupt()
@@ -368,7 +360,7 @@ def test_acknowledged_writes_survive_sigkill_of_the_database(
     for pid in marked(db.mark):  # the whole tree at once, the server included
         os.kill(pid, signal.SIGKILL)
     db.process.wait()
-    wait_until(lambda: marked(db.mark) == [], within=10, what="every process gone")
+    wait_until(lambda: marked(db.mark) == [], within=10, interval=POLL, what="every process gone")
     again = run(*args)
     again.wait_for("listening")
     try:

@@ -6,21 +6,15 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import subprocess
 import sys
-import time
-import urllib.request
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from service.config import Settings
-from service.localdb import free_port
 from service.logs import formatter
 from service.store import Store
-from tests.conftest import WorkerProcess, eventually, settings_env, wait_until_started
+from tests.helpers import ApiProcess, WorkerProcess, call_api, eventually, wait_until_started
 
 REQUIRED = {"time", "level", "logger", "message"}
 TASK_FIELDS = {"task_id", "type", "attempt", "duration", "worker"}
@@ -37,49 +31,16 @@ def json_lines(text: str) -> list[dict[str, Any]]:
     return records
 
 
-class ApiProcess:
-    """A real `task-runner api` with its stderr and stdout in files."""
-
-    def __init__(self, env: dict[str, str], port: int, directory: Path) -> None:
-        self.port = port
-        self.stderr_path = directory / "api.err"
-        self.stdout_path = directory / "api.out"
-        with self.stderr_path.open("wb") as err, self.stdout_path.open("wb") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "api"], env=env, stdout=out, stderr=err
-            )
-
-    def request(self, method: str, path: str, body: bytes | None = None) -> Any:
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}{path}",
-            data=body,
-            method=method,
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read() or b"null")
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + 30
-        while True:
-            assert self.process.poll() is None, self.stderr_path.read_text()
-            try:
-                self.request("GET", "/health")
-                return
-            except OSError:
-                assert time.monotonic() < deadline, self.stderr_path.read_text()
-                time.sleep(0.05)
+def request(api: ApiProcess, method: str, path: str, body: Any = None) -> Any:
+    """The JSON answer of a request that must succeed."""
+    status, answer = call_api(f"{api.url}{path}", method, body)
+    assert 200 <= status < 300, (status, answer)
+    return answer
 
 
 @pytest.fixture
-def api_process(settings: Settings, store: Store, tmp_path: Path) -> Iterator[ApiProcess]:
-    port = free_port()
-    env = settings_env(settings, host="127.0.0.1", port=port, api_tokens="", log_format="json")
-    api = ApiProcess(env, port, tmp_path)
-    yield api
-    if api.process.poll() is None:
-        api.process.kill()
-        api.process.wait()
+def api_process(store: Store, start_api: Callable[..., ApiProcess]) -> ApiProcess:
+    return start_api(log_format="json")
 
 
 async def test_api_and_worker_write_json_lines(
@@ -87,24 +48,22 @@ async def test_api_and_worker_write_json_lines(
     spawn_worker: Callable[..., WorkerProcess],
     store: Store,
 ) -> None:
-    api_process.wait_ready()
     worker = spawn_worker(log_format="json", bar_url="http://127.0.0.1:9/")
     await wait_until_started(worker)
-    baz = api_process.request("POST", "/tasks", b'{"type": "baz"}')
-    bar = api_process.request(
-        "POST", "/tasks", b'{"type": "bar", "max_attempts": 2}'
-    )  # port 9: refused
+    baz = request(api_process, "POST", "/tasks", {"type": "baz"})
+    # Port 9: refused.
+    bar = request(api_process, "POST", "/tasks", {"type": "bar", "max_attempts": 2})
 
     async def finished() -> bool:
         states = {t["state"] for t in (await store.db.tasks.find({}).to_list())}
         return states == {"COMPLETE", "FAILED"}
 
     await eventually(finished, within=30)
-    api_process.request("GET", f"/tasks/{baz['id']}")
+    request(api_process, "GET", f"/tasks/{baz['id']}")
     worker.signal(signal.SIGTERM)
     assert worker.wait() == 0
-    api_process.process.send_signal(signal.SIGTERM)
-    api_process.process.wait(30)
+    api_process.signal(signal.SIGTERM)
+    api_process.wait(30)
 
     records = json_lines(worker.stderr())
     events = [r for r in records if "task_id" in r]
@@ -121,7 +80,7 @@ async def test_api_and_worker_write_json_lines(
     # The task's own output: plain lines on stdout, nothing else.
     assert worker.stdout_lines() and all(line.startswith("Baz ") for line in worker.stdout_lines())
 
-    api_records = json_lines(api_process.stderr_path.read_text())
+    api_records = json_lines(api_process.stderr())
     access = [r for r in api_records if r["logger"] == "service.access"]
     get = next(r for r in access if r["method"] == "GET" and r["route"] == "/tasks/{id}")
     assert (get["path"], get["status"]) == (f"/tasks/{baz['id']}", 200)

@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import subprocess
-import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -22,7 +20,7 @@ from service.models import State, Task, TaskType
 from service.store import Store, new_lease
 from service.worker.execution import retry_delay
 from service.worker.malformed import MalformedScan
-from tests.conftest import WorkerProcess, eventually, settings_env, wait_until_started
+from tests.helpers import WorkerProcess, eventually, run_cli, settings_env, wait_until_started
 
 Spawn = Callable[..., WorkerProcess]
 
@@ -215,14 +213,7 @@ async def assert_api_answers(
 
 async def assert_ops_answer(settings: Settings, *, unreadable: int) -> None:
     for command in (["stats"], ["recover", "--dry-run"], ["recover"]):
-        done = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-m", "service.cli", *command],
-            env=settings_env(settings),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        done = await asyncio.to_thread(run_cli, settings_env(settings), *command)
         assert done.returncode == 0, (command, done.stdout, done.stderr)
         assert "Traceback" not in done.stderr
         if command == ["stats"]:
@@ -275,25 +266,17 @@ async def test_a_worker_exits_non_zero_on_an_unexpected_database_error(
 
 @pytest.mark.parametrize("signum_name", ["SIGTERM", "SIGINT"])
 async def test_a_signal_stops_a_worker_that_waits_for_the_database(
-    settings: Settings, tmp_path: Any, signum_name: str
+    spawn_worker: Spawn, signum_name: str
 ) -> None:
-    env = settings_env(
-        settings, mongodb_url=f"mongodb://127.0.0.1:{free_port()}/?directConnection=true"
-    )
-    worker = WorkerProcess(env, tmp_path, "waiting")
-    try:
+    worker = spawn_worker(mongodb_url=f"mongodb://127.0.0.1:{free_port()}/?directConnection=true")
 
-        async def waiting() -> bool:
-            return "database not reachable yet" in worker.stderr()
+    async def waiting() -> bool:
+        return "database not reachable yet" in worker.stderr()
 
-        await eventually(waiting, within=30)
-        worker.signal(getattr(signal, signum_name))
-        assert await asyncio.to_thread(worker.wait, 10) == 0
-        assert "Traceback" not in worker.stderr()
-    finally:
-        if worker.alive():
-            worker.process.kill()
-            worker.wait()
+    await eventually(waiting, within=30)
+    worker.signal(getattr(signal, signum_name))
+    assert await asyncio.to_thread(worker.wait, 10) == 0
+    assert "Traceback" not in worker.stderr()
 
 
 def test_backoff_of_a_stored_attempt_count_in_the_thousands_does_not_overflow() -> None:

@@ -13,13 +13,14 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from bson import ObjectId
 from prometheus_client.parser import text_string_to_metric_families
-from pymongo import AsyncMongoClient, monitoring
+from pymongo import AsyncMongoClient
 
 from service.clock import DbClock
 from service.config import Settings
 from service.store import Store
 from service.web.app import create_app
 from service.web.metrics import QueueCollector
+from service.worker.metrics import CommandCounter
 
 Client = TestClient[Any, Any]
 MakeClient = Callable[[web.Application], Awaitable[Client]]
@@ -94,25 +95,9 @@ async def test_an_empty_queue_has_zeros(api: Client) -> None:
     assert samples[("task_runner_tasks", (("state", "COMPLETE"), ("type", "foo")))] == 0
 
 
-class Commands(monitoring.CommandListener):
-    """Counts the commands a client sent to the tasks collection."""
-
-    def __init__(self) -> None:
-        self.names: list[str] = []
-
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
-        if event.command.get(event.command_name) == "tasks":
-            self.names.append(event.command_name)
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        pass
-
-
 async def test_scrapes_within_the_cache_period_cost_one_query_batch(settings: Settings) -> None:
-    log = Commands()
+    # The commands sent to the tasks collection.
+    log = CommandCounter(export=False, collection="tasks")
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
         settings.mongodb_url, tz_aware=True, event_listeners=[log]
     )
@@ -120,20 +105,20 @@ async def test_scrapes_within_the_cache_period_cost_one_query_batch(settings: Se
         store = Store(client, database=settings.database, clock=DbClock())
         await store.sync_clock()
         await store.db.tasks.insert_many([task("COMPLETE", "foo") for _ in range(20)])
-        log.names.clear()
+        log.reset()
         queue = QueueCollector(ttl=60.0, stale_after=settings.stale_after)
         # Fifty scrapes at once, then fifty more: one batch of reads in all.
         await asyncio.gather(*(queue.refresh(store.figures) for _ in range(50)))
-        batch = list(log.names)
-        assert 1 <= len(batch) <= 6, batch
+        batch = log.counts
+        assert 1 <= batch.total() <= 6, batch
         for _ in range(50):
             await queue.refresh(store.figures)
-        assert log.names == batch
+        assert log.counts == batch
         assert queue.refreshes == 1
         # Past the period, the next scrape reads again: once.
         queue.ttl = 0.0
         await queue.refresh(store.figures)
-        assert len(log.names) == 2 * len(batch)
+        assert log.total == 2 * batch.total()
     finally:
         await client.drop_database(settings.database)
         await client.close()
@@ -153,6 +138,9 @@ async def test_scrapes_during_a_slow_refresh_get_the_last_figures_at_once(
         async def queue_figures(self, *, stale_after: float) -> Any:
             await gate.wait()
             return await store.figures.queue_figures(stale_after=stale_after)
+
+    class SlowStore:
+        figures = SlowFigures()
 
     queue.ttl = 0.0
     slow = asyncio.create_task(queue.refresh(SlowFigures()))  # type: ignore[arg-type]

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from service.models import State, TaskType
 from service.store import Store
-from tests.conftest import StubHttpServer, WorkerProcess, all_tasks, eventually, wait_until_started
+from tests.helpers import StubHttpServer, WorkerProcess, all_tasks, eventually, wait_until_started
 
 
 async def test_three_workers_run_200_mixed_tasks_exactly_once(

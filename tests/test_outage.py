@@ -17,8 +17,7 @@ from service.localdb import LocalDatabase, free_port
 from service.models import TaskType
 from service.store import Store, open_client
 from service.web.app import create_app
-from tests.conftest import WorkerProcess, eventually, wait_until_started
-from tests.test_resilience import completions
+from tests.helpers import WorkerProcess, completions, eventually, wait_until_started
 
 
 @pytest.fixture

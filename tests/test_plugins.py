@@ -5,13 +5,11 @@ workers that leave new types alone, start-up refused with one line, and time lim
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
 import textwrap
 import time
-import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,14 +20,15 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from service.config import Settings
-from service.localdb import free_port
 from service.models import State
 from service.plugins import PluginError, load_registry
 from service.store import Store
 from service.web.app import create_app
-from tests.conftest import (
+from tests.helpers import (
+    ApiProcess,
     WorkerProcess,
     eventually,
+    run_cli,
     settings_env,
     wait_until_started,
 )
@@ -87,58 +86,6 @@ def write_module(directory: Path, source: str, prefix: str = "plugin") -> str:
     return name
 
 
-class ApiProcess:
-    """A real `task-runner api` process with extra environment (PYTHONPATH)."""
-
-    def __init__(self, settings: Settings, log: Path, **env: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        environ = settings_env(settings, host="127.0.0.1", port=self.port, api_tokens="")
-        with log.open("wb") as err:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "api"],
-                env={**environ, **env},
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-            )
-        deadline = time.monotonic() + 30
-        while True:
-            assert self.process.poll() is None, log.read_text()
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        """SIGTERM, and wait."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-@pytest.fixture
-def start_api(settings: Settings, store: Store, tmp_path: Path) -> Iterator[Callable[..., Any]]:
-    """Start `task-runner api` processes on the test's database; each is stopped at the end."""
-    started: list[ApiProcess] = []
-
-    def start(**env: str) -> ApiProcess:
-        started.append(ApiProcess(settings, tmp_path / f"api{len(started)}.log", **env))
-        return started[-1]
-
-    yield start
-    for api in started:
-        api.stop()
-
-
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
@@ -174,7 +121,7 @@ async def test_a_plugin_module_with_an_argument_schema_runs_through_api_and_work
 ) -> None:
     module = write_module(tmp_path, PLUGIN)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    api = start_api(TASK_RUNNER_TASK_MODULES=module)
+    api = start_api(task_modules=(module,))
 
     # Any letter case; args checked by the type's schema and stored as it loaded them.
     status, greet = await post(
@@ -409,13 +356,7 @@ async def test_stored_args_that_no_longer_load_fail_the_task_once(
 
 def run_command(settings: Settings, command: str, module: str, path: Path) -> Any:
     env = {**settings_env(settings, task_modules=(module,)), "PYTHONPATH": str(path)}
-    return subprocess.run(
-        [sys.executable, "-m", "service.cli", command],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli(env, command)
 
 
 @pytest.mark.parametrize(

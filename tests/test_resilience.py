@@ -5,7 +5,6 @@ worker processes killed, stopped and signalled for real.
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
 import time
 from collections import Counter
@@ -17,21 +16,17 @@ from bson import ObjectId
 from service.models import State, Task, TaskType
 from service.store import Store
 from service.store.claims import WORKER_LOST
-from tests.conftest import (
+from tests.helpers import (
+    COMPLETED,
     StubHttpServer,
     WorkerProcess,
     all_tasks,
+    completions,
     eventually,
     wait_until_started,
 )
 
 Spawn = Callable[..., WorkerProcess]
-COMPLETED = re.compile(r"task (\w+) type=\w+ attempt=(\d+) COMPLETE")
-
-
-def completions(workers: list[WorkerProcess]) -> Counter[str]:
-    """How many times each task id was written COMPLETE, from every worker's log."""
-    return Counter(m.group(1) for w in workers for m in COMPLETED.finditer(w.stderr()))
 
 
 async def create_many(store: Store, types: list[TaskType], *, max_attempts: int = 3) -> list[Task]:
@@ -64,8 +59,7 @@ async def test_kill_9_two_of_four_workers_mid_run(store: Store, spawn_worker: Sp
 
     await eventually(victims_busy)
     for victim in victims:
-        victim.process.kill()
-        victim.wait()
+        victim.kill()
     killed_at = store.clock.now()
     held = {
         t.id: t

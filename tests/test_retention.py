@@ -11,7 +11,7 @@ from service.models import TaskType
 from service.store import Store
 from service.store.retention import RETENTION_INDEX
 from service.worker.retention import Retention
-from tests.conftest import WorkerProcess, eventually, wait_until_started
+from tests.helpers import WorkerProcess, eventually, wait_until_started
 
 
 async def index(store: Store) -> dict[str, Any] | None:

@@ -10,12 +10,10 @@ import dataclasses
 import itertools
 import re
 import signal
-import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -30,14 +28,15 @@ from service.store.occurrences import Timing, latest_occurrence, next_occurrence
 from service.store.schedules import OCCURRENCE_INDEX
 from service.web.app import create_app
 from service.worker.schedules import Scheduler
-from tests.conftest import (
+from tests.helpers import (
+    CLI,
+    ApiProcess,
     WorkerProcess,
     all_tasks,
     eventually,
     settings_env,
     wait_until_started,
 )
-from tests.test_api_contract import ApiProcess
 
 FOO = {"type": "foo", "max_attempts": 1, "priority": 0, "args": None, "timeout": None}
 
@@ -446,13 +445,8 @@ async def test_a_round_that_read_the_schedule_before_a_pause_or_delete(
 
 
 @pytest.fixture
-def two_apis(settings: Settings, store: Store, tmp_path: Path) -> Iterator[list[ApiProcess]]:
-    servers = [ApiProcess(settings, tmp_path / f"api{i}.log") for i in range(2)]
-    yield servers
-    for server in servers:
-        if server.process.poll() is None:
-            server.process.kill()
-            server.process.wait()
+def two_apis(store: Store, start_api: Callable[..., ApiProcess]) -> list[ApiProcess]:
+    return [start_api(log_level="INFO") for _ in range(2)]
 
 
 FAST_INTERVAL = 0.2
@@ -479,7 +473,7 @@ async def test_fleet_makes_exactly_one_task_per_occurrence(
     workers = [spawn_worker(**FAST) for _ in range(3)]
     for worker in workers:
         await wait_until_started(worker)
-    first, second = (f"http://127.0.0.1:{api.port}" for api in two_apis)
+    first, second = (api.url for api in two_apis)
     async with aiohttp.ClientSession() as http:
         async with http.post(f"{first}/schedules", json={"type": "foo", "every": 1}) as created:
             assert created.status == 201, await created.text()
@@ -490,9 +484,9 @@ async def test_fleet_makes_exactly_one_task_per_occurrence(
         async def made(count: int) -> bool:
             return len([t for t in await all_tasks(store) if t.schedule_id]) >= count
 
-        await eventually(lambda: made(1), within=30)
+        await eventually(lambda: made(1), within=30, what="the first task made")
         began = time.monotonic()
-        await eventually(lambda: made(6), within=30)
+        await eventually(lambda: made(6), within=30, what="six tasks made")
         # One a second, not faster (each made up to 1.22 s ahead of its occurrence).
         assert time.monotonic() - began > 3.5
         async with http.delete(f"{second}/schedules/{schedule['id']}") as deleted:
@@ -573,12 +567,16 @@ async def test_tasks_made_ahead_start_on_time_through_pause_resume_and_delete(
     async def watch(moment: datetime) -> None:
         # A round that read the schedule before the change may insert one more task; it
         # withdraws it itself. Then nothing comes for a whole lookahead.
-        await eventually(lambda: none_ahead(moment), within=10)
+        await eventually(lambda: none_ahead(moment), within=10, what=f"no task after {moment} left")
         until = moment + lookahead + timedelta(seconds=0.5)
         await asyncio.sleep(max(0.0, (until - store.clock.now()).total_seconds()))
         assert await none_ahead(moment)
 
-    await eventually(lambda: started_after(start_at - timedelta(seconds=1), 6), within=30)
+    await eventually(
+        lambda: started_after(start_at - timedelta(seconds=1), 6),
+        within=30,
+        what="six tasks started",
+    )
     check_on_time([t for t in await tasks() if t.started_at is not None])
 
     # Pause: the tasks not yet due go, those due or running stay (and complete).
@@ -594,7 +592,11 @@ async def test_tasks_made_ahead_start_on_time_through_pause_resume_and_delete(
     resumed = await api.post(f"{path}/resume")
     assert resumed.status == 200
     resumed_at = store.clock.now()
-    await eventually(lambda: started_after(resumed_at + lookahead, 3), within=30)
+    await eventually(
+        lambda: started_after(resumed_at + lookahead, 3),
+        within=30,
+        what="three tasks started after the resume",
+    )
     check_on_time(
         [
             t
@@ -694,9 +696,7 @@ async def test_task_runner_schedules_lists_them(settings: Settings, store: Store
     )
     await store.schedules.pause(cron.id, paused=True)
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "service.cli",
+        *CLI,
         "schedules",
         env=settings_env(settings),
         stdout=asyncio.subprocess.PIPE,

@@ -111,7 +111,7 @@ SCHEDULE_DOC = st.fixed_dictionaries({}, optional=SCHEDULE_FIELDS)
 async def _schedule_job_round(store: Store) -> int:
     from service.worker.schedules import Scheduler
 
-    return await Scheduler(store, interval=5.0).run_once()
+    return await Scheduler(store.schedules, clock=store.clock, interval=5.0).run_once()
 
 
 @EXAMPLES

@@ -15,7 +15,7 @@ from service.models import TaskType
 from service.plugins import TaskContext, load_registry, run_task
 from service.tasks.baz import BAZ_MAX
 from service.worker.process import http_session
-from tests.conftest import StubHttpServer
+from tests.helpers import StubHttpServer
 
 Context = Callable[[str], TaskContext]
 BUILT_INS = load_registry(entry_points=False)

@@ -8,12 +8,7 @@ import asyncio
 import dataclasses
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,12 +22,17 @@ from playwright.async_api import Browser, BrowserContext, Page, Route, async_pla
 
 import service.web.ui
 from service.config import Settings
-from service.localdb import free_port
 from service.store import Store
 from service.web.app import create_app
 from service.web.feed import TaskFeed
 from service.web.keys import TASK_FEED
-from tests.conftest import StubHttpServer, WorkerProcess, eventually, settings_env
+from tests.helpers import (
+    ApiProcess,
+    StubHttpServer,
+    WorkerProcess,
+    call_api,
+    eventually,
+)
 
 Client = TestClient[Any, Any]
 MakeClient = Callable[[web.Application], Awaitable[Client]]
@@ -272,128 +272,73 @@ async def test_an_event_stream_ends_before_the_request_timeout(
 # -- the dashboard in a real browser ------------------------------------------------------------
 
 
-class ApiServer:
-    """A real `task-runner api` process with API tokens, its log in a file."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.port = int(env["TASK_RUNNER_PORT"])
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        with log.open("wb") as err:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "api"],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-            )
-
-    async def ready(self) -> None:
-        async def answers() -> bool:
-            assert self.process.poll() is None, self.log.read_text()
-            try:
-                return self.call("GET", "/health")[0] == 200
-            except OSError:
-                return False
-
-        await eventually(answers, within=30)
-
-    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        """A request with the token; the status and the decoded JSON body (or None)."""
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(
-            self.base + path,
-            data=data,
-            method=method,
-            headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                raw = response.read()
-                return response.status, json.loads(raw) if raw else None
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read() or b"null")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
 @dataclasses.dataclass
 class Stack:
-    api: ApiServer
+    api: ApiProcess
     worker: WorkerProcess
     stub: StubHttpServer
     page: Page
     outside: list[str]  # requests the page tried beyond the API
 
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """A request to the API with the token; the status and the decoded JSON body (or
+        None)."""
+        return call_api(self.api.url + path, method, body, token=TOKEN)
+
     async def task(self, task_id: str) -> dict[str, Any]:
-        status, body = self.api.call("GET", f"/tasks/{task_id}")
+        status, body = self.call("GET", f"/tasks/{task_id}")
         assert status == 200, body
         return dict(body)
 
 
 @pytest.fixture
 async def stack(
-    settings: Settings, store: Store, http_stub: StubHttpServer, tmp_path: Path
+    store: Store,
+    http_stub: StubHttpServer,
+    start_api: Callable[..., ApiProcess],
+    spawn_worker: Callable[..., WorkerProcess],
 ) -> AsyncIterator[Stack]:
     """API (with tokens) + one worker + headless Chromium cut off from all but the API."""
-    env = settings_env(
-        settings,
-        host="127.0.0.1",
-        port=free_port(),
-        api_tokens=TOKEN,
-        bar_url=http_stub.url,
-        foo_seconds=0.5,
-    )
-    api = ApiServer(env, tmp_path / "api.log")
-    worker = WorkerProcess(env, tmp_path, "worker")
+    shared = {"api_tokens": TOKEN, "bar_url": http_stub.url, "foo_seconds": 0.5}
+    api = start_api(ready=False, **shared)
+    # The API's environment as it is, port and all.
+    worker = spawn_worker(host="127.0.0.1", port=api.port, **shared)
     outside: list[str] = []
-    try:
-        await api.ready()
-        async with async_playwright() as playwright:
-            browser: Browser = await playwright.chromium.launch(
-                executable_path=CHROMIUM, args=CHROMIUM_ARGS
+    await api.ready()
+    async with async_playwright() as playwright:
+        browser: Browser = await playwright.chromium.launch(
+            executable_path=CHROMIUM, args=CHROMIUM_ARGS
+        )
+        try:
+            context: BrowserContext = await browser.new_context(
+                viewport={"width": 1280, "height": 900}
             )
-            try:
-                context: BrowserContext = await browser.new_context(
-                    viewport={"width": 1280, "height": 900}
-                )
 
-                async def cut_off(route: Route) -> None:
-                    outside.append(route.request.url)
-                    await route.abort()
+            async def cut_off(route: Route) -> None:
+                outside.append(route.request.url)
+                await route.abort()
 
-                await context.route(lambda url: not url.startswith(api.base + "/"), cut_off)
-                page = await context.new_page()
-                errors: list[str] = []
-                page.on("pageerror", lambda exc: errors.append(str(exc)))
-                page.on(
-                    "console",
-                    lambda msg: (
-                        errors.append(msg.text) if "Content Security Policy" in msg.text else None
-                    ),
-                )
-                yield Stack(api, worker, http_stub, page, outside)
-                assert errors == [], errors
-                assert outside == [], f"the page reached beyond the API: {outside}"
-                await context.close()
-            finally:
-                await browser.close()
-    finally:
-        api.stop()
-        if worker.alive():
-            worker.process.kill()
-            worker.process.wait()
+            await context.route(lambda url: not url.startswith(api.url + "/"), cut_off)
+            page = await context.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.on(
+                "console",
+                lambda msg: (
+                    errors.append(msg.text) if "Content Security Policy" in msg.text else None
+                ),
+            )
+            yield Stack(api, worker, http_stub, page, outside)
+            assert errors == [], errors
+            assert outside == [], f"the page reached beyond the API: {outside}"
+            await context.close()
+        finally:
+            await browser.close()
 
 
 async def open_dashboard(stack: Stack, *, token: bool = True) -> Page:
     page = stack.page
-    await page.goto(stack.api.base + "/ui")
+    await page.goto(stack.api.url + "/ui")
     if token:
         await page.fill("#token", TOKEN)
         await page.click("#token-form button[type=submit]")
@@ -407,7 +352,7 @@ async def test_the_dashboard_follows_tasks_live_and_shows_the_fleet(stack: Stack
     await page.wait_for_selector("#card-total .value")
     # Created after the page loaded: it must arrive by the event feed, then complete.
     soon = (datetime.now(UTC) + timedelta(seconds=2)).isoformat()
-    status, created = stack.api.call("POST", "/tasks", {"type": "foo", "run_at": soon})
+    status, created = stack.call("POST", "/tasks", {"type": "foo", "run_at": soon})
     assert status == 201
     row = f'#tasks tr[data-id="{created["id"]}"]'
     await page.wait_for_selector(row, timeout=10_000)
@@ -421,14 +366,14 @@ async def test_the_dashboard_follows_tasks_live_and_shows_the_fleet(stack: Stack
 
     # The fleet: a failure with its error, one waiting task, the worker and what it holds.
     stack.stub.drop_first = 1  # the Bar task's request goes unanswered: it fails
-    status, failing = stack.api.call("POST", "/tasks", {"type": "bar", "max_attempts": 1})
+    status, failing = stack.call("POST", "/tasks", {"type": "bar", "max_attempts": 1})
     assert status == 201
-    stack.api.call("POST", "/tasks", {"type": "baz", "run_at": "2999-01-01T00:00:00Z"})
-    stack.api.call("POST", "/tasks", {"type": "foo"})
+    stack.call("POST", "/tasks", {"type": "baz", "run_at": "2999-01-01T00:00:00Z"})
+    stack.call("POST", "/tasks", {"type": "foo"})
     await page.wait_for_selector(f'#failures tr[data-id="{failing["id"]}"]', timeout=15_000)
     error = (await stack.task(failing["id"]))["error"]
     assert error and error in await page.inner_text("#failures")
-    status, _ = stack.api.call("GET", "/workers")
+    status, _ = stack.call("GET", "/workers")
     if status == 200:
         await page.wait_for_selector(f"#workers:has-text({stack.worker.worker_id!r})")
     else:
@@ -439,11 +384,11 @@ async def test_the_dashboard_follows_tasks_live_and_shows_the_fleet(stack: Stack
     fields = await page.inner_text("#detail-fields")
     assert stack.worker.worker_id in fields and "1 of 3" in fields, fields
     # Schedules too, for the screenshot: one active, one paused (nothing due within the test).
-    status, hourly = stack.api.call("POST", "/schedules", {"type": "foo", "every": 3600})
+    status, hourly = stack.call("POST", "/schedules", {"type": "foo", "every": 3600})
     assert status == 201, hourly
-    status, weekdays = stack.api.call("POST", "/schedules", WEEKDAYS_IN_PARIS)
+    status, weekdays = stack.call("POST", "/schedules", WEEKDAYS_IN_PARIS)
     assert status == 201, weekdays
-    assert stack.api.call("POST", f"/schedules/{weekdays['id']}/pause")[0] == 200
+    assert stack.call("POST", f"/schedules/{weekdays['id']}/pause")[0] == 200
     await page.wait_for_selector(f'#schedules tr[data-id="{hourly["id"]}"][data-state=active]')
     await page.wait_for_selector(f'#schedules tr[data-id="{weekdays["id"]}"][data-state=paused]')
     SCREENSHOT.parent.mkdir(exist_ok=True)
@@ -452,13 +397,13 @@ async def test_the_dashboard_follows_tasks_live_and_shows_the_fleet(stack: Stack
 
 async def test_requeue_and_delete_from_the_page(stack: Stack, store: Store) -> None:
     stack.stub.drop_first = 1  # the first request goes unanswered, the next gets a 418
-    status, failing = stack.api.call("POST", "/tasks", {"type": "bar", "max_attempts": 1})
+    status, failing = stack.call("POST", "/tasks", {"type": "bar", "max_attempts": 1})
     assert status == 201
     page = await open_dashboard(stack, token=False)
     await page.wait_for_selector(f'#failures tr[data-id="{failing["id"]}"]', timeout=15_000)
 
     # Without the token the API refuses, and the page says why.
-    await page.goto(f"{stack.api.base}/ui#task={failing['id']}")
+    await page.goto(f"{stack.api.url}/ui#task={failing['id']}")
     await page.wait_for_selector("#detail-fields[data-state=FAILED]")
     await page.click("#detail-requeue")
     await page.wait_for_selector("#message.bad")
@@ -475,15 +420,15 @@ async def test_requeue_and_delete_from_the_page(stack: Stack, store: Store) -> N
     assert len(task["errors"]) == 1  # the first attempt's failure is kept
 
     # Delete a waiting task from its detail.
-    status, waiting = stack.api.call(
+    status, waiting = stack.call(
         "POST", "/tasks", {"type": "baz", "run_at": "2999-01-01T00:00:00Z"}
     )
-    await page.goto(f"{stack.api.base}/ui#task={waiting['id']}")
+    await page.goto(f"{stack.api.url}/ui#task={waiting['id']}")
     await page.wait_for_selector("#detail-fields[data-state=NOTSTARTED]")
     page.once("dialog", lambda dialog: dialog.accept())
     await page.click("#detail-delete")
     await page.wait_for_selector("#detail-gone")
-    assert stack.api.call("GET", f"/tasks/{waiting['id']}")[0] == 404
+    assert stack.call("GET", f"/tasks/{waiting['id']}")[0] == 404
     assert await store.db.tasks.count_documents({"_id": ObjectId(waiting["id"])}) == 0
 
 
@@ -491,9 +436,9 @@ WEEKDAYS_IN_PARIS = {"type": "baz", "cron": "30 9 * * 1-5", "timezone": "Europe/
 
 
 async def test_schedules_show_and_pause_resume_and_delete_from_the_page(stack: Stack) -> None:
-    status, every = stack.api.call("POST", "/schedules", {"type": "foo", "every": 3600})
+    status, every = stack.call("POST", "/schedules", {"type": "foo", "every": 3600})
     assert status == 201, every
-    status, cron = stack.api.call("POST", "/schedules", WEEKDAYS_IN_PARIS)
+    status, cron = stack.call("POST", "/schedules", WEEKDAYS_IN_PARIS)
     assert status == 201, cron
     page = await open_dashboard(stack, token=False)  # reads need no token; writes do
 
@@ -513,27 +458,27 @@ async def test_schedules_show_and_pause_resume_and_delete_from_the_page(stack: S
     await page.click(f"{rows[every['id']]} button.pause")
     await page.wait_for_selector("#message.bad")
     assert "token" in await page.inner_text("#message")
-    assert stack.api.call("GET", f"/schedules/{every['id']}")[1]["paused"] is False
+    assert stack.call("GET", f"/schedules/{every['id']}")[1]["paused"] is False
 
     # With it: Pause, then Resume.
     await page.fill("#token", TOKEN)
     await page.click("#token-form button[type=submit]")
     await page.click(f"{rows[every['id']]} button.pause")
     await page.wait_for_selector(f"{rows[every['id']]}[data-state=paused]")
-    status, paused = stack.api.call("GET", f"/schedules/{every['id']}")
+    status, paused = stack.call("GET", f"/schedules/{every['id']}")
     assert status == 200 and paused["paused"] is True, paused
     assert await page.inner_text(f"{rows[every['id']]} .state") == "paused"
     assert "held while paused" in await page.inner_text(f"{rows[every['id']]} td.next")
     await page.wait_for_selector("#schedule-count:text-is('(2, 1 paused)')")
     await page.click(f"{rows[every['id']]} button.resume")
     await page.wait_for_selector(f"{rows[every['id']]}[data-state=active]")
-    assert stack.api.call("GET", f"/schedules/{every['id']}")[1]["paused"] is False
+    assert stack.call("GET", f"/schedules/{every['id']}")[1]["paused"] is False
 
     # Delete, after the page's confirmation: gone from the API and from the page.
     page.once("dialog", lambda dialog: dialog.accept())
     await page.click(f"{rows[cron['id']]} button.delete")
     await page.wait_for_selector(rows[cron["id"]], state="detached")
-    status, body = stack.api.call("GET", f"/schedules/{cron['id']}")
+    status, body = stack.call("GET", f"/schedules/{cron['id']}")
     assert status == 404, body
     assert await page.is_visible(rows[every["id"]])
     await page.wait_for_selector("#schedule-count:text-is('(1, 0 paused)')")
@@ -543,7 +488,7 @@ async def test_what_tasks_hold_is_shown_as_text(stack: Stack, store: Store) -> N
     hostile = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script>'
     task_id = await failed_task(store, output=hostile, error=hostile, type="foo")
     page = await open_dashboard(stack)
-    await page.goto(f"{stack.api.base}/ui#task={task_id}")
+    await page.goto(f"{stack.api.url}/ui#task={task_id}")
     await page.wait_for_selector("#detail-fields[data-state=FAILED]")
     assert await page.inner_text("#detail-output") == hostile
     assert hostile in await page.inner_text("#failures")

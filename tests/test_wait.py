@@ -22,7 +22,7 @@ from bson import ObjectId
 from hypothesis import given
 from hypothesis import strategies as st
 from openapi_schema_validator import OAS30Validator
-from pymongo import AsyncMongoClient, MongoClient, monitoring
+from pymongo import AsyncMongoClient, MongoClient
 
 import service.store.base
 from service.config import Settings
@@ -31,8 +31,9 @@ from service.store import Store
 from service.web.app import create_app
 from service.web.feed import TaskFeed
 from service.web.keys import OPENAPI, STORE, TASK_FEED
-from tests.conftest import StubHttpServer, WorkerProcess, eventually, wait_until_started
-from tests.test_api_fuzz import DIGITS_TEXT, FUZZ, LiveApi, resolve
+from service.worker.metrics import CommandCounter
+from tests.helpers import LiveApi, StubHttpServer, WorkerProcess, eventually, wait_until_started
+from tests.test_api_fuzz import DIGITS_TEXT, FUZZ, resolve
 from tests.test_ui import failed_task
 
 Client = TestClient[Any, Any]
@@ -145,14 +146,10 @@ async def test_a_wait_that_times_out_answers_the_current_state(
     assert 1.5 <= seconds < 2.5, seconds
     # "Current": what the task is at the end of the wait, not what it was at its start.
     waiting = asyncio.create_task(timed_get(client, f"/tasks/{task_id}?wait=1"))
-    await eventually(lambda: _true(feed_of(client).waiters == 1), within=5)
+    await eventually(lambda: feed_of(client).waiters == 1, within=5, what="one waiter")
     await store.db.tasks.update_one({"_id": ObjectId(task_id)}, {"$set": {"worker": "someone"}})
     status, body, seconds = await waiting
     assert (status, body["state"], body["worker"]) == (200, "NOTSTARTED", "someone")
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 @MODES
@@ -162,7 +159,7 @@ async def test_a_task_deleted_during_the_wait_is_404(
     client = await modes(change_streams)
     task_id = await create(client, type="foo", run_at=LATER)
     waiting = asyncio.create_task(client.get(f"/tasks/{task_id}?wait=20"))
-    await eventually(lambda: _true(feed_of(client).waiters == 1), within=5)
+    await eventually(lambda: feed_of(client).waiters == 1, within=5, what="one waiter")
     started = time.monotonic()
     assert (await client.delete(f"/tasks/{task_id}")).status == 204
     response = await waiting
@@ -188,12 +185,14 @@ async def test_a_client_that_leaves_leaves_nothing_behind(api: Client, store: St
     feed.linger = 0.0
     task_id = await waiting_task(store)
     leaving = asyncio.create_task(api.get(f"/tasks/{task_id}?wait=30"))
-    await eventually(lambda: _true(feed.waiters == 1 and feed.watching), within=5)
+    await eventually(
+        lambda: feed.waiters == 1 and feed.watching, within=5, what="one waiter, the watch open"
+    )
     leaving.cancel()
     started = time.monotonic()
-    await eventually(lambda: _true(feed.waiters == 0), within=5)
+    await eventually(lambda: feed.waiters == 0, within=5, what="no waiter")
     assert time.monotonic() - started < 2  # noticed within a check, not at the wait's end
-    await eventually(lambda: _true(not feed.watching), within=5)  # the watch closed too
+    await eventually(lambda: not feed.watching, within=5, what="the watch closed too")
     assert not any(t.get_name().startswith("task-feed") for t in asyncio.all_tasks())
 
 
@@ -203,7 +202,7 @@ async def test_shutdown_ends_every_wait(
     client = await aiohttp_client(create_app(settings))
     task_id = await waiting_task(store)
     waiting = asyncio.create_task(timed_get(client, f"/tasks/{task_id}?wait=30"))
-    await eventually(lambda: _true(feed_of(client).waiters == 1), within=5)
+    await eventually(lambda: feed_of(client).waiters == 1, within=5, what="one waiter")
     started = time.monotonic()
     await client.server.close()  # on_shutdown closes the feed, then the handlers finish
     assert time.monotonic() - started < 5
@@ -275,7 +274,7 @@ async def test_polling_reads_a_new_waiters_task_within_the_wait_interval(
         with feed.subscribe() as queue:
             assert await asyncio.wait_for(queue.get(), 10) == {"op": "open"}
         waiting = asyncio.create_task(feed.wait_for(task_id, within=20))
-        await eventually(lambda: _true(feed.waiters == 1), within=5)
+        await eventually(lambda: feed.waiters == 1, within=5, what="one waiter")
         await store.db.tasks.update_one({"_id": ObjectId(task_id)}, {"$set": {"state": "FAILED"}})
         started = time.monotonic()
         assert (await waiting).state == "FAILED"
@@ -287,22 +286,6 @@ async def test_polling_reads_a_new_waiters_task_within_the_wait_interval(
 # -- the cost: one watch for every waiter ------------------------------------------------------
 
 
-class Commands(monitoring.CommandListener):
-    """Every command the app's database client sends."""
-
-    def __init__(self) -> None:
-        self.names: list[str] = []
-
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
-        self.names.append(event.command_name)
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        pass
-
-
 @MODES
 async def test_many_waiters_cost_a_bounded_number_of_commands(
     modes: Callable[..., Awaitable[Client]],
@@ -310,7 +293,7 @@ async def test_many_waiters_cost_a_bounded_number_of_commands(
     change_streams: bool,
     monkeypatch: Any,
 ) -> None:
-    commands = Commands()
+    commands = CommandCounter(export=False)  # every command the app's client sends
 
     def counted(*args: Any, event_listeners: Any = (), **kwargs: Any) -> Any:
         # Beside the listeners the app itself passes, if any.
@@ -323,7 +306,7 @@ async def test_many_waiters_cost_a_bounded_number_of_commands(
     costs = {}
     for waiters in (5, 50):
         ids = [await waiting_task(store) for _ in range(waiters)]
-        commands.names.clear()
+        commands.reset()
         started = time.monotonic()
         answers = await asyncio.gather(*(timed_get(client, f"/tasks/{i}?wait={wait}") for i in ids))
         elapsed = time.monotonic() - started
@@ -332,10 +315,10 @@ async def test_many_waiters_cost_a_bounded_number_of_commands(
         # Each request reads its task when it starts and when its wait ends; everything else
         # is the one shared watch: a getMore a second, or one read of every waited task per
         # poll interval (0.5 s), plus opening it.
-        shared = len(commands.names) - 2 * waiters
-        costs[waiters] = (len(commands.names), shared, sorted(set(commands.names)))
+        shared = commands.total - 2 * waiters
+        costs[waiters] = (commands.total, shared, sorted(commands.counts))
         bound = elapsed / min(feed.max_await, feed.wait_poll_interval) + 12
-        assert 0 <= shared <= bound, (waiters, commands.names)
+        assert 0 <= shared <= bound, (waiters, commands.counts)
     print(f"\n{'change stream' if change_streams else 'polling'}: {costs}")
     # What one poll per waiter and interval would cost: 50 waiters for 3 s at 0.5 s = 300 reads.
     assert costs[50][0] < 50 * wait / feed.wait_poll_interval / 2

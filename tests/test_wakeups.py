@@ -22,7 +22,7 @@ from service.plugins import load_registry
 from service.store import Store, open_client
 from service.worker.process import http_session
 from service.worker.worker import Worker
-from tests.conftest import WorkerProcess, eventually, wait_until_started
+from tests.helpers import WorkerProcess, eventually, wait_until_started
 
 SLOT = 0.150  # seconds between two tasks' run_at
 

@@ -83,7 +83,7 @@ class Claims:
         taken (None: any type): in a rolling upgrade, an older worker leaves a newer type to
         newer workers.
         `types=None` leaves the type out of the filter, for a caller that knows every
-        waiting task is of a type it runs (see Worker._claim: SecantusDB uses the claim
+        waiting task is of a type it runs (see Claimer.claims_any_type: SecantusDB uses the claim
         index only for a filter of equalities and one range). `within` bounds the call (a
         claim under a slot must land while the slot is young).
         """

@@ -58,7 +58,7 @@ class TaskWatch:
         their `_id` and run_at, earliest first, for a worker to sleep until the first it
         does not know of yet.
 
-        Equalities and one range (no type: see Worker._claims_any_type), so SecantusDB
+        Equalities and one range (no type: see Claimer.claims_any_type), so SecantusDB
         reads them off the `{state, run_at, _id}` index rather than scanning. A document
         whose run_at is missing or not a date is never among them: the range matches
         only dates (and dates that Python can hold).

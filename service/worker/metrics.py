@@ -12,6 +12,7 @@ to the database, so a port that cannot be used stops start-up at once.
 
 from __future__ import annotations
 
+import collections
 import errno
 import threading
 from collections.abc import Callable, Iterable
@@ -136,24 +137,63 @@ def started(run_at: datetime | None, started_at: datetime | None) -> None:
 
 
 class CommandCounter(monitoring.CommandListener):
-    """Counts every command the worker's client sends into DATABASE_COMMANDS."""
+    """Counts the commands a client sends, by command name, as they start (whether they
+    succeed or not).
 
-    def __init__(self) -> None:
+    A worker's (`export=True`, the default) adds each to DATABASE_COMMANDS, its /metrics.
+    Tests and benchmarks make theirs with `export=False` and read `counts` and `total`:
+    `collection` keeps only the commands on that collection, and nothing is counted while
+    `recording` is false. Safe to share between threads: a synchronous client calls its
+    listeners from whichever thread sends the command.
+    """
+
+    def __init__(
+        self, *, export: bool = True, collection: str | None = None, recording: bool = True
+    ) -> None:
+        self.export = export
+        self.collection = collection
+        self.recording = recording
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
         self._children: dict[str, Any] = {}
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
-        """Count the command under its name."""
+        """Count the command under its name (while recording)."""
+        if not self.recording:
+            return
         name = event.command_name
-        child = self._children.get(name)
-        if child is None:
-            child = self._children[name] = DATABASE_COMMANDS.labels(command=name)
-        child.inc()
+        if self.collection is not None and event.command.get(name) != self.collection:
+            return
+        with self._lock:
+            self._counts[name] += 1
+        if self.export:
+            child = self._children.get(name)
+            if child is None:
+                child = self._children[name] = DATABASE_COMMANDS.labels(command=name)
+            child.inc()
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
         """Nothing more to count: the command was counted when sent."""
 
     def failed(self, event: monitoring.CommandFailedEvent) -> None:
         """Nothing more to count: the command was counted when sent."""
+
+    @property
+    def counts(self) -> collections.Counter[str]:
+        """A copy of the counts so far, by command name."""
+        with self._lock:
+            return self._counts.copy()
+
+    @property
+    def total(self) -> int:
+        """Every command counted so far."""
+        with self._lock:
+            return self._counts.total()
+
+    def reset(self) -> None:
+        """Forget what was counted (DATABASE_COMMANDS, a Prometheus counter, keeps it)."""
+        with self._lock:
+            self._counts.clear()
 
 
 class MetricsPortUnusable(Exception):

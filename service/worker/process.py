@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import socket
-from importlib.metadata import PackageNotFoundError, version
 from typing import Protocol
 
 import aiohttp
@@ -22,14 +21,6 @@ logger = logging.getLogger(__name__)
 def default_worker_id() -> str:
     """Host and process id: who holds a task, for the people on call."""
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def installed_version() -> str:
-    """The installed task-runner package's version, as `task-runner --version` shows it."""
-    try:
-        return version("task-runner")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def http_session() -> aiohttp.ClientSession:

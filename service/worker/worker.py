@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from service import version
 from service.clock import DbClock
 from service.config import Settings
 from service.errors import DatabaseUnavailable
@@ -31,7 +32,6 @@ from service.worker.process import (
     Signals,
     default_worker_id,
     http_session,
-    installed_version,
     wait_for_database,
 )
 from service.worker.recovery import Recoverer
@@ -153,7 +153,7 @@ class Worker:
         self._hurry = asyncio.Event()
         self._finished = asyncio.Event()  # a running task ended
         self.fatal: BaseException | None = None
-        self.version = installed_version()
+        self.version = version()
         self.started_at = store.clock.now()
 
     @property
