@@ -76,7 +76,11 @@ async def test_api_and_worker_write_json_lines(
     assert (done["type"], done["attempt"], done["outcome"]) == ("baz", 1, "COMPLETE")
     failed = [e for e in events if e["task_id"] == bar["id"]]
     assert [(e["attempt"], e["outcome"]) for e in failed] == [(1, "retry"), (2, "FAILED")]
-    assert all(e["level"] == "INFO" for e in events)
+    # A task that failed for good is a warning; a success or a retry is not.
+    levels = [(e["outcome"], e["level"]) for e in events]
+    assert sorted(levels) == [("COMPLETE", "INFO"), ("FAILED", "WARNING"), ("retry", "INFO")]
+    started = [r["message"] for r in records if " started: " in r["message"]]
+    assert len(started) == 1 and "types foo,bar,baz, limits none," in started[0], started
     # The task's own output: plain lines on stdout, nothing else.
     assert worker.stdout_lines() and all(line.startswith("Baz ") for line in worker.stdout_lines())
 

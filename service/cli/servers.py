@@ -93,7 +93,7 @@ def run_worker(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     run: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
     if settings.event_loop == "uvloop":
-        # libuv's loop: less CPU per task than asyncio's (README, Performance).
+        # libuv's loop: less CPU per task than asyncio's (docs/performance.md).
         try:
             import uvloop
         except ImportError:

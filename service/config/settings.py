@@ -152,7 +152,7 @@ class Settings:
         5.0,
         WORKER,
         "seconds between a worker's looks for schedule occurrences to make tasks for, a little "
-        "ahead of them (README, Schedules)",
+        "ahead of them (docs/schedules.md)",
         bound=POSITIVE,
     )
     retention: float = setting(
@@ -171,7 +171,7 @@ class Settings:
     event_loop: str = setting(
         "uvloop",
         WORKER,
-        "a worker's asyncio event loop: uvloop (libuv's, faster; README, Performance) or asyncio "
+        "a worker's asyncio event loop: uvloop (libuv's, faster; docs/performance.md) or asyncio "
         "(the standard library's)",
         choices=EVENT_LOOPS,
     )
@@ -188,15 +188,15 @@ class Settings:
         (),
         TASK_TYPES,
         "comma-separated modules that define task types, loaded after the built-ins and "
-        "entry points (README, Writing a task type)",
+        "entry points (docs/task-types.md)",
     )
     # "name=N" entries, normalised to a lowercase name; see `limits`.
     type_limits: tuple[str, ...] = setting(
         (),
         TASK_TYPES,
         "type=N,... (e.g. bar=2,foo=10): at most N tasks of the type run at once in the whole "
-        "fleet; types not listed are unlimited; give every worker the same value (README, "
-        "Concurrency limits)",
+        "fleet; types not listed are unlimited; give every worker the same value "
+        "(docs/limits.md)",
     )
 
     local_db_port: int = setting(

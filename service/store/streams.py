@@ -43,6 +43,37 @@ def _buffered(stream: Any) -> int:
     return len(getattr(getattr(stream, "_cursor", None), "_data", (None,)))
 
 
+def wakeup_pipeline(types: Iterable[str] | None) -> list[dict[str, Any]]:
+    """The change stream's pipeline for wake-ups: inserts (of these types) due at a date,
+    and updates that put a task back to NOTSTARTED; only the fields that are read."""
+    dated = {"$gte": EARLIEST_RUN_AT, "$lte": LATEST_RUN_AT}
+    insert: dict[str, Any] = {"operationType": "insert", "fullDocument.run_at": dated}
+    if types is not None:
+        insert["fullDocument.type"] = {"$in": type_names(types)}
+    requeued = {
+        "operationType": "update",
+        "updateDescription.updatedFields.state": State.NOTSTARTED.value,
+        "$or": [
+            {"updateDescription.updatedFields.run_at": {"$exists": False}},
+            {"updateDescription.updatedFields.run_at": dated},
+        ],
+    }
+    return [
+        {"$match": {"$or": [insert, requeued]}},
+        # Only what is read: no other field of an odd document can fail to decode.
+        {"$project": dict.fromkeys(WAKEUP_FIELDS, 1)},
+    ]
+
+
+async def _until_set(event: asyncio.Event, *, within: float) -> None:
+    # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns normally when
+    # cancelled just as the event is set, swallowing the cancellation, and the watcher
+    # would never stop.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(within):
+            await event.wait()
+
+
 class TaskWatch:
     """What changes among the tasks: wake-ups for workers, events for the dashboard."""
 
@@ -101,39 +132,17 @@ class TaskWatch:
         pause being announced up to `gather` late. Raises ChangeStreamsUnavailable where the
         server has none (a standalone mongod).
         """
-        dated = {"$gte": EARLIEST_RUN_AT, "$lte": LATEST_RUN_AT}
-        insert: dict[str, Any] = {"operationType": "insert", "fullDocument.run_at": dated}
-        if types is not None:
-            insert["fullDocument.type"] = {"$in": type_names(types)}
-        requeued = {
-            "operationType": "update",
-            "updateDescription.updatedFields.state": State.NOTSTARTED.value,
-            "$or": [
-                {"updateDescription.updatedFields.run_at": {"$exists": False}},
-                {"updateDescription.updatedFields.run_at": dated},
-            ],
-        }
-        pipeline: list[dict[str, Any]] = [
-            {"$match": {"$or": [insert, requeued]}},
-            # Only what is read: no other field of an odd document can fail to decode.
-            {"$project": dict.fromkeys(WAKEUP_FIELDS, 1)},
-        ]
         opened = False
         try:
             async with await self.tasks.watch(
-                pipeline, max_await_time_ms=int(max_await * 1000)
+                wakeup_pipeline(types), max_await_time_ms=int(max_await * 1000)
             ) as stream:
                 on_open()
                 opened = True
                 gather_next = False  # the last batch held only tasks due later on
                 while True:
                     if ready is not None:
-                        # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns
-                        # normally when cancelled just as the event is set, swallowing
-                        # the cancellation, and the watcher would never stop.
-                        with contextlib.suppress(TimeoutError):
-                            async with asyncio.timeout(max_await):
-                                await ready.wait()
+                        await _until_set(ready, within=max_await)
                     fetching = _buffered(stream) == 0  # this read sends a getMore
                     if fetching and gather_next:
                         await asyncio.sleep(gather)

@@ -126,7 +126,9 @@ class Executor:
             "outcome": said.split(" ")[0] if written else "lease_lost",
         }
         if written:
-            logger.info(
+            # A task that failed for good is what someone must look at; a retry is not yet.
+            logger.log(
+                logging.WARNING if kind == "failed" else logging.INFO,
                 "task %s type=%s attempt=%d %s in %.3fs%s",
                 task.id,
                 task.type,

@@ -175,9 +175,12 @@ class Worker:
     async def run(self) -> None:
         """Claim and run tasks until stop(); then drain within the grace period."""
         loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
+        limits = ",".join(f"{t}={n}" for t, n in sorted(self.settings.limits.items()))
         logger.info(
-            "worker %s started: concurrency %d, event loop %s",
+            "worker %s started: types %s, limits %s, concurrency %d, event loop %s",
             self.worker_id,
+            ",".join(self.types),
+            limits or "none",
             self.settings.concurrency,
             loop,
         )
@@ -192,6 +195,11 @@ class Worker:
             job.start()
         try:
             await self._claim_loop()
+            # Draining: nothing new is claimed, scheduled or recovered by this worker; the
+            # heartbeat alone goes on, for the tasks still running.
+            for job in reversed(self.jobs):
+                if job is not self.heartbeat:
+                    await job.stop()
             await self._drain(self.settings.shutdown_grace)
         finally:
             for job in reversed(self.jobs):
