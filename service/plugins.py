@@ -1,6 +1,7 @@
 """Task types as plugins: the public API for writing one, and how the service loads them.
 
-A task type is an `async def run(ctx, args) -> str` registered with `@task_type(...)`:
+A task type is an `async def run(ctx, args) -> str` (or a plain `def run`, run in a
+thread) registered with `@task_type(...)`:
 
     from marshmallow import Schema, fields
     from service.plugins import TaskContext, task_type
@@ -43,7 +44,8 @@ BUILTIN_MODULE = "service.tasks"
 # Lowercase (the API accepts any case and stores lowercase), and safe in a URL path.
 NAME = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 
-Run = Callable[["TaskContext", Any], Awaitable[str]]
+# `async def run(ctx, args) -> str`, or a plain `def run(ctx, args) -> str` (run in a thread).
+Run = Callable[["TaskContext", Any], Awaitable[str]] | Callable[["TaskContext", Any], str]
 R = TypeVar("R", bound=Run)
 
 
@@ -116,7 +118,13 @@ _declared: list[TaskDefinition] = []
 def task_type(
     name: str, *, args: type[Schema] | None = None, timeout: float | None = None
 ) -> Callable[[R], R]:
-    """Register `async def run(ctx, args) -> str` as the task type `name`.
+    """Register `async def run(ctx, args) -> str` as the task type `name`, or a plain
+    `def run(ctx, args) -> str`, which the worker runs in a thread of its own.
+
+    An `async def run` runs on the worker's event loop, beside every other task the worker
+    runs: it must await, never block (no time.sleep, no blocking client); what blocks goes
+    in a plain `def run`, or in `await asyncio.to_thread(...)`. A plain `def run` cannot be
+    cancelled: past its time limit the task fails, but its thread runs on to its end.
 
     `args`: a marshmallow Schema class the API checks a task's arguments with and the
     worker loads them with before `run` (None: the type takes none). `timeout`: the seconds
@@ -138,9 +146,8 @@ def task_type(
         raise ValueError(f"task type {name}: timeout must be a number of seconds above 0")
 
     def register(run: R) -> R:
-        is_async = inspect.iscoroutinefunction(run)  # (not a TypeGuard that narrows `run`)
-        if not is_async:
-            raise TypeError(f"task type {name}: {run!r} is not an async def function")
+        if not callable(run) or inspect.isasyncgenfunction(run) or inspect.isclass(run):
+            raise TypeError(f"task type {name}: {run!r} is not a function def run(ctx, args)")
         definition = TaskDefinition(
             name=name,
             run=run,
@@ -149,7 +156,7 @@ def task_type(
             module=run.__module__,
         )
         _declared.append(definition)
-        run.task_type = definition  # type: ignore[attr-defined]
+        run.task_type = definition  # type: ignore[union-attr]
         return run
 
     return register
@@ -261,7 +268,10 @@ async def run_task(
     (flushed) and return it. Raises TaskTimedOut when the limit passes."""
     try:
         async with asyncio.timeout(time_limit) as scope:
-            output = await definition.run(ctx, args)
+            if inspect.iscoroutinefunction(definition.run):
+                output = await definition.run(ctx, args)
+            else:
+                output = await asyncio.to_thread(definition.run, ctx, args)
     except TimeoutError:
         if scope.expired():
             raise TaskTimedOut(f"timed out after {time_limit:g} s") from None

@@ -23,6 +23,7 @@ import urllib.parse
 import urllib.request
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
@@ -31,7 +32,7 @@ from aiohttp import web
 from service.config import Settings, env_name
 from service.localdb import free_port
 from service.models import Task
-from service.store import Store
+from service.store import Store, new_lease
 from service.web.app import create_app
 
 T = TypeVar("T")
@@ -387,3 +388,22 @@ class StubHttpServer:
                 "Connection: close\r\n\r\n".encode()
             )
             await writer.drain()
+
+
+async def stuck_task(store: Store, *, max_attempts: int = 3, worker: str = "gone-host:123") -> str:
+    """A task claimed (the first due, as a worker would) by a worker that has been silent
+    for ten minutes; returns its id.
+
+    The claim is asked again until it lands: on SecantusDB a claim made the moment after
+    the insert, from another connection, now and then finds nothing (a worker would try
+    again at its next wake-up; here the task is only the set-up)."""
+    await store.tasks.create(task_type="foo", run_at=None, max_attempts=max_attempts)
+
+    async def claimed() -> Task | None:
+        return await store.claims.claim(worker, lease=new_lease())
+
+    task = await eventually(claimed, within=10, what="a claim of a due task")
+    assert task is not None
+    old = store.clock.now() - timedelta(seconds=600)
+    await store.db.tasks.update_one({"_id": task.key}, {"$set": {"heartbeat_at": old}})
+    return task.id

@@ -7,7 +7,6 @@ import importlib.metadata
 import signal
 import subprocess
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -16,24 +15,14 @@ from bson import ObjectId
 from service.config import Settings
 from service.localdb import free_port
 from service.models import State
-from service.store import Store, new_lease
-from tests.helpers import TASK_RUNNER, run_cli, settings_env
+from service.store import Store
+from tests.helpers import TASK_RUNNER, run_cli, settings_env, stuck_task
 
 
 async def task_runner(
     settings: Settings, *args: str, **overrides: object
 ) -> subprocess.CompletedProcess[str]:
     return await asyncio.to_thread(run_cli, settings_env(settings, **overrides), *args)
-
-
-async def stuck_task(store: Store, *, max_attempts: int = 3) -> str:
-    """A task claimed by a worker that has been silent for ten minutes."""
-    await store.tasks.create(task_type="foo", run_at=None, max_attempts=max_attempts)
-    task = await store.claims.claim("gone-host:123", lease=new_lease())
-    assert task is not None
-    old = store.clock.now() - timedelta(seconds=600)
-    await store.db.tasks.update_one({"_id": ObjectId(task.id)}, {"$set": {"heartbeat_at": old}})
-    return task.id
 
 
 async def test_stats_counts_by_state_and_type(settings: Settings, store: Store) -> None:

@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 from bson import ObjectId
 
 from service import ops
 from service.models import State
-from service.store import Store, new_lease
+from service.store import Store
 from service.store.figures import Stats
-
-
-async def stale_task(store: Store, *, max_attempts: int) -> str:
-    """A task claimed by a worker that has been silent for ten minutes."""
-    await store.tasks.create(task_type="foo", run_at=None, max_attempts=max_attempts)
-    task = await store.claims.claim("gone-host:1", lease=new_lease())
-    assert task is not None
-    old = store.clock.now() - timedelta(seconds=600)
-    await store.db.tasks.update_one({"_id": ObjectId(task.id)}, {"$set": {"heartbeat_at": old}})
-    return task.id
+from tests.helpers import stuck_task
 
 
 async def test_recover_tells_each_stale_task_s_fate(store: Store) -> None:
-    back = await stale_task(store, max_attempts=3)
-    failed = await stale_task(store, max_attempts=1)
+    back = await stuck_task(store, max_attempts=3)
+    failed = await stuck_task(store, max_attempts=1)
     stale = await ops.find_stale(store, 300)
     await store.tasks.delete(failed)
     recovery = await ops.recover(store, stale_after=300, stale=stale)
@@ -37,7 +26,7 @@ async def test_recover_tells_each_stale_task_s_fate(store: Store) -> None:
 
 
 async def test_recover_finds_the_stale_tasks_itself(store: Store) -> None:
-    failed = await stale_task(store, max_attempts=1)
+    failed = await stuck_task(store, max_attempts=1)
     recovery = await ops.recover(store, stale_after=300)
     assert recovery.failed == [failed] and recovery.requeued == []
     assert recovery.tasks[0].describe() == "-> FAILED: attempts used up"
@@ -45,7 +34,7 @@ async def test_recover_finds_the_stale_tasks_itself(store: Store) -> None:
 
 
 async def test_a_task_heard_from_again_is_not_recovered(store: Store) -> None:
-    stuck = await stale_task(store, max_attempts=3)
+    stuck = await stuck_task(store, max_attempts=3)
     stale = await ops.find_stale(store, 300)
     fresh = {"$set": {"heartbeat_at": store.clock.now()}}
     await store.db.tasks.update_one({"_id": ObjectId(stuck)}, fresh)
@@ -57,7 +46,7 @@ async def test_a_task_heard_from_again_is_not_recovered(store: Store) -> None:
 
 
 async def test_requeue_puts_a_failed_task_back(store: Store) -> None:
-    failed = await stale_task(store, max_attempts=1)
+    failed = await stuck_task(store, max_attempts=1)
     await ops.recover(store, stale_after=300)
     task = await ops.requeue(store, failed)
     assert (task.id, task.state, task.attempts) == (failed, State.NOTSTARTED, 0)

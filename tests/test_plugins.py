@@ -425,11 +425,12 @@ def test_the_decorator_refuses_what_it_cannot_run() -> None:
     with pytest.raises(TypeError, match="Schema class"):
         task_type("ok", args=dict)  # type: ignore[arg-type]
 
-    def not_async(ctx: Any, args: Any) -> str:
-        return ""
+    async def generator(ctx: Any, args: Any) -> Any:
+        yield ""
 
-    with pytest.raises(TypeError, match="not an async def"):
-        task_type("ok")(not_async)  # type: ignore[type-var]
+    # A plain def is a task type (run in a thread); an async generator is not.
+    with pytest.raises(TypeError, match="is not a function def run"):
+        task_type("ok")(generator)
 
 
 # -- time limits ---------------------------------------------------------------------------------

@@ -94,6 +94,14 @@ DATABASE_COMMANDS = Counter(
     ["command"],
     registry=REGISTRY,
 )
+LOOP_STALLS = Counter(
+    "task_runner_worker_loop_stalls",
+    "Times this worker's event loop was blocked for over a second, by the type of the task "
+    "whose code held it ((none): not task code). Heartbeats go on meanwhile (their own "
+    "thread), but nothing else this worker does.",
+    ["type"],
+    registry=REGISTRY,
+)
 DATABASE_ERRORS = Counter(
     "task_runner_worker_database_errors",
     "Database calls of this worker that failed for want of the database (unreachable or "

@@ -12,9 +12,10 @@ import socket
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import aiohttp
+from pymongo import monitoring
 
 from service import version
 from service.clock import DbClock
@@ -27,6 +28,7 @@ from service.worker import metrics
 from service.worker.claimer import Claimer
 from service.worker.execution import Executor
 from service.worker.heartbeat import Heartbeat
+from service.worker.leases import LeaseKeeper
 from service.worker.malformed import MalformedScan
 from service.worker.process import (
     Signals,
@@ -43,6 +45,8 @@ from service.worker.wakeups import WakeUps
 logger = logging.getLogger(__name__)
 
 MALFORMED_SCAN_INTERVAL = 300.0
+# A worker's event loop held this long by one piece of code is stalled: logged and counted.
+STALL_AFTER = 1.0
 
 
 class WorkerCrashed(Exception):
@@ -70,9 +74,8 @@ class Running:
     execution: asyncio.Task[None]
     lost: bool = False
     finishing: bool = False  # the task ran; its result is being written
-    # time.monotonic() no later than the claim, and than its heartbeat_at was last written.
+    # time.monotonic() no later than the claim (the server stamped heartbeat_at after it).
     claimed_at: float = 0.0
-    refreshed: float = 0.0
 
 
 class Worker:
@@ -112,8 +115,23 @@ class Worker:
             interval=settings.stale_after / 2,
             slots=store.slots if self.slots.limits else None,
         )
+        self.leases = LeaseKeeper(
+            url=settings.effective_mongodb_url,
+            database=settings.database,
+            db_timeout=settings.db_timeout,
+            clock=store.clock,
+            interval=settings.heartbeat_interval,
+            stall_after=STALL_AFTER,
+            on_lost=self._leases_gone,
+            on_unavailable=self.recoverer.database_lost,
+            on_crash=self._crash,
+            # The worker's own (its command counts in /metrics): the keeper's count too.
+            # (PyMongo annotates these as its internal _EventListeners: they are listeners.)
+            event_listeners=cast(
+                list[monitoring._EventListener], store.client.options.event_listeners
+            ),
+        )
         self.heartbeat = Heartbeat(
-            store.claims,
             store.workers,
             holder=self,
             clock=store.clock,
@@ -149,6 +167,7 @@ class Worker:
         self.malformed, self.retention, self.scheduler = _upkeep(store, settings)
         for job in self.jobs:
             job.on_crash = self._crash
+        self._background: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._hurry = asyncio.Event()
         self._finished = asyncio.Event()  # a running task ended
@@ -191,6 +210,7 @@ class Worker:
             await self.retention.ensure()
         except DatabaseUnavailable as exc:
             logger.warning("retention index not checked (%s); the next start will", exc)
+        self.leases.start()
         for job in self.jobs:
             job.start()
         try:
@@ -205,6 +225,7 @@ class Worker:
             for job in reversed(self.jobs):
                 await job.stop()
             await self._release_all()
+            await self.leases.stop()
             if self.fatal is None:
                 await self._unregister()
         if self.fatal is not None:
@@ -241,24 +262,25 @@ class Worker:
             sorted(r.task.id for r in self.running.values() if r.claimed_at < claimed_before)
         )
 
-    def leases_to_refresh(self, *, now: float, fresh: float) -> list[str]:
-        """The leases of running tasks refreshed (or claimed) `fresh` seconds or more before
-        `now` (time.monotonic()): the heartbeat writes these."""
-        return [lease for lease, r in self.running.items() if now - r.refreshed >= fresh]
-
-    def refreshed(self, leases: Collection[str], *, at: float) -> None:
-        """The heartbeat wrote these leases' heartbeat_at no earlier than `at`."""
-        for lease in leases:
-            if (held := self.running.get(lease)) is not None:
-                held.refreshed = at
-
-    async def leases_lost(self, leases: Collection[str]) -> None:
-        """The heartbeat found these leases gone: stop their tasks, free their slots."""
+    def _leases_gone(self, leases: Collection[str]) -> None:
+        """The lease keeper found these leases gone: stop their tasks, free their slots."""
         gone = [r.task for lease in leases if (r := self.running.get(lease)) is not None]
         for lease in leases:
             self.abandon(lease)
-        for task in gone:  # no longer STARTED under our lease: its slot can go now
-            await self.slots.free(task)
+        if gone and self.slots.limits:
+            freeing = asyncio.create_task(self._free_slots(gone), name="free-lost-slots")
+            self._background.add(freeing)
+            freeing.add_done_callback(self._background.discard)
+
+    async def _free_slots(self, tasks: list[Task]) -> None:
+        """No longer STARTED under our leases: their slots can go now (else recovery frees
+        them a stale threshold later)."""
+        try:
+            for task in tasks:
+                await self.slots.free(task)
+        except DatabaseUnavailable as exc:
+            metrics.DATABASE_ERRORS.inc()
+            logger.warning("slots of stopped tasks not freed (%s); recovery will", exc)
 
     def registration(self, holds: tuple[str, ...]) -> dict[str, Any]:
         """This worker's record in the registry (the store adds last_seen)."""
@@ -345,9 +367,8 @@ class Worker:
         metrics.started(task.run_at, task.started_at)
         execution = asyncio.create_task(self._execute(task), name=f"task-{task.id}")
         execution.add_done_callback(self._execution_done)
-        self.running[task.lease] = Running(
-            task, execution, claimed_at=claimed_at, refreshed=claimed_at
-        )
+        self.running[task.lease] = Running(task, execution, claimed_at=claimed_at)
+        self.leases.add(task.lease, claimed_at=claimed_at)
 
     async def _execute(self, task: Task) -> None:
         try:
@@ -366,6 +387,7 @@ class Worker:
     def _forget(self, task: Task) -> None:
         assert task.lease is not None
         self.running.pop(task.lease, None)
+        self.leases.remove(task.lease)
         self._finished.set()
         self.wakeups.nudge()
 
