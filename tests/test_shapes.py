@@ -1,5 +1,6 @@
-"""Documents of any shape in the collections beside tasks (limits, schedules) never raise
-out of the store or a periodic job, and what cannot be used is left alone or mended.
+"""Documents of any shape in the collections beside tasks (limits, schedules, the workers'
+registry, idempotency keys) never raise out of the store, a periodic job or the API, and
+what cannot be used is left alone or mended (tasks: test_malformed.py).
 
 The shapes are generated (Hypothesis) over every field those documents hold: any BSON
 value a person, a script or a migration could have written there.
@@ -218,3 +219,65 @@ async def test_occurrences_during_a_pause_are_skipped_with_skip(store: Store) ->
     await _schedule_job_round(store)
     made = await store.db.tasks.find({"schedule_id": schedule_id}).to_list()
     assert made and all(t["occurrence"] > now for t in made), [t["occurrence"] for t in made]
+
+
+WORKER_FIELDS = [
+    "host",
+    "pid",
+    "started_at",
+    "concurrency",
+    "running",
+    "tasks",
+    "version",
+    "types",
+    "metrics_port",
+    "last_seen",
+]
+WORKER_DOC = st.fixed_dictionaries(
+    {}, optional={name: st.one_of(DATES, VALUES) for name in WORKER_FIELDS}
+)
+
+
+@EXAMPLES
+@given(
+    doc=WORKER_DOC,
+    key=st.one_of(st.text(max_size=8), st.builds(ObjectId), st.integers(-(2**63), 2**63 - 1)),
+)
+async def test_a_worker_record_of_any_shape_is_listed(
+    store: Store, api: Any, doc: dict[str, Any], key: Any
+) -> None:
+    await store.db.workers.delete_many({})
+    await store.db.workers.insert_one({"_id": key, **doc})
+    response = await api.get("/workers")
+    assert response.status == 200, await response.text()
+    (listed,) = (await response.json())["workers"]
+    assert listed["id"] == str(key)
+
+
+KEY_RECORD = st.fixed_dictionaries(
+    {},
+    optional={
+        "request": VALUES,
+        "task": st.one_of(VALUES, st.fixed_dictionaries({}, optional={"_id": VALUES})),
+        "created_at": st.one_of(DATES, VALUES),
+        "expires_at": st.one_of(DATES, VALUES),
+        "inserted": VALUES,
+    },
+)
+
+
+@EXAMPLES
+@given(record=KEY_RECORD)
+async def test_an_idempotency_record_of_any_shape_answers_without_a_500(
+    store: Store, api: Any, record: dict[str, Any]
+) -> None:
+    await store.db.idempotency_keys.delete_many({})
+    await store.db.idempotency_keys.insert_one({"_id": "the-key", **record})
+    response = await api.post(
+        "/tasks", json={"type": "baz"}, headers={"Idempotency-Key": "the-key"}
+    )
+    # A new task, an earlier one, or a conflict with what the key holds: never a 500.
+    assert response.status in (200, 201, 409, 410), await response.text()
+    body = await response.json()
+    if response.status >= 400:
+        assert body["error"]["code"] in ("idempotency_key_reused", "task_deleted"), body
