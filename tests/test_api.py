@@ -99,6 +99,31 @@ async def test_list_paginates_in_run_at_then_id_order(api: Client) -> None:
     assert seen == expected
 
 
+async def test_list_newest_first_paginates_in_the_reverse_order(api: Client, store: Store) -> None:
+    base = datetime(2030, 1, 1, tzinfo=UTC)
+    expected = []
+    for i in range(7):
+        created = await create(api, type="baz", run_at=(base + timedelta(hours=i // 2)).isoformat())
+        expected.append(created["id"])
+    # Odd run_ats written by hand sort before every date: last, newest first.
+    await store.db.tasks.insert_one({"type": "baz", "state": "NOTSTARTED", "run_at": "soon"})
+    await store.db.tasks.insert_one({"type": "baz", "state": "NOTSTARTED"})
+    seen: list[str] = []
+    cursor = None
+    while True:
+        query = "limit=2&order=desc" + (f"&cursor={cursor}" if cursor else "")
+        response = await api.get(f"/tasks?{query}")
+        assert response.status == 200, await response.text()
+        body = await response.json()
+        seen.extend(task["id"] for task in body["tasks"])
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert seen[:7] == list(reversed(expected))
+    assert len(seen) == 9 and len(set(seen)) == 9
+    assert (await api.get("/tasks?order=newest")).status == 400
+
+
 async def test_list_rejects_bad_filters(api: Client) -> None:
     for query in (
         "state=RUNNING",

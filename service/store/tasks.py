@@ -27,17 +27,25 @@ from service.store.base import (
 logger = logging.getLogger(__name__)
 
 
-def after_value(field: str, value: Any) -> list[dict[str, Any]]:
-    """Clauses matching the values of `field` that sort after `value` in MongoDB's order.
+def after_value(field: str, value: Any, *, descending: bool = False) -> list[dict[str, Any]]:
+    """Clauses matching the values of `field` that sort after `value` in MongoDB's order
+    (before it, with `descending`: what comes next in a listing newest first).
 
-    `$gt` compares within one BSON type only, so values of the types that sort later are
-    matched by `$type`: a page cursor then moves on past documents of odd shapes too.
+    `$gt` and `$lt` compare within one BSON type only, so values of the types that sort
+    later (earlier) are matched by `$type`: a page cursor then moves on past documents of
+    odd shapes too. Null and a missing field sort first of all.
     """
     bracket = _bracket(value)
-    clauses: list[dict[str, Any]] = [{field: {"$gt": value}}]
-    later = [alias for brackets in SORT_BRACKETS[bracket + 1 :] for alias in brackets]
-    if later:
-        clauses.append({field: {"$type": later}})
+    if not descending:
+        later = [alias for brackets in SORT_BRACKETS[bracket + 1 :] for alias in brackets]
+        clauses: list[dict[str, Any]] = [{field: {"$gt": value}}]
+        if later:
+            clauses.append({field: {"$type": later}})
+        return clauses
+    earlier = [alias for brackets in SORT_BRACKETS[1:bracket] for alias in brackets]
+    clauses = [] if bracket == 0 else [{field: {"$lt": value}}, {field: None}]
+    if earlier:
+        clauses.append({field: {"$type": earlier}})
     return clauses
 
 
@@ -160,8 +168,11 @@ class Tasks:
         task_type: str | None = None,
         limit: int,
         after: tuple[Any, Any] | None = None,
+        descending: bool = False,
     ) -> Page:
-        """Tasks ordered by (run_at, id), optionally filtered, starting after a sort key."""
+        """Tasks ordered by (run_at, id), optionally filtered, starting after a sort key;
+        `descending`: the latest run_at first (then `after` is the key the page starts
+        before)."""
         query: dict[str, Any] = {}
         states = list(states)
         if states:
@@ -172,11 +183,13 @@ class Tasks:
             query["type"] = str(task_type).lower()
         if after is not None:
             run_at, key = after
+            way = {"descending": descending}
             query["$or"] = [
-                *after_value("run_at", run_at),
-                *({"run_at": run_at, **clause} for clause in after_value("_id", key)),
+                *after_value("run_at", run_at, **way),
+                *({"run_at": run_at, **clause} for clause in after_value("_id", key, **way)),
             ]
-        cursor = self.tasks.find(query).sort(TIME_SORT).limit(limit + 1)
+        order = [(name, -1) for name, _ in TIME_SORT] if descending else TIME_SORT
+        cursor = self.tasks.find(query).sort(order).limit(limit + 1)
         docs = [doc async for doc in cursor]
         tasks = [Task.from_document(doc) for doc in docs[:limit]]
         if len(docs) > limit:

@@ -99,7 +99,8 @@ async def create_task(request: web.Request) -> web.Response:
     parameters=[{"in": "query", "schema": ListQuerySchema}],
 )
 async def list_tasks(request: web.Request) -> web.Response:
-    """Tasks ordered by run_at then id, filtered by state and/or type, one page at a time."""
+    """Tasks ordered by run_at then id (`order=desc`: the latest first), filtered by state
+    and/or type, one page at a time; a `next_cursor` goes with the same order."""
     query = ListQuerySchema(registry=request.app[REGISTRY]).load(single_valued_query(request))
     max_page = request.app[SETTINGS].max_page_size
     if query["limit"] > max_page:
@@ -110,6 +111,7 @@ async def list_tasks(request: web.Request) -> web.Response:
         task_type=None if query["type"] is None else query["type"].name,
         limit=query["limit"],
         after=after,
+        descending=query["order"] == "desc",
     )
     next_cursor = None if page.after is None else encode_cursor(page.after)
     return json_response(page_schema.dump({"tasks": page.tasks, "next_cursor": next_cursor}))

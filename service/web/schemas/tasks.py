@@ -116,6 +116,11 @@ class ListQuerySchema(WithRegistry):
         metadata={"description": "page size; at most TASK_RUNNER_MAX_PAGE_SIZE (1000)"},
     )
     cursor = fields.String(load_default=None)
+    order = fields.String(
+        load_default="asc",
+        validate=validate.OneOf(["asc", "desc"]),
+        metadata={"description": "asc: the earliest run_at first; desc: the latest first"},
+    )
 
 
 # The longest GET /tasks/{id}?wait= (seconds); the request timeout may cap it further.

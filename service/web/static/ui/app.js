@@ -318,7 +318,8 @@ async function loadSchedules() {
 }
 
 async function loadTasks() {
-  const params = new URLSearchParams({ limit: String(view.limit) });
+  // The latest run_at first: what was just created or is about to run is on page one.
+  const params = new URLSearchParams({ limit: String(view.limit), order: "desc" });
   if (view.state) params.set("state", view.state);
   if (view.type) params.set("type", view.type);
   const cursor = view.cursors[view.page];
