@@ -8,6 +8,7 @@ the fields of the API's answers, so its schemas dump them as they are.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -159,6 +160,7 @@ class Summary:
     oldest_due: Task | None  # the NOTSTARTED task due first, if any is due
     stale: int  # STARTED tasks with no heartbeat within the stale threshold
     unreadable: int  # documents no worker can claim or recover
+    unusable_schedules: int = 0  # schedules left alone for what they hold
 
     @property
     def by_state(self) -> dict[str, int]:
@@ -193,5 +195,7 @@ def summarize(stats: Stats) -> Summary:
 
 
 async def stats(store: Store, stale_after: float) -> Summary:
-    """Counts by state and type, the oldest due task, and the stale and unreadable ones."""
-    return summarize(await store.figures.stats(stale_after))
+    """Counts by state and type, the oldest due task, the stale and unreadable tasks, and
+    the schedules that cannot be used as stored."""
+    summary = summarize(await store.figures.stats(stale_after))
+    return dataclasses.replace(summary, unusable_schedules=await store.schedules.unusable())

@@ -184,6 +184,8 @@ async def test_fifteen_unusable_schedules_are_left_alone_and_named_and_a_good_on
         {"_id": {"$ne": ObjectId(good)}, "next_at": now - timedelta(seconds=1)}
     )
     assert left == len(BAD_SCHEDULES)
+    stats = await (await api.get("/stats")).json()
+    assert stats["unusable_schedules"] == len(BAD_SCHEDULES), stats
 
 
 async def _paused_through_occurrences(store: Store, missed: str) -> str:

@@ -77,6 +77,7 @@ async def stats(store: Store, settings: Settings, args: argparse.Namespace) -> i
     else:
         print(f"oldest due task: {oldest.id} ({oldest.type}), due {_ago(store, oldest.run_at)} ago")
     print(f"unreadable documents: {summary.unreadable}")
+    print(f"schedules left alone for what they hold: {summary.unusable_schedules}")
     print(f"stale STARTED tasks (no heartbeat for {settings.stale_after:g}s): {summary.stale}")
     return 0
 

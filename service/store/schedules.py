@@ -101,6 +101,12 @@ class Schedules:
         return [read_schedule(doc) async for doc in cursor]
 
     @unavailable
+    async def unusable(self, *, limit: int = 10_000) -> int:
+        """How many schedules, of the first `limit`, cannot be used as stored (`problems`)."""
+        cursor = self.schedules.find({}).limit(limit)
+        return len([doc async for doc in cursor if read_schedule(doc).problems])
+
+    @unavailable
     async def delete(self, schedule_id: str) -> bool:
         """Delete a schedule and the tasks it made ahead whose occurrence has not come yet
         (those already due or running stay); False if there was none."""

@@ -67,6 +67,7 @@ async def stats(request: web.Request) -> web.Response:
         "stale": summary.stale,
         "stale_tasks": await store.figures.stale_sample(stale_after, limit=20),
         "unreadable": summary.unreadable,
+        "unusable_schedules": summary.unusable_schedules,
         "recent_failures": await store.figures.latest(State.FAILED, limit=10),
     }
     return json_response(StatsSchema().dump(body))

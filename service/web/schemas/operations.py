@@ -85,6 +85,10 @@ class StatsSchema(Schema):
     unreadable = fields.Integer(
         required=True, metadata={"description": "documents no worker can claim or recover"}
     )
+    unusable_schedules = fields.Integer(
+        required=True,
+        metadata={"description": "schedules left alone for what they hold (see `problems`)"},
+    )
     recent_failures = fields.List(
         fields.Nested(TaskSchema),
         required=True,
