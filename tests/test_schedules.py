@@ -722,3 +722,27 @@ async def test_occurrences_found_late_by_a_round_are_each_made(store: Store) -> 
     _consecutive(schedule.next_at, made)
     assert created == len(made) >= 4
     _made_ahead(made[2:], job)
+
+
+async def test_a_draining_worker_makes_no_more_scheduled_tasks(
+    store: Store, spawn_worker: Callable[..., WorkerProcess]
+) -> None:
+    # A long task keeps the worker draining for seconds after SIGTERM, over several rounds
+    # of its schedule job, while a schedule has an occurrence every second.
+    worker = spawn_worker(**FAST, foo_seconds=4.0, shutdown_grace=10.0)
+    await wait_until_started(worker)
+    long = await store.tasks.create(task_type="foo", run_at=None, max_attempts=1)
+
+    async def long_started() -> bool:
+        return (await store.tasks.get(long.id)).state is State.STARTED
+
+    await eventually(long_started, within=30)
+    schedule = await store.schedules.create(template={**FOO, "type": "baz"}, timing=Timing(every=1))
+    await eventually(lambda: _tasks_of(store, schedule), within=30)
+    worker.signal(signal.SIGTERM)
+    stopped_at = store.clock.now()
+    assert worker.wait() == 0, worker.stderr()
+    assert (await store.tasks.get(long.id)).state is State.COMPLETE  # it drained
+    made = await _tasks_of(store, schedule)
+    late = [t for t in made if t.created_at is not None and t.created_at > stopped_at]
+    assert not late, [(t.id, t.created_at) for t in late]
