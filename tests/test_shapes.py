@@ -8,6 +8,8 @@ value a person, a script or a migration could have written there.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,7 +17,9 @@ from bson import Int64, ObjectId
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from service.models import State
 from service.store import Store, new_lease
+from tests.helpers import StubHttpServer, WorkerProcess, eventually, wait_until_started
 
 # Any BSON value, nested a little: what a field may hold in a document written by hand.
 SCALARS: st.SearchStrategy[Any] = st.one_of(
@@ -283,3 +287,49 @@ async def test_an_idempotency_record_of_any_shape_answers_without_a_500(
     body = await response.json()
     if response.status >= 400:
         assert body["error"]["code"] in ("idempotency_key_reused", "task_deleted"), body
+
+
+async def test_workers_run_on_through_unusable_schedules_and_junk_limits(
+    store: Store, api: Any, spawn_worker: Callable[..., WorkerProcess]
+) -> None:
+    stub = StubHttpServer(status=200)
+    await stub.start()
+    try:
+        now = store.clock.now()
+        for doc in BAD_SCHEDULES:
+            await store.db.schedules.insert_one(
+                {"anchor": now, **doc, "paused": False, "next_at": now - timedelta(seconds=1)}
+            )
+        # Every limited type's document is junk, each in its own way.
+        await store.db.limits.insert_many(
+            [
+                {"_id": "bar", "holders": "not a list", "limit": 2},
+                {"_id": "baz", "holders": [5, None, {"lease": [1, 2]}, {"at": now}], "limit": 2},
+                {"_id": "foo", "holders": [{"lease": "no time"}, {"lease": "x", "at": "now"}]},
+            ]
+        )
+        workers = [
+            spawn_worker(type_limits="bar=2,baz=2,foo=2", schedule_interval=0.2, bar_url=stub.url)
+            for _ in range(2)
+        ]
+        for worker in workers:
+            await wait_until_started(worker)
+        made = [
+            await store.tasks.create(task_type=t, run_at=None, max_attempts=1)
+            for t in ("bar", "baz", "foo") * 3
+        ]
+
+        async def all_complete() -> bool:
+            found = [await store.tasks.get(t.id) for t in made]
+            return all(t.state == State.COMPLETE for t in found)
+
+        await eventually(all_complete, within=60)
+        await asyncio.sleep(3)  # more rounds of every job over the same documents
+        for worker in workers:
+            assert worker.alive(), worker.stderr()
+            assert "Traceback" not in worker.stderr(), worker.stderr()
+        for path in ("/schedules", "/stats", "/workers", "/tasks", "/metrics"):
+            response = await api.get(path)
+            assert response.status == 200, (path, await response.text())
+    finally:
+        await stub.close()
