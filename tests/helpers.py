@@ -407,3 +407,21 @@ async def stuck_task(store: Store, *, max_attempts: int = 3, worker: str = "gone
     old = store.clock.now() - timedelta(seconds=600)
     await store.db.tasks.update_one({"_id": task.key}, {"$set": {"heartbeat_at": old}})
     return task.id
+
+
+async def listed_ids(api: Any, **params: str) -> tuple[list[str], int]:
+    """Every task id GET /tasks lists with these query parameters, page after page (each
+    page must answer 200), and how many pages it took."""
+    seen: list[str] = []
+    cursor: str | None = None
+    pages = 0
+    while True:
+        query = params | ({"cursor": cursor} if cursor else {})
+        response = await api.get("/tasks", params=query)
+        assert response.status == 200, await response.text()
+        body = await response.json()
+        seen.extend(task["id"] for task in body["tasks"])
+        pages += 1
+        cursor = body["next_cursor"]
+        if cursor is None:
+            return seen, pages

@@ -9,6 +9,7 @@ from aiohttp.test_utils import TestClient
 
 from service.models import State
 from service.store import Store
+from tests.helpers import listed_ids
 
 Client = TestClient[Any, Any]
 
@@ -84,17 +85,7 @@ async def test_list_paginates_in_run_at_then_id_order(api: Client) -> None:
         # Pairs share a run_at, so the id breaks ties.
         created = await create(api, type="baz", run_at=(base + timedelta(hours=i // 2)).isoformat())
         expected.append(created["id"])
-    seen: list[str] = []
-    cursor = None
-    pages = 0
-    while True:
-        query = "limit=3" + (f"&cursor={cursor}" if cursor else "")
-        body = await (await api.get(f"/tasks?{query}")).json()
-        seen.extend(task["id"] for task in body["tasks"])
-        pages += 1
-        cursor = body["next_cursor"]
-        if cursor is None:
-            break
+    seen, pages = await listed_ids(api, limit="3")
     assert pages == 3
     assert seen == expected
 
@@ -108,17 +99,7 @@ async def test_list_newest_first_paginates_in_the_reverse_order(api: Client, sto
     # Odd run_ats written by hand sort before every date: last, newest first.
     await store.db.tasks.insert_one({"type": "baz", "state": "NOTSTARTED", "run_at": "soon"})
     await store.db.tasks.insert_one({"type": "baz", "state": "NOTSTARTED"})
-    seen: list[str] = []
-    cursor = None
-    while True:
-        query = "limit=2&order=desc" + (f"&cursor={cursor}" if cursor else "")
-        response = await api.get(f"/tasks?{query}")
-        assert response.status == 200, await response.text()
-        body = await response.json()
-        seen.extend(task["id"] for task in body["tasks"])
-        cursor = body["next_cursor"]
-        if cursor is None:
-            break
+    seen, _ = await listed_ids(api, limit="2", order="desc")
     assert seen[:7] == list(reversed(expected))
     assert len(seen) == 9 and len(set(seen)) == 9
     assert (await api.get("/tasks?order=newest")).status == 400

@@ -20,7 +20,14 @@ from service.models import State, Task, TaskType
 from service.store import Store, new_lease
 from service.worker.execution import retry_delay
 from service.worker.malformed import MalformedScan
-from tests.helpers import WorkerProcess, eventually, run_cli, settings_env, wait_until_started
+from tests.helpers import (
+    WorkerProcess,
+    eventually,
+    listed_ids,
+    run_cli,
+    settings_env,
+    wait_until_started,
+)
 
 Spawn = Callable[..., WorkerProcess]
 
@@ -185,17 +192,7 @@ async def assert_api_answers(
             response = await api.get(path)
             assert response.status == 200, (path, await response.text())
             assert (await response.json())["id"] == str(key)
-    seen: list[str] = []
-    cursor = None
-    while True:
-        query = {"limit": "3"} | ({"cursor": cursor} if cursor else {})
-        response = await api.get("/tasks", params=query)
-        assert response.status == 200, await response.text()
-        body = await response.json()
-        seen.extend(task["id"] for task in body["tasks"])
-        cursor = body["next_cursor"]
-        if cursor is None:
-            break
+    seen, _ = await listed_ids(api, limit="3")
     assert len(seen) == len(set(seen)) == total
     for query in ({"state": "notstarted"}, {"type": "baz"}, {"state": "FAILED", "type": "baz"}):
         response = await api.get("/tasks", params=query)
