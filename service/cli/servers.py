@@ -85,7 +85,7 @@ def run_worker(settings: Settings, args: argparse.Namespace) -> int:
     """Run one worker process until stopped, on the configured event loop."""
     import asyncio
 
-    from service.worker import worker
+    from service.worker.main import serve
     from service.worker.metrics import MetricsPortUnusable
 
     registry = task_types(settings, "worker")
@@ -105,7 +105,7 @@ def run_worker(settings: Settings, args: argparse.Namespace) -> int:
             return 2
         run = uvloop.run
     try:
-        run(worker.serve(settings, registry=registry))
+        run(serve(settings, registry=registry))
     except MetricsPortUnusable as exc:
         print(f"task-runner worker: {exc}", file=sys.stderr)
         return 1

@@ -18,12 +18,11 @@ import aiohttp
 from pymongo import monitoring
 
 from service import version
-from service.clock import DbClock
 from service.config import Settings
 from service.errors import DatabaseUnavailable
 from service.models import Task
-from service.plugins import Registry, load_registry
-from service.store import Store, open_client
+from service.plugins import Registry
+from service.store import Store
 from service.worker import metrics
 from service.worker.claimer import Claimer
 from service.worker.execution import Executor
@@ -31,10 +30,7 @@ from service.worker.heartbeat import Heartbeat
 from service.worker.leases import LeaseKeeper
 from service.worker.malformed import MalformedScan
 from service.worker.process import (
-    Signals,
     default_worker_id,
-    http_session,
-    wait_for_database,
 )
 from service.worker.recovery import Recoverer
 from service.worker.retention import Retention
@@ -115,22 +111,7 @@ class Worker:
             interval=settings.stale_after / 2,
             slots=store.slots if self.slots.limits else None,
         )
-        self.leases = LeaseKeeper(
-            url=settings.effective_mongodb_url,
-            database=settings.database,
-            db_timeout=settings.db_timeout,
-            clock=store.clock,
-            interval=settings.heartbeat_interval,
-            stall_after=STALL_AFTER,
-            on_lost=self._leases_gone,
-            on_unavailable=self.recoverer.database_lost,
-            on_crash=self._crash,
-            # The worker's own (its command counts in /metrics): the keeper's count too.
-            # (PyMongo annotates these as its internal _EventListeners: they are listeners.)
-            event_listeners=cast(
-                list[monitoring._EventListener], store.client.options.event_listeners
-            ),
-        )
+        self.leases = self._lease_keeper(store, settings)
         self.heartbeat = Heartbeat(
             store.workers,
             holder=self,
@@ -174,6 +155,24 @@ class Worker:
         self.fatal: BaseException | None = None
         self.version = version()
         self.started_at = store.clock.now()
+
+    def _lease_keeper(self, store: Store, settings: Settings) -> LeaseKeeper:
+        return LeaseKeeper(
+            url=settings.effective_mongodb_url,
+            database=settings.database,
+            db_timeout=settings.db_timeout,
+            clock=store.clock,
+            interval=settings.heartbeat_interval,
+            stall_after=STALL_AFTER,
+            on_lost=self._leases_gone,
+            on_unavailable=self.recoverer.database_lost,
+            on_crash=self._crash,
+            # The worker's own (its command counts in /metrics): the keeper's count too.
+            # (PyMongo annotates these as its internal _EventListeners: they are listeners.)
+            event_listeners=cast(
+                list[monitoring._EventListener], store.client.options.event_listeners
+            ),
+        )
 
     @property
     def jobs(self) -> tuple[Job, ...]:
@@ -430,57 +429,3 @@ def _upkeep(store: Store, settings: Settings) -> tuple[MalformedScan, Retention,
         Retention(store.retention, clock=store.clock, retention=settings.retention),
         Scheduler(store.schedules, clock=store.clock, interval=settings.schedule_interval),
     )
-
-
-async def serve(settings: Settings, *, registry: Registry | None = None) -> None:
-    """Run one worker process until SIGTERM/SIGINT; a second signal stops at once.
-
-    The task types come from `registry`, else are loaded first of all (the built-ins, entry
-    points, TASK_RUNNER_TASK_MODULES): a problem raises PluginError before anything starts.
-    Signals work from the first moment: before the worker runs (the database not reachable
-    yet, indexes being built) a signal simply ends the start-up. With a metrics port set, its
-    /metrics is served from the start; a port that cannot be used raises MetricsPortUnusable
-    before anything else is done.
-    """
-    if registry is None:
-        registry = load_registry(settings.task_modules)
-    exporter = None
-    if settings.metrics_port is not None:
-        exporter, _ = metrics.serve(host=settings.host, port=settings.metrics_port)
-        logger.info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
-    try:
-        await _serve(settings, registry)
-    finally:
-        if exporter is not None:
-            await asyncio.to_thread(exporter.shutdown)
-            exporter.server_close()
-
-
-async def _serve(settings: Settings, registry: Registry) -> None:
-    signals = Signals(settings.shutdown_grace)
-    signals.install()
-    client = open_client(
-        settings.effective_mongodb_url,
-        timeout=settings.db_timeout,
-        appname="task-runner-worker",
-        event_listeners=[metrics.CommandCounter()],
-    )
-    store = Store(client, database=settings.database, clock=DbClock(skew=settings.clock_skew))
-    try:
-        try:
-            await wait_for_database(store)
-            await store.ensure_indexes()
-            await store.workers.ensure_indexes()
-        except asyncio.CancelledError:
-            if not signals.seen:
-                raise
-            logger.info("stopped before the worker started")
-            return
-        async with http_session() as http:
-            worker = Worker(store, settings, registry=registry, http=http)
-            signals.worker = worker
-            if signals.seen:
-                worker.stop()
-            await worker.run()
-    finally:
-        await client.close()
