@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -10,13 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bson import ObjectId
 
 from service.clock import DbClock
 from service.config import Settings
+from service.errors import DatabaseUnavailable
 from service.localdb import LocalDatabase, free_port
 from service.models import TaskType
 from service.store import Store, open_client
 from service.web.app import create_app
+from service.worker.claimer import Claimer
+from service.worker.slots import Slots
 from tests.helpers import WorkerProcess, completions, eventually, wait_until_started
 
 
@@ -95,3 +100,105 @@ async def test_database_restart_mid_run(
     errors = [d async for d in store.db.tasks.find({"errors.0": {"$exists": True}})]
     assert errors == [], [(d["_id"], d["errors"], d["worker"]) for d in errors]
     assert all(w.alive() for w in workers)
+
+
+class ReplyEater:
+    """A TCP proxy to a database that can swallow the server's replies and cut every
+    connection: a reply lost when the server dies just after a write."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.swallow = False
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+        self.pipes: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._connect, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"mongodb://127.0.0.1:{port}/?directConnection=true"
+
+    async def _connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.writers += [writer, up_writer]
+        for pipe in (
+            self._pipe(reader, up_writer, replies=False),
+            self._pipe(up_reader, writer, replies=True),
+        ):
+            task = asyncio.create_task(pipe)
+            self.pipes.add(task)
+            task.add_done_callback(self.pipes.discard)
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, replies: bool
+    ) -> None:
+        with contextlib.suppress(OSError, ConnectionError):
+            while data := await reader.read(65536):
+                if not (replies and self.swallow):
+                    writer.write(data)
+                    await writer.drain()
+        writer.close()
+
+    def cut(self) -> None:
+        for writer in self.writers:
+            writer.close()
+        self.writers.clear()
+
+    def close(self) -> None:
+        self.cut()
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_a_claim_whose_reply_a_database_crash_lost_takes_one_task_only(
+    own_db: LocalDatabase, own_store: Store, settings: Settings
+) -> None:
+    # The server commits a claim and dies before its reply arrives. The driver's automatic
+    # retry would run the claim again on the restarted server, which has forgotten the
+    # retryable-write record (SecantusDB keeps it in memory), and take a second task under
+    # the same lease: the first sat STARTED, never run, until recovery gave it a second
+    # attempt (seen as `attempts: 2` and one Foo line after the database was SIGKILLed).
+    first = await own_store.tasks.create(task_type=TaskType.BAZ, run_at=None, max_attempts=1)
+    second = await own_store.tasks.create(task_type=TaskType.BAZ, run_at=None, max_attempts=1)
+    proxy = ReplyEater(own_db.port)
+    url = await proxy.start()
+    client = open_client(url, timeout=10.0, appname="tests")
+    claim_client = open_client(url, timeout=10.0, appname="tests", retry_writes=False)
+    # As the worker makes its store (service/worker/worker.py _serve).
+    store = Store(client, database=settings.database, clock=DbClock(), claim_client=claim_client)
+    try:
+        await store.sync_clock()
+        await claim_client.admin.command("ping")  # connected before replies are lost
+        await asyncio.sleep(0.01)  # both due
+        proxy.swallow = True
+        claimer = Claimer(
+            store.claims,
+            slots=Slots(
+                store.slots,
+                store.claims,
+                limits={},
+                types=("baz",),
+                worker_id="w1",
+                claim_within=1.0,
+            ),
+            wakeups=None,  # type: ignore[arg-type]
+            worker_id="w1",
+            types=("baz",),
+        )
+        claim = asyncio.create_task(claimer._claim())
+        await asyncio.sleep(0.5)  # landed; its reply swallowed
+        own_db.stop(kill=True)
+        proxy.cut()
+        proxy.swallow = False
+        own_db.start()
+        try:
+            got = await claim
+        except DatabaseUnavailable:
+            got = await claimer._claim()  # the claim loop's next round: confirms first
+        assert got is not None and got.id == first.id
+        held = [doc["_id"] async for doc in own_store.db.tasks.find({"state": "STARTED"})]
+        assert held == [ObjectId(first.id)], f"second task {second.id} taken too: {held}"
+    finally:
+        await client.close()
+        await claim_client.close()
+        proxy.close()

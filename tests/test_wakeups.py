@@ -9,7 +9,7 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp.test_utils import TestClient
@@ -21,6 +21,7 @@ from service.models import TaskType
 from service.plugins import load_registry
 from service.store import Store, open_client
 from service.worker.process import http_session
+from service.worker.wakeups import WakeUps
 from service.worker.worker import Worker
 from tests.helpers import WorkerProcess, eventually, wait_until_started
 
@@ -214,3 +215,61 @@ async def test_a_worker_stops_even_if_its_stream_read_loses_a_cancellation(
     finally:
         await client.drop_database(settings.database)
         await client.close()
+
+
+class SteppedClock(DbClock):
+    """A database clock that moves only when told to."""
+
+    def __init__(self, at: datetime) -> None:
+        super().__init__()
+        self.at = at
+
+    def surely_now(self) -> datetime:
+        return self.at
+
+
+class NothingWaiting:
+    """A TaskWatch whose look-up finds nothing (the test announces what waits)."""
+
+    async def earliest_waiting(self, **_: Any) -> list[tuple[Any, datetime]]:
+        return []
+
+
+async def test_a_task_that_comes_due_between_the_check_and_the_wait_is_not_left_to_the_poll() -> (
+    None
+):
+    # due() and wait() read the clock one after the other: a run_at whose millisecond the
+    # clock passed between the two was not due for the one and already past for the other,
+    # which then slept until the safety poll (seen as tasks 13-39 of the test above started
+    # together 4 s late under load).
+    start = datetime(2030, 1, 1, tzinfo=UTC)
+    clock = SteppedClock(start)
+    wakeups = WakeUps(
+        NothingWaiting(),  # type: ignore[arg-type]
+        clock=clock,
+        types=["baz"],
+        max_poll=5.0,
+        change_stream=False,
+    )
+    assert wakeups.due()  # the first look
+    await wakeups.found_nothing()
+    run_at = start + timedelta(milliseconds=100)
+    wakeups._announce(ObjectId(), run_at)
+    clock.at = run_at  # the claim would not find it yet (SecantusDB's $lte)
+    assert not wakeups.due()
+    clock.at = run_at + timedelta(milliseconds=1)  # ...and now it would
+    began = time.monotonic()
+    async with asyncio.timeout(1.0):
+        await wakeups.wait(free=True)
+    assert time.monotonic() - began < 0.1
+    assert wakeups.due()
+    # With every slot taken, a due task waits for a freed slot's nudge: no spinning.
+    wakeups.nudge()
+    await wakeups.wait()  # the nudge
+    try:
+        async with asyncio.timeout(0.2):
+            await wakeups.wait()
+    except TimeoutError:
+        pass
+    else:
+        raise AssertionError("wait() with full slots returned at once for a due task")

@@ -39,14 +39,22 @@ class Store:
     """The parts of the store over one database."""
 
     def __init__(
-        self, client: AsyncMongoClient[dict[str, Any]], *, database: str, clock: DbClock
+        self,
+        client: AsyncMongoClient[dict[str, Any]],
+        *,
+        database: str,
+        clock: DbClock,
+        claim_client: AsyncMongoClient[dict[str, Any]] | None = None,
     ) -> None:
+        """`claim_client`: a client without retryable writes (open_client(retry_writes=False))
+        that claims go through; see Claims."""
         self.db = Database.open(client, database=database, clock=clock)
         self.client = client
         self.clock = clock
         self.tasks = Tasks(self.db)
         self.keys = IdempotencyKeys(self.db)
-        self.claims = Claims(self.db)
+        claim_db = claim_client and Database.open(claim_client, database=database, clock=clock)
+        self.claims = Claims(self.db, claim_tasks=claim_db.tasks if claim_db else None)
         self.watch = TaskWatch(self.db)
         self.schedules = Schedules(self.db)
         self.slots = SlotTable(self.db)

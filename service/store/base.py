@@ -111,8 +111,11 @@ def open_client(
     timeout: float,
     appname: str,
     event_listeners: Sequence[monitoring._EventListener] = (),
+    retry_writes: bool = True,
 ) -> AsyncMongoClient[dict[str, Any]]:
     """A client configured the same way by every part of the service.
+
+    `retry_writes=False` is for the claim alone (see Store's `claim_client`).
 
     Every document decodes, whatever it holds: a date outside Python's range comes back as
     a DatetimeMS, invalid UTF-8 with replacement characters (both then read as malformed).
@@ -128,6 +131,7 @@ def open_client(
         connectTimeoutMS=ms,
         socketTimeoutMS=max(ms * 3, 30_000),
         event_listeners=event_listeners,
+        retryWrites=retry_writes,
     )
 
 

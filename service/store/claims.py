@@ -19,6 +19,7 @@ from service.store.base import (
     CLAIM_SORT,
     TIME_SORT,
     Database,
+    DocCollection,
     id_filter,
     stale_filter,
     storable,
@@ -63,8 +64,15 @@ class Claims:
     """A worker's claim on a task and every write it makes under that claim, fenced
     on the lease; recovery of claims whose worker went silent."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, claim_tasks: DocCollection | None = None) -> None:
         self.tasks = db.tasks
+        # The claim's own handle on the tasks: a worker's is on a client without retryable
+        # writes. The driver's automatic retry of a claim whose reply was lost is not
+        # idempotent where the server forgets its retryable-write records (SecantusDB keeps
+        # them in memory: after a restart the retry runs again and claims a second task
+        # under the same lease, the first left STARTED and never run until recovery). The
+        # claimer asks claimed(lease) itself after a failed claim instead.
+        self.claim_tasks = db.tasks if claim_tasks is None else claim_tasks
         self.clock = db.clock
 
     @unavailable
@@ -88,7 +96,7 @@ class Claims:
         claim under a slot must land while the slot is young).
         """
         with pymongo.timeout(within):
-            doc = await self.tasks.find_one_and_update(
+            doc = await self.claim_tasks.find_one_and_update(
                 claimable(types, due_by=self.clock.surely_now()),
                 claim_update(worker_id, lease),
                 sort=CLAIM_SORT,

@@ -73,11 +73,11 @@ class Claimer:
         """Wait for the wake-ups, or until a full limited type is worth trying again."""
         seconds = self.slots.retry_in()
         if seconds is None:
-            await self.wakeups.wait()
+            await self.wakeups.wait(free=True)
             return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
-                await self.wakeups.wait()
+                await self.wakeups.wait(free=True)
 
     def claims_any_type(self) -> bool:
         """Whether a claim may leave the type out of its filter: no limited type to keep

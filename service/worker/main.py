@@ -50,7 +50,20 @@ async def _serve(settings: Settings, registry: Registry) -> None:
         appname="task-runner-worker",
         event_listeners=[metrics.CommandCounter()],
     )
-    store = Store(client, database=settings.database, clock=DbClock(skew=settings.clock_skew))
+    # Claims go without the driver's retry: the claimer confirms a lost one itself.
+    claim_client = open_client(
+        settings.effective_mongodb_url,
+        timeout=settings.db_timeout,
+        appname="task-runner-worker-claims",
+        event_listeners=[metrics.CommandCounter()],
+        retry_writes=False,
+    )
+    store = Store(
+        client,
+        database=settings.database,
+        clock=DbClock(skew=settings.clock_skew),
+        claim_client=claim_client,
+    )
     try:
         try:
             await wait_for_database(store)
@@ -68,4 +81,5 @@ async def _serve(settings: Settings, registry: Registry) -> None:
                 worker.stop()
             await worker.run()
     finally:
+        await claim_client.close()
         await client.close()

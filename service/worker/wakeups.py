@@ -149,14 +149,22 @@ class WakeUps:
         if len(found) == limit:
             self._next = found[-1][1]
 
-    async def wait(self) -> None:
+    async def wait(self, *, free: bool = False) -> None:
         """Sleep until something may be due: an announcement, the earliest known run_at, a
-        safety poll, or a nudge (a slot freed, a stop)."""
+        safety poll, or a nudge (a slot freed, a stop).
+
+        `free`: the claimer has a free slot and due() has just said no. A head that has come
+        due since (the clock passed its millisecond between the two, or a clock resync moved
+        surely_now back and forth) is then due now: return at once so it is claimed, never
+        leave it to the safety poll (with full slots it waits for the nudge of a freed one).
+        """
         now = self.clock.surely_now()
         if now >= self._poll_at and not self._drain:
             self._drain = True  # the safety poll is due
             return
         head = self._head()
+        if free and head is not None and head < now:
+            return
         # What is already due (a task, the poll) waits for a free slot, and a freed slot
         # nudges: sleeping zero seconds would spin while the slots are full.
         wake_at = [t for t in (self._poll_at, head and head + RESOLUTION) if t and t > now]
