@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import statistics
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -53,8 +54,15 @@ async def test_tasks_created_through_the_api_each_start_on_time(
     lags = [(doc["started_at"] - doc["run_at"]).total_seconds() for doc in docs]
     print("lags (ms):", [round(lag * 1000) for lag in lags])
     assert all(lag >= 0 for lag in lags), lags
+    # What drifting bookkeeping does: most tasks a slot late, or some left to the next
+    # safety poll (5 s). A loaded machine may stall the database for a moment (the server
+    # stamps started_at when it runs the claim), so one stall may make a few tasks late by
+    # up to a second; none waits for the poll, and the typical task starts within a slot.
+    polled = [(i, round(lag * 1000)) for i, lag in enumerate(lags) if lag >= 1.0]
+    assert not polled, f"left to the safety poll (index, ms): {polled}"
     late = [(i, round(lag * 1000)) for i, lag in enumerate(lags) if lag >= SLOT]
-    assert not late, f"started a slot late or more (index, ms): {late}"
+    assert statistics.median(lags) < SLOT / 3, f"started a slot late or more: {late}"
+    assert len(late) <= count // 4, f"started a slot late or more (index, ms): {late}"
 
 
 def malformed_waiting(now: datetime) -> list[dict[str, Any]]:
