@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -202,3 +203,44 @@ async def test_a_claim_whose_reply_a_database_crash_lost_takes_one_task_only(
         await client.close()
         await claim_client.close()
         proxy.close()
+
+
+async def test_a_database_restart_makes_recovery_wait_though_none_of_its_calls_failed(
+    own_db: LocalDatabase, settings: Settings
+) -> None:
+    from service.store import new_lease
+    from service.worker.recovery import OutageWatch, Recoverer
+
+    outages = OutageWatch()
+    client = open_client(own_db.url, timeout=1.0, appname="tests", event_listeners=[outages])
+    try:
+        store = Store(client, database=settings.database, clock=DbClock())
+        await store.sync_clock()
+        await store.ensure_indexes()
+        stale_after = 2.0
+        recoverer = Recoverer(
+            store.claims, clock=store.clock, ping=store.ping, stale_after=stale_after, interval=1
+        )
+        outages.on_outage = recoverer.database_lost
+        assert await recoverer.run_once() == 0  # the database seen: the wait begins
+        await asyncio.sleep(stale_after + 0.2)  # ... and is over
+        # The database restarts while this process sends it nothing.
+        own_db.stop(kill=True)
+        own_db.start()
+        await store.tasks.create(task_type=TaskType.FOO, run_at=None, max_attempts=3)
+
+        async def claimed() -> Any:
+            return await store.claims.claim("a-live-worker", lease=new_lease())
+
+        task = await eventually(claimed, within=10)
+        # Its worker's heartbeats failed during the outage: its heartbeat_at looks old.
+        old = store.clock.now() - timedelta(seconds=60)
+        await store.db.tasks.update_one({"_id": task.key}, {"$set": {"heartbeat_at": old}})
+        # Recovery waits a whole stale threshold again before judging it ...
+        assert await recoverer.run_once() == 0
+        assert (await store.tasks.get(task.id)).state == "STARTED"
+        # ... and then recovers what is still stale.
+        await asyncio.sleep(stale_after + 0.2)
+        assert await recoverer.run_once() == 1
+    finally:
+        await client.close()

@@ -12,6 +12,7 @@ from service.plugins import Registry, load_registry
 from service.store import Store, open_client
 from service.worker import metrics
 from service.worker.process import Signals, http_session, wait_for_database
+from service.worker.recovery import OutageWatch
 from service.worker.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -44,18 +45,20 @@ async def serve(settings: Settings, *, registry: Registry | None = None) -> None
 async def _serve(settings: Settings, registry: Registry) -> None:
     signals = Signals(settings.shutdown_grace)
     signals.install()
+    # The driver's monitor tells recovery of an outage this worker's calls did not meet.
+    outages = OutageWatch()
     client = open_client(
         settings.effective_mongodb_url,
         timeout=settings.db_timeout,
         appname="task-runner-worker",
-        event_listeners=[metrics.CommandCounter()],
+        event_listeners=[metrics.CommandCounter(), outages],
     )
     # Claims go without the driver's retry: the claimer confirms a lost one itself.
     claim_client = open_client(
         settings.effective_mongodb_url,
         timeout=settings.db_timeout,
         appname="task-runner-worker-claims",
-        event_listeners=[metrics.CommandCounter()],
+        event_listeners=[metrics.CommandCounter(), outages],
         retry_writes=False,
     )
     store = Store(
@@ -76,6 +79,7 @@ async def _serve(settings: Settings, registry: Registry) -> None:
             return
         async with http_session() as http:
             worker = Worker(store, settings, registry=registry, http=http)
+            outages.on_outage = worker.recoverer.database_lost
             signals.worker = worker
             if signals.seen:
                 worker.stop()

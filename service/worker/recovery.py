@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pymongo import monitoring
 
 from service.clock import DbClock
 from service.periodic import Periodic
@@ -82,3 +85,36 @@ class Recoverer(Periodic):
         """Periodic's hook: the last round failed for want of the database."""
         metrics.DATABASE_ERRORS.inc()
         self.database_lost()
+
+
+class OutageWatch(monitoring.ServerHeartbeatListener):
+    """The driver's own server monitor, watched for outages that this process's calls may
+    not have met (an idle worker sends few): a failed check (the monitor streams its
+    checks, so a server that goes away is seen at once) or another server process answering
+    (its topologyVersion's processId changed: a restart between two checks) calls
+    `on_outage`, which the worker points at Recoverer.database_lost, so that recovery waits
+    a whole stale threshold again before it judges any heartbeat."""
+
+    def __init__(self) -> None:
+        self.on_outage: Callable[[], None] = _nothing
+        self._process: dict[Any, Any] = {}  # the server process seen at each address
+
+    def started(self, event: monitoring.ServerHeartbeatStartedEvent) -> None:
+        """Nothing to see until the check ends."""
+
+    def succeeded(self, event: monitoring.ServerHeartbeatSucceededEvent) -> None:
+        """A new process at an address that answered before: the server restarted."""
+        version = event.reply.topology_version
+        process = None if version is None else version.get("processId")
+        seen = self._process.get(event.connection_id)
+        self._process[event.connection_id] = process
+        if seen is not None and process != seen:
+            self.on_outage()
+
+    def failed(self, event: monitoring.ServerHeartbeatFailedEvent) -> None:
+        """The server did not answer the driver's check."""
+        self.on_outage()
+
+
+def _nothing() -> None:
+    pass
