@@ -210,8 +210,10 @@ def new_task_document(
     args: Mapping[str, Any] | None,
     priority: int,
     time_limit: float | None,
+    tags: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """A NOTSTARTED task document as every create path stores it."""
+    """A NOTSTARTED task document as every create path stores it; `tags` stored as an
+    array when there are any."""
     # "Now" is a time the database has surely reached, so the task is due at once.
     # A past time is stored as now, so lag figures and FIFO order among due tasks hold.
     now = clock.surely_now()
@@ -230,6 +232,8 @@ def new_task_document(
         doc["args"] = dict(args)
     if time_limit is not None:
         doc["timeout"] = time_limit
+    if tags:
+        doc["tags"] = list(tags)
     return doc
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -99,6 +99,8 @@ INDEXES: dict[str, list[tuple[str, int]]] = {
     "by_type": [("type", ASCENDING), ("run_at", ASCENDING), ("_id", ASCENDING)],
     "by_time": [("run_at", ASCENDING), ("_id", ASCENDING)],
     "stale": [("state", ASCENDING), ("heartbeat_at", ASCENDING)],
+    # GET /tasks?tag=: equality on one tag (a multikey index), then the list's time order.
+    "by_tag": [("tags", ASCENDING), ("run_at", ASCENDING), ("_id", ASCENDING)],
 }
 
 
@@ -133,11 +135,12 @@ class Tasks:
         args: Mapping[str, Any] | None = None,
         priority: int = 0,
         time_limit: float | None = None,
+        tags: Sequence[str] = (),
     ) -> Task:
         """Insert a NOTSTARTED task due at `run_at`; None or a past time means now.
 
         `args` are stored as given (the API has checked them against the type's schema);
-        `time_limit` is the task's `timeout`, in seconds.
+        `time_limit` is the task's `timeout`, in seconds; `tags` its labels.
         """
         doc = new_task_document(
             self.clock,
@@ -148,6 +151,7 @@ class Tasks:
             args=args,
             priority=priority,
             time_limit=time_limit,
+            tags=tags,
         )
         await self.tasks.insert_one(doc)
         return Task.from_document(doc)
@@ -166,13 +170,14 @@ class Tasks:
         *,
         states: Iterable[State] = (),
         task_type: str | None = None,
+        tag: str | None = None,
         limit: int,
         after: tuple[Any, Any] | None = None,
         descending: bool = False,
     ) -> Page:
-        """Tasks ordered by (run_at, id), optionally filtered, starting after a sort key;
-        `descending`: the latest run_at first (then `after` is the key the page starts
-        before)."""
+        """Tasks ordered by (run_at, id), optionally filtered (by state, type, a tag),
+        starting after a sort key; `descending`: the latest run_at first (then `after` is
+        the key the page starts before)."""
         query: dict[str, Any] = {}
         states = list(states)
         if states:
@@ -181,6 +186,8 @@ class Tasks:
             )
         if task_type is not None:
             query["type"] = str(task_type).lower()
+        if tag is not None:
+            query["tags"] = tag
         if after is not None:
             run_at, key = after
             way = {"descending": descending}

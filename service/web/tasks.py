@@ -56,6 +56,7 @@ async def create(request: web.Request, data: dict[str, Any]) -> web.Response:
         args=loaded["args"],
         priority=loaded["priority"],
         time_limit=loaded["timeout"],
+        tags=loaded["tags"] or (),
     )
     if once is not None and once.replayed(task):
         response = task_response(task)
@@ -99,8 +100,8 @@ async def create_task(request: web.Request) -> web.Response:
     parameters=[{"in": "query", "schema": ListQuerySchema}],
 )
 async def list_tasks(request: web.Request) -> web.Response:
-    """Tasks ordered by run_at then id (`order=desc`: the latest first), filtered by state
-    and/or type, one page at a time; a `next_cursor` goes with the same order."""
+    """Tasks ordered by run_at then id (`order=desc`: the latest first), filtered by state,
+    type and/or tag, one page at a time; a `next_cursor` goes with the same order."""
     query = ListQuerySchema(registry=request.app[REGISTRY]).load(single_valued_query(request))
     max_page = request.app[SETTINGS].max_page_size
     if query["limit"] > max_page:
@@ -109,6 +110,7 @@ async def list_tasks(request: web.Request) -> web.Response:
     page = await request.app[STORE].tasks.page(
         states=() if query["state"] is None else (query["state"],),
         task_type=None if query["type"] is None else query["type"].name,
+        tag=query["tag"],
         limit=query["limit"],
         after=after,
         descending=query["order"] == "desc",

@@ -27,6 +27,29 @@ from service.web.schemas.fields import (
 
 MAX_ATTEMPTS_LIMIT = 100
 MAX_TIMEOUT = 7 * 24 * 3600
+MAX_TAGS = 10
+MAX_TAG_LENGTH = 64
+
+
+def _distinct(tags: list[str]) -> None:
+    if len(set(tags)) != len(tags):
+        raise ValidationError("tags must be distinct")
+
+
+def tags_field(**kwargs: Any) -> fields.List[str]:
+    """A task's tags: up to MAX_TAGS distinct strings of 1 to MAX_TAG_LENGTH characters."""
+    metadata = {
+        "description": f"up to {MAX_TAGS} distinct labels of 1 to {MAX_TAG_LENGTH} characters, "
+        "to filter by (GET /tasks?tag=)",
+        "uniqueItems": True,
+        **kwargs.pop("metadata", {}),
+    }
+    return fields.List(
+        fields.String(validate=validate.Length(min=1, max=MAX_TAG_LENGTH)),
+        validate=[validate.Length(max=MAX_TAGS), _distinct],
+        metadata=metadata,
+        **kwargs,
+    )
 
 
 class CreateTaskSchema(WithRegistry):
@@ -90,6 +113,7 @@ class CreateTaskSchema(WithRegistry):
             "example": 60,
         },
     )
+    tags = tags_field(load_default=None, allow_none=False, metadata={"example": ["nightly"]})
 
     @validates_schema(skip_on_field_errors=False)
     def _check_args(self, data: dict[str, Any], **kwargs: Any) -> None:
@@ -110,6 +134,11 @@ class ListQuerySchema(WithRegistry):
 
     state = AnyCaseEnum(State, load_default=None)
     type = TaskTypeName(load_default=None)
+    tag = fields.String(
+        load_default=None,
+        validate=validate.Length(min=1, max=MAX_TAG_LENGTH),
+        metadata={"description": "only the tasks that have this tag"},
+    )
     limit = DigitsInteger(
         load_default=100,
         validate=validate.Range(min=1, max=1000),
@@ -198,6 +227,9 @@ class TaskSchema(Schema):
         required=True,
         allow_none=True,
         metadata={"description": "the schedule's occurrence this task stands for (its run_at)"},
+    )
+    tags = fields.List(
+        fields.String(), required=True, metadata={"description": "its labels; empty when none"}
     )
     problems = fields.List(
         fields.String(),
