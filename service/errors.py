@@ -1,5 +1,7 @@
 """Domain errors. The store raises them; only the HTTP layer turns them into responses."""
 
+from __future__ import annotations
+
 
 class TaskRunnerError(Exception):
     """Base of every error the service raises on purpose."""
@@ -82,3 +84,15 @@ class IdempotentTaskGone(TaskRunnerError):
         )
         self.key = key
         self.task_id = task_id
+
+
+class TaskNotWaiting(TaskRunnerError):
+    """Only a waiting (NOTSTARTED) task can be changed; a worker has claimed this one, or it
+    has finished."""
+
+    def __init__(self, task_id: str, state: str) -> None:
+        super().__init__(
+            f"task {task_id} is {state}, not NOTSTARTED: only a waiting task can be changed"
+        )
+        self.task_id = task_id
+        self.state = state

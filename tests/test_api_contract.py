@@ -211,7 +211,7 @@ async def test_a_tampered_cursor_is_refused(api: Client) -> None:
 async def test_methods_a_route_does_not_allow_are_405_with_allow(api: Client) -> None:
     for method, path in (
         ("PUT", "/tasks"),
-        ("PATCH", "/tasks/abc"),
+        ("PUT", "/tasks/abc"),
         ("GET", "/FOO/0"),
         ("POST", "/health"),
     ):

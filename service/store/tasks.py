@@ -1,4 +1,5 @@
-"""Task documents as the API sees them: create, get, list by pages, delete, requeue."""
+"""Task documents as the API sees them: create, get, list by pages, change a waiting one,
+delete, requeue."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ from bson import DatetimeMS, Decimal128, Int64, ObjectId, Timestamp
 from bson.errors import InvalidId
 from pymongo import ASCENDING, ReturnDocument
 
-from service.errors import InvalidTaskId, TaskNotFound, TaskNotRequeueable
+from service.clock import to_millis
+from service.errors import (
+    InvalidTaskId,
+    TaskNotFound,
+    TaskNotRequeueable,
+    TaskNotWaiting,
+)
 from service.models import State, Task
 from service.store.base import (
     CLAIM_INDEX,
@@ -102,6 +109,9 @@ INDEXES: dict[str, list[tuple[str, int]]] = {
     # GET /tasks?tag=: equality on one tag (a multikey index), then the list's time order.
     "by_tag": [("tags", ASCENDING), ("run_at", ASCENDING), ("_id", ASCENDING)],
 }
+
+# What a waiting task may have changed (PATCH /tasks/{id}).
+CHANGEABLE = frozenset({"run_at", "priority", "args", "tags"})
 
 
 class Tasks:
@@ -203,6 +213,41 @@ class Tasks:
             last = docs[limit - 1]
             return Page(tasks, (last.get("run_at"), last["_id"]))
         return Page(tasks, None)
+
+    @unavailable
+    async def update_waiting(self, task_id: str, *, changes: Mapping[str, Any]) -> Task:
+        """Change a waiting task with one find_one_and_update filtered on its id and on
+        NOTSTARTED, so a task a worker has claimed is never changed; the task as changed.
+
+        `changes` holds any of run_at (a past time means now, as on create), priority, args
+        and tags, as the API checked them; None args or empty tags remove the field. A new
+        run_at is announced to the workers like a new task's (see streams.wakeup_pipeline).
+        Raises TaskNotFound, or TaskNotWaiting when the task is in another state.
+        """
+        unknown = set(changes) - CHANGEABLE
+        if unknown or not changes:
+            raise ValueError(f"changes must be some of {sorted(CHANGEABLE)}, not {sorted(unknown)}")
+        update: dict[str, dict[str, Any]] = {"$set": {}, "$unset": {}}
+        for name, value in changes.items():
+            if name == "run_at":
+                value = max(to_millis(value), self.clock.surely_now())
+            elif name == "tags":
+                value = list(value) or None
+            if value is None:
+                update["$unset"][name] = ""
+            else:
+                update["$set"][name] = value
+        doc = await self.tasks.find_one_and_update(
+            {**id_filter(task_id), "state": State.NOTSTARTED.value},
+            {op: fields for op, fields in update.items() if fields},
+            return_document=ReturnDocument.AFTER,
+        )
+        if doc is None:
+            current = await self.tasks.find_one(id_filter(task_id), {"state": 1})
+            if current is None:
+                raise TaskNotFound(task_id)
+            raise TaskNotWaiting(task_id, str(current.get("state")))
+        return Task.from_document(doc)
 
     @unavailable
     async def delete(self, task_id: str) -> None:

@@ -28,6 +28,7 @@ from service.errors import (
     ScheduleNotFound,
     TaskNotFound,
     TaskNotRequeueable,
+    TaskNotWaiting,
 )
 from service.web.common import json_response
 from service.web.metrics import UNMATCHED, ApiMetrics
@@ -69,6 +70,10 @@ def _domain_error(exc: Exception) -> web.Response | None:
             "task_not_requeueable",
             str(exc),
             details={"id": exc.task_id, "state": exc.state},
+        )
+    if isinstance(exc, TaskNotWaiting):
+        return error_response(
+            409, "task_not_waiting", str(exc), details={"id": exc.task_id, "state": exc.state}
         )
     if isinstance(exc, IdempotencyKeyReused):
         return error_response(409, "idempotency_key_reused", str(exc), details={"key": exc.key})

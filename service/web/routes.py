@@ -20,6 +20,7 @@ ROUTES: list[web.RouteDef] = [
     web.get("/tasks", tasks.list_tasks),
     web.get("/id/{id}", tasks.get_task),
     web.get("/tasks/{id}", tasks.get_task),
+    web.patch("/tasks/{id}", tasks.update_task),
     web.delete("/id/{id}", tasks.delete_task),
     web.delete("/tasks/{id}", tasks.delete_task),
     web.get("/health", meta.health),

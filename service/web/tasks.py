@@ -1,5 +1,5 @@
 """Tasks: create (once per Idempotency-Key), list a page, get one (waiting for it to finish
-with ?wait=), delete."""
+with ?wait=), change a waiting one, delete."""
 
 from __future__ import annotations
 
@@ -14,19 +14,21 @@ from service.config import Settings
 from service.store.idempotency import IdempotentCreate
 from service.web.common import json_object, json_response, single_valued_query, task_response
 from service.web.keys import REGISTRY, SETTINGS, STORE, TASK_FEED
-from service.web.openapi import operation
+from service.web.openapi import also_error, operation
 from service.web.schemas.tasks import (
     CreateTaskSchema,
     ListQuerySchema,
     TaskPageSchema,
     TaskQuerySchema,
     TaskSchema,
+    UpdateTaskSchema,
     decode_cursor,
     encode_cursor,
 )
 
 page_schema = TaskPageSchema()
 task_query_schema = TaskQuerySchema()
+update_schema = UpdateTaskSchema()
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -144,6 +146,36 @@ async def get_task(request: web.Request) -> web.Response:
         request.match_info["id"], within=within, read_within=margin / 2, left=left
     )
     return task_response(found)
+
+
+@also_error(409, "the task is not waiting (task_not_waiting): a worker has claimed it, or it ended")
+@operation(
+    "change a waiting task",
+    responses={200: TaskSchema},
+    errors=(400, 404, 413, 415),
+    requestBody={"required": True, "content": {"application/json": {"schema": UpdateTaskSchema}}},
+    operationId="updateTask",
+)
+async def update_task(request: web.Request) -> web.Response:
+    """The task as changed: only a waiting (NOTSTARTED) task changes.
+
+    Any of run_at, priority, args (checked by the task's type's schema) and tags, in one
+    conditional update that never changes a task a worker has claimed."""
+    changes = update_schema.load(await json_object(request))
+    store = request.app[STORE]
+    task_id = request.match_info["id"]
+    if "args" in changes:
+        task = await store.tasks.get(task_id)
+        definition = request.app[REGISTRY].get(task.type)
+        if definition is None:
+            raise ValidationError(
+                {"args": [f"type {task.type!r} is not loaded here: its args cannot be checked"]}
+            )
+        try:
+            changes["args"] = definition.accept_args(changes["args"])
+        except ValidationError as exc:
+            raise ValidationError({"args": exc.messages}) from None
+    return task_response(await store.tasks.update_waiting(task_id, changes=changes))
 
 
 @operation("delete a task", responses={204: None}, errors=(404,))

@@ -1,5 +1,6 @@
-"""Tasks: the body of a new task, the query parameters of the list and of one task, a
-task and a page of them as answered, and the list's opaque cursors."""
+"""Tasks: the body of a new task (and of a change to a waiting one), the query parameters of
+the list and of one task, a task and a page of them as answered, and the list's opaque
+cursors."""
 
 from __future__ import annotations
 
@@ -124,6 +125,35 @@ class CreateTaskSchema(WithRegistry):
                 data["args"] = definition.accept_args(data.get("args"))
             except ValidationError as exc:
                 raise ValidationError(exc.messages, field_name="args") from None
+
+
+class UpdateTaskSchema(Schema):
+    """PATCH /tasks/{id} body: any of run_at, priority, args (checked by the task's type's
+    schema once the task is read) and tags, as POST /tasks takes them; at least one."""
+
+    class Meta:
+        unknown = RAISE
+
+    run_at = RunAt(
+        allow_none=False,
+        metadata={"description": "as on create: a past time means now"},
+    )
+    priority = fields.Integer(
+        strict=True, validate=validate.Range(min=PRIORITY_MIN, max=PRIORITY_MAX)
+    )
+    args = fields.Dict(
+        keys=fields.String(),
+        allow_none=False,
+        metadata={"description": "replaces the task's arguments; checked by its type's schema"},
+    )
+    tags = tags_field(allow_none=False, metadata={"description": "replaces the task's tags"})
+
+    @validates_schema
+    def _something(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if not data:
+            raise ValidationError(
+                "give at least one of run_at, priority, args, tags", field_name="body"
+            )
 
 
 class ListQuerySchema(WithRegistry):
