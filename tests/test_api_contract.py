@@ -212,6 +212,7 @@ async def test_methods_a_route_does_not_allow_are_405_with_allow(api: Client) ->
     for method, path in (
         ("PUT", "/tasks"),
         ("PUT", "/tasks/abc"),
+        ("PUT", "/tasks/batch"),
         ("GET", "/FOO/0"),
         ("POST", "/health"),
     ):

@@ -34,7 +34,10 @@ async def test_tags_are_shown_and_filtered_by_with_the_other_filters(
     later = (store.clock.now() + timedelta(days=1)).isoformat()
     night_foos = [await create(api, type="foo", tags=["nightly", f"n{i}"]) for i in range(3)]
     night_bar = await create(api, type="bar", tags=["nightly"], run_at=later)
-    batched = {"id": await create(api, type="foo", tags=["nightly", "batch"])}
+    batch = await api.post(
+        "/tasks/batch", json={"tasks": [{"type": "foo", "tags": ["nightly", "batch"]}]}
+    )
+    (batched,) = (await batch.json())["results"]
     untagged = await create(api, type="foo")
     assert (await (await api.get(f"/tasks/{untagged}")).json())["tags"] == []
     everything = [*night_foos, batched["id"], night_bar]  # run_at order
@@ -68,6 +71,8 @@ async def test_bad_tags_are_400_and_store_nothing(api: Client, store: Store) -> 
         response = await api.post("/tasks", json={"type": "foo", "tags": tags})
         assert response.status == 400, (tags, await response.text())
         assert "tags" in (await response.json())["error"]["details"], tags
+    batch = await api.post("/tasks/batch", json={"tasks": [{"type": "foo", "tags": ["a", "a"]}]})
+    assert "tags" in (await batch.json())["results"][0]["error"]["details"]
     schedule = {"type": "foo", "every": 60, "tags": [""]}
     assert (await api.post("/schedules", json=schedule)).status == 400
     assert await store.db.tasks.count_documents({}) == 0

@@ -200,6 +200,32 @@ class Database:
         )
 
 
+@dataclass(frozen=True, kw_only=True)
+class NewTask:
+    """A task to create, as the API checked it: `run_at` None (or a past time) for now,
+    `args` as its type's schema accepted them, `time_limit` its timeout in seconds."""
+
+    task_type: str
+    run_at: datetime | None
+    max_attempts: int
+    args: Mapping[str, Any] | None = None
+    priority: int = 0
+    time_limit: float | None = None
+    tags: Sequence[str] = ()
+
+    def fields(self) -> dict[str, Any]:
+        """The keyword arguments of new_task_document (and of the creates)."""
+        return {
+            "task_type": self.task_type,
+            "run_at": self.run_at,
+            "max_attempts": self.max_attempts,
+            "args": self.args,
+            "priority": self.priority,
+            "time_limit": self.time_limit,
+            "tags": self.tags,
+        }
+
+
 def new_task_document(
     clock: DbClock,
     task_id: ObjectId,

@@ -1,5 +1,5 @@
-"""Task documents as the API sees them: create, get, list by pages, change a waiting one,
-delete, requeue."""
+"""Task documents as the API sees them: create (one, or a batch), get, list by pages, change
+a waiting one, delete, requeue."""
 
 from __future__ import annotations
 
@@ -12,9 +12,12 @@ from typing import Any
 from bson import DatetimeMS, Decimal128, Int64, ObjectId, Timestamp
 from bson.errors import InvalidId
 from pymongo import ASCENDING, ReturnDocument
+from pymongo.errors import BulkWriteError, ServerSelectionTimeoutError
 
 from service.clock import to_millis
 from service.errors import (
+    BatchInterrupted,
+    DatabaseUnavailable,
     InvalidTaskId,
     TaskNotFound,
     TaskNotRequeueable,
@@ -26,6 +29,7 @@ from service.store.base import (
     TIME_INDEX,
     TIME_SORT,
     Database,
+    NewTask,
     id_filter,
     new_task_document,
     unavailable,
@@ -165,6 +169,40 @@ class Tasks:
         )
         await self.tasks.insert_one(doc)
         return Task.from_document(doc)
+
+    async def create_many(self, new: Sequence[NewTask]) -> list[Task]:
+        """Insert these NOTSTARTED tasks with one unordered insert_many; the tasks, in the
+        order given.
+
+        Raises BatchInterrupted when the database refuses some of the documents (the others
+        are stored: BulkWriteError names the refused ones) or goes away during the insert
+        (then which landed is unknown); its positions are those in `new`.
+        """
+        docs = [new_task_document(self.clock, ObjectId(), **task.fields()) for task in new]
+        if not docs:
+            return []
+        try:
+            await self._insert_many(docs)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            refused = {error.get("index") for error in errors}
+            first = errors[0].get("errmsg", "") if errors else ""
+            raise BatchInterrupted(
+                stored=[i for i in range(len(docs)) if i not in refused],
+                unknown=[],
+                reason=f"the database refused {len(refused)} of the tasks: {first}",
+            ) from None
+        except DatabaseUnavailable as exc:
+            # No server to send it to: nothing was sent. Otherwise the reply was lost, and
+            # the insert may have landed, in whole or in part.
+            sent = not isinstance(exc.__cause__, ServerSelectionTimeoutError)
+            unknown = list(range(len(docs))) if sent else []
+            raise BatchInterrupted(stored=[], unknown=unknown, reason=str(exc)) from exc
+        return [Task.from_document(doc) for doc in docs]
+
+    @unavailable
+    async def _insert_many(self, docs: list[dict[str, Any]]) -> None:
+        await self.tasks.insert_many(docs, ordered=False)
 
     @unavailable
     async def get(self, task_id: str) -> Task:

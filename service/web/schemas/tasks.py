@@ -1,12 +1,13 @@
-"""Tasks: the body of a new task (and of a change to a waiting one), the query parameters of
-the list and of one task, a task and a page of them as answered, and the list's opaque
-cursors."""
+"""Tasks: the body of a new task (and of a batch of them, and of a change to a waiting one),
+the query parameters of the list and of one task, a task and a page of them as answered,
+and the list's opaque cursors."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import json
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,6 +31,9 @@ MAX_ATTEMPTS_LIMIT = 100
 MAX_TIMEOUT = 7 * 24 * 3600
 MAX_TAGS = 10
 MAX_TAG_LENGTH = 64
+# An Idempotency-Key (the header, or a batch item's `idempotency_key`).
+IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
+IDEMPOTENCY_KEY_RULE = "give one key of 1 to 255 printable ASCII characters"
 
 
 def _distinct(tags: list[str]) -> None:
@@ -125,6 +129,46 @@ class CreateTaskSchema(WithRegistry):
                 data["args"] = definition.accept_args(data.get("args"))
             except ValidationError as exc:
                 raise ValidationError(exc.messages, field_name="args") from None
+
+
+def _idempotency_key(key: str) -> None:
+    if not IDEMPOTENCY_KEY.fullmatch(key):
+        raise ValidationError(IDEMPOTENCY_KEY_RULE)
+
+
+class BatchItemSchema(CreateTaskSchema):
+    """One item of POST /tasks/batch: what POST /tasks takes, and an optional
+    `idempotency_key` with the Idempotency-Key header's rules."""
+
+    class Meta:
+        unknown = RAISE
+
+    idempotency_key = fields.String(
+        load_default=None,
+        allow_none=False,
+        validate=_idempotency_key,
+        metadata={
+            "description": "as the Idempotency-Key header of POST /tasks (1 to 255 printable "
+            "ASCII characters): the same key with the same item replays its task",
+            "pattern": "^[ -~]{1,255}$",
+        },
+    )
+
+
+# The most items one POST /tasks/batch takes.
+MAX_BATCH = 1000
+
+
+class BatchBodySchema(Schema):
+    """POST /tasks/batch body: {"tasks": [item, ...]}, 1 to MAX_BATCH items, each loaded
+    on its own with BatchItemSchema (an item that does not load is that item's error)."""
+
+    class Meta:
+        unknown = RAISE
+
+    tasks = fields.List(
+        fields.Raw(allow_none=True), required=True, validate=validate.Length(min=1, max=MAX_BATCH)
+    )
 
 
 class UpdateTaskSchema(Schema):
