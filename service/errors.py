@@ -1,5 +1,7 @@
 """Domain errors. The store raises them; only the HTTP layer turns them into responses."""
 
+from __future__ import annotations
+
 
 class TaskRunnerError(Exception):
     """Base of every error the service raises on purpose."""
@@ -82,3 +84,40 @@ class IdempotentTaskGone(TaskRunnerError):
         )
         self.key = key
         self.task_id = task_id
+
+
+class TaskNotWaiting(TaskRunnerError):
+    """Only a waiting (NOTSTARTED) task can be changed; a worker has claimed this one, or it
+    has finished."""
+
+    def __init__(self, task_id: str, state: str) -> None:
+        super().__init__(
+            f"task {task_id} is {state}, not NOTSTARTED: only a waiting task can be changed"
+        )
+        self.task_id = task_id
+        self.state = state
+
+
+class BatchInterrupted(TaskRunnerError):
+    """A batch of creates stopped part-way: the database went away, or refused some of its
+    writes. `stored`: the positions of the items known to be stored; `unknown`: those whose
+    write may or may not have landed (its reply was lost); every other item was not stored."""
+
+    def __init__(self, *, stored: list[int], unknown: list[int], reason: str) -> None:
+        super().__init__(
+            f"the batch stopped part-way ({reason}): the items at the positions in "
+            "details.stored were stored, those in details.unknown may have been, the others "
+            "were not"
+        )
+        self.stored = stored
+        self.unknown = unknown
+        self.reason = reason
+
+    def at(self, positions: list[int]) -> BatchInterrupted:
+        """The same, for a batch that is part of a larger one: position i here is
+        positions[i] there."""
+        return BatchInterrupted(
+            stored=[positions[i] for i in self.stored],
+            unknown=[positions[i] for i in self.unknown],
+            reason=self.reason,
+        )

@@ -80,6 +80,7 @@ class Task:
     timeout: float | None = None  # seconds one run may take; None: the type's default
     schedule_id: str | None = None  # the schedule that created it, if one did
     occurrence: datetime | None = None  # the schedule's occurrence it stands for (its run_at)
+    tags: tuple[str, ...] = ()  # labels the API filters by (`GET /tasks?tag=`)
     problems: tuple[str, ...] = ()
     malformed: frozenset[str] = frozenset()  # the fields named in `problems`
     # The stored _id, whatever its BSON type: writes address the document by it.
@@ -116,6 +117,7 @@ class Task:
             timeout=reader.seconds("timeout"),
             schedule_id=reader.text("schedule_id"),
             occurrence=reader.time("occurrence"),
+            tags=reader.tags(),
             problems=tuple(problem for _, problem in reader.problems),
             malformed=frozenset(name for name, _ in reader.problems),
         )
@@ -159,6 +161,7 @@ class Schedule:
     paused: bool
     next_at: datetime | None
     created_at: datetime | None
+    tags: tuple[str, ...] = ()  # copied onto each occurrence's task
     problems: tuple[str, ...] = ()
     key: Any = field(default=None, repr=False, compare=False)
 
@@ -193,6 +196,7 @@ class Schedule:
             paused=doc.get("paused") is True,
             next_at=reader.time("next_at"),
             created_at=reader.time("created_at"),
+            tags=reader.tags(),
             problems=tuple(problem for _, problem in reader.problems),
         )
 
@@ -281,6 +285,15 @@ class _Reader:
             expected = f"a number of seconds from {least} to {most}"
         self._wrong(name, value, expected)
         return None
+
+    def tags(self) -> tuple[str, ...]:
+        value = self._get("tags", False)
+        if value is None:
+            return ()
+        if isinstance(value, list) and all(isinstance(tag, str) for tag in value):
+            return tuple(value)
+        self._wrong("tags", value, "a list of strings")
+        return ()
 
     def attempt_errors(self) -> tuple[AttemptError, ...]:
         raw = self.doc.get("errors", [])

@@ -43,6 +43,31 @@ ENTRY_POINT_GROUP = "task_runner.task_types"
 BUILTIN_MODULE = "service.tasks"
 # Lowercase (the API accepts any case and stores lowercase), and safe in a URL path.
 NAME = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+# The service's own first path segments, now and planned: a type of one of these names would
+# make the earlier version's `POST /{TYPE}/{unix_seconds}` read as, or shadow, the service's
+# own paths (`POST /tasks/batch` as a "tasks" task due at "batch"). A test checks that every
+# literal first segment of the API's routes is here.
+RESERVED_NAMES = frozenset(
+    {
+        "api",
+        "docs",
+        "events",
+        "health",
+        "id",
+        "limits",
+        "metrics",
+        "openapi",
+        "queues",
+        "recover",
+        "schedules",
+        "static",
+        "stats",
+        "tasks",
+        "taskstate",
+        "ui",
+        "workers",
+    }
+)
 
 # `async def run(ctx, args) -> str`, or a plain `def run(ctx, args) -> str` (run in a thread).
 Run = Callable[["TaskContext", Any], Awaitable[str]] | Callable[["TaskContext", Any], str]
@@ -126,6 +151,8 @@ def task_type(
     in a plain `def run`, or in `await asyncio.to_thread(...)`. A plain `def run` cannot be
     cancelled: past its time limit the task fails, but its thread runs on to its end.
 
+    `name`: lowercase letters, digits, _ or -, starting with a letter, at most 64
+    characters, and none of RESERVED_NAMES (the service's own path segments).
     `args`: a marshmallow Schema class the API checks a task's arguments with and the
     worker loads them with before `run` (None: the type takes none). `timeout`: the seconds
     a run may take unless the task says (None: TASK_RUNNER_TASK_TIMEOUT, unset: no limit).
@@ -134,6 +161,11 @@ def task_type(
         raise ValueError(
             f"task type name {name!r} must be lowercase letters, digits, _ or -, "
             "starting with a letter, at most 64 characters"
+        )
+    if name in RESERVED_NAMES:
+        raise ValueError(
+            f"task type name {name!r} is reserved: it is one of the service's own paths "
+            f"({', '.join(sorted(RESERVED_NAMES))})"
         )
     if args is not None and not (isinstance(args, type) and issubclass(args, Schema)):
         raise TypeError(f"task type {name}: args must be a marshmallow Schema class")

@@ -211,7 +211,8 @@ async def test_a_tampered_cursor_is_refused(api: Client) -> None:
 async def test_methods_a_route_does_not_allow_are_405_with_allow(api: Client) -> None:
     for method, path in (
         ("PUT", "/tasks"),
-        ("PATCH", "/tasks/abc"),
+        ("PUT", "/tasks/abc"),
+        ("PUT", "/tasks/batch"),
         ("GET", "/FOO/0"),
         ("POST", "/health"),
     ):
@@ -487,13 +488,15 @@ async def test_the_docs_page_pre_filled_create_request_works(api: Client, store:
         "schema"
     ]
     sample = swagger_ui_sample(body_schema, document)
-    assert set(sample) == {"type", "run_at", "max_attempts", "args", "priority", "timeout"}, sample
+    fields = {"type", "run_at", "max_attempts", "args", "priority", "timeout", "tags"}
+    assert set(sample) == fields, sample
     response = await api.post("/tasks", json=sample)
     assert response.status == 201, (sample, await response.text())
     created = await response.json()
     assert created["type"] == sample["type"]
     assert created["max_attempts"] == sample["max_attempts"]
     assert (created["priority"], created["timeout"]) == (sample["priority"], sample["timeout"])
+    assert created["tags"] == sample["tags"]
     assert await store.db.tasks.count_documents({}) == 1
     # The choices are listed, so the docs page offers them.
     properties = document["components"]["schemas"]["CreateTask"]["properties"]

@@ -92,9 +92,17 @@ RUN_AT_TEXT = HUGE_NUMBER_TEXT | DEEP_JSON | RUN_AT.map(json.dumps)
 HOSTILE_CREATE_TEXT = st.builds(
     lambda run_at: '{"type": "foo", "run_at": ' + run_at + "}", RUN_AT_TEXT
 )
+# POST /tasks/batch bodies, and PATCH /tasks/{id} bodies (fields of a create, and others).
+BATCH_BODY = st.fixed_dictionaries({"tasks": st.lists(CREATE_BODY | JSON, max_size=3)})
+CHANGE_BODY = st.fixed_dictionaries(
+    {},
+    optional={"run_at": RUN_AT, "priority": st.integers(-12, 12) | JSON, "tags": JSON},
+)
 BODY = (
     st.none()
     | CREATE_BODY.map(json.dumps)
+    | BATCH_BODY.map(json.dumps)
+    | CHANGE_BODY.map(json.dumps)
     | JSON.map(json.dumps)
     | st.binary(max_size=60)
     | DEEP_JSON
@@ -114,7 +122,7 @@ DIGITS_TEXT = (
     )
     | st.sampled_from(["1_000", "1e3", " 12", "+12", ".5", "1.", "0x10", "inf", "nan", "1.2.3"])
 )
-QUERY_KEY = st.sampled_from(["state", "type", "limit", "cursor", "state[$ne]"]) | st.text(
+QUERY_KEY = st.sampled_from(["state", "type", "tag", "limit", "cursor", "state[$ne]"]) | st.text(
     min_size=1, max_size=8
 )
 QUERY_VALUE = (
@@ -124,7 +132,7 @@ QUERY_VALUE = (
 )
 SEGMENT = (
     OBJECT_ID
-    | st.sampled_from(["FOO", "bar", "0", "1700000000", "-1", "STARTED", "tasks", "%24ne"])
+    | st.sampled_from(["FOO", "bar", "0", "1700000000", "-1", "STARTED", "tasks", "batch", "%24ne"])
     | st.text(
         alphabet=st.characters(codec="ascii", exclude_characters="/?#%"), min_size=1, max_size=12
     )
@@ -132,7 +140,7 @@ SEGMENT = (
 )
 LEGACY_TYPE = st.sampled_from(["FOO", "bar", "Baz"])
 PATH = st.one_of(
-    st.sampled_from(["/tasks", "/", "/health", "/openapi.json", "/taskstate"]),
+    st.sampled_from(["/tasks", "/tasks/batch", "/", "/health", "/openapi.json", "/taskstate"]),
     st.tuples(st.sampled_from(["/tasks/", "/id/", "/taskstate/", "/"]), SEGMENT).map("".join),
     st.tuples(SEGMENT, SEGMENT).map(lambda p: f"/{p[0]}/{p[1]}"),
     st.tuples(LEGACY_TYPE, DIGITS_TEXT).map(lambda p: f"/{p[0]}/{p[1]}"),
@@ -312,3 +320,39 @@ def test_hostile_inputs_get_the_answer_they_deserve(
             assert tasks.count_documents({}) == before, case
 
     one()
+
+
+def test_fuzzed_batches_answer_one_result_per_item_and_store_exactly_the_tasks(
+    live: tuple[LiveApi, MongoClient[dict[str, Any]]], settings: Settings
+) -> None:
+    api, client = live
+    document = api.app[OPENAPI]
+    tasks = client[settings.database]["tasks"]
+    answers = document["paths"]["/tasks/batch"]["post"]["responses"]
+    statuses: dict[int, int] = {}
+    outcomes = {"task": 0, "error": 0}
+
+    @hypothesis_settings(FUZZ, max_examples=150)
+    @given(body=BATCH_BODY)
+    def one(body: dict[str, Any]) -> None:
+        before = tasks.count_documents({})
+        request = {"method": "POST", "path": "/tasks/batch", "query": [], "body": json.dumps(body)}
+        status, _, raw = api.send({**request, "content_type": "application/json"})
+        statuses[status] = statuses.get(status, 0) + 1
+        answer = json.loads(raw)
+        schema = resolve(answers[str(status)]["content"]["application/json"]["schema"], document)
+        OAS30Validator(schema).validate(answer)
+        if status != 200:
+            assert status == 400, (body, status, raw[:300])
+            assert tasks.count_documents({}) == before, body
+            return
+        results = answer["results"]
+        assert len(results) == len(body["tasks"])
+        created = [r["id"] for r in results if "id" in r]
+        assert tasks.count_documents({}) == before + len(created), (body, results)
+        outcomes["task"] += len(created)
+        outcomes["error"] += len(results) - len(created)
+
+    one()
+    assert statuses.get(200, 0) > 0 and statuses.get(400, 0) > 0, statuses
+    assert outcomes["task"] > 0 and outcomes["error"] > 0, outcomes

@@ -420,6 +420,9 @@ def test_the_decorator_refuses_what_it_cannot_run() -> None:
 
     with pytest.raises(ValueError, match="must be lowercase"):
         task_type("Has Space")
+    # The service's own paths: POST /tasks/1 must never read as a task of type "tasks".
+    with pytest.raises(ValueError, match="'tasks' is reserved: it is one of the service's own"):
+        task_type("tasks")
     with pytest.raises(ValueError, match="timeout must be"):
         task_type("ok", timeout=0)
     with pytest.raises(TypeError, match="Schema class"):

@@ -38,6 +38,8 @@ DEFAULT_BAR_URL = "https://www.whattimeisitrightnow.com/"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
 EVENT_LOOPS = ("uvloop", "asyncio")
+# POST /tasks/batch takes a body up to this many times TASK_RUNNER_MAX_BODY_BYTES.
+BATCH_BODY_FACTOR = 16
 # TASK_RUNNER_* variables that are read but are not fields of Settings.
 OTHER_VARIABLES: frozenset[str] = frozenset()
 
@@ -81,7 +83,11 @@ class Settings:
         3, API, "default cap on attempts per task (a task may set its own)", bound=AT_LEAST_ONE
     )
     max_body_bytes: int = setting(
-        65536, API, "largest request body the API accepts (413 beyond)", bound=AT_LEAST_ONE
+        65536,
+        API,
+        "largest request body the API accepts (413 beyond); POST /tasks/batch takes "
+        f"{BATCH_BODY_FACTOR} times this",
+        bound=AT_LEAST_ONE,
     )
     max_page_size: int = setting(
         1000, API, "largest `limit` GET /tasks accepts (at most 1000)", bound=AT_LEAST_ONE
@@ -307,6 +313,11 @@ class Settings:
     def local_db_url(self) -> str:
         """The URL of the embedded local server that `task-runner db` / `dev` start."""
         return f"mongodb://127.0.0.1:{self.local_db_port}/?directConnection=true"
+
+    @property
+    def max_batch_body_bytes(self) -> int:
+        """The largest body POST /tasks/batch accepts."""
+        return self.max_body_bytes * BATCH_BODY_FACTOR
 
     @property
     def effective_mongodb_url(self) -> str:

@@ -204,6 +204,32 @@ class Database:
         )
 
 
+@dataclass(frozen=True, kw_only=True)
+class NewTask:
+    """A task to create, as the API checked it: `run_at` None (or a past time) for now,
+    `args` as its type's schema accepted them, `time_limit` its timeout in seconds."""
+
+    task_type: str
+    run_at: datetime | None
+    max_attempts: int
+    args: Mapping[str, Any] | None = None
+    priority: int = 0
+    time_limit: float | None = None
+    tags: Sequence[str] = ()
+
+    def fields(self) -> dict[str, Any]:
+        """The keyword arguments of new_task_document (and of the creates)."""
+        return {
+            "task_type": self.task_type,
+            "run_at": self.run_at,
+            "max_attempts": self.max_attempts,
+            "args": self.args,
+            "priority": self.priority,
+            "time_limit": self.time_limit,
+            "tags": self.tags,
+        }
+
+
 def new_task_document(
     clock: DbClock,
     task_id: ObjectId,
@@ -214,8 +240,10 @@ def new_task_document(
     args: Mapping[str, Any] | None,
     priority: int,
     time_limit: float | None,
+    tags: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """A NOTSTARTED task document as every create path stores it."""
+    """A NOTSTARTED task document as every create path stores it; `tags` stored as an
+    array when there are any."""
     # "Now" is a time the database has surely reached, so the task is due at once.
     # A past time is stored as now, so lag figures and FIFO order among due tasks hold.
     now = clock.surely_now()
@@ -234,6 +262,8 @@ def new_task_document(
         doc["args"] = dict(args)
     if time_limit is not None:
         doc["timeout"] = time_limit
+    if tags:
+        doc["tags"] = list(tags)
     return doc
 
 

@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -97,6 +97,7 @@ class IdempotencyKeys:
         args: Mapping[str, Any] | None = None,
         priority: int = 0,
         time_limit: float | None = None,
+        tags: Sequence[str] = (),
     ) -> Task:
         """`create`, once per Idempotency-Key: the same key with the same request gives the
         task the first request created (`once.replayed(task)` tells); after `once.ttl`
@@ -111,6 +112,10 @@ class IdempotencyKeys:
             "priority": priority,
             "time_limit": time_limit,
         }
+        if tags:
+            # Only when given: a request without tags hashes as before tags existed, so a
+            # key an earlier version recorded still replays during a rolling upgrade.
+            fields["tags"] = list(tags)
         fingerprint = request_hash(once.route, fields)
         doc = new_task_document(self.clock, once.task_id, **fields)
         # A turn is lost only to another request's write on this key meanwhile (an expired

@@ -64,8 +64,8 @@ class Schedules:
 
     @unavailable
     async def create(self, *, template: Mapping[str, Any], timing: Timing) -> Schedule:
-        """Insert a schedule: `template` holds the task's type, args, priority, max_attempts
-        and timeout (as the API checked them); its first occurrence is computed now."""
+        """Insert a schedule: `template` holds the task's type, args, priority, max_attempts,
+        timeout and tags (as the API checked them); its first occurrence is computed now."""
         now = self.clock.surely_now()
         anchor = None
         if timing.every is not None:
@@ -237,6 +237,7 @@ class Schedules:
             args=schedule.args,
             priority=schedule.priority,
             time_limit=schedule.timeout,
+            tags=schedule.tags,
         )
         doc.update(run_at=occurrence, schedule_id=schedule.id, occurrence=occurrence)
         try:

@@ -45,7 +45,13 @@ def _buffered(stream: Any) -> int:
 
 def wakeup_pipeline(types: Iterable[str] | None) -> list[dict[str, Any]]:
     """The change stream's pipeline for wake-ups: inserts (of these types) due at a date,
-    and updates that put a task back to NOTSTARTED; only the fields that are read."""
+    updates that put a task back to NOTSTARTED, and updates that move a run_at to a date
+    (a waiting task changed by PATCH /tasks/{id}); only the fields that are read.
+
+    A run_at moved on a task that is already NOTSTARTED carries no `state` in the event:
+    MongoDB and SecantusDB leave a field set to the value it had out of `updatedFields`. The
+    only writes that set run_at are those that make a task wait (retries, requeues) and
+    those changing a task that waits, so the clause wakes nobody for a claimed task."""
     dated = {"$gte": EARLIEST_RUN_AT, "$lte": LATEST_RUN_AT}
     insert: dict[str, Any] = {"operationType": "insert", "fullDocument.run_at": dated}
     if types is not None:
@@ -58,8 +64,9 @@ def wakeup_pipeline(types: Iterable[str] | None) -> list[dict[str, Any]]:
             {"updateDescription.updatedFields.run_at": dated},
         ],
     }
+    moved = {"operationType": "update", "updateDescription.updatedFields.run_at": dated}
     return [
-        {"$match": {"$or": [insert, requeued]}},
+        {"$match": {"$or": [insert, requeued, moved]}},
         # Only what is read: no other field of an odd document can fail to decode.
         {"$project": dict.fromkeys(WAKEUP_FIELDS, 1)},
     ]
@@ -120,17 +127,18 @@ class TaskWatch:
     ) -> AsyncIterator[tuple[Any, datetime | None]]:
         """Yield as tasks become claimable: (their `_id`, their run_at or None for "now").
 
-        A change stream over inserts (of these types) and every update that puts a task
-        back to NOTSTARTED (retry, release, recovery, requeue; an update event does not
-        carry the type, so those come whatever their type), so idle workers learn of new
-        work without polling. An event whose run_at is missing or not a date is skipped.
-        `on_open` is called once the stream is open. Each read waits for `ready`, at most
-        `max_await` seconds so the server keeps the cursor (what happens meanwhile stays in
-        the stream). After a batch of only tasks due more than 2 x `gather` seconds on, the
-        next getMore waits `gather` seconds: tasks created ahead of time in bulk are then
-        read a batch at a time, at the cost of a task due at once created within that
-        pause being announced up to `gather` late. Raises ChangeStreamsUnavailable where the
-        server has none (a standalone mongod).
+        A change stream over inserts (of these types), every update that puts a task
+        back to NOTSTARTED (retry, release, recovery, requeue) and every update that moves a
+        run_at (a waiting task changed); an update event does not carry the type, so those
+        come whatever their type. Idle workers thus learn of new work without polling. An
+        event whose run_at is missing or not a date is skipped. `on_open` is called once
+        the stream is open. Each read waits for `ready`, at most `max_await` seconds so the
+        server keeps the cursor (what happens meanwhile stays in the stream). After a batch
+        of only tasks due more than 2 x `gather` seconds on, the next getMore waits
+        `gather` seconds: tasks created ahead of time in bulk are then read a batch at a
+        time, at the cost of a task due at once created within that pause being announced
+        up to `gather` late. Raises ChangeStreamsUnavailable where the server has none (a
+        standalone mongod).
         """
         opened = False
         try:

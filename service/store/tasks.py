@@ -1,9 +1,10 @@
-"""Task documents as the API sees them: create, get, list by pages, delete, requeue."""
+"""Task documents as the API sees them: create (one, or a batch), get, list by pages, change
+a waiting one, delete, requeue."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -11,14 +12,24 @@ from typing import Any
 from bson import DatetimeMS, Decimal128, Int64, ObjectId, Timestamp
 from bson.errors import InvalidId
 from pymongo import ASCENDING, ReturnDocument
+from pymongo.errors import BulkWriteError, ServerSelectionTimeoutError
 
-from service.errors import InvalidTaskId, TaskNotFound, TaskNotRequeueable
+from service.clock import to_millis
+from service.errors import (
+    BatchInterrupted,
+    DatabaseUnavailable,
+    InvalidTaskId,
+    TaskNotFound,
+    TaskNotRequeueable,
+    TaskNotWaiting,
+)
 from service.models import State, Task
 from service.store.base import (
     CLAIM_INDEX,
     TIME_INDEX,
     TIME_SORT,
     Database,
+    NewTask,
     id_filter,
     new_task_document,
     unavailable,
@@ -99,7 +110,12 @@ INDEXES: dict[str, list[tuple[str, int]]] = {
     "by_type": [("type", ASCENDING), ("run_at", ASCENDING), ("_id", ASCENDING)],
     "by_time": [("run_at", ASCENDING), ("_id", ASCENDING)],
     "stale": [("state", ASCENDING), ("heartbeat_at", ASCENDING)],
+    # GET /tasks?tag=: equality on one tag (a multikey index), then the list's time order.
+    "by_tag": [("tags", ASCENDING), ("run_at", ASCENDING), ("_id", ASCENDING)],
 }
+
+# What a waiting task may have changed (PATCH /tasks/{id}).
+CHANGEABLE = frozenset({"run_at", "priority", "args", "tags"})
 
 
 class Tasks:
@@ -133,11 +149,12 @@ class Tasks:
         args: Mapping[str, Any] | None = None,
         priority: int = 0,
         time_limit: float | None = None,
+        tags: Sequence[str] = (),
     ) -> Task:
         """Insert a NOTSTARTED task due at `run_at`; None or a past time means now.
 
         `args` are stored as given (the API has checked them against the type's schema);
-        `time_limit` is the task's `timeout`, in seconds.
+        `time_limit` is the task's `timeout`, in seconds; `tags` its labels.
         """
         doc = new_task_document(
             self.clock,
@@ -148,9 +165,44 @@ class Tasks:
             args=args,
             priority=priority,
             time_limit=time_limit,
+            tags=tags,
         )
         await self.tasks.insert_one(doc)
         return Task.from_document(doc)
+
+    async def create_many(self, new: Sequence[NewTask]) -> list[Task]:
+        """Insert these NOTSTARTED tasks with one unordered insert_many; the tasks, in the
+        order given.
+
+        Raises BatchInterrupted when the database refuses some of the documents (the others
+        are stored: BulkWriteError names the refused ones) or goes away during the insert
+        (then which landed is unknown); its positions are those in `new`.
+        """
+        docs = [new_task_document(self.clock, ObjectId(), **task.fields()) for task in new]
+        if not docs:
+            return []
+        try:
+            await self._insert_many(docs)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            refused = {error.get("index") for error in errors}
+            first = errors[0].get("errmsg", "") if errors else ""
+            raise BatchInterrupted(
+                stored=[i for i in range(len(docs)) if i not in refused],
+                unknown=[],
+                reason=f"the database refused {len(refused)} of the tasks: {first}",
+            ) from None
+        except DatabaseUnavailable as exc:
+            # No server to send it to: nothing was sent. Otherwise the reply was lost, and
+            # the insert may have landed, in whole or in part.
+            sent = not isinstance(exc.__cause__, ServerSelectionTimeoutError)
+            unknown = list(range(len(docs))) if sent else []
+            raise BatchInterrupted(stored=[], unknown=unknown, reason=str(exc)) from exc
+        return [Task.from_document(doc) for doc in docs]
+
+    @unavailable
+    async def _insert_many(self, docs: list[dict[str, Any]]) -> None:
+        await self.tasks.insert_many(docs, ordered=False)
 
     @unavailable
     async def get(self, task_id: str) -> Task:
@@ -166,13 +218,14 @@ class Tasks:
         *,
         states: Iterable[State] = (),
         task_type: str | None = None,
+        tag: str | None = None,
         limit: int,
         after: tuple[Any, Any] | None = None,
         descending: bool = False,
     ) -> Page:
-        """Tasks ordered by (run_at, id), optionally filtered, starting after a sort key;
-        `descending`: the latest run_at first (then `after` is the key the page starts
-        before)."""
+        """Tasks ordered by (run_at, id), optionally filtered (by state, type, a tag),
+        starting after a sort key; `descending`: the latest run_at first (then `after` is
+        the key the page starts before)."""
         query: dict[str, Any] = {}
         states = list(states)
         if states:
@@ -181,6 +234,8 @@ class Tasks:
             )
         if task_type is not None:
             query["type"] = str(task_type).lower()
+        if tag is not None:
+            query["tags"] = tag
         if after is not None:
             run_at, key = after
             way = {"descending": descending}
@@ -196,6 +251,41 @@ class Tasks:
             last = docs[limit - 1]
             return Page(tasks, (last.get("run_at"), last["_id"]))
         return Page(tasks, None)
+
+    @unavailable
+    async def update_waiting(self, task_id: str, *, changes: Mapping[str, Any]) -> Task:
+        """Change a waiting task with one find_one_and_update filtered on its id and on
+        NOTSTARTED, so a task a worker has claimed is never changed; the task as changed.
+
+        `changes` holds any of run_at (a past time means now, as on create), priority, args
+        and tags, as the API checked them; None args or empty tags remove the field. A new
+        run_at is announced to the workers like a new task's (see streams.wakeup_pipeline).
+        Raises TaskNotFound, or TaskNotWaiting when the task is in another state.
+        """
+        unknown = set(changes) - CHANGEABLE
+        if unknown or not changes:
+            raise ValueError(f"changes must be some of {sorted(CHANGEABLE)}, not {sorted(unknown)}")
+        update: dict[str, dict[str, Any]] = {"$set": {}, "$unset": {}}
+        for name, value in changes.items():
+            if name == "run_at":
+                value = max(to_millis(value), self.clock.surely_now())
+            elif name == "tags":
+                value = list(value) or None
+            if value is None:
+                update["$unset"][name] = ""
+            else:
+                update["$set"][name] = value
+        doc = await self.tasks.find_one_and_update(
+            {**id_filter(task_id), "state": State.NOTSTARTED.value},
+            {op: fields for op, fields in update.items() if fields},
+            return_document=ReturnDocument.AFTER,
+        )
+        if doc is None:
+            current = await self.tasks.find_one(id_filter(task_id), {"state": 1})
+            if current is None:
+                raise TaskNotFound(task_id)
+            raise TaskNotWaiting(task_id, str(current.get("state")))
+        return Task.from_document(doc)
 
     @unavailable
     async def delete(self, task_id: str) -> None:

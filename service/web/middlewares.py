@@ -10,6 +10,7 @@ import asyncio
 import hmac
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -20,6 +21,7 @@ from marshmallow import ValidationError
 
 from service.config import Settings
 from service.errors import (
+    BatchInterrupted,
     DatabaseUnavailable,
     DeleteAllDisabled,
     IdempotencyKeyReused,
@@ -28,6 +30,7 @@ from service.errors import (
     ScheduleNotFound,
     TaskNotFound,
     TaskNotRequeueable,
+    TaskNotWaiting,
 )
 from service.web.common import json_response
 from service.web.metrics import UNMATCHED, ApiMetrics
@@ -46,48 +49,90 @@ HTTP_CODES = {
 }
 
 
+def error_body(code: str, message: str, *, details: Any = None) -> dict[str, Any]:
+    """The one error shape: {"error": {"code", "message", "details"}}."""
+    return {"error": {"code": code, "message": message, "details": details or {}}}
+
+
 def error_response(
     status: int, code: str, message: str, *, details: Any = None, headers: Any = None
 ) -> web.Response:
     """The one JSON error shape."""
-    body = {"error": {"code": code, "message": message, "details": details or {}}}
-    return json_response(body, status=status, headers=headers)
+    return json_response(error_body(code, message, details=details), status=status, headers=headers)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Refusal:
+    """How a domain error is answered: its status, code, message, details and headers."""
+
+    status: int
+    code: str
+    message: str
+    details: Any = None
+    headers: dict[str, str] | None = None
+
+    def body(self) -> dict[str, Any]:
+        """The error shape of this refusal (as a batch item's result shows it too)."""
+        return error_body(self.code, self.message, details=self.details)
+
+
+def refusal(exc: Exception) -> Refusal | None:
+    """The answer a domain error (or a ValidationError) gets; None for anything else."""
+    if isinstance(exc, ValidationError):
+        return Refusal(
+            status=400,
+            code="invalid_request",
+            message="the request is not valid; see details",
+            details=exc.messages,
+        )
+    if isinstance(exc, TaskNotFound):
+        return Refusal(
+            status=404, code="task_not_found", message=str(exc), details={"id": exc.task_id}
+        )
+    if isinstance(exc, ScheduleNotFound):
+        return Refusal(
+            status=404, code="schedule_not_found", message=str(exc), details={"id": exc.schedule_id}
+        )
+    if isinstance(exc, TaskNotRequeueable | TaskNotWaiting):
+        code = "task_not_requeueable" if isinstance(exc, TaskNotRequeueable) else "task_not_waiting"
+        details = {"id": exc.task_id, "state": exc.state}
+        return Refusal(status=409, code=code, message=str(exc), details=details)
+    if isinstance(exc, IdempotencyKeyReused):
+        return Refusal(
+            status=409, code="idempotency_key_reused", message=str(exc), details={"key": exc.key}
+        )
+    if isinstance(exc, IdempotentTaskGone):
+        details = {"id": exc.task_id, "key": exc.key}
+        return Refusal(status=410, code="task_deleted", message=str(exc), details=details)
+    if isinstance(exc, InvalidTask):
+        return Refusal(status=400, code="invalid_task", message=str(exc))
+    if isinstance(exc, DeleteAllDisabled):
+        return Refusal(status=403, code="delete_all_disabled", message=str(exc))
+    return _unavailable(exc)
+
+
+def _unavailable(exc: Exception) -> Refusal | None:
+    retry = {"Retry-After": "1"}
+    if isinstance(exc, BatchInterrupted):
+        details = {"stored": exc.stored, "unknown": exc.unknown}
+        return Refusal(
+            status=503, code="batch_interrupted", message=str(exc), details=details, headers=retry
+        )
+    if isinstance(exc, DatabaseUnavailable):
+        return Refusal(
+            status=503,
+            code="database_unavailable",
+            message="the database is not reachable; try again shortly",
+            headers=retry,
+        )
+    return None
 
 
 def _domain_error(exc: Exception) -> web.Response | None:
-    if isinstance(exc, ValidationError):
-        return error_response(
-            400, "invalid_request", "the request is not valid; see details", details=exc.messages
-        )
-    if isinstance(exc, TaskNotFound):
-        return error_response(404, "task_not_found", str(exc), details={"id": exc.task_id})
-    if isinstance(exc, ScheduleNotFound):
-        return error_response(404, "schedule_not_found", str(exc), details={"id": exc.schedule_id})
-    if isinstance(exc, TaskNotRequeueable):
-        return error_response(
-            409,
-            "task_not_requeueable",
-            str(exc),
-            details={"id": exc.task_id, "state": exc.state},
-        )
-    if isinstance(exc, IdempotencyKeyReused):
-        return error_response(409, "idempotency_key_reused", str(exc), details={"key": exc.key})
-    if isinstance(exc, IdempotentTaskGone):
-        return error_response(
-            410, "task_deleted", str(exc), details={"id": exc.task_id, "key": exc.key}
-        )
-    if isinstance(exc, InvalidTask):
-        return error_response(400, "invalid_task", str(exc))
-    if isinstance(exc, DeleteAllDisabled):
-        return error_response(403, "delete_all_disabled", str(exc))
-    if isinstance(exc, DatabaseUnavailable):
-        return error_response(
-            503,
-            "database_unavailable",
-            "the database is not reachable; try again shortly",
-            headers={"Retry-After": "1"},
-        )
-    return None
+    found = refusal(exc)
+    if found is None:
+        return None
+    return json_response(found.body(), status=found.status, headers=found.headers)
 
 
 @web.middleware

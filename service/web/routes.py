@@ -17,9 +17,13 @@ EARLIER_ALIASES = frozenset({"/id/{id}"})
 
 ROUTES: list[web.RouteDef] = [
     web.post("/tasks", tasks.create_task),
+    # Before every {id} and {type} route: /tasks/batch is never a task id, nor (the name is
+    # reserved) a task type "tasks" for the earlier version's POST /{type}/{unix_seconds}.
+    web.post("/tasks/batch", tasks.create_tasks),
     web.get("/tasks", tasks.list_tasks),
     web.get("/id/{id}", tasks.get_task),
     web.get("/tasks/{id}", tasks.get_task),
+    web.patch("/tasks/{id}", tasks.update_task),
     web.delete("/id/{id}", tasks.delete_task),
     web.delete("/tasks/{id}", tasks.delete_task),
     web.get("/health", meta.health),

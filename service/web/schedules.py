@@ -42,7 +42,8 @@ def _schedule_response(
 )
 async def create_schedule(request: web.Request) -> web.Response:
     """Create a schedule: a task template ({"type", "args", "priority", "max_attempts",
-    "timeout"}, checked as POST /tasks checks them) with "cron" (and "timezone") or "every"."""
+    "timeout", "tags"}, checked as POST /tasks checks them) with "cron" (and "timezone") or
+    "every"."""
     body = await json_object(request)
     loaded = CreateScheduleSchema(registry=request.app[REGISTRY]).load(body)
     template = {
@@ -51,6 +52,7 @@ async def create_schedule(request: web.Request) -> web.Response:
         "priority": loaded["priority"],
         "max_attempts": loaded["max_attempts"] or request.app[SETTINGS].max_attempts,
         "timeout": loaded["timeout"],
+        "tags": loaded["tags"] or None,
     }
     timing = Timing(
         cron=loaded["cron"],

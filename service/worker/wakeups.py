@@ -1,9 +1,10 @@
 """When a worker's claimer should try to claim: on time, without polling in a loop.
 
 A change stream announces every task that becomes claimable (an insert, a retry, a
-release, a recovery, a requeue) with its id and run_at. The claimer tries a claim when an
-announced task is due, or when it must look for itself: at start, after the stream was
-(re)opened, and at a safety poll every `max_poll` seconds. So a task created into an idle
+release, a recovery, a requeue, a waiting task's run_at moved) with its id and run_at; an
+announcement of a task already known replaces what was known of it. The claimer tries a
+claim when an announced task is due, or when it must look for itself: at start, after the
+stream was (re)opened, and at a safety poll every `max_poll` seconds. So a task created into an idle
 worker costs one claim, and an idle worker sends a few commands per poll interval. Where
 the server has no change streams, the safety poll and the earliest-run_at look-up do all
 the work.

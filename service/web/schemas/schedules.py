@@ -114,6 +114,11 @@ class ScheduleSchema(Schema):
         },
     )
     created_at = Timestamp(required=True, allow_none=True)
+    tags = fields.List(
+        fields.String(),
+        required=True,
+        metadata={"description": "copied onto each occurrence's task; empty when none"},
+    )
     problems = fields.List(fields.String(), required=True)
 
 

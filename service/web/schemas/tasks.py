@@ -1,11 +1,13 @@
-"""Tasks: the body of a new task, the query parameters of the list and of one task, a
-task and a page of them as answered, and the list's opaque cursors."""
+"""Tasks: the body of a new task (and of a batch of them, and of a change to a waiting one),
+the query parameters of the list and of one task, a task and a page of them as answered,
+and the list's opaque cursors."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import json
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +29,32 @@ from service.web.schemas.fields import (
 
 MAX_ATTEMPTS_LIMIT = 100
 MAX_TIMEOUT = 7 * 24 * 3600
+MAX_TAGS = 10
+MAX_TAG_LENGTH = 64
+# An Idempotency-Key (the header, or a batch item's `idempotency_key`).
+IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
+IDEMPOTENCY_KEY_RULE = "give one key of 1 to 255 printable ASCII characters"
+
+
+def _distinct(tags: list[str]) -> None:
+    if len(set(tags)) != len(tags):
+        raise ValidationError("tags must be distinct")
+
+
+def tags_field(**kwargs: Any) -> fields.List[str]:
+    """A task's tags: up to MAX_TAGS distinct strings of 1 to MAX_TAG_LENGTH characters."""
+    metadata = {
+        "description": f"up to {MAX_TAGS} distinct labels of 1 to {MAX_TAG_LENGTH} characters, "
+        "to filter by (GET /tasks?tag=)",
+        "uniqueItems": True,
+        **kwargs.pop("metadata", {}),
+    }
+    return fields.List(
+        fields.String(validate=validate.Length(min=1, max=MAX_TAG_LENGTH)),
+        validate=[validate.Length(max=MAX_TAGS), _distinct],
+        metadata=metadata,
+        **kwargs,
+    )
 
 
 class CreateTaskSchema(WithRegistry):
@@ -90,6 +118,7 @@ class CreateTaskSchema(WithRegistry):
             "example": 60,
         },
     )
+    tags = tags_field(load_default=None, allow_none=False, metadata={"example": ["nightly"]})
 
     @validates_schema(skip_on_field_errors=False)
     def _check_args(self, data: dict[str, Any], **kwargs: Any) -> None:
@@ -102,6 +131,75 @@ class CreateTaskSchema(WithRegistry):
                 raise ValidationError(exc.messages, field_name="args") from None
 
 
+def _idempotency_key(key: str) -> None:
+    if not IDEMPOTENCY_KEY.fullmatch(key):
+        raise ValidationError(IDEMPOTENCY_KEY_RULE)
+
+
+class BatchItemSchema(CreateTaskSchema):
+    """One item of POST /tasks/batch: what POST /tasks takes, and an optional
+    `idempotency_key` with the Idempotency-Key header's rules."""
+
+    class Meta:
+        unknown = RAISE
+
+    idempotency_key = fields.String(
+        load_default=None,
+        allow_none=False,
+        validate=_idempotency_key,
+        metadata={
+            "description": "as the Idempotency-Key header of POST /tasks (1 to 255 printable "
+            "ASCII characters): the same key with the same item replays its task",
+            "pattern": "^[ -~]{1,255}$",
+        },
+    )
+
+
+# The most items one POST /tasks/batch takes.
+MAX_BATCH = 1000
+
+
+class BatchBodySchema(Schema):
+    """POST /tasks/batch body: {"tasks": [item, ...]}, 1 to MAX_BATCH items, each loaded
+    on its own with BatchItemSchema (an item that does not load is that item's error)."""
+
+    class Meta:
+        unknown = RAISE
+
+    tasks = fields.List(
+        fields.Raw(allow_none=True), required=True, validate=validate.Length(min=1, max=MAX_BATCH)
+    )
+
+
+class UpdateTaskSchema(Schema):
+    """PATCH /tasks/{id} body: any of run_at, priority, args (checked by the task's type's
+    schema once the task is read) and tags, as POST /tasks takes them; at least one."""
+
+    class Meta:
+        unknown = RAISE
+
+    run_at = RunAt(
+        allow_none=False,
+        metadata={"description": "as on create: a past time means now"},
+    )
+    priority = fields.Integer(
+        strict=True, validate=validate.Range(min=PRIORITY_MIN, max=PRIORITY_MAX)
+    )
+    args = fields.Dict(
+        keys=fields.String(),
+        allow_none=False,
+        metadata={"description": "replaces the task's arguments; checked by its type's schema"},
+    )
+    tags = tags_field(allow_none=False, metadata={"description": "replaces the task's tags"})
+
+    @validates_schema
+    def _something(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if not data:
+            raise ValidationError(
+                "give at least one of run_at, priority, args, tags", field_name="body"
+            )
+
+
 class ListQuerySchema(WithRegistry):
     """GET /tasks query parameters."""
 
@@ -110,6 +208,11 @@ class ListQuerySchema(WithRegistry):
 
     state = AnyCaseEnum(State, load_default=None)
     type = TaskTypeName(load_default=None)
+    tag = fields.String(
+        load_default=None,
+        validate=validate.Length(min=1, max=MAX_TAG_LENGTH),
+        metadata={"description": "only the tasks that have this tag"},
+    )
     limit = DigitsInteger(
         load_default=100,
         validate=validate.Range(min=1, max=1000),
@@ -198,6 +301,9 @@ class TaskSchema(Schema):
         required=True,
         allow_none=True,
         metadata={"description": "the schedule's occurrence this task stands for (its run_at)"},
+    )
+    tags = fields.List(
+        fields.String(), required=True, metadata={"description": "its labels; empty when none"}
     )
     problems = fields.List(
         fields.String(),
