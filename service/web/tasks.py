@@ -81,6 +81,7 @@ def _idempotent(request: web.Request, settings: Settings) -> IdempotentCreate | 
 
 @operation(
     "create a task",
+    operation_id="createTask",
     responses={201: TaskSchema, 200: TaskSchema},
     errors=(400, 409, 410, 413, 415),
     requestBody={"required": True, "content": {"application/json": {"schema": CreateTaskSchema}}},
@@ -94,6 +95,7 @@ async def create_task(request: web.Request) -> web.Response:
 
 @operation(
     "list tasks",
+    operation_id="listTasks",
     responses={200: TaskPageSchema},
     errors=(400,),
     parameters=[{"in": "query", "schema": ListQuerySchema}],
@@ -119,6 +121,7 @@ async def list_tasks(request: web.Request) -> web.Response:
 
 @operation(
     "one task",
+    operation_id="getTask",
     responses={200: TaskSchema},
     errors=(400, 404),
     parameters=[{"in": "query", "schema": TaskQuerySchema}],
@@ -144,7 +147,7 @@ async def get_task(request: web.Request) -> web.Response:
     return task_response(found)
 
 
-@operation("delete a task", responses={204: None}, errors=(404,))
+@operation("delete a task", operation_id="deleteTask", responses={204: None}, errors=(404,))
 async def delete_task(request: web.Request) -> web.Response:
     """Delete a task; a worker running it stops within one heartbeat interval."""
     await request.app[STORE].tasks.delete(request.match_info["id"])
