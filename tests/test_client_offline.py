@@ -1,17 +1,24 @@
 """The client's parts that need no API: every error code the docs list has its exception,
-the backoff stays within its bounds, and answers of odd shapes read without an exception.
+the backoff stays within its bounds, answers of odd shapes read without an exception, and
+the calls of the endpoints other branches add (batch, update, bulk actions) against a stub
+of their contract (tests/test_client_new_endpoints.py runs them against the real API).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from service.client import (
     ApiError,
+    AsyncClient,
     Conflict,
     DatabaseUnavailable,
     InvalidRequest,
@@ -149,3 +156,70 @@ def test_schedules_workers_stats_and_item_errors_read_defensively() -> None:
     assert Stats.from_json({}).total == 0
     refused = ItemError.from_json(3, {"error": {"code": "invalid_request", "details": {"a": 1}}})
     assert (refused.index, refused.code, refused.details) == (3, "invalid_request", {"a": 1})
+
+
+# -- the calls of endpoints other branches add, against a stub of their contract ---------------
+
+TASK = {"id": "6b05d02efdc32c6022fda395", "type": "foo", "state": "NOTSTARTED"}
+
+
+@pytest.fixture
+async def stub(
+    aiohttp_server: Callable[[web.Application], Awaitable[TestServer]],
+) -> AsyncIterator[tuple[AsyncClient, list[tuple[str, str, Any]]]]:
+    """An AsyncClient on a stub of POST /tasks/batch, PATCH /tasks/{id} and the bulk
+    actions, and what the stub received (method, path, body)."""
+    received: list[tuple[str, str, Any]] = []
+    rounds = {"/tasks/requeue": [(2, True), (1, False)], "/tasks/delete": [(3, True), (0, True)]}
+
+    async def answer(request: web.Request) -> web.Response:
+        body = await request.json()
+        received.append((request.method, request.path, body))
+        if request.path == "/tasks/batch":
+            refused = {"error": {"code": "invalid_request", "message": "m", "details": {}}}
+            return web.json_response({"results": [TASK, refused, {"task": TASK}]})
+        if request.method == "PATCH":
+            return web.json_response({**TASK, **body})
+        counted = "requeued" if request.path == "/tasks/requeue" else "deleted"
+        done, more = rounds[request.path].pop(0)
+        return web.json_response({counted: done, "more": more})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    server = await aiohttp_server(app)
+    async with AsyncClient(str(server.make_url("")), retry=Retry(attempts=1)) as client:
+        yield client, received
+
+
+async def test_a_batch_answers_a_task_or_an_error_per_item(
+    stub: tuple[AsyncClient, list[tuple[str, str, Any]]],
+) -> None:
+    client, received = stub
+    when = datetime(2031, 1, 1, tzinfo=UTC)
+    results = await client.create_many([{"type": "foo", "run_at": when}, {"type": "qux"}, {}])
+    assert [type(r) for r in results] == [Task, ItemError, Task]
+    assert isinstance(results[1], ItemError) and results[1].index == 1
+    assert received == [
+        (
+            "POST",
+            "/tasks/batch",
+            {"tasks": [{"type": "foo", "run_at": when.isoformat()}, {"type": "qux"}, {}]},
+        )
+    ]
+
+
+async def test_update_sends_what_is_given_and_the_bulk_actions_loop_while_more(
+    stub: tuple[AsyncClient, list[tuple[str, str, Any]]],
+) -> None:
+    client, received = stub
+    task = await client.update(TASK["id"], priority=5, tags=("a", "b"))
+    assert task.priority == 5 and task.tags == ("a", "b")
+    assert await client.requeue_where(type="foo", state=State.FAILED) == 3
+    assert await client.delete_where(tag="old") == 3  # a round that did nothing ends it
+    assert received == [
+        ("PATCH", f"/tasks/{TASK['id']}", {"priority": 5, "tags": ["a", "b"]}),
+        ("POST", "/tasks/requeue", {"type": "foo", "state": "FAILED"}),
+        ("POST", "/tasks/requeue", {"type": "foo", "state": "FAILED"}),
+        ("POST", "/tasks/delete", {"tag": "old"}),
+        ("POST", "/tasks/delete", {"tag": "old"}),
+    ]
