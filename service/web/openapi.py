@@ -180,8 +180,7 @@ def build_spec(
     plugin.map_to_openapi_type(fields.Dict, "object", None)
     if bearer:
         spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
-    path_schemas = _path_schemas(registry)
-    operation_ids: dict[str, str] = {}
+    taken: dict[str, str] = {}  # operationId: the route that has it
     for route in app.router.routes():
         if route.method == "HEAD" or isinstance(route.resource, web.StaticResource):
             continue
@@ -194,25 +193,14 @@ def build_spec(
         if not documented:
             continue  # deliberately undocumented (the docs page itself)
         op = dict(documented)
-        if "operationId" not in op:
-            raise LookupError(f"{where} has no operationId: give @operation(operation_id=...)")
         if path in earlier_aliases:
             op["summary"] = f"{EARLIER_VERSION}: {op['summary']}"
             op["tags"] = [EARLIER_VERSION]
-            op["operationId"] = alias_operation_id(op["operationId"])
-        if op["operationId"] in operation_ids:
-            raise ValueError(
-                f"{where} has operationId {op['operationId']!r}, "
-                f"as {operation_ids[op['operationId']]} has"
-            )
-        operation_ids[op["operationId"]] = where
+            if "operationId" in op:
+                op["operationId"] = alias_operation_id(op["operationId"])
+        _take_operation_id(op, where, taken)
         params = [
-            {
-                "in": "path",
-                "name": name,
-                "required": True,
-                "schema": path_schemas.get(name, {"type": "string"}),
-            }
+            {"in": "path", "name": name, "required": True, "schema": _path_schema(name, registry)}
             for name in _path_params(path)
         ]
         op["parameters"] = params + list(op.get("parameters", []))
@@ -230,16 +218,26 @@ def alias_operation_id(operation_id: str) -> str:
     return f"legacy{operation_id[:1].upper()}{operation_id[1:]}"
 
 
-def _path_schemas(registry: Registry) -> dict[str, dict[str, Any]]:
-    """Path parameters whose values are a closed set, by name: a state, a loaded type."""
-    return {
-        "state": {
-            "type": "string",
-            "enum": [state.value for state in State],
-            "description": "any letter case",
-        },
-        "type": {"type": "string", "enum": list(registry.names), "description": "any letter case"},
-    }
+def _take_operation_id(op: dict[str, Any], where: str, taken: dict[str, str]) -> None:
+    """Check that the operation has an operationId no other has taken, and take it."""
+    operation_id = op.get("operationId")
+    if not operation_id:
+        raise LookupError(f"{where} has no operationId: give @operation(operation_id=...)")
+    if operation_id in taken:
+        raise ValueError(f"{where} has operationId {operation_id!r}, as {taken[operation_id]} has")
+    taken[operation_id] = where
+
+
+def _path_schema(name: str, registry: Registry) -> dict[str, Any]:
+    """A path parameter's schema: a state and a task type are closed sets (the API takes
+    them in any letter case); anything else is a string."""
+    if name == "state":
+        values = [state.value for state in State]
+    elif name == "type":
+        values = list(registry.names)
+    else:
+        return {"type": "string"}
+    return {"type": "string", "enum": values, "description": "any letter case"}
 
 
 def _path_params(path: str) -> list[str]:
