@@ -13,7 +13,8 @@
         task = await client.create("foo")
         print((await client.wait(task.id, timeout=60)).output)
 
-- `aio`: AsyncClient, every call of the API
+- `aio`: AsyncClient, every call of the API (those about tasks)
+- `schedules`: AsyncClient's calls about schedules, stats and workers
 - `sync`: Client, the AsyncClient on an event loop of its own
 - `transport`: HTTP, the token, retries (Retry)
 - `records`: Task, Page, Schedule, Worker, Stats, ItemError: what the API answers

@@ -1,4 +1,5 @@
-"""AsyncClient: the HTTP API's every task, schedule and operator call, for asyncio code."""
+"""AsyncClient: every call of the HTTP API, for asyncio code; here those about tasks, in
+service.client.schedules those about schedules and the operator's view."""
 
 from __future__ import annotations
 
@@ -6,17 +7,16 @@ import asyncio
 import builtins
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
-from datetime import datetime
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote
 
-from service.client.errors import UnexpectedResponse, WaitTimeout, error_from_answer
-from service.client.records import Fields, ItemError, Page, Schedule, Stats, Task, Worker
-from service.client.transport import Retry, Transport
+from service.client.errors import UnexpectedResponse, WaitTimeout
+from service.client.records import Fields, ItemError, Page, Task
+from service.client.schedules import ScheduleCalls
+from service.client.transport import Retry, RunAt, Transport, given
 from service.models import State
 
-RunAt = datetime | float | str
 # The longest wait the API takes in one GET /tasks/{id}?wait= (it may cut it shorter).
 MAX_WAIT = 60.0
 # The shortest wait asked for: the API wants more than 0, written with three decimals.
@@ -27,23 +27,13 @@ REQUEUE_WHERE_PATH = "/tasks/requeue"
 DELETE_WHERE_PATH = "/tasks/delete"
 
 
-def given(**fields: Any) -> dict[str, Any]:
-    """The fields that were given (not None): the client sends only those."""
-    return {name: value for name, value in fields.items() if value is not None}
-
-
 def task_path(task_id: str, *rest: str) -> str:
     """/tasks/{id}, the id quoted (an id is 24 hex digits; anything else must still stay
     one path segment, and is answered 404)."""
     return "/".join(("/tasks", quote(task_id, safe=""), *rest))
 
 
-def schedule_path(schedule_id: str, *rest: str) -> str:
-    """/schedules/{id}, the id quoted."""
-    return "/".join(("/schedules", quote(schedule_id, safe=""), *rest))
-
-
-class AsyncClient:
+class AsyncClient(ScheduleCalls):
     """The task-runner HTTP API from asyncio code (aiohttp). Use it on one event loop, and
     close it (`async with`, or `await client.close()`).
 
@@ -261,7 +251,7 @@ class AsyncClient:
     async def delete(self, task_id: str) -> None:
         """Delete a task (a worker running it stops); TaskNotFound if there is none. A
         retry answered 404 after an attempt whose answer was lost counts as deleted."""
-        await self._delete(task_path(task_id))
+        await self.transport.delete(task_path(task_id))
 
     async def requeue(self, task_id: str) -> Task:
         """Put a FAILED task back in the queue, due now, its attempts reset; the task.
@@ -300,87 +290,3 @@ class AsyncClient:
             total += done
             if read.boolean("more") is not True or done == 0:
                 return total
-
-    # -- schedules --------------------------------------------------------------------------
-
-    async def create_schedule(
-        self,
-        type: str,
-        *,
-        cron: str | None = None,
-        timezone: str | None = None,
-        every: float | None = None,
-        args: Mapping[str, Any] | None = None,
-        priority: int | None = None,
-        max_attempts: int | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 (its tasks' time limit, sent to the API)
-        start_at: RunAt | None = None,
-        end_at: RunAt | None = None,
-        missed: str | None = None,
-    ) -> Schedule:
-        """Create a recurring schedule: `cron` (five fields, in `timezone`) or `every`
-        seconds, and the template of its tasks (see docs/schedules.md).
-
-            nightly = await client.create_schedule("foo", cron="0 3 * * *", timezone="Europe/Paris")
-        """
-        body = given(
-            type=type,
-            cron=cron,
-            timezone=timezone,
-            every=every,
-            args=args,
-            priority=priority,
-            max_attempts=max_attempts,
-            timeout=timeout,
-            start_at=start_at,
-            end_at=end_at,
-            missed=missed,
-        )
-        # No Idempotency-Key for schedules: not sent again once it may have landed.
-        answer = await self.transport.call("POST", "/schedules", body=body, repeatable=False)
-        return Schedule.from_json(answer.body, status=answer.status)
-
-    async def list_schedules(self) -> builtins.list[Schedule]:
-        """Every schedule, oldest first."""
-        answer = await self.transport.call("GET", "/schedules")
-        read = Fields(answer.body, what="the schedules", status=answer.status)
-        return [Schedule.from_json(s, status=answer.status) for s in read.objects("schedules")]
-
-    async def get_schedule(self, schedule_id: str) -> Schedule:
-        """One schedule; ScheduleNotFound if there is none with this id."""
-        answer = await self.transport.call("GET", schedule_path(schedule_id))
-        return Schedule.from_json(answer.body, status=answer.status)
-
-    async def pause_schedule(self, schedule_id: str) -> Schedule:
-        """Pause a schedule: it makes nothing until resumed."""
-        answer = await self.transport.call("POST", schedule_path(schedule_id, "pause"))
-        return Schedule.from_json(answer.body, status=answer.status)
-
-    async def resume_schedule(self, schedule_id: str) -> Schedule:
-        """Resume a paused schedule; missed occurrences follow its `missed` policy."""
-        answer = await self.transport.call("POST", schedule_path(schedule_id, "resume"))
-        return Schedule.from_json(answer.body, status=answer.status)
-
-    async def delete_schedule(self, schedule_id: str) -> None:
-        """Delete a schedule (its tasks made ahead whose time has not come go with it)."""
-        await self._delete(schedule_path(schedule_id))
-
-    async def _delete(self, path: str) -> None:
-        """DELETE, retried: a 404 after an attempt whose answer was lost means that attempt
-        (or another client) deleted it, which is what was asked."""
-        answer = await self.transport.request("DELETE", path, repeatable=True)
-        if answer.status >= 400 and not (answer.status == 404 and answer.doubt):
-            raise error_from_answer(answer.status, answer.body, answer.text)
-
-    # -- the operator's view ----------------------------------------------------------------
-
-    async def stats(self) -> Stats:
-        """The queue at a glance (GET /stats)."""
-        answer = await self.transport.call("GET", "/stats")
-        return Stats.from_json(answer.body)
-
-    async def workers(self) -> builtins.list[Worker]:
-        """Every registered worker process, alive or gone (GET /workers)."""
-        answer = await self.transport.call("GET", "/workers")
-        read = Fields(answer.body, what="the workers", status=answer.status)
-        return [Worker.from_json(w) for w in read.objects("workers")]

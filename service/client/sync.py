@@ -18,9 +18,9 @@ from collections.abc import Coroutine, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
-from service.client.aio import AsyncClient, RunAt
+from service.client.aio import AsyncClient
 from service.client.records import ItemError, Page, Schedule, Stats, Task, Worker
-from service.client.transport import Retry
+from service.client.transport import Retry, RunAt
 from service.models import State
 
 T = TypeVar("T")

@@ -25,6 +25,13 @@ import aiohttp
 from service import version
 from service.client.errors import ConnectionFailed, error_from_answer
 
+RunAt = datetime | float | str
+
+
+def given(**fields: Any) -> dict[str, Any]:
+    """The fields that were given (not None): the client sends only those."""
+    return {name: value for name, value in fields.items() if value is not None}
+
 
 @dataclass(frozen=True)
 class Retry:
@@ -188,6 +195,13 @@ class Transport:
             except ValueError:
                 body = None
             return Answer(response.status, body, text, response.headers.copy(), sent > 1)
+
+    async def delete(self, path: str) -> None:
+        """DELETE, retried: a 404 after an attempt whose answer was lost means that attempt
+        (or another client) deleted it, which is what was asked."""
+        answer = await self.request("DELETE", path, repeatable=True)
+        if answer.status >= 400 and not (answer.status == 404 and answer.doubt):
+            raise error_from_answer(answer.status, answer.body, answer.text)
 
     async def call(
         self,
