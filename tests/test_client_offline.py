@@ -214,6 +214,8 @@ async def test_update_sends_what_is_given_and_the_bulk_actions_loop_while_more(
     client, received = stub
     task = await client.update(TASK["id"], priority=5, tags=("a", "b"))
     assert task.priority == 5 and task.tags == ("a", "b")
+    with pytest.raises(TypeError):
+        await client.update(TASK["id"], tags="urgent")  # not sent as ["u", "r", ...]
     assert await client.requeue_where(type="foo", state=State.FAILED) == 3
     assert await client.delete_where(tag="old") == 3  # a round that did nothing ends it
     assert received == [

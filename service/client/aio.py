@@ -33,6 +33,13 @@ def task_path(task_id: str, *rest: str) -> str:
     return "/".join(("/tasks", quote(task_id, safe=""), *rest))
 
 
+def tag_list(tags: Iterable[str] | None) -> list[str] | None:
+    """Tags as sent: a list. One string is refused rather than sent letter by letter."""
+    if isinstance(tags, str):
+        raise TypeError(f"tags must be a list of strings, not the string {tags!r}")
+    return None if tags is None else list(tags)
+
+
 class AsyncClient(ScheduleCalls):
     """The task-runner HTTP API from asyncio code (aiohttp). Use it on one event loop, and
     close it (`async with`, or `await client.close()`).
@@ -104,7 +111,7 @@ class AsyncClient(ScheduleCalls):
             args=args,
             run_at=run_at,
             priority=priority,
-            tags=None if tags is None else list(tags),
+            tags=tag_list(tags),
             queue=queue,
             callback_url=callback_url,
             max_attempts=max_attempts,
@@ -243,7 +250,7 @@ class AsyncClient(ScheduleCalls):
             run_at=run_at,
             priority=priority,
             args=args,
-            tags=None if tags is None else list(tags),
+            tags=tag_list(tags),
         )
         answer = await self.transport.call("PATCH", task_path(task_id), body=body)
         return Task.from_json(answer.body, status=answer.status)
