@@ -18,6 +18,7 @@ from service.web.tasks import IDEMPOTENCY_PARAMETER, create
 
 @operation(
     "earlier version: every task in a state",
+    operation_id="legacyListTasksInState",
     responses={200: {"type": "array", "items": TaskSchema}},
     errors=(400,),
     tags=["earlier version"],
@@ -41,6 +42,7 @@ async def legacy_tasks_in_state(request: web.Request) -> web.Response:
 
 @operation(
     "earlier version: create a task",
+    operation_id="legacyCreateTask",
     responses={201: TaskSchema, 200: TaskSchema},
     errors=(400, 409, 410),
     tags=["earlier version"],
@@ -54,6 +56,7 @@ async def legacy_create(request: web.Request) -> web.Response:
 
 @operation(
     "earlier version: delete every task (when enabled)",
+    operation_id="legacyDeleteAll",
     responses={200: DeletedSchema},
     errors=(403,),
     tags=["earlier version"],

@@ -10,7 +10,7 @@ from service.web.openapi import DOCS_PAGE, answers, operation, undocumented
 from service.web.schemas.meta import HealthSchema
 
 
-@operation("is the database answering?", responses={200: HealthSchema})
+@operation("is the database answering?", operation_id="getHealth", responses={200: HealthSchema})
 async def health(request: web.Request) -> web.Response:
     """200 when the database answers, 503 (from the error middleware) when it does not."""
     await request.app[STORE].ping()
@@ -18,7 +18,11 @@ async def health(request: web.Request) -> web.Response:
 
 
 @answers("text/plain")  # the Prometheus text format, not JSON
-@operation("Prometheus metrics: the queue and this API's requests", responses={200: None})
+@operation(
+    "Prometheus metrics: the queue and this API's requests",
+    operation_id="getMetrics",
+    responses={200: None},
+)
 async def metrics(request: web.Request) -> web.Response:
     """The Prometheus text format (OpenMetrics if the Accept header asks for it). The queue
     figures are cached for TASK_RUNNER_METRICS_CACHE seconds; a database that does not
@@ -29,7 +33,7 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
-@operation("this document", responses={200: {"type": "object"}})
+@operation("this document", operation_id="getOpenApi", responses={200: {"type": "object"}})
 async def openapi_document(request: web.Request) -> web.Response:
     """The OpenAPI 3 document of this API."""
     return json_response(request.app[OPENAPI])

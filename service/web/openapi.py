@@ -14,6 +14,7 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from marshmallow import fields
 
 from service import version
+from service.models import State
 from service.plugins import Registry
 from service.web.schemas.fields import AnyCaseEnum, RunAt, TaskTypeName, Timestamp
 from service.web.schemas.meta import ErrorSchema
@@ -37,9 +38,20 @@ EARLIER_VERSION = "earlier version"
 
 
 def operation(
-    summary: str, *, responses: dict[int, Any], errors: tuple[int, ...] = (), **extra: Any
+    summary: str,
+    *,
+    responses: dict[int, Any],
+    errors: tuple[int, ...] = (),
+    operation_id: str | None = None,
+    **extra: Any,
 ) -> Callable[[H], H]:
-    """Attach an OpenAPI operation to a handler; `responses` maps status to schema or None."""
+    """Attach an OpenAPI operation to a handler; `responses` maps status to schema or None.
+
+    `operation_id` (or `operationId` among `extra`, as OpenAPI spells it) names the operation
+    for generated clients: stable, unique in the document, camelCase (`createTask`).
+    """
+    if operation_id is not None and extra.setdefault("operationId", operation_id) != operation_id:
+        raise TypeError("give operation_id or operationId, not both")
 
     def attach(handler: H) -> H:
         documented: dict[str, Any] = {}
@@ -146,7 +158,9 @@ def build_spec(
 
     `registry`: the task types the app accepts, shown with their argument schemas.
     `earlier_aliases`: paths of the earlier version that share a handler (and so an
-    operation) with a REST route; they are filed under the earlier version's tag.
+    operation) with a REST route; they are filed under the earlier version's tag, with
+    the operationId `alias_operation_id` makes of the REST route's. Every operation needs
+    an operationId, unique in the document: generated clients name their functions after it.
     """
     plugin = MarshmallowPlugin()
     spec = APISpec(
@@ -166,22 +180,27 @@ def build_spec(
     plugin.map_to_openapi_type(fields.Dict, "object", None)
     if bearer:
         spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
+    taken: dict[str, str] = {}  # operationId: the route that has it
     for route in app.router.routes():
         if route.method == "HEAD" or isinstance(route.resource, web.StaticResource):
             continue
         info = route.resource.get_info() if route.resource else {}
         path = str(info.get("path") or info.get("formatter"))
+        where = f"{route.method} {path}"
         documented = getattr(route.handler, "openapi", None)
         if documented is None:
-            raise LookupError(f"{route.method} {path} has no OpenAPI operation")
+            raise LookupError(f"{where} has no OpenAPI operation")
         if not documented:
             continue  # deliberately undocumented (the docs page itself)
         op = dict(documented)
         if path in earlier_aliases:
             op["summary"] = f"{EARLIER_VERSION}: {op['summary']}"
             op["tags"] = [EARLIER_VERSION]
+            if "operationId" in op:
+                op["operationId"] = alias_operation_id(op["operationId"])
+        _take_operation_id(op, where, taken)
         params = [
-            {"in": "path", "name": name, "required": True, "schema": {"type": "string"}}
+            {"in": "path", "name": name, "required": True, "schema": _path_schema(name, registry)}
             for name in _path_params(path)
         ]
         op["parameters"] = params + list(op.get("parameters", []))
@@ -191,6 +210,34 @@ def build_spec(
     document = spec.to_dict()
     _drop_none_types(document)
     return document
+
+
+def alias_operation_id(operation_id: str) -> str:
+    """The operationId of an earlier version's path served by a REST route's handler:
+    `getTask` at /tasks/{id} is `legacyGetTask` at /id/{id}."""
+    return f"legacy{operation_id[:1].upper()}{operation_id[1:]}"
+
+
+def _take_operation_id(op: dict[str, Any], where: str, taken: dict[str, str]) -> None:
+    """Check that the operation has an operationId no other has taken, and take it."""
+    operation_id = op.get("operationId")
+    if not operation_id:
+        raise LookupError(f"{where} has no operationId: give @operation(operation_id=...)")
+    if operation_id in taken:
+        raise ValueError(f"{where} has operationId {operation_id!r}, as {taken[operation_id]} has")
+    taken[operation_id] = where
+
+
+def _path_schema(name: str, registry: Registry) -> dict[str, Any]:
+    """A path parameter's schema: a state and a task type are closed sets (the API takes
+    them in any letter case); anything else is a string."""
+    if name == "state":
+        values = [state.value for state in State]
+    elif name == "type":
+        values = list(registry.names)
+    else:
+        return {"type": "string"}
+    return {"type": "string", "enum": values, "description": "any letter case"}
 
 
 def _path_params(path: str) -> list[str]:

@@ -23,7 +23,11 @@ from service.web.schemas.tasks import TaskSchema
 worker_list_schema = WorkerListSchema()
 
 
-@operation("the worker processes, alive or gone", responses={200: WorkerListSchema})
+@operation(
+    "the worker processes, alive or gone",
+    operation_id="listWorkers",
+    responses={200: WorkerListSchema},
+)
 async def list_workers(request: web.Request) -> web.Response:
     """Every registered worker: what it holds, when it was last heard from, and whether it
     is alive (heard from within TASK_RUNNER_STALE_AFTER seconds, on the database clock)."""
@@ -33,13 +37,20 @@ async def list_workers(request: web.Request) -> web.Response:
 
 
 @also_error(409, "the task is not FAILED; `details` says which state it is in")
-@operation("requeue a FAILED task", responses={200: TaskSchema}, errors=(404,))
+@operation(
+    "requeue a FAILED task",
+    operation_id="requeueTask",
+    responses={200: TaskSchema},
+    errors=(404,),
+)
 async def requeue_task(request: web.Request) -> web.Response:
     """The task back to NOTSTARTED, due now, with its attempts reset (its errors kept)."""
     return task_response(await ops.requeue(request.app[STORE], request.match_info["id"]))
 
 
-@operation("recover stale tasks now", responses={200: RecoverSchema})
+@operation(
+    "recover stale tasks now", operation_id="recoverStaleTasks", responses={200: RecoverSchema}
+)
 async def recover(request: web.Request) -> web.Response:
     """What `task-runner recover` does, once: every STARTED task whose worker has been silent
     for TASK_RUNNER_STALE_AFTER goes back to NOTSTARTED, or FAILED when out of attempts."""
@@ -47,7 +58,7 @@ async def recover(request: web.Request) -> web.Response:
     return json_response(RecoverSchema().dump(result))
 
 
-@operation("the queue at a glance", responses={200: StatsSchema})
+@operation("the queue at a glance", operation_id="getStats", responses={200: StatsSchema})
 async def stats(request: web.Request) -> web.Response:
     """Counts by state and type, the due backlog and the oldest due task's lag, stale
     tasks, unreadable documents and the latest failures: what the dashboard shows."""

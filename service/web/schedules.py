@@ -33,6 +33,7 @@ def _schedule_response(
 
 @operation(
     "create a recurring schedule",
+    operation_id="createSchedule",
     responses={201: ScheduleSchema},
     errors=(400, 413, 415),
     requestBody={
@@ -66,7 +67,7 @@ async def create_schedule(request: web.Request) -> web.Response:
     return _schedule_response(schedule, schedule.id, status=201)
 
 
-@operation("list schedules", responses={200: ScheduleListSchema})
+@operation("list schedules", operation_id="listSchedules", responses={200: ScheduleListSchema})
 async def list_schedules(request: web.Request) -> web.Response:
     """Every schedule (up to TASK_RUNNER_MAX_PAGE_SIZE), oldest first."""
     limit = request.app[SETTINGS].max_page_size
@@ -75,7 +76,7 @@ async def list_schedules(request: web.Request) -> web.Response:
 
 
 @also_error(404, NO_SCHEDULE)
-@operation("one schedule", responses={200: ScheduleSchema})
+@operation("one schedule", operation_id="getSchedule", responses={200: ScheduleSchema})
 async def get_schedule(request: web.Request) -> web.Response:
     """One schedule, with its next occurrence."""
     schedule_id = request.match_info["id"]
@@ -83,7 +84,7 @@ async def get_schedule(request: web.Request) -> web.Response:
 
 
 @also_error(404, NO_SCHEDULE)
-@operation("delete a schedule", responses={204: None})
+@operation("delete a schedule", operation_id="deleteSchedule", responses={204: None})
 async def delete_schedule(request: web.Request) -> web.Response:
     """Delete a schedule: no more occurrences; its tasks made ahead whose occurrence has not
     come yet are deleted with it, those already due or running run as usual."""
@@ -93,7 +94,7 @@ async def delete_schedule(request: web.Request) -> web.Response:
 
 
 @also_error(404, NO_SCHEDULE)
-@operation("pause a schedule", responses={200: ScheduleSchema})
+@operation("pause a schedule", operation_id="pauseSchedule", responses={200: ScheduleSchema})
 async def pause_schedule(request: web.Request) -> web.Response:
     """Pause a schedule: it creates nothing until resumed, and its tasks made ahead whose
     occurrence has not come yet are withdrawn (its next_at moves back to the first of them)."""
@@ -103,7 +104,7 @@ async def pause_schedule(request: web.Request) -> web.Response:
 
 
 @also_error(404, NO_SCHEDULE)
-@operation("resume a schedule", responses={200: ScheduleSchema})
+@operation("resume a schedule", operation_id="resumeSchedule", responses={200: ScheduleSchema})
 async def resume_schedule(request: web.Request) -> web.Response:
     """Resume a paused schedule; occurrences missed meanwhile follow its missed policy."""
     schedules = request.app[STORE].schedules

@@ -102,6 +102,7 @@ def _idempotent(request: web.Request, settings: Settings) -> IdempotentCreate | 
 
 @operation(
     "create a task",
+    operation_id="createTask",
     responses={201: TaskSchema, 200: TaskSchema},
     errors=(400, 409, 410, 413, 415),
     requestBody={"required": True, "content": {"application/json": {"schema": CreateTaskSchema}}},
@@ -227,6 +228,7 @@ def _refused(exc: Exception) -> dict[str, Any]:
 
 @operation(
     "list tasks",
+    operation_id="listTasks",
     responses={200: TaskPageSchema},
     errors=(400,),
     parameters=[{"in": "query", "schema": ListQuerySchema}],
@@ -253,6 +255,7 @@ async def list_tasks(request: web.Request) -> web.Response:
 
 @operation(
     "one task",
+    operation_id="getTask",
     responses={200: TaskSchema},
     errors=(400, 404),
     parameters=[{"in": "query", "schema": TaskQuerySchema}],
@@ -308,7 +311,7 @@ async def update_task(request: web.Request) -> web.Response:
     return task_response(await store.tasks.update_waiting(task_id, changes=changes))
 
 
-@operation("delete a task", responses={204: None}, errors=(404,))
+@operation("delete a task", operation_id="deleteTask", responses={204: None}, errors=(404,))
 async def delete_task(request: web.Request) -> web.Response:
     """Delete a task; a worker running it stops within one heartbeat interval."""
     await request.app[STORE].tasks.delete(request.match_info["id"])

@@ -40,6 +40,7 @@ routes = web.RouteTableDef()
 @answers("text/html")
 @operation(
     "the dashboard (an HTML page for people)",
+    operation_id="getDashboard",
     responses={200: None},
     tags=["dashboard"],
 )
@@ -52,6 +53,7 @@ async def dashboard(request: web.Request) -> web.StreamResponse:
 @answers("text/event-stream")
 @operation(
     "task changes as Server-Sent Events",
+    operation_id="streamEvents",
     responses={200: None},
     tags=["dashboard"],
 )

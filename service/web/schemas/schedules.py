@@ -103,7 +103,9 @@ class ScheduleSchema(Schema):
     every = fields.Float(required=True, allow_none=True)
     start_at = Timestamp(required=True, allow_none=True)
     end_at = Timestamp(required=True, allow_none=True)
-    missed = fields.String(required=True, metadata={"description": "latest or skip"})
+    missed = fields.String(
+        required=True, metadata={"enum": [policy.value for policy in MissedPolicy]}
+    )
     paused = fields.Boolean(required=True)
     next_at = Timestamp(
         required=True,

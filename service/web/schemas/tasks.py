@@ -275,7 +275,9 @@ class TaskSchema(Schema):
     state = fields.String(
         required=True,
         metadata={
-            "description": f"{', '.join(State)}; anything else only with `problems`",
+            "enum": [state.value for state in State],
+            "description": "a document stored with another state (by hand, another version) "
+            "is shown as stored, with `problems` saying so",
         },
     )
     run_at = Timestamp(required=True, allow_none=True)

@@ -1,0 +1,284 @@
+"""Client: the same calls as AsyncClient, for code without an event loop.
+
+It runs an AsyncClient on an event loop of its own, in a daemon thread it starts, and waits
+for each call there: one implementation of the requests, retries and parsing for both
+clients, no dependency beyond aiohttp, and it works from any thread (calls from several
+threads share its connections) and from code that has an event loop of its own running
+(a notebook). Close it (`with Client(...) as client:`, or `client.close()`) to stop the
+thread; one left open is closed when it is garbage-collected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import threading
+import weakref
+from collections.abc import Coroutine, Iterable, Iterator, Mapping
+from types import TracebackType
+from typing import Any, TypeVar
+
+from service.client.aio import AsyncClient
+from service.client.records import ItemError, Page, Schedule, Stats, Task, Worker
+from service.client.transport import Retry, RunAt
+from service.models import State
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    """An event loop run by a daemon thread of its own."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="task-runner-client", daemon=True
+        )
+        self.thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run `coroutine` on the loop and wait for its result. Interrupted (Ctrl-C), the
+        call is cancelled on the loop too."""
+        if self.loop.is_closed():
+            coroutine.close()
+            raise RuntimeError("the client is closed")
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
+
+    def stop(self) -> None:
+        """Stop the loop, end the thread, close the loop."""
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
+
+
+def _shut(loop: LoopThread, client: AsyncClient) -> None:
+    if not loop.loop.is_closed():
+        loop.run(client.close())
+        loop.stop()
+
+
+class Client:
+    """The task-runner HTTP API from synchronous code; the same arguments, calls, records
+    and exceptions as AsyncClient (see it for `token`, `timeout`, `retry`).
+
+        with Client("http://127.0.0.1:3030", token="s3cret") as client:
+            task = client.create("foo", args={}, priority=5)
+            done = client.wait(task.id, timeout=600)
+            print(done.state, done.output)
+            for failed in client.list(state=State.FAILED):
+                client.requeue(failed.id)
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        timeout: float = 30.0,
+        retry: Retry | None = None,
+    ) -> None:
+        self._client = AsyncClient(url, token=token, timeout=timeout, retry=retry)
+        self._loop = LoopThread()
+        self._close = weakref.finalize(self, _shut, self._loop, self._client)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connections and stop the client's thread."""
+        self._close()
+
+    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return self._loop.run(coroutine)
+
+    # -- tasks ------------------------------------------------------------------------------
+
+    def create(
+        self,
+        type: str,
+        *,
+        args: Mapping[str, Any] | None = None,
+        run_at: RunAt | None = None,
+        priority: int | None = None,
+        tags: Iterable[str] | None = None,
+        queue: str | None = None,
+        idempotency_key: str | None = None,
+        callback_url: str | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,
+    ) -> Task:
+        """Create a task; see AsyncClient.create."""
+        return self._run(
+            self._client.create(
+                type,
+                args=args,
+                run_at=run_at,
+                priority=priority,
+                tags=tags,
+                queue=queue,
+                idempotency_key=idempotency_key,
+                callback_url=callback_url,
+                max_attempts=max_attempts,
+                timeout=timeout,
+            )
+        )
+
+    def create_many(self, items: Iterable[Mapping[str, Any]]) -> builtins.list[Task | ItemError]:
+        """Create several tasks in one request; see AsyncClient.create_many."""
+        return self._run(self._client.create_many(items))
+
+    def get(self, task_id: str) -> Task:
+        """One task; TaskNotFound if there is none with this id."""
+        return self._run(self._client.get(task_id))
+
+    def wait(self, task_id: str, timeout: float | None = 60.0) -> Task:
+        """The task once COMPLETE or FAILED; see AsyncClient.wait."""
+        return self._run(self._client.wait(task_id, timeout))
+
+    def page(
+        self,
+        *,
+        state: State | str | None = None,
+        type: str | None = None,
+        tag: str | None = None,
+        order: str = "asc",
+        page_size: int = 100,
+        cursor: str | None = None,
+    ) -> Page:
+        """One page of GET /tasks; see AsyncClient.page."""
+        return self._run(
+            self._client.page(
+                state=state, type=type, tag=tag, order=order, page_size=page_size, cursor=cursor
+            )
+        )
+
+    def list(
+        self,
+        *,
+        state: State | str | None = None,
+        type: str | None = None,
+        tag: str | None = None,
+        order: str = "asc",
+        page_size: int = 100,
+    ) -> Iterator[Task]:
+        """Every task with this state, type and tag (each optional), page after page, each
+        page fetched as the iteration reaches it.
+
+            for task in client.list(type="bar", order="desc"):
+                ...
+        """
+        cursor: str | None = None
+        while True:
+            page = self.page(
+                state=state, type=type, tag=tag, order=order, page_size=page_size, cursor=cursor
+            )
+            yield from page.tasks
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    def update(
+        self,
+        task_id: str,
+        *,
+        run_at: RunAt | None = None,
+        priority: int | None = None,
+        args: Mapping[str, Any] | None = None,
+        tags: Iterable[str] | None = None,
+    ) -> Task:
+        """Change a task that has not started; see AsyncClient.update."""
+        return self._run(
+            self._client.update(task_id, run_at=run_at, priority=priority, args=args, tags=tags)
+        )
+
+    def delete(self, task_id: str) -> None:
+        """Delete a task; TaskNotFound if there is none."""
+        self._run(self._client.delete(task_id))
+
+    def requeue(self, task_id: str) -> Task:
+        """Put a FAILED task back in the queue; see AsyncClient.requeue."""
+        return self._run(self._client.requeue(task_id))
+
+    def requeue_where(self, **filter: Any) -> int:
+        """Requeue every FAILED task the filter matches; how many. See AsyncClient."""
+        return self._run(self._client.requeue_where(**filter))
+
+    def delete_where(self, **filter: Any) -> int:
+        """Delete every task the filter matches; how many. See AsyncClient."""
+        return self._run(self._client.delete_where(**filter))
+
+    # -- schedules --------------------------------------------------------------------------
+
+    def create_schedule(
+        self,
+        type: str,
+        *,
+        cron: str | None = None,
+        timezone: str | None = None,
+        every: float | None = None,
+        args: Mapping[str, Any] | None = None,
+        priority: int | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,
+        start_at: RunAt | None = None,
+        end_at: RunAt | None = None,
+        missed: str | None = None,
+    ) -> Schedule:
+        """Create a recurring schedule; see AsyncClient.create_schedule."""
+        return self._run(
+            self._client.create_schedule(
+                type,
+                cron=cron,
+                timezone=timezone,
+                every=every,
+                args=args,
+                priority=priority,
+                max_attempts=max_attempts,
+                timeout=timeout,
+                start_at=start_at,
+                end_at=end_at,
+                missed=missed,
+            )
+        )
+
+    def list_schedules(self) -> builtins.list[Schedule]:
+        """Every schedule, oldest first."""
+        return self._run(self._client.list_schedules())
+
+    def get_schedule(self, schedule_id: str) -> Schedule:
+        """One schedule; ScheduleNotFound if there is none with this id."""
+        return self._run(self._client.get_schedule(schedule_id))
+
+    def pause_schedule(self, schedule_id: str) -> Schedule:
+        """Pause a schedule."""
+        return self._run(self._client.pause_schedule(schedule_id))
+
+    def resume_schedule(self, schedule_id: str) -> Schedule:
+        """Resume a paused schedule."""
+        return self._run(self._client.resume_schedule(schedule_id))
+
+    def delete_schedule(self, schedule_id: str) -> None:
+        """Delete a schedule."""
+        self._run(self._client.delete_schedule(schedule_id))
+
+    # -- the operator's view ----------------------------------------------------------------
+
+    def stats(self) -> Stats:
+        """The queue at a glance (GET /stats)."""
+        return self._run(self._client.stats())
+
+    def workers(self) -> builtins.list[Worker]:
+        """Every registered worker process, alive or gone (GET /workers)."""
+        return self._run(self._client.workers())
