@@ -26,6 +26,7 @@ More, with examples: docs/client.md.
 from service.client.aio import AsyncClient
 from service.client.errors import (
     ApiError,
+    BatchInterrupted,
     BodyTooLarge,
     ClientError,
     Conflict,
@@ -68,6 +69,7 @@ __all__ = [
     "ApiError",
     "AsyncClient",
     "AttemptError",
+    "BatchInterrupted",
     "BodyTooLarge",
     "Client",
     "ClientError",

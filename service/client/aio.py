@@ -142,7 +142,9 @@ class AsyncClient(ScheduleCalls):
             raise UnexpectedResponse("a batch's answer without results", status=answer.status)
         results: builtins.list[Task | ItemError] = []
         for index, entry in enumerate(entries):
-            if isinstance(entry, Mapping) and "error" in entry:
+            # A task has an `error` field too (null, or its last error's text): an item
+            # the API refused holds the error shape, an object.
+            if isinstance(entry, Mapping) and isinstance(entry.get("error"), Mapping):
                 results.append(ItemError.from_json(index, entry))
             elif isinstance(entry, Mapping) and isinstance(entry.get("task"), Mapping):
                 results.append(Task.from_json(entry["task"], status=answer.status))

@@ -113,6 +113,11 @@ class DatabaseUnavailable(ServiceUnavailable):
     """503 `database_unavailable`: the API's database did not answer in time."""
 
 
+class BatchInterrupted(ServiceUnavailable):
+    """503 `batch_interrupted`: a batch create failed part-way; `details["stored"]` lists
+    the indexes of the items stored, `details["unknown"]` those that may have been."""
+
+
 class RequestTimeout(ServiceUnavailable):
     """503 `request_timeout`: the request took longer than TASK_RUNNER_REQUEST_TIMEOUT."""
 
@@ -162,6 +167,7 @@ BY_CODE: dict[str, type[ApiError]] = {
     "idempotency_key_reused": IdempotencyKeyReused,
     "task_deleted": TaskDeleted,
     "database_unavailable": DatabaseUnavailable,
+    "batch_interrupted": BatchInterrupted,
     "request_timeout": RequestTimeout,
     "internal_error": InternalError,
 }
