@@ -82,3 +82,12 @@ class IdempotentTaskGone(TaskRunnerError):
         )
         self.key = key
         self.task_id = task_id
+
+
+class InvalidFilter(TaskRunnerError):
+    """A bulk action's filter that it cannot take (empty, a state it never touches, an
+    empty time window); `problems` names each field and what is wrong with it."""
+
+    def __init__(self, problems: dict[str, str]) -> None:
+        super().__init__("; ".join(f"{field}: {problem}" for field, problem in problems.items()))
+        self.problems = problems
