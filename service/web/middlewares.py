@@ -24,6 +24,7 @@ from service.errors import (
     DeleteAllDisabled,
     IdempotencyKeyReused,
     IdempotentTaskGone,
+    InvalidFilter,
     InvalidTask,
     ScheduleNotFound,
     TaskNotFound,
@@ -58,6 +59,11 @@ def _domain_error(exc: Exception) -> web.Response | None:
     if isinstance(exc, ValidationError):
         return error_response(
             400, "invalid_request", "the request is not valid; see details", details=exc.messages
+        )
+    if isinstance(exc, InvalidFilter):
+        details = {field: [problem] for field, problem in exc.problems.items()}
+        return error_response(
+            400, "invalid_request", "the request is not valid; see details", details=details
         )
     if isinstance(exc, TaskNotFound):
         return error_response(404, "task_not_found", str(exc), details={"id": exc.task_id})

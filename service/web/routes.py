@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from service.web import legacy, meta, operations, schedules, tasks
+from service.web import bulk, legacy, meta, operations, schedules, tasks
 
 # The earlier version's paths served by a REST route's handler: the docs file them with the
 # earlier version's other routes.
@@ -18,6 +18,10 @@ EARLIER_ALIASES = frozenset({"/id/{id}"})
 ROUTES: list[web.RouteDef] = [
     web.post("/tasks", tasks.create_task),
     web.get("/tasks", tasks.list_tasks),
+    # Literal paths, before /tasks/{id} and the earlier version's POST /{type}/{unix_seconds}
+    # would take them for a task id or a create.
+    web.post("/tasks/requeue", bulk.requeue_tasks),
+    web.post("/tasks/delete", bulk.delete_tasks),
     web.get("/id/{id}", tasks.get_task),
     web.get("/tasks/{id}", tasks.get_task),
     web.delete("/id/{id}", tasks.delete_task),
