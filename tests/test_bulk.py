@@ -294,6 +294,15 @@ async def test_each_write_checks_the_filter_again(store: Store, monkeypatch: Any
     assert failed not in await states(store)
 
 
+async def test_without_the_indexes_a_batch_reads_all_the_same(store: Store) -> None:
+    """An ops command may meet a database no API or worker has made the indexes in."""
+    failed = await finished(store, tags=["x"])
+    await store.db.tasks.drop_indexes()
+    assert await ops.requeue_matching(store, TaskFilter(tag="x"), within=1) == ops.Bulk(1, False)
+    assert await ops.delete_matching(store, TaskFilter(type="baz"), within=1) == ops.Bulk(1, False)
+    assert failed not in await states(store)
+
+
 async def test_the_store_refuses_states_a_bulk_action_never_takes(store: Store) -> None:
     with pytest.raises(ValueError, match="STARTED"):
         await store.bulk.delete_batch(TaskFilter(tag="x"), states={State.STARTED}, limit=1)
