@@ -121,3 +121,12 @@ class BatchInterrupted(TaskRunnerError):
             unknown=[positions[i] for i in self.unknown],
             reason=self.reason,
         )
+
+
+class InvalidFilter(TaskRunnerError):
+    """A bulk action's filter that it cannot take (empty, a state it never touches, an
+    empty time window); `problems` names each field and what is wrong with it."""
+
+    def __init__(self, problems: dict[str, str]) -> None:
+        super().__init__("; ".join(f"{field}: {problem}" for field, problem in problems.items()))
+        self.problems = problems

@@ -42,6 +42,27 @@ class TaskType(StrEnum):
 
 
 @dataclass(frozen=True, kw_only=True)
+class TaskFilter:
+    """Which tasks a bulk action takes: those that match every field given.
+
+    `type` matches in any letter case as stored; `tag` is one of the task's `tags`;
+    `finished_after` is inclusive, `finished_before` exclusive.
+    """
+
+    state: State | None = None
+    type: str | None = None
+    tag: str | None = None
+    finished_before: datetime | None = None
+    finished_after: datetime | None = None
+
+    @property
+    def empty(self) -> bool:
+        """True when no field is given (which would match every task)."""
+        given = (self.state, self.type, self.tag, self.finished_before, self.finished_after)
+        return all(value is None for value in given)
+
+
+@dataclass(frozen=True, kw_only=True)
 class AttemptError:
     """Why one attempt failed."""
 

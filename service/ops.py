@@ -1,5 +1,6 @@
-"""What the HTTP API and the CLI both do: recover stale tasks, requeue a failed one, and count
-the tasks by state and type.
+"""What the HTTP API and the CLI both do: recover stale tasks, requeue a failed one (or every
+task a filter matches, or delete them: batch by batch, within a time budget), and count the
+tasks by state and type.
 
 Each function takes the store and returns plain records; the callers turn them into JSON
 (service.web.operations) or a table (service.cli.printers). The records' attribute names are
@@ -9,15 +10,18 @@ the fields of the API's answers, so its schemas dump them as they are.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from service.models import State, Task
+from service.errors import InvalidFilter
+from service.models import State, Task, TaskFilter
 
 if TYPE_CHECKING:
     from service.store import Store
+    from service.store.bulk import Batch
     from service.store.figures import Stats
 
 
@@ -141,6 +145,108 @@ async def requeue(store: Store, task_id: str) -> Task:
     TaskNotRequeueable (with the task's `state`) when it is not FAILED.
     """
     return await store.tasks.requeue(task_id)
+
+
+# Ids read per batch of a bulk action: one write to this many tasks is short, and a million
+# matches take a thousand of them.
+BATCH_SIZE = 1000
+FILTER_FIELDS = ("state", "type", "tag", "finished_before", "finished_after")
+
+
+@dataclass(frozen=True)
+class Bulk:
+    """What a bulk action did in one call: `count` tasks changed; `more`: it stopped for time
+    with matches perhaps left, so call it again (with the same filter) to go on."""
+
+    count: int
+    more: bool
+
+
+def requeue_states(task_filter: TaskFilter) -> frozenset[State]:
+    """The states a bulk requeue with this filter takes: FAILED, or COMPLETE when the filter
+    asks for it. Raises InvalidFilter for an empty filter or another state."""
+    problems = _problems(task_filter)
+    if task_filter.state not in (None, State.FAILED, State.COMPLETE):
+        problems["state"] = (
+            f"a requeue takes FAILED tasks, or COMPLETE ones when asked; not {task_filter.state}"
+        )
+    _refuse(problems)
+    return frozenset({task_filter.state or State.FAILED})
+
+
+def delete_states(task_filter: TaskFilter) -> frozenset[State]:
+    """The states a bulk delete with this filter takes: the filter's, or every state but
+    STARTED. Raises InvalidFilter for an empty filter or STARTED."""
+    problems = _problems(task_filter)
+    if task_filter.state is State.STARTED:
+        problems["state"] = "a bulk delete never takes a STARTED task; delete one by its id"
+    _refuse(problems)
+    if task_filter.state is not None:
+        return frozenset({task_filter.state})
+    return frozenset(State) - {State.STARTED}
+
+
+def _problems(task_filter: TaskFilter) -> dict[str, str]:
+    problems: dict[str, str] = {}
+    if task_filter.empty:
+        fields = ", ".join(FILTER_FIELDS)
+        problems["filter"] = f"give at least one of {fields}; an empty filter would take every task"
+    after, before = task_filter.finished_after, task_filter.finished_before
+    if after is not None and before is not None and after >= before:
+        problems["finished_after"] = "must be before finished_before"
+    return problems
+
+
+def _refuse(problems: dict[str, str]) -> None:
+    if problems:
+        raise InvalidFilter(problems)
+
+
+async def requeue_matching(
+    store: Store, task_filter: TaskFilter, *, within: float, batch_size: int | None = None
+) -> Bulk:
+    """Every FAILED task the filter matches (COMPLETE ones if it names that state) back to
+    NOTSTARTED, due now, attempts reset, as `requeue` does one; `batch_size` (default
+    BATCH_SIZE) at a time, starting no batch that would likely end past `within` seconds (the
+    first always runs). Raises InvalidFilter before any write for a filter it cannot take."""
+    states = requeue_states(task_filter)
+    return await _in_batches(
+        lambda limit: store.bulk.requeue_batch(task_filter, states=states, limit=limit),
+        within=within,
+        batch_size=batch_size or BATCH_SIZE,
+    )
+
+
+async def delete_matching(
+    store: Store, task_filter: TaskFilter, *, within: float, batch_size: int | None = None
+) -> Bulk:
+    """Delete every task the filter matches but the STARTED ones, a batch at a time, as
+    `requeue_matching` goes."""
+    states = delete_states(task_filter)
+    return await _in_batches(
+        lambda limit: store.bulk.delete_batch(task_filter, states=states, limit=limit),
+        within=within,
+        batch_size=batch_size or BATCH_SIZE,
+    )
+
+
+async def _in_batches(
+    batch: Callable[[int], Awaitable[Batch]], *, within: float, batch_size: int
+) -> Bulk:
+    """Batches until one comes back short (nothing left) or the next would likely end past
+    `within` seconds (judged by the slowest batch so far)."""
+    deadline = time.monotonic() + within
+    count, slowest = 0, 0.0
+    while True:
+        began = time.monotonic()
+        done = await batch(batch_size)
+        ended = time.monotonic()
+        count += done.done
+        slowest = max(slowest, ended - began)
+        if done.found < batch_size:
+            return Bulk(count, more=False)
+        if ended + slowest > deadline:
+            return Bulk(count, more=True)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -432,6 +432,44 @@ async def test_requeue_and_delete_from_the_page(stack: Stack, store: Store) -> N
     assert await store.db.tasks.count_documents({"_id": ObjectId(waiting["id"])}) == 0
 
 
+async def test_requeue_all_failed_of_a_type_from_the_page(stack: Stack, store: Store) -> None:
+    failed = [await failed_task(store, type="baz") for _ in range(3)]
+    other = await failed_task(store)  # a bar: another type, left FAILED
+    page = await open_dashboard(stack)
+    button = '#counts tr[data-type="baz"] button.requeue-failed'
+    await page.wait_for_selector(button)
+    asked: list[str] = []
+
+    # Cancelled: the confirmation names the count, and nothing changes.
+    async def dismiss(dialog: Any) -> None:
+        asked.append(dialog.message)
+        await dialog.dismiss()
+
+    page.once("dialog", dismiss)
+    await page.click(button)
+    assert len(asked) == 1 and "Requeue all 3 FAILED baz tasks?" in asked[0], asked
+    assert "requeued" not in await page.inner_text("#message")  # "token saved", if shown
+    for task_id in failed:
+        assert (await stack.task(task_id))["state"] == "FAILED"
+
+    # Confirmed: POST /tasks/requeue {"state": "FAILED", "type": "baz"}; the worker runs them.
+    page.once("dialog", lambda dialog: dialog.accept())
+    await page.click(button)
+    await page.wait_for_selector("#message:has-text('3 FAILED baz task(s) requeued')")
+    for task_id in failed:
+        task = await stack.task(task_id)
+        assert task["state"] in ("NOTSTARTED", "STARTED", "COMPLETE"), task
+
+    async def all_complete() -> bool:
+        found = [(await stack.task(task_id))["state"] for task_id in failed]
+        return found == ["COMPLETE"] * len(failed)
+
+    await eventually(all_complete, within=20, what="the requeued baz tasks run to COMPLETE")
+    await page.wait_for_selector(button, state="detached")  # no FAILED baz task is left
+    assert await page.is_visible('#counts tr[data-type="bar"] button.requeue-failed')
+    assert (await stack.task(other))["state"] == "FAILED"
+
+
 WEEKDAYS_IN_PARIS = {"type": "baz", "cron": "30 9 * * 1-5", "timezone": "Europe/Paris"}
 
 

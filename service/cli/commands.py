@@ -8,7 +8,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from service.cli import dev, early, parser, printers, servers
+from service.cli import bulk, dev, early, parser, printers, servers
 from service.config import Settings, SettingsError, redact, unknown_variables
 
 logger = logging.getLogger(__name__)
@@ -24,7 +24,8 @@ COMMANDS: dict[str, Command] = {
     "workers": printers.runner(printers.workers),
     "schedules": printers.runner(printers.schedules),
     "recover": printers.runner(printers.recover),
-    "requeue": printers.runner(printers.requeue),
+    "requeue": bulk.requeue_command,
+    "delete": bulk.delete_command,
 }
 
 

@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from service.cli.bulk import add_filter_flags
 from service.config import COMMANDS, Setting, Settings, declared, shown
 from service.config.declaring import BOOLEAN, INTEGER, NUMBER, TEXT, TEXTS, Kind, comma_separated
 
@@ -35,8 +36,12 @@ HELP = {
     "workers": "the worker processes, alive or gone, and the tasks each holds",
     "schedules": "the recurring schedules and their next occurrences",
     "recover": "list and recover tasks stuck in STARTED",
-    "requeue": "put a FAILED task back in the queue, due now",
+    "requeue": "put a FAILED task back in the queue, due now; or, with filter flags instead "
+    "of an id, every task they match",
+    "delete": "delete every task a filter matches, except STARTED ones",
 }
+REQUEUE_STATES = "FAILED (the default) or COMPLETE, any letter case"
+DELETE_STATES = "NOTSTARTED, COMPLETE or FAILED, any letter case; default: all three"
 # How a flag's text is read. Numbers are not checked for finiteness here: Settings refuses
 # `nan` and `inf` with the other bounds, naming the flag.
 FLAG_TYPES: dict[Kind, Callable[[str], Any]] = {
@@ -101,7 +106,10 @@ def build() -> argparse.ArgumentParser:
         if command == "recover":
             sub.add_argument("--dry-run", action="store_true", help="list only; change nothing")
         if command == "requeue":
-            sub.add_argument("id", help="the task id")
+            sub.add_argument("id", nargs="?", help="the task id (or give filter flags instead)")
+            add_filter_flags(sub, states=REQUEUE_STATES)
+        if command == "delete":
+            add_filter_flags(sub, states=DELETE_STATES)
     return parser
 
 

@@ -12,6 +12,7 @@ the worker receives the parts it uses:
 - `workers` (WorkerRegistry): the worker processes' records
 - `figures` (Figures): counts for operators, the dashboard and /metrics
 - `retention` (Expiry): finished tasks expire
+- `bulk` (BulkTasks): requeue or delete the tasks a filter matches, a batch at a time
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pymongo import AsyncMongoClient
 
 from service.clock import DbClock
 from service.store.base import Database, new_lease, open_client, unavailable
+from service.store.bulk import BulkTasks
 from service.store.claims import Claims
 from service.store.figures import Figures
 from service.store.idempotency import IdempotencyKeys
@@ -61,6 +63,7 @@ class Store:
         self.workers = WorkerRegistry(self.db)
         self.figures = Figures(self.db)
         self.retention = Expiry(self.db)
+        self.bulk = BulkTasks(self.db)
 
     @unavailable
     async def ensure_indexes(self) -> None:

@@ -271,3 +271,16 @@ def stale_filter(clock: DbClock, stale_after: float) -> dict[str, Any]:
     """STARTED tasks whose heartbeat is older than `stale_after` seconds on the database clock."""
     cutoff = clock.surely_now() - timedelta(seconds=stale_after)
     return {"state": State.STARTED.value, "heartbeat_at": {"$lt": cutoff}}
+
+
+def requeue_update(clock: DbClock) -> dict[str, Any]:
+    """The update that puts a finished task back in the queue: NOTSTARTED, due now, a fresh
+    set of attempts, no lease or worker left (its errors, output and start kept)."""
+    return {
+        "$set": {
+            "state": State.NOTSTARTED.value,
+            "run_at": clock.surely_now(),
+            "attempts": 0,
+        },
+        "$unset": {"finished_at": "", "lease": "", "worker": "", "heartbeat_at": ""},
+    }

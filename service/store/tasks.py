@@ -32,6 +32,7 @@ from service.store.base import (
     NewTask,
     id_filter,
     new_task_document,
+    requeue_update,
     unavailable,
 )
 
@@ -322,14 +323,7 @@ class Tasks:
             raise InvalidTaskId(task_id) from None
         doc = await self.tasks.find_one_and_update(
             {"_id": _id, "state": State.FAILED.value},
-            {
-                "$set": {
-                    "state": State.NOTSTARTED.value,
-                    "run_at": self.clock.surely_now(),
-                    "attempts": 0,
-                },
-                "$unset": {"finished_at": "", "lease": "", "worker": "", "heartbeat_at": ""},
-            },
+            requeue_update(self.clock),
             return_document=ReturnDocument.AFTER,
         )
         if doc is None:

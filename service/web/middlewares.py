@@ -26,6 +26,7 @@ from service.errors import (
     DeleteAllDisabled,
     IdempotencyKeyReused,
     IdempotentTaskGone,
+    InvalidFilter,
     InvalidTask,
     ScheduleNotFound,
     TaskNotFound,
@@ -84,6 +85,13 @@ def refusal(exc: Exception) -> Refusal | None:
             code="invalid_request",
             message="the request is not valid; see details",
             details=exc.messages,
+        )
+    if isinstance(exc, InvalidFilter):
+        return Refusal(
+            status=400,
+            code="invalid_request",
+            message="the request is not valid; see details",
+            details={field: [problem] for field, problem in exc.problems.items()},
         )
     if isinstance(exc, TaskNotFound):
         return Refusal(

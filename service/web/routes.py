@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from service.web import legacy, meta, operations, schedules, tasks
+from service.web import bulk, legacy, meta, operations, schedules, tasks
 
 # The earlier version's paths served by a REST route's handler: the docs file them with the
 # earlier version's other routes.
@@ -21,6 +21,10 @@ ROUTES: list[web.RouteDef] = [
     # reserved) a task type "tasks" for the earlier version's POST /{type}/{unix_seconds}.
     web.post("/tasks/batch", tasks.create_tasks),
     web.get("/tasks", tasks.list_tasks),
+    # Literal paths, before /tasks/{id} and the earlier version's POST /{type}/{unix_seconds}
+    # would take them for a task id or a create.
+    web.post("/tasks/requeue", bulk.requeue_tasks),
+    web.post("/tasks/delete", bulk.delete_tasks),
     web.get("/id/{id}", tasks.get_task),
     web.get("/tasks/{id}", tasks.get_task),
     web.patch("/tasks/{id}", tasks.update_task),

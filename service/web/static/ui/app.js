@@ -115,12 +115,14 @@ class ApiError extends Error {
   }
 }
 
-async function api(method, path) {
-  const response = await fetch(path, {
-    method,
-    headers: { Accept: "application/json", ...authHeaders() },
-    cache: "no-store",
-  });
+async function api(method, path, json) {
+  const headers = { Accept: "application/json", ...authHeaders() };
+  const request = { method, headers, cache: "no-store" };
+  if (json !== undefined) {
+    headers["Content-Type"] = "application/json";
+    request.body = JSON.stringify(json);
+  }
+  const response = await fetch(path, request);
   if (response.status === 204) return null;
   let body = null;
   try {
@@ -160,17 +162,18 @@ async function loadStats() {
   const states = [...new Set([...STATES, ...stats.counts.map((c) => String(c.state))])];
   fill(
     $("counts"),
-    el("thead", {}, el("tr", {}, el("th", {}, "type"), states.map((s) => el("th", { class: "num" }, s)), el("th", { class: "num" }, "total"))),
+    el("thead", {}, el("tr", {}, el("th", {}, "type"), states.map((s) => el("th", { class: "num" }, s)), el("th", { class: "num" }, "total"), el("th", {}, ""))),
     el(
       "tbody",
       {},
       types.map((t) =>
         el(
           "tr",
-          {},
+          { "data-type": t },
           el("td", {}, t),
           states.map((s) => el("td", { class: "num" }, grid[t + "\u0000" + s] || 0)),
           el("td", { class: "num" }, stats.by_type[t] || 0),
+          el("td", { class: "buttons" }, requeueFailedButton(t, grid[t + "\u0000FAILED"] || 0)),
         ),
       ),
     ),
@@ -501,11 +504,14 @@ function onEvent(block) {
 
 // -- actions ------------------------------------------------------------------------------
 
-// Every action is one REST call, then a message and a refresh; its errors are shown.
-async function act(method, path, done, what) {
+// Every action is one REST call, then a message and a refresh; its errors are shown. A bulk
+// action (a JSON `body`) answers what one call did and `"more": true` when it stopped for time:
+// it is called again until it is done, and `done` is then given every answer.
+async function act(method, path, done, what, body) {
   try {
-    await api(method, path);
-    say(done);
+    const answers = [await api(method, path, body)];
+    while (answers[answers.length - 1]?.more) answers.push(await api(method, path, body));
+    say(typeof done === "function" ? done(answers) : done);
   } catch (error) {
     say(what + " failed: " + error.message, true);
   }
@@ -514,6 +520,20 @@ async function act(method, path, done, what) {
 
 function requeue(id) {
   return act("POST", "/tasks/" + encodeURIComponent(id) + "/requeue", "task " + id + " requeued: NOTSTARTED, due now", "requeue");
+}
+
+// The "Tasks by state and type" table: every FAILED task of a type back in the queue.
+function requeueFailedButton(type, failed) {
+  if (!failed || type === "(none)") return null;
+  const title = "POST /tasks/requeue {\"state\": \"FAILED\", \"type\": \"" + type + "\"}";
+  return el("button", { type: "button", class: "requeue-failed", title, onclick: () => requeueFailed(type, failed) }, "Requeue all failed");
+}
+
+function requeueFailed(type, failed) {
+  const question = "Requeue all " + failed + " FAILED " + type + " tasks? Each goes back to NOTSTARTED, due now, with its attempts reset (its errors kept).";
+  if (!window.confirm(question)) return;
+  const done = (answers) => answers.reduce((n, a) => n + a.requeued, 0) + " FAILED " + type + " task(s) requeued: NOTSTARTED, due now";
+  return act("POST", "/tasks/requeue", done, "requeue", { state: "FAILED", type });
 }
 
 function remove(id) {
