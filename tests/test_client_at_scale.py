@@ -1,9 +1,7 @@
-"""The client's calls of the endpoints other branches of issue 21 add, against a real API:
-POST /tasks/batch (create_many), PATCH /tasks/{id} (update), tags and GET /tasks?tag=, and
-the bulk actions POST /tasks/requeue and POST /tasks/delete (requeue_where, delete_where).
-
-Each test is skipped while the API's /openapi.json lacks what it calls, so this file waits
-for the merge; once merged, run it with `-rs`: a skip then means an endpoint is missing.
+"""The client's calls of the API for clients at scale, against a real API: POST /tasks/batch
+(create_many), PATCH /tasks/{id} (update), tags and GET /tasks?tag=, and the bulk actions
+POST /tasks/requeue and POST /tasks/delete (requeue_where, delete_where). Each test first
+checks that /openapi.json documents what it calls.
 """
 
 from __future__ import annotations
@@ -46,15 +44,15 @@ def document(api_process: ApiProcess) -> dict[str, Any]:
 
 
 def needs(document: dict[str, Any], *operations: str) -> None:
-    """Skip unless the API documents each operation ("post /tasks/batch"), or a query
-    parameter of one ("get /tasks?tag")."""
+    """The API documents each operation ("post /tasks/batch"), or a query parameter of one
+    ("get /tasks?tag"), that the test calls."""
     for wanted in operations:
         method, _, target = wanted.partition(" ")
         path, _, parameter = target.partition("?")
         operation = document["paths"].get(path, {}).get(method)
         names = {p["name"] for p in (operation or {}).get("parameters", [])}
-        if operation is None or (parameter and parameter not in names):
-            pytest.skip(f"the API has no {wanted} yet (issue 21, another branch)")
+        assert operation is not None, f"the API has no {wanted}"
+        assert not parameter or parameter in names, f"the API has no {wanted}"
 
 
 @pytest.fixture
