@@ -1,7 +1,7 @@
 """The client's parts that need no API: every error code the docs list has its exception,
 the backoff stays within its bounds, answers of odd shapes read without an exception, and
 the calls of the endpoints other branches add (batch, update, bulk actions) against a stub
-of their contract (tests/test_client_new_endpoints.py runs them against the real API).
+of their contract (tests/test_client_at_scale.py runs them against the real API).
 """
 
 from __future__ import annotations
