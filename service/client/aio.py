@@ -8,14 +8,14 @@ import builtins
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, Unpack
 from urllib.parse import quote
 
 from service.client.errors import UnexpectedResponse, WaitTimeout
+from service.client.fields import ListQuery
 from service.client.records import Fields, ItemError, Page, Task
 from service.client.schedules import ScheduleCalls
 from service.client.transport import Retry, RunAt, Transport, given
-from service.models import State
 
 # The longest wait the API takes in one GET /tasks/{id}?wait= (it may cut it shorter).
 MAX_WAIT = 60.0
@@ -190,34 +190,23 @@ class AsyncClient(ScheduleCalls):
             if task.done:
                 return task
 
-    async def page(
-        self,
-        *,
-        state: State | str | None = None,
-        type: str | None = None,
-        tag: str | None = None,
-        order: str = "asc",
-        page_size: int = 100,
-        cursor: str | None = None,
-    ) -> Page:
+    async def page(self, *, cursor: str | None = None, **query: Unpack[ListQuery]) -> Page:
         """One page of GET /tasks (ordered by run_at then id; `order="desc"`: the latest
         first), and the cursor of the next; `list()` follows the cursors for you."""
-        params = given(state=state, type=type, tag=tag, order=order, cursor=cursor)
-        params["limit"] = page_size
+        params = given(
+            state=query.get("state"),
+            type=query.get("type"),
+            tag=query.get("tag"),
+            order=query.get("order", "asc"),
+            cursor=cursor,
+        )
+        params["limit"] = query.get("page_size", 100)
         answer = await self.transport.call(
             "GET", "/tasks", params={name: str(value) for name, value in params.items()}
         )
         return Page.from_json(answer.body, status=answer.status)
 
-    async def list(
-        self,
-        *,
-        state: State | str | None = None,
-        type: str | None = None,
-        tag: str | None = None,
-        order: str = "asc",
-        page_size: int = 100,
-    ) -> AsyncIterator[Task]:
+    async def list(self, **query: Unpack[ListQuery]) -> AsyncIterator[Task]:
         """Every task with this state, type and tag (each optional), page after page.
 
         async for task in client.list(state="FAILED", page_size=500):
@@ -225,9 +214,7 @@ class AsyncClient(ScheduleCalls):
         """
         cursor: str | None = None
         while True:
-            page = await self.page(
-                state=state, type=type, tag=tag, order=order, page_size=page_size, cursor=cursor
-            )
+            page = await self.page(cursor=cursor, **query)
             for task in page.tasks:
                 yield task
             if page.next_cursor is None:

@@ -16,12 +16,12 @@ import threading
 import weakref
 from collections.abc import Coroutine, Iterable, Iterator, Mapping
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 from service.client.aio import AsyncClient
+from service.client.fields import CreateFields, ListQuery, ScheduleFields, UpdateFields
 from service.client.records import ItemError, Page, Schedule, Stats, Task, Worker
-from service.client.transport import Retry, RunAt
-from service.models import State
+from service.client.transport import Retry
 
 T = TypeVar("T")
 
@@ -105,35 +105,9 @@ class Client:
 
     # -- tasks ------------------------------------------------------------------------------
 
-    def create(
-        self,
-        type: str,
-        *,
-        args: Mapping[str, Any] | None = None,
-        run_at: RunAt | None = None,
-        priority: int | None = None,
-        tags: Iterable[str] | None = None,
-        queue: str | None = None,
-        idempotency_key: str | None = None,
-        callback_url: str | None = None,
-        max_attempts: int | None = None,
-        timeout: float | None = None,
-    ) -> Task:
-        """Create a task; see AsyncClient.create."""
-        return self._run(
-            self._client.create(
-                type,
-                args=args,
-                run_at=run_at,
-                priority=priority,
-                tags=tags,
-                queue=queue,
-                idempotency_key=idempotency_key,
-                callback_url=callback_url,
-                max_attempts=max_attempts,
-                timeout=timeout,
-            )
-        )
+    def create(self, type: str, **fields: Unpack[CreateFields]) -> Task:
+        """Create a task; see AsyncClient.create for the fields."""
+        return self._run(self._client.create(type, **fields))
 
     def create_many(self, items: Iterable[Mapping[str, Any]]) -> builtins.list[Task | ItemError]:
         """Create several tasks in one request; see AsyncClient.create_many."""
@@ -147,32 +121,11 @@ class Client:
         """The task once COMPLETE or FAILED; see AsyncClient.wait."""
         return self._run(self._client.wait(task_id, timeout))
 
-    def page(
-        self,
-        *,
-        state: State | str | None = None,
-        type: str | None = None,
-        tag: str | None = None,
-        order: str = "asc",
-        page_size: int = 100,
-        cursor: str | None = None,
-    ) -> Page:
+    def page(self, *, cursor: str | None = None, **query: Unpack[ListQuery]) -> Page:
         """One page of GET /tasks; see AsyncClient.page."""
-        return self._run(
-            self._client.page(
-                state=state, type=type, tag=tag, order=order, page_size=page_size, cursor=cursor
-            )
-        )
+        return self._run(self._client.page(cursor=cursor, **query))
 
-    def list(
-        self,
-        *,
-        state: State | str | None = None,
-        type: str | None = None,
-        tag: str | None = None,
-        order: str = "asc",
-        page_size: int = 100,
-    ) -> Iterator[Task]:
+    def list(self, **query: Unpack[ListQuery]) -> Iterator[Task]:
         """Every task with this state, type and tag (each optional), page after page, each
         page fetched as the iteration reaches it.
 
@@ -181,27 +134,15 @@ class Client:
         """
         cursor: str | None = None
         while True:
-            page = self.page(
-                state=state, type=type, tag=tag, order=order, page_size=page_size, cursor=cursor
-            )
+            page = self.page(cursor=cursor, **query)
             yield from page.tasks
             if page.next_cursor is None:
                 return
             cursor = page.next_cursor
 
-    def update(
-        self,
-        task_id: str,
-        *,
-        run_at: RunAt | None = None,
-        priority: int | None = None,
-        args: Mapping[str, Any] | None = None,
-        tags: Iterable[str] | None = None,
-    ) -> Task:
+    def update(self, task_id: str, **changes: Unpack[UpdateFields]) -> Task:
         """Change a task that has not started; see AsyncClient.update."""
-        return self._run(
-            self._client.update(task_id, run_at=run_at, priority=priority, args=args, tags=tags)
-        )
+        return self._run(self._client.update(task_id, **changes))
 
     def delete(self, task_id: str) -> None:
         """Delete a task; TaskNotFound if there is none."""
@@ -221,37 +162,9 @@ class Client:
 
     # -- schedules --------------------------------------------------------------------------
 
-    def create_schedule(
-        self,
-        type: str,
-        *,
-        cron: str | None = None,
-        timezone: str | None = None,
-        every: float | None = None,
-        args: Mapping[str, Any] | None = None,
-        priority: int | None = None,
-        max_attempts: int | None = None,
-        timeout: float | None = None,
-        start_at: RunAt | None = None,
-        end_at: RunAt | None = None,
-        missed: str | None = None,
-    ) -> Schedule:
-        """Create a recurring schedule; see AsyncClient.create_schedule."""
-        return self._run(
-            self._client.create_schedule(
-                type,
-                cron=cron,
-                timezone=timezone,
-                every=every,
-                args=args,
-                priority=priority,
-                max_attempts=max_attempts,
-                timeout=timeout,
-                start_at=start_at,
-                end_at=end_at,
-                missed=missed,
-            )
-        )
+    def create_schedule(self, type: str, **fields: Unpack[ScheduleFields]) -> Schedule:
+        """Create a recurring schedule; see AsyncClient.create_schedule for the fields."""
+        return self._run(self._client.create_schedule(type, **fields))
 
     def list_schedules(self) -> builtins.list[Schedule]:
         """Every schedule, oldest first."""
