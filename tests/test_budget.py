@@ -21,6 +21,7 @@ from service.config import Settings
 from service.models import State, TaskType
 from service.plugins import load_registry
 from service.store import Store
+from service.store.occurrences import Timing
 from service.store.streams import EMPTY_BATCH_PAUSE
 from service.worker.process import http_session
 from service.worker.worker import Worker
@@ -133,23 +134,60 @@ async def test_a_task_costs_three_commands_plus_its_share_of_wake_ups(
     assert others <= tasks + periodic + 5, (kinds, round(elapsed, 2))
 
 
-async def test_an_idle_worker_sends_under_one_command_a_second(
-    watched: tuple[Store, CommandLog], settings: Settings
-) -> None:
-    store, log = watched
-    production_like = dataclasses.replace(
-        settings, heartbeat_interval=2.0, stale_after=12.0, max_poll_interval=5.0
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 22: about 1.0 command/s on SecantusDB with every feature on; the schedule "
+    "round's find (0.2/s) is the next to budget without making new schedules late",
+)
+async def test_an_idle_worker_sends_under_one_command_a_second(settings: Settings) -> None:
+    # Every feature on, at the default intervals: a type limit, a schedule not due for a
+    # day, retention; every command of the worker's clients (its own, the claim client and
+    # the lease keeper's, which shares its listeners) over 30 s, long enough for each round
+    # (recovery at a stale threshold, the registry at half of one, the malformed scan's
+    # first look) to come at least once. scripts/idle_cost.py breaks it down by round.
+    log = CommandLog()
+    url = settings.mongodb_url
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        url, tz_aware=True, event_listeners=[log]
     )
-    worker, running = await run_worker(store, production_like)
-    await asyncio.sleep(1.0)
-    log.recording = True
-    await asyncio.sleep(10.0)
-    log.recording = False
-    worker.stop()
-    await running
+    claim_client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        url, tz_aware=True, event_listeners=[log], retryWrites=False
+    )
+    store = Store(client, database=settings.database, clock=DbClock(), claim_client=claim_client)
+    await store.sync_clock()
+    await store.ensure_indexes()
+    await store.workers.ensure_indexes()
+    await store.schedules.create(
+        template={"type": "baz", "max_attempts": 1}, timing=Timing(every=86_400.0)
+    )
+    defaults = Settings()
+    production_like = dataclasses.replace(
+        settings,
+        heartbeat_interval=defaults.heartbeat_interval,
+        stale_after=defaults.stale_after,
+        max_poll_interval=defaults.max_poll_interval,
+        schedule_interval=defaults.schedule_interval,
+        retention=defaults.retention,
+        type_limits=("baz=2",),
+    )
+    assert production_like.limits and production_like.retention > 0
+    seconds = 30.0
+    try:
+        worker, running = await run_worker(store, production_like)
+        await asyncio.sleep(1.0)
+        log.recording = True
+        await asyncio.sleep(seconds)
+        log.recording = False
+        worker.stop()
+        await running
+    finally:
+        await client.drop_database(settings.database)
+        await claim_client.close()
+        await client.close()
     kinds = Counter(classify(*entry) for entry in log.done)
-    print(f"idle worker, 10 s: {dict(kinds)}")
-    assert sum(kinds.values()) <= 10, kinds
+    print(f"idle worker, every feature on, {seconds:g} s: {dict(kinds)}")
+    assert kinds["recovery"] >= 1 and kinds["update"] >= 1, kinds  # recovery, registry
+    assert sum(kinds.values()) < seconds, kinds  # under one a second
 
 
 async def test_a_draining_backlog_does_not_read_the_change_stream_per_write(

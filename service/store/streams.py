@@ -90,11 +90,11 @@ class TaskWatch:
 
     @unavailable
     async def earliest_waiting(
-        self, *, after: datetime, types: Iterable[str] | None = None, limit: int = 1
+        self, *, after: datetime | None, types: Iterable[str] | None = None, limit: int = 1
     ) -> list[tuple[Any, datetime]]:
-        """The `limit` earliest waiting tasks (of these types) due at or after `after`:
-        their `_id` and run_at, earliest first, for a worker to sleep until the first it
-        does not know of yet.
+        """The `limit` earliest waiting tasks (of these types) due at or after `after` (None:
+        whenever): their `_id` and run_at, earliest first, for a worker to sleep until the
+        first it does not know of yet.
 
         Equalities and one range (no type: see Claimer.claims_any_type), so SecantusDB
         reads them off the `{state, run_at, _id}` index rather than scanning. A document
@@ -103,7 +103,9 @@ class TaskWatch:
         """
         query: dict[str, Any] = {
             "state": State.NOTSTARTED.value,
-            "run_at": {"$gte": after, "$lte": LATEST_RUN_AT},
+            "run_at": {"$lte": LATEST_RUN_AT}
+            if after is None
+            else {"$gte": after, "$lte": LATEST_RUN_AT},
         }
         if types is not None:
             query["type"] = {"$in": type_names(types)}

@@ -59,7 +59,7 @@ class Claimer:
             task = await self.slots.claim(task_type)
             if task is not None:
                 return task, False
-        if not self.wakeups.due():
+        if not self.wakeups.due() or await self.wakeups.nothing_due():
             return None, False
         first = self.slots.overdue()
         task = await self.slots.claim_open() if first else None

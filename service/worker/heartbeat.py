@@ -31,10 +31,11 @@ class Holder(Protocol):
 
 class Heartbeat(Periodic):
     """Refreshes the worker's record in the registry: whenever the tasks it has held for a
-    quarter interval changed, and otherwise every `refresh_every` rounds (a third of the
-    stale threshold), so an idle worker stays alive in the registry for a write every few
-    seconds, and a burst of short tasks costs none. The database clock's offset is measured
-    again in a round when due.
+    quarter interval changed, and otherwise every `refresh_every` rounds (half the stale
+    threshold: a failed write, retried the next round, still leaves the record fresh), so
+    an idle worker stays alive in the registry for a write every few seconds, and a burst of
+    short tasks costs none. The database clock's offset is measured again in a round when
+    due.
     """
 
     def __init__(
@@ -55,7 +56,7 @@ class Heartbeat(Periodic):
         self.sync_clock = sync_clock
         # Told when a round found no database: recovery must then wait for it long enough.
         self.database_lost = database_lost
-        self.refresh_every = max(1, int(stale_after / 3 / interval))
+        self.refresh_every = max(1, int(stale_after / 2 / interval))
         self._rounds_unregistered = 0
         self._registered: tuple[str, ...] | None = None
 

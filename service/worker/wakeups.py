@@ -114,6 +114,30 @@ class WakeUps:
             return True
         return False
 
+    async def nothing_due(self) -> bool:
+        """Right after due() said yes: is it a drain with nothing known to be due, and does
+        the earliest waiting task, whatever its run_at, say that no claim could find one?
+
+        Then that one read stands for the claims and the look-up of an empty drain (the
+        safety poll of an idle worker: one command rather than a claim per limited type and
+        its slot's take and give-back, the others' claim and the look-up), and the
+        bookkeeping is as after an empty claim. The task it found is a lower bound for
+        everything waiting, announced or not, so it is kept as the next to wake up at.
+        False (something may be due, or the drain was not alone): claim as ever.
+        """
+        floor = self._claim_floor
+        head = self._head()
+        if not self._drain or (head is not None and head < floor):
+            return False
+        found = await self.task_watch.earliest_waiting(after=None, types=self.lookup_types())
+        if found and found[0][1] < floor:
+            return False
+        self._drain = False
+        self._drop_before(floor, self._claim_seq)
+        self._next = found[0][1] if found else None
+        self._poll_at = self.clock.surely_now() + timedelta(seconds=self.max_poll)
+        return True
+
     def claimed(self, task: Task) -> None:
         """A claim took `task`: its announcement, if any, is accounted for."""
         self._known.pop(task.id, None)

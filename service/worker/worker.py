@@ -108,7 +108,7 @@ class Worker:
             clock=store.clock,
             ping=store.ping,
             stale_after=settings.stale_after,
-            interval=settings.stale_after / 2,
+            interval=settings.stale_after,
             slots=store.slots if self.slots.limits else None,
         )
         self.leases = self._lease_keeper(store, settings)
