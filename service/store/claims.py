@@ -7,12 +7,13 @@ the meantime, the write matches nothing and the caller is told so."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import pymongo
-from pymongo import ReturnDocument
+from pymongo import ReturnDocument, UpdateOne
 
 from service.models import State, Task
 from service.store.base import (
@@ -58,6 +59,21 @@ def claim_update(worker_id: str, lease: str) -> list[dict[str, Any]]:
             }
         }
     ]
+
+
+def _fence(task: Task) -> dict[str, Any]:
+    """The filter of every write under a claim: this task, still STARTED under our lease."""
+    return {"_id": task.key, "lease": task.lease, "state": State.STARTED.value}
+
+
+@dataclass(frozen=True)
+class Finish:
+    """A task's result as one fenced write: the update, and the state it leads to (where a
+    write that landed shows its lease)."""
+
+    task: Task
+    update: dict[str, Any]
+    state: State
 
 
 class Claims:
@@ -108,7 +124,7 @@ class Claims:
     async def give_back(self, task: Task) -> bool:
         """Undo a claim of a task this worker cannot run (a type it does not have): back to
         NOTSTARTED as it was, the attempt not counted, no lease or worker left on it."""
-        fence = {"_id": task.key, "lease": task.lease, "state": State.STARTED.value}
+        fence = _fence(task)
         update = {
             "$set": {"state": State.NOTSTARTED.value},
             "$inc": {"attempts": -1},
@@ -136,18 +152,17 @@ class Claims:
         alive = {doc["lease"] async for doc in self.tasks.find(fence, projection={"lease": True})}
         return leases - alive
 
-    @unavailable
-    async def complete(self, task: Task, output: str) -> bool:
-        """Mark COMPLETE; False if the lease was lost (the result is then dropped)."""
+    def completion(self, task: Task, output: str) -> Finish:
+        """The write that marks the task COMPLETE with `output`."""
         update = {
             "$set": {"state": State.COMPLETE.value, "output": storable(output)},
             "$currentDate": {"finished_at": True},
         }
-        return await self._fenced(task, update, State.COMPLETE)
+        return Finish(task, update, State.COMPLETE)
 
-    @unavailable
-    async def fail(self, task: Task, error: str, *, retry_at: datetime | None) -> bool:
-        """Record a failed attempt: back to NOTSTARTED at `retry_at`, or FAILED if None."""
+    def failure(self, task: Task, error: str, *, retry_at: datetime | None) -> Finish:
+        """The write that records a failed attempt: back to NOTSTARTED at `retry_at`, or
+        FAILED if None."""
         now = self.clock.now()
         error = storable(error)
         entry = {"attempt": task.attempts, "error": error, "at": now, "worker": task.worker}
@@ -168,7 +183,44 @@ class Claims:
             update["$set"]["errors"] = [entry]  # what was there is not a list to push onto
         else:
             update["$push"] = {"errors": entry}
-        return await self._fenced(task, update, state)
+        return Finish(task, update, state)
+
+    @unavailable
+    async def complete(self, task: Task, output: str) -> bool:
+        """Mark COMPLETE; False if the lease was lost (the result is then dropped)."""
+        finish = self.completion(task, output)
+        return await self._fenced(task, finish.update, finish.state)
+
+    @unavailable
+    async def fail(self, task: Task, error: str, *, retry_at: datetime | None) -> bool:
+        """Record a failed attempt: back to NOTSTARTED at `retry_at`, or FAILED if None."""
+        finish = self.failure(task, error, retry_at=retry_at)
+        return await self._fenced(task, finish.update, finish.state)
+
+    @unavailable
+    async def finish_many(self, finishes: Sequence[Finish]) -> list[bool]:
+        """Write several results in one bulk_write of fenced updates (unordered); for each,
+        whether it landed (False: its lease was lost and the result dropped).
+
+        When fewer than all were modified, one read of the batch's ids tells which: a write
+        landed if its lease is on the document in its target state (see _fenced), which
+        also counts the writes of an earlier try of this batch whose reply was lost.
+        """
+        if not finishes:
+            return []
+        ops = [UpdateOne(_fence(f.task), f.update) for f in finishes]
+        result = await self.tasks.bulk_write(ops, ordered=False)
+        if result.modified_count == len(finishes):
+            return [True] * len(finishes)
+        keys = [f.task.key for f in finishes]
+        cursor = self.tasks.find({"_id": {"$in": keys}}, projection={"lease": 1, "state": 1})
+        # Leases are unique to a claim; a document of another shape may hold anything.
+        states = {
+            lease: doc.get("state")
+            async for doc in cursor
+            if isinstance(lease := doc.get("lease"), str)
+        }
+        return [states.get(f.task.lease or "") == f.state.value for f in finishes]
 
     @unavailable
     async def release(self, task: Task) -> bool:
@@ -187,8 +239,7 @@ class Claims:
         (a database outage), finding our lease already in the target state shows it landed.
         Nobody else can put our lease there: recovery removes it, a new claim replaces it.
         """
-        fence = {"_id": task.key, "lease": task.lease, "state": State.STARTED.value}
-        result = await self.tasks.update_one(fence, update)
+        result = await self.tasks.update_one(_fence(task), update)
         if result.modified_count == 1:
             return True
         landed = {"_id": task.key, "lease": task.lease, "state": state.value}

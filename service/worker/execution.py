@@ -1,5 +1,6 @@
 """Running one claimed task: its arguments loaded, its code run within its time limit, and
-its outcome (done, retry later, failed) written under its lease and logged."""
+its outcome (done, retry later, failed) written under its lease, together with the others
+finished at about the same time (service/worker/results.py), and logged."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from service.models import Task
 from service.plugins import ArgsUnloadable, Registry, TaskContext, TaskTimedOut, run_task
 from service.store.claims import Claims
 from service.worker import metrics
+from service.worker.results import ResultWriter
 from service.worker.slots import Slots
 
 logger = logging.getLogger(__name__)
@@ -48,7 +50,7 @@ class Outcome:
 
 class Executor:
     """Runs claimed tasks of the types in `registry`, each with the shared HTTP client
-    `http`, and writes each one's outcome fenced on its lease."""
+    `http`, and writes each one's outcome fenced on its lease (in batches: `results`)."""
 
     def __init__(
         self,
@@ -68,6 +70,7 @@ class Executor:
         self.settings = settings
         self.http = http
         self.worker_id = worker_id
+        self.results = ResultWriter(claims, backoff_cap=settings.heartbeat_interval)
 
     async def run(self, task: Task) -> Outcome:
         """Run the task; whatever it raises becomes the outcome (a cancellation propagates)."""
@@ -152,7 +155,7 @@ class Executor:
         kind counted)."""
         error = outcome.error
         if error is None:
-            written = await self._persist(lambda: self.claims.complete(task, outcome.output or ""))
+            written = await self.results.write(self.claims.completion(task, outcome.output or ""))
             return written, "COMPLETE", "complete"
         retry_at = None
         if outcome.retry and task.max_attempts is not None and task.attempts < task.max_attempts:
@@ -160,7 +163,7 @@ class Executor:
                 task.attempts, base=self.settings.retry_base, cap=self.settings.retry_max
             )
             retry_at = self.clock.now() + timedelta(seconds=delay)
-        written = await self._persist(lambda: self.claims.fail(task, error, retry_at=retry_at))
+        written = await self.results.write(self.claims.failure(task, error, retry_at=retry_at))
         if retry_at is None:
             return written, "FAILED", "failed"
         return written, f"retry at {retry_at.isoformat()}", "retry"

@@ -145,6 +145,7 @@ class Worker:
             http=http,
             worker_id=self.worker_id,
         )
+        self.executor.results.full = lambda: len(self.running) >= settings.concurrency
         self.malformed, self.retention, self.scheduler = _upkeep(store, settings)
         for job in self.jobs:
             job.on_crash = self._crash
@@ -224,6 +225,7 @@ class Worker:
             for job in reversed(self.jobs):
                 await job.stop()
             await self._release_all()
+            await self.executor.results.stop()
             await self.leases.stop()
             if self.fatal is None:
                 await self._unregister()
