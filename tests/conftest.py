@@ -14,13 +14,14 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from pymongo import AsyncMongoClient
 
 from service.clock import DbClock
 from service.config import Settings
 from service.localdb import database_url, free_port
 from service.store import Store, open_client
 from service.web.app import create_app
-from tests.helpers import ApiProcess, StubHttpServer, WorkerProcess, settings_env
+from tests.helpers import ApiProcess, CommandLog, StubHttpServer, WorkerProcess, settings_env
 
 
 @pytest.fixture(scope="session")
@@ -118,3 +119,17 @@ async def http_stub() -> AsyncIterator[StubHttpServer]:
     await stub.start()
     yield stub
     await stub.close()
+
+
+@pytest.fixture
+async def watched(settings: Settings) -> AsyncIterator[tuple[Store, CommandLog]]:
+    """A store whose client logs every command."""
+    log = CommandLog()
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        settings.mongodb_url, tz_aware=True, event_listeners=[log]
+    )
+    store = Store(client, database=settings.database, clock=DbClock())
+    await store.sync_clock()
+    await store.ensure_indexes()
+    yield store, log
+    await client.close()

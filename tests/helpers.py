@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar, overload
 
 from aiohttp import web
+from pymongo import monitoring
 
 from service.config import Settings, env_name
 from service.localdb import free_port
@@ -425,3 +426,24 @@ async def listed_ids(api: Any, **params: str) -> tuple[list[str], int]:
         cursor = body["next_cursor"]
         if cursor is None:
             return seen, pages
+
+
+class CommandLog(monitoring.CommandListener):
+    """Every command the client sent, with what it asked and what it got."""
+
+    def __init__(self) -> None:
+        self.started_commands: dict[int, tuple[str, dict[str, Any]]] = {}
+        self.done: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+        self.recording = False
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if self.recording:
+            self.started_commands[event.request_id] = (event.command_name, dict(event.command))
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        sent = self.started_commands.pop(event.request_id, None)
+        if sent is not None:
+            self.done.append((sent[0], sent[1], dict(event.reply)))
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        self.started_commands.pop(event.request_id, None)

@@ -8,13 +8,10 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from pymongo import AsyncMongoClient
 
-from service.clock import DbClock
 from service.config import Settings
 from service.models import State, Task, TaskType
 from service.plugins import load_registry
@@ -23,23 +20,15 @@ from service.worker.execution import Outcome
 from service.worker.process import http_session
 from service.worker.results import ResultWriter
 from service.worker.worker import Worker
-from tests.helpers import eventually
-from tests.test_budget import CommandLog, run_worker
+from tests.helpers import CommandLog, eventually
+from tests.test_budget import run_worker
 
 
 @pytest.fixture
-async def logged(settings: Settings) -> AsyncIterator[tuple[Store, CommandLog]]:
-    """A store whose client logs every command (recording from the start)."""
-    log = CommandLog()
-    log.recording = True
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-        settings.mongodb_url, tz_aware=True, event_listeners=[log]
-    )
-    store = Store(client, database=settings.database, clock=DbClock())
-    await store.sync_clock()
-    await store.ensure_indexes()
-    yield store, log
-    await client.close()
+def logged(watched: tuple[Store, CommandLog]) -> tuple[Store, CommandLog]:
+    """test_budget's store whose client logs every command, recording from the start."""
+    watched[1].recording = True
+    return watched
 
 
 def result_writes(log: CommandLog) -> list[list[dict[str, Any]]]:

@@ -8,13 +8,11 @@ import asyncio
 import dataclasses
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
-import pytest
 from bson import ObjectId
-from pymongo import AsyncMongoClient, monitoring
+from pymongo import AsyncMongoClient
 
 from service.clock import DbClock
 from service.config import Settings
@@ -25,28 +23,7 @@ from service.store.occurrences import Timing
 from service.store.streams import EMPTY_BATCH_PAUSE
 from service.worker.process import http_session
 from service.worker.worker import Worker
-from tests.helpers import eventually
-
-
-class CommandLog(monitoring.CommandListener):
-    """Every command the client sent, with what it asked and what it got."""
-
-    def __init__(self) -> None:
-        self.started_commands: dict[int, tuple[str, dict[str, Any]]] = {}
-        self.done: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
-        self.recording = False
-
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
-        if self.recording:
-            self.started_commands[event.request_id] = (event.command_name, dict(event.command))
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        sent = self.started_commands.pop(event.request_id, None)
-        if sent is not None:
-            self.done.append((sent[0], sent[1], dict(event.reply)))
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        self.started_commands.pop(event.request_id, None)
+from tests.helpers import CommandLog, eventually
 
 
 def classify(name: str, command: dict[str, Any], reply: dict[str, Any]) -> str:
@@ -64,20 +41,6 @@ def classify(name: str, command: dict[str, Any], reply: dict[str, Any]) -> str:
         if "heartbeat_at" in update.get("$currentDate", {}):
             return "heartbeat"
     return name
-
-
-@pytest.fixture
-async def watched(settings: Settings) -> AsyncIterator[tuple[Store, CommandLog]]:
-    """A store whose client logs every command."""
-    log = CommandLog()
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-        settings.mongodb_url, tz_aware=True, event_listeners=[log]
-    )
-    store = Store(client, database=settings.database, clock=DbClock())
-    await store.sync_clock()
-    await store.ensure_indexes()
-    yield store, log
-    await client.close()
 
 
 async def run_worker(store: Store, settings: Settings) -> tuple[Worker, asyncio.Task[None]]:
