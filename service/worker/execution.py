@@ -4,7 +4,6 @@ finished at about the same time (service/worker/results.py), and logged."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import time
@@ -16,12 +15,11 @@ import aiohttp
 
 from service.clock import DbClock
 from service.config import Settings
-from service.errors import DatabaseUnavailable
 from service.models import Task
 from service.plugins import ArgsUnloadable, Registry, TaskContext, TaskTimedOut, run_task
 from service.store.claims import Claims
 from service.worker import metrics
-from service.worker.results import ResultWriter
+from service.worker.results import ResultWriter, persist
 from service.worker.slots import Slots
 
 logger = logging.getLogger(__name__)
@@ -168,21 +166,8 @@ class Executor:
             return written, "FAILED", "failed"
         return written, f"retry at {retry_at.isoformat()}", "retry"
 
-    async def _persist(self, write: Callable[[], Awaitable[bool]]) -> bool:
-        """Retry a fenced write through a database outage; the fence makes a retry safe."""
-        backoff = 0.1
-        while True:
-            try:
-                return await write()
-            except DatabaseUnavailable as exc:
-                metrics.DATABASE_ERRORS.inc()
-                logger.warning("writing a result failed: %s; retrying in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.settings.heartbeat_interval)
-
     async def _persist_none(self, write: Callable[[], Awaitable[None]]) -> None:
-        async def done() -> bool:
-            await write()
-            return True
-
-        await self._persist(done)
+        """A write that answers nothing (a slot's give-back), retried through an outage."""
+        await persist(
+            write, what="giving back a slot", backoff_cap=self.settings.heartbeat_interval
+        )

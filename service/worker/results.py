@@ -14,13 +14,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from service.errors import DatabaseUnavailable
 from service.store.claims import Claims, Finish
 from service.worker import metrics
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Seconds a batch waits for more results after a write returned. In a burst on the local
 # SecantusDB a worker's claims land about 10 ms apart (each task's result follows its claim):
@@ -97,20 +100,32 @@ class ResultWriter:
             and (left := deadline - loop.time()) > 0
         ):
             self._more.clear()
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+            # cancellation that comes just as the event is set (see periodic.stop_task).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._more.wait(), left)
+                async with asyncio.timeout(left):
+                    await self._more.wait()
 
     async def _persist(self, batch: list[Finish]) -> list[bool]:
         """Retry the batch through a database outage; the fence makes a retry safe (a write
         that landed shows its lease in its target state)."""
-        backoff = 0.1
-        while True:
-            try:
-                return await self.claims.finish_many(batch)
-            except DatabaseUnavailable as exc:
-                metrics.DATABASE_ERRORS.inc()
-                logger.warning(
-                    "writing %d result(s) failed: %s; retrying in %.1fs", len(batch), exc, backoff
-                )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.backoff_cap)
+        return await persist(
+            lambda: self.claims.finish_many(batch),
+            what=f"writing {len(batch)} result(s)",
+            backoff_cap=self.backoff_cap,
+        )
+
+
+async def persist(write: Callable[[], Awaitable[T]], *, what: str, backoff_cap: float) -> T:
+    """`write()`, retried with a doubling backoff (up to `backoff_cap` seconds) for as long
+    as the database is unavailable: for writes a retry cannot make wrong (fenced, or
+    idempotent)."""
+    backoff = 0.1
+    while True:
+        try:
+            return await write()
+        except DatabaseUnavailable as exc:
+            metrics.DATABASE_ERRORS.inc()
+            logger.warning("%s failed: %s; retrying in %.1fs", what, exc, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, backoff_cap)
