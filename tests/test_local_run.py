@@ -429,3 +429,19 @@ def test_dev_sh_installs_only_when_the_project_changed(tmp_path: Path) -> None:
     record = next((project / ".venv").rglob("RECORD"))
     record.write_text("another install\n")
     assert dev_sh()[0] is True
+
+
+def test_the_embedded_servers_claim_write_is_mended() -> None:
+    """SecantusDB's findAndModify writes its document under `{_id, $and: [query]}`, which its
+    write path scanned the collection for; the server service.localdb starts looks it up by
+    `_id` (docs/performance.md, the embedded database's envelope). This fails when a
+    SecantusDB release renames what is mended, where the mend would silently not apply."""
+    from secantus.storage import Storage
+
+    from service.localdb import index_fenced_writes
+
+    index_fenced_writes()
+    index_fenced_writes()  # once only, however often called
+    mended = Storage._try_index_id_keys
+    assert getattr(mended, "indexes_fenced_writes", False)
+    assert not getattr(mended.__closure__[0].cell_contents, "indexes_fenced_writes", False)

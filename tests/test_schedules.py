@@ -24,6 +24,7 @@ from pymongo.errors import DuplicateKeyError
 from service.config import Settings
 from service.models import Schedule, State, Task
 from service.store import Store
+from service.store.materialiser import Materialiser
 from service.store.occurrences import Timing, latest_occurrence, next_occurrence
 from service.store.schedules import OCCURRENCE_INDEX
 from service.web.app import create_app
@@ -212,6 +213,44 @@ async def test_schedule_lifecycle_through_the_api(api: TestClient[Any, Any]) -> 
     assert {"schedule_id", "occurrence"} <= set(task_fields)
 
 
+async def test_the_api_makes_a_new_or_resumed_schedules_first_occurrences(
+    store: Store, api: TestClient[Any, Any], settings: Settings
+) -> None:
+    """With no worker running, the tasks of the occurrences within the schedule job's first
+    lookahead exist when POST /schedules answers, once each and due at their occurrence,
+    and again when a pause withdrew them and /resume answers: they start on time rather than
+    when a worker's round finds them."""
+    lookahead = Materialiser(store.schedules, interval=settings.schedule_interval).lookahead
+    began = store.clock.now()
+    created = await api.post("/schedules", json={"type": "baz", "every": 2})
+    assert created.status == 201, await created.text()
+    schedule = await created.json()
+    path = f"/schedules/{schedule['id']}"
+
+    async def made() -> list[datetime]:
+        """The run_at of each task the schedule made, in order."""
+        found = [t for t in await all_tasks(store) if t.schedule_id == schedule["id"]]
+        assert all(t.run_at == t.occurrence and t.state == State.NOTSTARTED for t in found)
+        return sorted(t.run_at for t in found if t.run_at is not None)
+
+    def check(times: list[datetime], shown: dict[str, Any], *, since: datetime) -> None:
+        assert len(times) >= lookahead.total_seconds() // 2 - 2, times
+        gaps = {(b - a).total_seconds() for a, b in itertools.pairwise(times)}
+        assert gaps == {2.0}, gaps  # one task per occurrence, none missing
+        assert since < times[0] and times[-1] <= store.clock.now() + lookahead
+        # next_at: the first occurrence no task is made for yet.
+        next_at = utc(shown["next_at"].replace("Z", "+00:00"))
+        assert next_at == times[-1] + timedelta(seconds=2)
+
+    check(await made(), schedule, since=began)
+    assert (await api.post(f"{path}/pause")).status == 200
+    assert await made() == []  # none due yet: all withdrawn
+    resuming = store.clock.now()
+    resumed = await api.post(f"{path}/resume")
+    assert resumed.status == 200
+    check(await made(), await resumed.json(), since=resuming - timedelta(seconds=2))
+
+
 async def test_schedule_writes_need_a_token(
     settings: Settings, store: Store, aiohttp_client: Any
 ) -> None:
@@ -269,7 +308,7 @@ def _made_ahead(tasks: list[Task], job: Scheduler) -> None:
     """Each task was made before its occurrence, by at most the job's lookahead."""
     for task in tasks:
         assert task.created_at is not None and task.occurrence is not None
-        assert task.created_at < task.occurrence <= task.created_at + job.lookahead
+        assert task.created_at < task.occurrence <= task.created_at + job.maker.lookahead
 
 
 async def test_missed_occurrences_latest_once_or_none(store: Store) -> None:
@@ -412,12 +451,12 @@ async def test_a_round_that_read_the_schedule_before_a_pause_or_delete(
     for stop in ("pause", "delete"):
         schedule = await _overdue(store, "latest", by=-1.5, every=60)
         now = store.clock.surely_now()
-        (read,) = await store.schedules.due(now=now + job.lookahead, limit=10)
+        (read,) = await store.schedules.due(now=now + job.maker.lookahead, limit=10)
         if stop == "pause":
             assert await store.schedules.pause(schedule.id, paused=True) is not None
         else:
             assert await store.schedules.delete(schedule.id)
-        assert await job.materialise(read, now) == 0
+        assert await job.maker.materialise(read, now) == 0
         assert await _tasks_of(store, schedule) == []
         if stop == "pause":
             stored = await store.schedules.get(schedule.id)
@@ -431,12 +470,12 @@ async def test_a_round_that_read_the_schedule_before_a_pause_or_delete(
     # and the task that stands is not withdrawn.
     schedule = await _overdue(store, "latest", by=-1.5, every=60)
     now = store.clock.surely_now()
-    (read,) = await store.schedules.due(now=now + job.lookahead, limit=10)
+    (read,) = await store.schedules.due(now=now + job.maker.lookahead, limit=10)
     assert read.next_at is not None
     following = next_occurrence(read, read.next_at, inclusive=False)
     assert await store.schedules.advance(read, to=following, now=now)  # the other's advance
-    assert await job.materialise(read, now) == 1  # this one's insert stands
-    assert await _scheduler(store, interval=2).materialise(read, now) == 0  # a third: refused
+    assert await job.maker.materialise(read, now) == 1  # this one's insert stands
+    assert await _scheduler(store, interval=2).maker.materialise(read, now) == 0  # a third: refused
     (made,) = await _tasks_of(store, schedule)
     assert made.occurrence == read.next_at
 
@@ -446,7 +485,8 @@ async def test_a_round_that_read_the_schedule_before_a_pause_or_delete(
 
 @pytest.fixture
 def two_apis(store: Store, start_api: Callable[..., ApiProcess]) -> list[ApiProcess]:
-    return [start_api(log_level="INFO") for _ in range(2)]
+    # The API makes a new schedule's first lookahead of occurrences: the workers' interval.
+    return [start_api(**FAST) for _ in range(2)]
 
 
 FAST_INTERVAL = 0.2
@@ -505,7 +545,7 @@ async def test_fleet_makes_exactly_one_task_per_occurrence(
     # Watched for three periods after the delete: nothing newer than it.
     await asyncio.sleep(3)
     tasks = [t for t in await all_tasks(store) if t.schedule_id]
-    _check_once_each(tasks, lookahead=_scheduler(store, interval=FAST_INTERVAL).lookahead)
+    _check_once_each(tasks, lookahead=_scheduler(store, interval=FAST_INTERVAL).maker.lookahead)
     assert all(t.attempts == 1 for t in tasks)
     assert all(t.occurrence is not None and t.occurrence <= deleted_at for t in tasks)
     occurrences = sorted(t.occurrence for t in tasks if t.occurrence is not None)
@@ -521,7 +561,8 @@ ON_TIME = timedelta(seconds=0.5)
 
 async def test_tasks_made_ahead_start_on_time_through_pause_resume_and_delete(
     store: Store,
-    api: TestClient[Any, Any],
+    settings: Settings,
+    aiohttp_client: Callable[[Any], Any],
     spawn_worker: Callable[..., WorkerProcess],
 ) -> None:
     """With a job interval of seconds, each occurrence's task is made ahead and started by
@@ -529,7 +570,11 @@ async def test_tasks_made_ahead_start_on_time_through_pause_resume_and_delete(
     late). Pausing and deleting withdraw the tasks not yet due and nothing else; resuming
     continues, on time again from one lookahead on."""
     interval = 2.0
-    lookahead = _scheduler(store, interval=interval).lookahead  # 3.2 s
+    lookahead = _scheduler(store, interval=interval).maker.lookahead  # 3.2 s
+    # The API makes a new or resumed schedule's first lookahead: the workers' interval.
+    api = await aiohttp_client(
+        create_app(dataclasses.replace(settings, schedule_interval=interval))
+    )
     workers = [spawn_worker(schedule_interval=interval, log_level="INFO") for _ in range(2)]
     for worker in workers:
         await wait_until_started(worker)
@@ -589,9 +634,9 @@ async def test_tasks_made_ahead_start_on_time_through_pause_resume_and_delete(
     await watch(paused_at)
     # Resume: occurrences missed meanwhile follow the missed policy; from one lookahead on,
     # each is made ahead and starts on time again.
+    resumed_at = store.clock.now()
     resumed = await api.post(f"{path}/resume")
     assert resumed.status == 200
-    resumed_at = store.clock.now()
     await eventually(
         lambda: started_after(resumed_at + lookahead, 3),
         within=30,
@@ -683,7 +728,7 @@ async def test_missed_occurrences_after_the_whole_fleet_was_down(
     assert skipped_up_to - first_missed[skip.id] >= timedelta(seconds=3)
     _check_once_each(
         [*await _tasks_of(store, latest), *await _tasks_of(store, skip)],
-        lookahead=_scheduler(store, interval=FAST_INTERVAL).lookahead,
+        lookahead=_scheduler(store, interval=FAST_INTERVAL).maker.lookahead,
     )
     survivor.signal(signal.SIGTERM)
     assert survivor.wait() == 0, survivor.stderr()

@@ -155,10 +155,12 @@ class Settings:
         bound=POSITIVE,
     )
     schedule_interval: float = setting(
-        5.0,
+        15.0,
         WORKER,
         "seconds between a worker's looks for schedule occurrences to make tasks for, a little "
-        "ahead of them (docs/schedules.md)",
+        "ahead of them; the API makes those of a new or resumed schedule's first look "
+        "(docs/schedules.md)",
+        commands=("api", "worker"),
         bound=POSITIVE,
     )
     retention: float = setting(

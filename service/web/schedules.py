@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 from aiohttp import web
 
-from service.errors import ScheduleNotFound
+from service.errors import DatabaseUnavailable, ScheduleNotFound
 from service.models import Schedule
+from service.store.materialiser import Materialiser
 from service.store.occurrences import Timing
 from service.web.common import json_object, json_response
 from service.web.keys import REGISTRY, SETTINGS, STORE
@@ -16,6 +19,7 @@ from service.web.schemas.schedules import (
     ScheduleSchema,
 )
 
+logger = logging.getLogger(__name__)
 schedule_schema = ScheduleSchema()
 NO_SCHEDULE = "no such schedule"
 
@@ -64,7 +68,27 @@ async def create_schedule(request: web.Request) -> web.Response:
         missed=loaded["missed"].value,
     )
     schedule = await request.app[STORE].schedules.create(template=template, timing=timing)
-    return _schedule_response(schedule, schedule.id, status=201)
+    return _schedule_response(await _made_ahead(request, schedule), schedule.id, status=201)
+
+
+async def _made_ahead(request: web.Request, schedule: Schedule | None) -> Schedule | None:
+    """The schedule after its occurrences within the schedule job's first lookahead are made
+    (as a worker's round would, so they start on time rather than when a round finds them)."""
+    if schedule is None or schedule.paused:
+        return schedule
+    schedules = request.app[STORE].schedules
+    maker = Materialiser(schedules, interval=request.app[SETTINGS].schedule_interval)
+    try:
+        if not await maker.materialise(schedule, schedules.clock.surely_now()):
+            return schedule
+        return await schedules.get(schedule.id)
+    except DatabaseUnavailable as exc:
+        # The schedule stands (a retried create would make a second one): the workers'
+        # rounds make these occurrences, a round late at worst.
+        logger.warning(
+            "schedule %s: its first occurrences left to the workers: %s", schedule.id, exc
+        )
+        return schedule
 
 
 @operation("list schedules", operation_id="listSchedules", responses={200: ScheduleListSchema})
@@ -109,4 +133,5 @@ async def resume_schedule(request: web.Request) -> web.Response:
     """Resume a paused schedule; occurrences missed meanwhile follow its missed policy."""
     schedules = request.app[STORE].schedules
     schedule_id = request.match_info["id"]
-    return _schedule_response(await schedules.pause(schedule_id, paused=False), schedule_id)
+    resumed = await _made_ahead(request, await schedules.pause(schedule_id, paused=False))
+    return _schedule_response(resumed, schedule_id)
