@@ -143,9 +143,10 @@ class QueueTable:
         return QueueSettings.from_document(doc or {"_id": name})
 
     @unavailable
-    async def take(self, name: str) -> float | None:
-        """Take one token of the queue's rate: 0.0 if one was taken, else the seconds until
-        the next whole token; None if the queue has no rate now or is paused. One update."""
+    async def take(self, name: str) -> tuple[bool, float] | None:
+        """Take one token of the queue's rate in one update: (whether one was taken, the
+        seconds until the bucket holds a whole token again); None if the queue has no rate
+        now or is paused."""
         doc = await self.queues.find_one_and_update(
             {"_id": name, "rate": {"$gt": 0}, "paused": {"$ne": True}},
             take_pipeline(),
@@ -154,12 +155,10 @@ class QueueTable:
         )
         if doc is None:
             return None
-        if doc.get("taken") is True:
-            return 0.0
         rate, tokens = doc.get("rate"), doc.get("tokens")
         if not (_number(rate) and _number(tokens)):
             return None
-        return max(0.0, (1 - float(tokens)) / float(rate))
+        return doc.get("taken") is True, max(0.0, (1 - float(tokens)) / float(rate))
 
     @unavailable
     async def give_back(self, name: str) -> None:

@@ -119,14 +119,16 @@ class QueueGate:
             self._retry.pop(name, None)
             return None
         lease = new_lease()
+        next_token = 0.0  # seconds until the bucket holds a token again
         if settings.rate is not None:
-            wait = await self.table.take(name)
-            if wait is None:  # paused or rate cleared since: read the settings again
+            took = await self.table.take(name)
+            if took is None:  # paused or rate cleared since: read the settings again
                 self._read_at = None
                 self._retry.pop(name, None)
                 return None
-            if wait > 0:
-                self._retry[name] = (time.monotonic() + wait + TOKEN_MARGIN, wait)
+            taken, next_token = took
+            if not taken:
+                self._retry[name] = (time.monotonic() + next_token + TOKEN_MARGIN, next_token)
                 return None
         if settings.concurrency is not None:
             key = slot_key(name)
@@ -144,7 +146,10 @@ class QueueGate:
             await self._give_back(name, lease, token=settings.rate is not None)
             self._retry.pop(name, None)
         else:
-            self._retry[name] = (time.monotonic(), FIRST_BACKOFF / 2)
+            # Tried again at once, or when the bucket next holds a token: no take is spent
+            # on finding it empty.
+            at = time.monotonic() + (next_token + TOKEN_MARGIN if next_token else 0.0)
+            self._retry[name] = (at, FIRST_BACKOFF / 2)
         return task
 
     def _back_off(self, name: str) -> None:
