@@ -522,6 +522,28 @@ async def test_schedules_show_and_pause_resume_and_delete_from_the_page(stack: S
     await page.wait_for_selector("#schedule-count:text-is('(1, 0 paused)')")
 
 
+async def test_queues_show_their_settings_and_counts_and_pause_resume_from_the_page(
+    stack: Stack,
+) -> None:
+    status, _ = stack.call("POST", "/tasks", {"type": "foo", "queue": "mail", "run_at": 4102444800})
+    assert status == 201
+    status, queue = stack.call("PUT", "/queues/mail", {"rate": 2.5, "burst": 3, "concurrency": 4})
+    assert status == 200, queue
+    page = await open_dashboard(stack)
+    row = '#queues tr[data-name="mail"]'
+    await page.wait_for_selector(f"{row}[data-state=active]")
+    assert await page.inner_text(f"{row} td.rate") == "2.5/s\nburst 3"
+    assert await page.inner_text(f"{row} td.concurrency") == "4"
+    assert "1" in await page.inner_text(f"{row} td.num >> nth=0")  # NOTSTARTED
+    await page.click(f"{row} button.pause")
+    await page.wait_for_selector(f"{row}[data-state=paused]")
+    assert stack.call("GET", "/queues/mail")[1]["paused"] is True
+    await page.wait_for_selector("#queue-count:text-is('(1, 1 paused)')")
+    await page.click(f"{row} button.resume")
+    await page.wait_for_selector(f"{row}[data-state=active]")
+    assert stack.call("GET", "/queues/mail")[1]["paused"] is False
+
+
 async def test_what_tasks_hold_is_shown_as_text(stack: Stack, store: Store) -> None:
     hostile = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script>'
     task_id = await failed_task(store, output=hostile, error=hostile, type="foo")
