@@ -358,3 +358,5 @@ async def test_queues_are_set_read_paused_and_resumed(client: AsyncClient) -> No
     with pytest.raises(InvalidRequest) as bad:
         await client.put_queue("mail", {"rate": 0})
     assert "rate" in bad.value.details
+    schedule = await client.create_schedule("baz", every=3600, queue="mail")
+    assert schedule.queue == "mail"

@@ -274,6 +274,7 @@ class Schedule:
     paused: bool = False
     next_at: datetime | None = None
     created_at: datetime | None = None
+    queue: str | None = None
     problems: tuple[str, ...] = ()
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -300,6 +301,7 @@ class Schedule:
             paused=read.boolean("paused") is True,
             next_at=read.time("next_at"),
             created_at=read.time("created_at"),
+            queue=read.text("queue"),
             problems=read.texts("problems"),
             raw=dict(read.data),
         )
