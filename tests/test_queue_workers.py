@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -262,3 +263,26 @@ async def test_what_a_concurrency_limited_task_costs(
     # A slot taken and given back per task (two updates of the queue's limits document).
     assert kinds["update limits"] >= 2 * tasks, kinds
     assert sum(kinds.values()) <= 9 * tasks, kinds
+
+
+async def test_a_type_limit_and_a_queue_concurrency_hold_together(
+    store: Store, spawn_worker: Spawn
+) -> None:
+    # Foo limited to 1 in the fleet, the queue to 2: Foo tasks of the queue run one at a
+    # time (under a slot of each), Baz tasks of the queue beside them.
+    await store.queues.put("pool", {"concurrency": 2})
+    await create(store, 4, queue="pool", task_type=TaskType.FOO)
+    await create(store, 4, queue="pool", task_type=TaskType.BAZ)
+    async with sampling(store, "pool") as sampler:
+        workers = [spawn_worker(foo_seconds=0.5, type_limits="foo=1") for _ in range(2)]
+
+        async def all_done() -> bool:
+            return await count(store, "pool", State.COMPLETE) == 8
+
+        await eventually(all_done, within=60)
+    assert max(started for _, started in sampler.samples) <= 2  # the queue's concurrency
+    cursor = store.db.tasks.find({"type": "foo"}, projection={"started_at": 1, "finished_at": 1})
+    spans = sorted([(d["started_at"], d["finished_at"]) async for d in cursor])
+    # One Foo at a time: each started after the one before finished.
+    assert all(later[0] >= earlier[1] for earlier, later in itertools.pairwise(spans)), spans
+    assert all(w.alive() for w in workers)

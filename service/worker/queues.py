@@ -141,10 +141,15 @@ class QueueGate:
                 self._back_off(name)
                 return None
             self._slotted[lease] = name
-        task = await self._claim_in(name, lease)
+        task, typed_full = await self._claim_in(name, lease)
         if task is None:
             await self._give_back(name, lease, token=settings.rate is not None)
-            self._retry.pop(name, None)
+            if typed_full:
+                # Its tasks of a limited type may be waiting for a slot of their type: no
+                # wake-up would tell, so try again after a back-off.
+                self._back_off(name)
+            else:
+                self._retry.pop(name, None)
         else:
             # Tried again at once, or when the bucket next holds a token: no take is spent
             # on finding it empty.
@@ -157,11 +162,13 @@ class QueueGate:
         backoff = min(backoff * 2, MAX_BACKOFF)
         self._retry[name] = (time.monotonic() + backoff, backoff)
 
-    async def _claim_in(self, name: str, lease: str) -> Task | None:
+    async def _claim_in(self, name: str, lease: str) -> tuple[Task | None, bool]:
         """Claim a task of queue `name` under `lease`: of a type without a per-type limit in
-        one claim, else of each limited type under one of its slots (with the same lease)."""
+        one claim, else of each limited type under one of its slots (with the same lease);
+        and whether a limited type was left out for want of a slot."""
         self._unconfirmed = (name, lease)
         task = None
+        typed_full = len(self.type_slots.open_types()) < len(self.type_slots.limits)
         unlimited = self.type_slots.unlimited
         if unlimited:
             task = await self.claims.claim(
@@ -172,6 +179,7 @@ class QueueGate:
             if not await self.slot_table.take(
                 task_type, limit=limit, lease=lease, worker_id=self.worker_id
             ):
+                typed_full = True
                 continue
             task = await self.claims.claim(
                 self.worker_id,
@@ -184,7 +192,7 @@ class QueueGate:
                 break
             await self.slot_table.free(task_type, lease)
         self._unconfirmed = None
-        return task
+        return task, typed_full
 
     async def _give_back(self, name: str, lease: str, *, token: bool) -> None:
         if self._slotted.pop(lease, None) is not None:
