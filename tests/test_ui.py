@@ -391,6 +391,11 @@ async def test_the_dashboard_follows_tasks_live_and_shows_the_fleet(stack: Stack
     assert stack.call("POST", f"/schedules/{weekdays['id']}/pause")[0] == 200
     await page.wait_for_selector(f'#schedules tr[data-id="{hourly["id"]}"][data-state=active]')
     await page.wait_for_selector(f'#schedules tr[data-id="{weekdays["id"]}"][data-state=paused]')
+    # Queues too: one throttled, one paused.
+    assert stack.call("PUT", "/queues/partner-api", {"rate": 4, "concurrency": 2})[0] == 200
+    assert stack.call("POST", "/queues/reports/pause")[0] == 200
+    await page.wait_for_selector('#queues tr[data-name="reports"][data-state=paused]')
+    await page.wait_for_selector('#queues tr[data-name="partner-api"]')
     SCREENSHOT.parent.mkdir(exist_ok=True)
     await page.screenshot(path=str(SCREENSHOT), full_page=True)
 
