@@ -50,8 +50,10 @@ def claimable(
         query.update(in_queue(queue))
     elif exclude:
         # A document without `queue` is in the default queue: null stands for it.
-        names: list[str | None] = list(sorted(exclude))
-        query["queue"] = {"$nin": [*names, None] if DEFAULT_QUEUE in exclude else names}
+        names: list[str | None] = [*sorted(exclude)]
+        if DEFAULT_QUEUE in exclude:
+            names.append(None)
+        query["queue"] = {"$nin": names}
     return query
 
 
@@ -128,10 +130,9 @@ class Claims:
         claim under a slot must land while the slot is young).
         `queue`: a task of that queue only; else none of the queues in `exclude`.
         """
-        due_by = self.clock.surely_now()
         with pymongo.timeout(within):
             doc = await self.claim_tasks.find_one_and_update(
-                claimable(types, due_by=due_by, queue=queue, exclude=exclude),
+                claimable(types, due_by=self.clock.surely_now(), queue=queue, exclude=exclude),
                 claim_update(worker_id, lease),
                 sort=CLAIM_SORT,
                 return_document=ReturnDocument.AFTER,
