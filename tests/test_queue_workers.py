@@ -286,3 +286,27 @@ async def test_a_type_limit_and_a_queue_concurrency_hold_together(
     # One Foo at a time: each started after the one before finished.
     assert all(later[0] >= earlier[1] for earlier, later in itertools.pairwise(spans)), spans
     assert all(w.alive() for w in workers)
+
+
+async def test_a_concurrency_raised_at_run_time_is_used_within_seconds(
+    store: Store, spawn_worker: Spawn
+) -> None:
+    await store.queues.put("pool", {"concurrency": 1})
+    await create(store, 8, queue="pool", task_type=TaskType.FOO)
+    workers = [spawn_worker(foo_seconds=2.0) for _ in range(2)]
+
+    async def one_runs() -> bool:
+        return await count(store, "pool", State.STARTED) == 1
+
+    await eventually(one_runs, within=30)
+    await store.queues.put("pool", {"concurrency": 3})
+    raised_at = time.monotonic()
+
+    async def three_run() -> bool:
+        return await count(store, "pool", State.STARTED) == 3
+
+    await eventually(three_run, within=10)
+    took = time.monotonic() - raised_at
+    print(f"three STARTED {took:.2f}s after the change")
+    assert took < 2 * ACKNOWLEDGED, took
+    assert all(w.alive() for w in workers)
