@@ -200,6 +200,7 @@ async def test_counts_and_settings_read_any_stored_shape(store: Store) -> None:
         [
             {"_id": "odd", "rate": "fast", "burst": -2, "concurrency": 1.5, "paused": "yes"},
             {"_id": "fine", "rate": 2, "burst": 3, "concurrency": 4, "paused": True},
+            {"_id": 5, "rate": 1},
         ]
     )
     await store.db.tasks.insert_one({"type": "foo", "state": 7, "queue": ["x"]})
@@ -208,3 +209,16 @@ async def test_counts_and_settings_read_any_stored_shape(store: Store) -> None:
     assert (fine.rate, fine.burst, fine.concurrency, fine.paused) == (2.0, 3, 4, True)
     counts = await store.queues.counts()
     assert counts == {"['x']": {"7": 1}}, counts
+
+
+async def test_a_bucket_of_another_shape_is_taken_from_as_a_new_one(store: Store) -> None:
+    await store.db.queues.insert_one(
+        {"_id": "odd", "rate": 2, "burst": "x", "tokens": "y", "refilled_ms": [1]}
+    )
+    took = await store.queues.take("odd")
+    assert took is not None and took[0], took  # a full bucket of the default burst, 1
+    took = await store.queues.take("odd")
+    assert took is not None and not took[0] and 0 < took[1] <= 0.5, took
+    await store.queues.give_back("odd")
+    took = await store.queues.take("odd")
+    assert took is not None and took[0], took

@@ -82,20 +82,31 @@ def _whole(value: Any) -> TypeGuard[float]:
     return _number(value) and value == int(value)
 
 
+def _number_or(field: str, default: Any, *, least: float | None = None) -> dict[str, Any]:
+    """A stored field as a number when it is one (and at least `least`), else `default`: a
+    document of another shape (written by hand) must not fail the update."""
+    fits: list[Any] = [{"$isNumber": f"${field}"}]
+    if least is not None:
+        fits.append({"$gte": [f"${field}", least]})
+    return {"$cond": [{"$and": fits}, f"${field}", default]}
+
+
+BURST = _number_or("burst", 1, least=1)
+
+
 def take_pipeline() -> list[dict[str, Any]]:
     """The token take as one pipeline update: refill from the time elapsed on the database's
-    clock since the last refill (up to `burst`), then take one token if a whole one is there.
+    clock since the last refill (up to `burst`), then take one if a whole one is there.
     `taken` says whether this update took one."""
     # Milliseconds since the epoch on the database's clock. Stored as a number, not a date:
     # SecantusDB fails to subtract a stored date from $$NOW (it can subtract numbers).
     now = {"$toLong": "$$NOW"}
-    burst = {"$ifNull": ["$burst", 1]}
-    tokens = {"$ifNull": ["$tokens", burst]}  # a new bucket starts full
-    elapsed = {"$divide": [{"$subtract": [now, {"$ifNull": ["$refilled_ms", now]}]}, 1000]}
+    tokens = _number_or("tokens", BURST)  # a new bucket starts full
+    elapsed = {"$divide": [{"$subtract": [now, _number_or("refilled_ms", now)]}, 1000]}
     refilled = {"$add": [tokens, {"$multiply": [{"$max": [elapsed, 0]}, "$rate"]}]}
     whole = {"$gte": ["$tokens", 1]}
     return [
-        {"$set": {"tokens": {"$min": [burst, refilled]}, "refilled_ms": now}},
+        {"$set": {"tokens": {"$min": [BURST, refilled]}, "refilled_ms": now}},
         {
             "$set": {
                 "taken": whole,
@@ -114,8 +125,13 @@ class QueueTable:
 
     @unavailable
     async def all(self) -> list[QueueSettings]:
-        """Every queue with settings (a handful of small documents), by name."""
-        docs = [doc async for doc in self.queues.find({}, projection={"refilled_ms": 0})]
+        """Every queue with settings (a handful of small documents), by name; a document
+        whose _id is not a string (written by hand) names no queue and is left out."""
+        docs = [
+            doc
+            async for doc in self.queues.find({}, projection={"refilled_ms": 0})
+            if isinstance(doc.get("_id"), str)
+        ]
         return sorted((QueueSettings.from_document(d) for d in docs), key=lambda q: q.name)
 
     @unavailable
@@ -163,10 +179,9 @@ class QueueTable:
     @unavailable
     async def give_back(self, name: str) -> None:
         """Return a token a claim did not use (up to `burst`): one update."""
-        burst = {"$ifNull": ["$burst", 1]}
         await self.queues.update_one(
             {"_id": name, "tokens": {"$type": "number"}},
-            [{"$set": {"tokens": {"$min": [burst, {"$add": ["$tokens", 1]}]}}}],
+            [{"$set": {"tokens": {"$min": [BURST, {"$add": ["$tokens", 1]}]}}}],
         )
 
     @unavailable
