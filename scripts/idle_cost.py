@@ -6,6 +6,7 @@ worker process has: the main one (its lease keeper shares its listeners) and the
 client. Every command they send is counted, by the round that sent it.
 
     .venv/bin/python scripts/idle_cost.py --seconds 60
+    .venv/bin/python scripts/idle_cost.py --seconds 60 --queues  # with queue settings
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def round_of(name: str, command: dict[str, Any]) -> str:
         return "change stream open"
     if name == "findAndModify":
         return "safety poll: claim"
+    if collection == "queues":
+        return "queue settings read" if name == "find" else f"queues {name}"
     if collection == "workers":
         return "registry upsert"
     if collection == "schedules":
@@ -76,7 +79,7 @@ class Rounds(monitoring.CommandListener):
         pass
 
 
-async def measure(url: str, seconds: float) -> Counter[str]:
+async def measure(url: str, seconds: float, *, queues: bool = False) -> Counter[str]:
     rounds = Rounds()
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
         url, tz_aware=True, event_listeners=[rounds]
@@ -91,6 +94,9 @@ async def measure(url: str, seconds: float) -> Counter[str]:
     await store.workers.ensure_indexes()
     template = {"type": "baz", "max_attempts": 1}
     await store.schedules.create(template=template, timing=Timing(every=86_400.0))
+    if queues:  # a paused queue and a limited one, without tasks
+        await store.queues.put("held", {"paused": True})
+        await store.queues.put("partner", {"rate": 4.0, "concurrency": 2})
     settings = Settings(
         mongodb_url=url,
         database=database,
@@ -116,9 +122,10 @@ async def measure(url: str, seconds: float) -> Counter[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--queues", action="store_true", help="with queue settings")
     args = parser.parse_args()
     with database_url() as url:
-        counts = asyncio.run(measure(url, args.seconds))
+        counts = asyncio.run(measure(url, args.seconds, queues=args.queues))
     total = sum(counts.values())
     print(f"| round ({args.seconds:g} s idle) | commands | commands/s |")
     print("| --- | ---: | ---: |")

@@ -23,6 +23,14 @@ class ScheduleNotFound(TaskRunnerError):
         self.schedule_id = schedule_id
 
 
+class QueueNotFound(TaskRunnerError):
+    """No queue has this name: it has neither settings nor tasks."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no queue named {name!r}")
+        self.name = name
+
+
 class InvalidTask(TaskRunnerError):
     """A request describes a task that cannot exist (bad type, time, attempts...)."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,6 +27,9 @@ PRIORITY_MIN, PRIORITY_MAX = -10, 10
 # the occurrence arithmetic is safe with: a step of milliseconds that is never 0).
 EVERY_MIN, EVERY_MAX = 1, 10 * 366 * 24 * 3600
 ACTIVE = frozenset({State.NOTSTARTED, State.STARTED})
+# A task's queue: the default one unless given; a document without `queue` is in it.
+DEFAULT_QUEUE = "default"
+QUEUE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class TaskType(StrEnum):
@@ -102,6 +106,7 @@ class Task:
     schedule_id: str | None = None  # the schedule that created it, if one did
     occurrence: datetime | None = None  # the schedule's occurrence it stands for (its run_at)
     tags: tuple[str, ...] = ()  # labels the API filters by (`GET /tasks?tag=`)
+    queue: str = DEFAULT_QUEUE  # its queue's rate, concurrency and pause apply to it
     problems: tuple[str, ...] = ()
     malformed: frozenset[str] = frozenset()  # the fields named in `problems`
     # The stored _id, whatever its BSON type: writes address the document by it.
@@ -139,6 +144,7 @@ class Task:
             schedule_id=reader.text("schedule_id"),
             occurrence=reader.time("occurrence"),
             tags=reader.tags(),
+            queue=reader.text("queue") or DEFAULT_QUEUE,
             problems=tuple(problem for _, problem in reader.problems),
             malformed=frozenset(name for name, _ in reader.problems),
         )
@@ -183,6 +189,7 @@ class Schedule:
     next_at: datetime | None
     created_at: datetime | None
     tags: tuple[str, ...] = ()  # copied onto each occurrence's task
+    queue: str = DEFAULT_QUEUE  # the queue of each occurrence's task
     problems: tuple[str, ...] = ()
     key: Any = field(default=None, repr=False, compare=False)
 
@@ -218,6 +225,7 @@ class Schedule:
             next_at=reader.time("next_at"),
             created_at=reader.time("created_at"),
             tags=reader.tags(),
+            queue=reader.text("queue") or DEFAULT_QUEUE,
             problems=tuple(problem for _, problem in reader.problems),
         )
 

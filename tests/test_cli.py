@@ -14,7 +14,7 @@ from bson import ObjectId
 
 from service.config import Settings
 from service.localdb import free_port
-from service.models import State
+from service.models import State, TaskType
 from service.store import Store
 from tests.helpers import TASK_RUNNER, run_cli, settings_env, stuck_task
 
@@ -337,3 +337,29 @@ def test_the_stop_message_names_the_signal_that_asked_for_it() -> None:
     finally:
         for signum, handler in saved.items():
             signal.signal(signum, handler)
+
+
+async def test_queues_lists_sets_pauses_and_resumes(settings: Settings, store: Store) -> None:
+    await store.tasks.create(task_type=TaskType.FOO, run_at=None, max_attempts=1, queue="mail")
+    listed = await task_runner(settings, "queues")
+    assert listed.returncode == 0, listed.stderr
+    assert "mail" in listed.stdout and "active" in listed.stdout, listed.stdout
+    changed = await task_runner(
+        settings, "queues", "set", "mail", "--rate", "2.5", "--concurrency", "3"
+    )
+    assert changed.returncode == 0, changed.stderr
+    line = next(line for line in changed.stdout.splitlines() if line.startswith("mail"))
+    assert line.split()[:5] == ["mail", "active", "2.5/s", "1", "3"], line
+    paused = await task_runner(settings, "queues", "pause", "mail")
+    assert "paused" in paused.stdout
+    queue = await store.queues.get("mail")
+    assert queue is not None and queue.paused and queue.rate == 2.5
+    await task_runner(settings, "queues", "resume", "mail")
+    await task_runner(settings, "queues", "set", "mail", "--no-rate")
+    queue = await store.queues.get("mail")
+    assert queue is not None and not queue.paused and queue.rate is None
+    assert queue.concurrency == 3
+    bad = await task_runner(settings, "queues", "set", "mail", "--rate", "0")
+    assert bad.returncode == 2 and "rate" in bad.stdout, bad.stdout
+    unnamed = await task_runner(settings, "queues", "pause")
+    assert unnamed.returncode == 2

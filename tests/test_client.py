@@ -19,6 +19,7 @@ from service.client import (
     Client,
     ConnectionFailed,
     InvalidRequest,
+    QueueNotFound,
     Retry,
     ScheduleNotFound,
     State,
@@ -187,9 +188,10 @@ async def test_errors_are_raised_as_the_codes_exceptions(client: AsyncClient) ->
     with pytest.raises(InvalidRequest) as naive:
         await client.create("foo", run_at=datetime(2030, 1, 1))
     assert "run_at" in naive.value.details
-    # Passed through for API versions that have them; today's refuses unknown fields.
+    # Passed through as given: the API refuses a queue name outside its rule (and an
+    # unknown field, or a loopback callback).
     with pytest.raises(InvalidRequest) as unknown:
-        await client.create("foo", queue="emails", callback_url="http://127.0.0.1:9/done")
+        await client.create("foo", queue="not a name", callback_url="http://127.0.0.1:9/done")
     assert set(unknown.value.details) == {"queue", "callback_url"}
     task = await client.create("foo", run_at=FUTURE)
     with pytest.raises(TaskNotRequeueable) as not_failed:
@@ -337,3 +339,24 @@ def test_a_sync_client_left_open_is_closed_when_collected(api_process: ApiProces
     del client
     thread.join(10)
     assert not thread.is_alive()
+
+
+async def test_queues_are_set_read_paused_and_resumed(client: AsyncClient) -> None:
+    task = await client.create("foo", queue="mail", run_at=FUTURE)
+    assert task.queue == "mail"
+    assert [t.id async for t in client.list(queue="mail")] == [task.id]
+    with pytest.raises(QueueNotFound):
+        await client.get_queue("nothing")
+    queue = await client.put_queue("mail", {"rate": 2.5, "concurrency": 3})
+    assert (queue.name, queue.rate, queue.burst, queue.concurrency) == ("mail", 2.5, 1, 3)
+    assert queue.counts["NOTSTARTED"] == 1 and not queue.paused
+    assert (await client.pause_queue("mail")).paused
+    assert not (await client.resume_queue("mail")).paused
+    cleared = await client.put_queue("mail", {"rate": None})
+    assert cleared.rate is None and cleared.concurrency == 3
+    assert [q.name for q in await client.list_queues()] == ["mail"]
+    with pytest.raises(InvalidRequest) as bad:
+        await client.put_queue("mail", {"rate": 0})
+    assert "rate" in bad.value.details
+    schedule = await client.create_schedule("baz", every=3600, queue="mail")
+    assert schedule.queue == "mail"

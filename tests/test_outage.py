@@ -22,6 +22,7 @@ from service.models import TaskType
 from service.store import Store, open_client
 from service.web.app import create_app
 from service.worker.claimer import Claimer
+from service.worker.queues import QueueGate
 from service.worker.slots import Slots
 from tests.helpers import WorkerProcess, completions, eventually, wait_until_started
 
@@ -172,13 +173,17 @@ async def test_a_claim_whose_reply_a_database_crash_lost_takes_one_task_only(
         await claim_client.admin.command("ping")  # connected before replies are lost
         await asyncio.sleep(0.01)  # both due
         proxy.swallow = True
+        slots = Slots(
+            store.slots, store.claims, limits={}, types=("baz",), worker_id="w1", claim_within=1.0
+        )
         claimer = Claimer(
             store.claims,
-            slots=Slots(
+            slots=slots,
+            queues=QueueGate(
+                store.queues,
                 store.slots,
                 store.claims,
-                limits={},
-                types=("baz",),
+                type_slots=slots,
                 worker_id="w1",
                 claim_within=1.0,
             ),

@@ -391,6 +391,11 @@ async def test_the_dashboard_follows_tasks_live_and_shows_the_fleet(stack: Stack
     assert stack.call("POST", f"/schedules/{weekdays['id']}/pause")[0] == 200
     await page.wait_for_selector(f'#schedules tr[data-id="{hourly["id"]}"][data-state=active]')
     await page.wait_for_selector(f'#schedules tr[data-id="{weekdays["id"]}"][data-state=paused]')
+    # Queues too: one throttled, one paused.
+    assert stack.call("PUT", "/queues/partner-api", {"rate": 4, "concurrency": 2})[0] == 200
+    assert stack.call("POST", "/queues/reports/pause")[0] == 200
+    await page.wait_for_selector('#queues tr[data-name="reports"][data-state=paused]')
+    await page.wait_for_selector('#queues tr[data-name="partner-api"]')
     SCREENSHOT.parent.mkdir(exist_ok=True)
     await page.screenshot(path=str(SCREENSHOT), full_page=True)
 
@@ -520,6 +525,28 @@ async def test_schedules_show_and_pause_resume_and_delete_from_the_page(stack: S
     assert status == 404, body
     assert await page.is_visible(rows[every["id"]])
     await page.wait_for_selector("#schedule-count:text-is('(1, 0 paused)')")
+
+
+async def test_queues_show_their_settings_and_counts_and_pause_resume_from_the_page(
+    stack: Stack,
+) -> None:
+    status, _ = stack.call("POST", "/tasks", {"type": "foo", "queue": "mail", "run_at": 4102444800})
+    assert status == 201
+    status, queue = stack.call("PUT", "/queues/mail", {"rate": 2.5, "burst": 3, "concurrency": 4})
+    assert status == 200, queue
+    page = await open_dashboard(stack)
+    row = '#queues tr[data-name="mail"]'
+    await page.wait_for_selector(f"{row}[data-state=active]")
+    assert await page.inner_text(f"{row} td.rate") == "2.5/s\nburst 3"
+    assert await page.inner_text(f"{row} td.concurrency") == "4"
+    assert "1" in await page.inner_text(f"{row} td.num >> nth=0")  # NOTSTARTED
+    await page.click(f"{row} button.pause")
+    await page.wait_for_selector(f"{row}[data-state=paused]")
+    assert stack.call("GET", "/queues/mail")[1]["paused"] is True
+    await page.wait_for_selector("#queue-count:text-is('(1, 1 paused)')")
+    await page.click(f"{row} button.resume")
+    await page.wait_for_selector(f"{row}[data-state=active]")
+    assert stack.call("GET", "/queues/mail")[1]["paused"] is False
 
 
 async def test_what_tasks_hold_is_shown_as_text(stack: Stack, store: Store) -> None:

@@ -8,7 +8,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from service.cli import bulk, dev, early, parser, printers, servers
+from service.cli import bulk, dev, early, parser, printers, queues, servers
 from service.config import Settings, SettingsError, redact, unknown_variables
 
 logger = logging.getLogger(__name__)
@@ -23,6 +23,7 @@ COMMANDS: dict[str, Command] = {
     "stats": printers.runner(printers.stats),
     "workers": printers.runner(printers.workers),
     "schedules": printers.runner(printers.schedules),
+    "queues": printers.runner(queues.queues),
     "recover": printers.runner(printers.recover),
     "requeue": bulk.requeue_command,
     "delete": bulk.delete_command,

@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from service.cli import queues
 from service.cli.bulk import add_filter_flags
 from service.config import COMMANDS, Setting, Settings, declared, shown
 from service.config.declaring import BOOLEAN, INTEGER, NUMBER, TEXT, TEXTS, Kind, comma_separated
@@ -35,6 +36,7 @@ HELP = {
     "stats": "counts by state and type, oldest due task, stale tasks",
     "workers": "the worker processes, alive or gone, and the tasks each holds",
     "schedules": "the recurring schedules and their next occurrences",
+    "queues": "the queues, their settings and counts; or set, pause or resume one (docs/queues.md)",
     "recover": "list and recover tasks stuck in STARTED",
     "requeue": "put a FAILED task back in the queue, due now; or, with filter flags instead "
     "of an id, every task they match",
@@ -110,6 +112,8 @@ def build() -> argparse.ArgumentParser:
             add_filter_flags(sub, states=REQUEUE_STATES)
         if command == "delete":
             add_filter_flags(sub, states=DELETE_STATES)
+        if command == "queues":
+            queues.add_arguments(sub)
     return parser
 
 

@@ -101,8 +101,8 @@ class AsyncClient(ScheduleCalls):
         `run_at`: an aware datetime, ISO 8601 text or Unix seconds (omitted: now).
         `timeout`: seconds one run of the task may take. `idempotency_key`: yours, to make
         a create you may send again (from another process) happen once; without one, the
-        call makes its own (a uuid4), which covers its own retries. `queue` and
-        `callback_url` are for API versions that have them (today's answers 400).
+        call makes its own (a uuid4), which covers its own retries. `queue`: the queue it
+        belongs to (docs/queues.md). `callback_url` is for API versions that have it.
 
             task = await client.create("greet", args={"name": "Ada"}, priority=5)
         """
@@ -197,6 +197,7 @@ class AsyncClient(ScheduleCalls):
             state=query.get("state"),
             type=query.get("type"),
             tag=query.get("tag"),
+            queue=query.get("queue"),
             order=query.get("order", "asc"),
             cursor=cursor,
         )

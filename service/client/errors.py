@@ -73,6 +73,10 @@ class ScheduleNotFound(NotFound):
     """404 `schedule_not_found`: no schedule has this id, or it was deleted."""
 
 
+class QueueNotFound(NotFound):
+    """404 `queue_not_found`: no queue has this name (neither settings nor tasks)."""
+
+
 class RouteNotFound(NotFound):
     """404 `not_found`: the API has no such route (an older version of it, perhaps)."""
 
@@ -160,6 +164,7 @@ BY_CODE: dict[str, type[ApiError]] = {
     "delete_all_disabled": DeleteAllDisabled,
     "task_not_found": TaskNotFound,
     "schedule_not_found": ScheduleNotFound,
+    "queue_not_found": QueueNotFound,
     "not_found": RouteNotFound,
     "method_not_allowed": MethodNotAllowed,
     "task_not_requeueable": TaskNotRequeueable,

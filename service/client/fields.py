@@ -43,17 +43,19 @@ class ScheduleFields(TypedDict, total=False):
     priority: int | None
     max_attempts: int | None
     timeout: float | None
+    queue: str | None
     start_at: RunAt | None
     end_at: RunAt | None
     missed: str | None
 
 
 class ListQuery(TypedDict, total=False):
-    """What `page` and `list` filter and order by: `state`, `type`, `tag` (each optional),
+    """What `page` and `list` filter and order by: `state`, `type`, `tag`, `queue` (each optional),
     `order` ("asc", the default: the earliest run_at first; "desc"), `page_size` (100)."""
 
     state: State | str | None
     type: str | None
     tag: str | None
+    queue: str | None
     order: str
     page_size: int

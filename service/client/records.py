@@ -223,6 +223,38 @@ class ItemError:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Queue:
+    """A queue as GET /queues/{name} shows it: its settings (None: not set) and its tasks
+    counted by state."""
+
+    name: str
+    rate: float | None = None
+    burst: int = 1
+    concurrency: int | None = None
+    paused: bool = False
+    counts: dict[str, int] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: Any, *, status: int = 200) -> Queue:
+        """Read a queue answer; UnexpectedResponse if it is not an object with a `name`."""
+        read = Fields(data, what="a queue", status=status)
+        name = read.text("name")
+        if name is None:
+            raise UnexpectedResponse("a queue without a name", status=status, body=repr(data))
+        counts = read.mapping("counts") or {}
+        return cls(
+            name=name,
+            rate=read.number("rate"),
+            burst=read.integer("burst") or 1,
+            concurrency=read.integer("concurrency"),
+            paused=read.data.get("paused") is True,
+            counts={k: v for k, v in counts.items() if isinstance(v, int)},
+            raw=dict(read.data),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
 class Schedule:
     """A recurring schedule as GET /schedules/{id} shows it: its task template, when it
     recurs (`cron` in `timezone`, or `every` seconds) and its `next_at`."""
@@ -242,6 +274,7 @@ class Schedule:
     paused: bool = False
     next_at: datetime | None = None
     created_at: datetime | None = None
+    queue: str | None = None
     problems: tuple[str, ...] = ()
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -268,6 +301,7 @@ class Schedule:
             paused=read.boolean("paused") is True,
             next_at=read.time("next_at"),
             created_at=read.time("created_at"),
+            queue=read.text("queue"),
             problems=read.texts("problems"),
             raw=dict(read.data),
         )

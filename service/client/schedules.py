@@ -1,4 +1,5 @@
-"""The part of AsyncClient about schedules and the operator's view (stats, workers)."""
+"""The part of AsyncClient about schedules, queues and the operator's view (stats,
+workers)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
-from service.client.records import Fields, Schedule, Stats, Worker
+from service.client.records import Fields, Queue, Schedule, Stats, Worker
 from service.client.transport import RunAt, Transport, given
 
 
@@ -16,8 +17,14 @@ def schedule_path(schedule_id: str, *rest: str) -> str:
     return "/".join(("/schedules", quote(schedule_id, safe=""), *rest))
 
 
+def queue_path(name: str, *rest: str) -> str:
+    """/queues/{name}, the name quoted."""
+    return "/".join(("/queues", quote(name, safe=""), *rest))
+
+
 class ScheduleCalls:
-    """AsyncClient's calls about schedules, stats and workers (AsyncClient derives from it)."""
+    """AsyncClient's calls about schedules, queues, stats and workers (AsyncClient derives
+    from it)."""
 
     transport: Transport
 
@@ -37,6 +44,7 @@ class ScheduleCalls:
         start_at: RunAt | None = None,
         end_at: RunAt | None = None,
         missed: str | None = None,
+        queue: str | None = None,
     ) -> Schedule:
         """Create a recurring schedule: `cron` (five fields, in `timezone`) or `every`
         seconds, and the template of its tasks (see docs/schedules.md).
@@ -55,6 +63,7 @@ class ScheduleCalls:
             start_at=start_at,
             end_at=end_at,
             missed=missed,
+            queue=queue,
         )
         # No Idempotency-Key for schedules: not sent again once it may have landed.
         answer = await self.transport.call("POST", "/schedules", body=body, repeatable=False)
@@ -84,6 +93,38 @@ class ScheduleCalls:
     async def delete_schedule(self, schedule_id: str) -> None:
         """Delete a schedule (its tasks made ahead whose time has not come go with it)."""
         await self.transport.delete(schedule_path(schedule_id))
+
+    # -- queues -----------------------------------------------------------------------------
+
+    async def list_queues(self) -> builtins.list[Queue]:
+        """Every queue that has settings or tasks, by name."""
+        answer = await self.transport.call("GET", "/queues")
+        read = Fields(answer.body, what="the queues", status=answer.status)
+        return [Queue.from_json(q, status=answer.status) for q in read.objects("queues")]
+
+    async def get_queue(self, name: str) -> Queue:
+        """One queue; QueueNotFound if it has neither settings nor tasks."""
+        answer = await self.transport.call("GET", queue_path(name))
+        return Queue.from_json(answer.body, status=answer.status)
+
+    async def put_queue(self, name: str, settings: Mapping[str, Any]) -> Queue:
+        """Change some of a queue's settings: any of `rate`, `burst`, `concurrency`,
+        `paused`; None clears a rate or a concurrency (see docs/queues.md).
+
+            await client.put_queue("partner-api", {"rate": 4, "burst": 1})
+        """
+        answer = await self.transport.call("PUT", queue_path(name), body=dict(settings))
+        return Queue.from_json(answer.body, status=answer.status)
+
+    async def pause_queue(self, name: str) -> Queue:
+        """Pause a queue: none of its tasks starts until resumed; running ones finish."""
+        answer = await self.transport.call("POST", queue_path(name, "pause"))
+        return Queue.from_json(answer.body, status=answer.status)
+
+    async def resume_queue(self, name: str) -> Queue:
+        """Resume a paused queue."""
+        answer = await self.transport.call("POST", queue_path(name, "resume"))
+        return Queue.from_json(answer.body, status=answer.status)
 
     # -- the operator's view ----------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from typing import Any, TypeVar, Unpack
 
 from service.client.aio import AsyncClient
 from service.client.fields import CreateFields, ListQuery, ScheduleFields, UpdateFields
-from service.client.records import ItemError, Page, Schedule, Stats, Task, Worker
+from service.client.records import ItemError, Page, Queue, Schedule, Stats, Task, Worker
 from service.client.transport import Retry
 
 T = TypeVar("T")
@@ -185,6 +185,28 @@ class Client:
     def delete_schedule(self, schedule_id: str) -> None:
         """Delete a schedule."""
         self._run(self._client.delete_schedule(schedule_id))
+
+    # -- queues -----------------------------------------------------------------------------
+
+    def list_queues(self) -> builtins.list[Queue]:
+        """Every queue that has settings or tasks, by name."""
+        return self._run(self._client.list_queues())
+
+    def get_queue(self, name: str) -> Queue:
+        """One queue; QueueNotFound if it has neither settings nor tasks."""
+        return self._run(self._client.get_queue(name))
+
+    def put_queue(self, name: str, settings: Mapping[str, Any]) -> Queue:
+        """Change some of a queue's settings (None clears a rate or a concurrency)."""
+        return self._run(self._client.put_queue(name, settings))
+
+    def pause_queue(self, name: str) -> Queue:
+        """Pause a queue: none of its tasks starts until resumed."""
+        return self._run(self._client.pause_queue(name))
+
+    def resume_queue(self, name: str) -> Queue:
+        """Resume a paused queue."""
+        return self._run(self._client.resume_queue(name))
 
     # -- the operator's view ----------------------------------------------------------------
 

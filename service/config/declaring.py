@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 # Every command, in the order the docs list them; the ops commands, and those of them that
 # judge which tasks are stale (they take the heartbeat settings too).
-OPS = ("stats", "workers", "schedules", "recover", "requeue", "delete")
+OPS = ("stats", "workers", "schedules", "queues", "recover", "requeue", "delete")
 STALENESS = ("stats", "workers", "recover")
 COMMANDS = ("api", "worker", "db", "dev", *OPS)
 # `dev` runs the local database, the API and workers: it takes every flag they take.

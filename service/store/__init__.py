@@ -8,7 +8,8 @@ the worker receives the parts it uses:
 - `claims` (Claims): the claim, the fenced writes after it, heartbeats, recovery
 - `watch` (TaskWatch): change streams and look-ups that wake workers and feed the dashboard
 - `schedules` (Schedules): recurring schedules and the tasks of their occurrences
-- `slots` (SlotTable): per-type concurrency limits
+- `slots` (SlotTable): per-type concurrency limits (and queues' concurrency)
+- `queues` (QueueTable): queues' settings, their rates' token buckets, their counts
 - `workers` (WorkerRegistry): the worker processes' records
 - `figures` (Figures): counts for operators, the dashboard and /metrics
 - `retention` (Expiry): finished tasks expire
@@ -27,6 +28,7 @@ from service.store.bulk import BulkTasks
 from service.store.claims import Claims
 from service.store.figures import Figures
 from service.store.idempotency import IdempotencyKeys
+from service.store.queues import QueueTable
 from service.store.retention import Expiry
 from service.store.schedules import Schedules
 from service.store.slots import SlotTable
@@ -60,6 +62,7 @@ class Store:
         self.watch = TaskWatch(self.db)
         self.schedules = Schedules(self.db)
         self.slots = SlotTable(self.db)
+        self.queues = QueueTable(self.db)
         self.workers = WorkerRegistry(self.db)
         self.figures = Figures(self.db)
         self.retention = Expiry(self.db)

@@ -19,7 +19,7 @@ from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from service.clock import DbClock, to_millis
 from service.errors import DatabaseRefused, DatabaseUnavailable, TaskNotFound
-from service.models import State
+from service.models import DEFAULT_QUEUE, State
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ IDEMPOTENCY_KEYS = "idempotency_keys"
 SCHEDULES = "schedules"
 WORKERS = "workers"
 LIMITS = "limits"
+QUEUES = "queues"
 # Among due tasks the higher priority first, then the earlier run_at, then _id.
 CLAIM_SORT = [("priority", DESCENDING), ("run_at", ASCENDING), ("_id", ASCENDING)]
 # Serves the claim: equality on state, then the sort's fields in its order and directions,
@@ -177,6 +178,7 @@ class Database:
     schedules: DocCollection
     workers: DocCollection
     limits: DocCollection
+    queues: DocCollection
 
     @classmethod
     def open(
@@ -201,6 +203,9 @@ class Database:
             workers=db.get_collection(WORKERS, write_concern=WriteConcern(w=1)),
             # One document per limited type: the leases that hold its slots.
             limits=db.get_collection(LIMITS, write_concern=DURABLE),
+            # One document per queue with settings: rate, burst, concurrency, paused, and
+            # the rate's token bucket (tokens, refilled_at).
+            queues=db.get_collection(QUEUES, write_concern=DURABLE),
         )
 
 
@@ -216,6 +221,7 @@ class NewTask:
     priority: int = 0
     time_limit: float | None = None
     tags: Sequence[str] = ()
+    queue: str = DEFAULT_QUEUE
 
     def fields(self) -> dict[str, Any]:
         """The keyword arguments of new_task_document (and of the creates)."""
@@ -227,6 +233,7 @@ class NewTask:
             "priority": self.priority,
             "time_limit": self.time_limit,
             "tags": self.tags,
+            "queue": self.queue,
         }
 
 
@@ -241,9 +248,11 @@ def new_task_document(
     priority: int,
     time_limit: float | None,
     tags: Sequence[str] = (),
+    queue: str = DEFAULT_QUEUE,
 ) -> dict[str, Any]:
     """A NOTSTARTED task document as every create path stores it; `tags` stored as an
-    array when there are any."""
+    array when there are any, `queue` always (a document without one is in the default
+    queue)."""
     # "Now" is a time the database has surely reached, so the task is due at once.
     # A past time is stored as now, so lag figures and FIFO order among due tasks hold.
     now = clock.surely_now()
@@ -257,6 +266,7 @@ def new_task_document(
         "attempts": 0,
         "max_attempts": max_attempts,
         "priority": priority,
+        "queue": queue,
     }
     if args is not None:
         doc["args"] = dict(args)
@@ -265,6 +275,13 @@ def new_task_document(
     if tags:
         doc["tags"] = list(tags)
     return doc
+
+
+def in_queue(name: str) -> dict[str, Any]:
+    """The tasks of queue `name`: a document without `queue` is in the default one."""
+    if name == DEFAULT_QUEUE:
+        return {"queue": {"$in": [DEFAULT_QUEUE, None]}}
+    return {"queue": name}
 
 
 def stale_filter(clock: DbClock, stale_after: float) -> dict[str, Any]:

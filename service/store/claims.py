@@ -15,13 +15,14 @@ from typing import Any
 import pymongo
 from pymongo import ReturnDocument, UpdateOne
 
-from service.models import State, Task
+from service.models import DEFAULT_QUEUE, State, Task
 from service.store.base import (
     CLAIM_SORT,
     TIME_SORT,
     Database,
     DocCollection,
     id_filter,
+    in_queue,
     stale_filter,
     storable,
     type_names,
@@ -33,11 +34,26 @@ logger = logging.getLogger(__name__)
 WORKER_LOST = "worker lost: no heartbeat within the stale threshold"
 
 
-def claimable(types: Collection[str] | None, *, due_by: datetime) -> dict[str, Any]:
-    """The claim's filter: due, and of a type the worker runs (None: any type)."""
+def claimable(
+    types: Collection[str] | None,
+    *,
+    due_by: datetime,
+    queue: str | None = None,
+    exclude: Collection[str] = (),
+) -> dict[str, Any]:
+    """The claim's filter: due, and of a type the worker runs (None: any type); of `queue`
+    only, or else of no queue in `exclude` (paused or limited queues; none: any queue)."""
     query: dict[str, Any] = {"state": State.NOTSTARTED.value, "run_at": {"$lte": due_by}}
     if types is not None:
         query["type"] = {"$in": type_names(types)}
+    if queue is not None:
+        query.update(in_queue(queue))
+    elif exclude:
+        # A document without `queue` is in the default queue: null stands for it.
+        names: list[str | None] = [*sorted(exclude)]
+        if DEFAULT_QUEUE in exclude:
+            names.append(None)
+        query["queue"] = {"$nin": names}
     return query
 
 
@@ -99,6 +115,8 @@ class Claims:
         lease: str,
         types: Collection[str] | None = None,
         within: float | None = None,
+        queue: str | None = None,
+        exclude: Collection[str] = (),
     ) -> Task | None:
         """Atomically take the next due task of one of `types`: one find_one_and_update.
 
@@ -110,10 +128,11 @@ class Claims:
         waiting task is of a type it runs (see Claimer.claims_any_type: SecantusDB uses the claim
         index only for a filter of equalities and one range). `within` bounds the call (a
         claim under a slot must land while the slot is young).
+        `queue`: a task of that queue only; else none of the queues in `exclude`.
         """
         with pymongo.timeout(within):
             doc = await self.claim_tasks.find_one_and_update(
-                claimable(types, due_by=self.clock.surely_now()),
+                claimable(types, due_by=self.clock.surely_now(), queue=queue, exclude=exclude),
                 claim_update(worker_id, lease),
                 sort=CLAIM_SORT,
                 return_document=ReturnDocument.AFTER,

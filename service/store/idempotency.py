@@ -24,7 +24,7 @@ from pymongo.errors import DuplicateKeyError
 
 from service.clock import to_millis
 from service.errors import DatabaseUnavailable, IdempotencyKeyReused, IdempotentTaskGone
-from service.models import Task
+from service.models import DEFAULT_QUEUE, Task
 from service.store.base import Database, new_task_document, unavailable
 
 logger = logging.getLogger(__name__)
@@ -98,6 +98,7 @@ class IdempotencyKeys:
         priority: int = 0,
         time_limit: float | None = None,
         tags: Sequence[str] = (),
+        queue: str = DEFAULT_QUEUE,
     ) -> Task:
         """`create`, once per Idempotency-Key: the same key with the same request gives the
         task the first request created (`once.replayed(task)` tells); after `once.ttl`
@@ -116,6 +117,8 @@ class IdempotencyKeys:
             # Only when given: a request without tags hashes as before tags existed, so a
             # key an earlier version recorded still replays during a rolling upgrade.
             fields["tags"] = list(tags)
+        if queue != DEFAULT_QUEUE:
+            fields["queue"] = queue  # likewise: the default queue hashes as before queues
         fingerprint = request_hash(once.route, fields)
         doc = new_task_document(self.clock, once.task_id, **fields)
         # A turn is lost only to another request's write on this key meanwhile (an expired

@@ -23,7 +23,7 @@ from service.errors import (
     TaskNotRequeueable,
     TaskNotWaiting,
 )
-from service.models import State, Task
+from service.models import DEFAULT_QUEUE, State, Task
 from service.store.base import (
     CLAIM_INDEX,
     TIME_INDEX,
@@ -31,6 +31,7 @@ from service.store.base import (
     Database,
     NewTask,
     id_filter,
+    in_queue,
     new_task_document,
     requeue_update,
     unavailable,
@@ -113,6 +114,9 @@ INDEXES: dict[str, list[tuple[str, int]]] = {
     "stale": [("state", ASCENDING), ("heartbeat_at", ASCENDING)],
     # GET /tasks?tag=: equality on one tag (a multikey index), then the list's time order.
     "by_tag": [("tags", ASCENDING), ("run_at", ASCENDING), ("_id", ASCENDING)],
+    # The claim of a limited queue's tasks (the claim index with the queue first), and the
+    # queues' counts by state.
+    "claim_by_queue": [("queue", ASCENDING), *CLAIM_INDEX],
 }
 
 # What a waiting task may have changed (PATCH /tasks/{id}).
@@ -151,11 +155,13 @@ class Tasks:
         priority: int = 0,
         time_limit: float | None = None,
         tags: Sequence[str] = (),
+        queue: str = DEFAULT_QUEUE,
     ) -> Task:
         """Insert a NOTSTARTED task due at `run_at`; None or a past time means now.
 
         `args` are stored as given (the API has checked them against the type's schema);
-        `time_limit` is the task's `timeout`, in seconds; `tags` its labels.
+        `time_limit` is the task's `timeout`, in seconds; `tags` its labels; `queue` the
+        queue it belongs to.
         """
         doc = new_task_document(
             self.clock,
@@ -167,6 +173,7 @@ class Tasks:
             priority=priority,
             time_limit=time_limit,
             tags=tags,
+            queue=queue,
         )
         await self.tasks.insert_one(doc)
         return Task.from_document(doc)
@@ -220,11 +227,12 @@ class Tasks:
         states: Iterable[State] = (),
         task_type: str | None = None,
         tag: str | None = None,
+        queue: str | None = None,
         limit: int,
         after: tuple[Any, Any] | None = None,
         descending: bool = False,
     ) -> Page:
-        """Tasks ordered by (run_at, id), optionally filtered (by state, type, a tag),
+        """Tasks ordered by (run_at, id), optionally filtered (by state, type, a tag, a queue),
         starting after a sort key; `descending`: the latest run_at first (then `after` is
         the key the page starts before)."""
         query: dict[str, Any] = {}
@@ -237,6 +245,8 @@ class Tasks:
             query["type"] = str(task_type).lower()
         if tag is not None:
             query["tags"] = tag
+        if queue is not None:
+            query.update(in_queue(queue))
         if after is not None:
             run_at, key = after
             way = {"descending": descending}

@@ -28,6 +28,7 @@ from service.errors import (
     IdempotentTaskGone,
     InvalidFilter,
     InvalidTask,
+    QueueNotFound,
     ScheduleNotFound,
     TaskNotFound,
     TaskNotRequeueable,
@@ -100,6 +101,10 @@ def refusal(exc: Exception) -> Refusal | None:
     if isinstance(exc, ScheduleNotFound):
         return Refusal(
             status=404, code="schedule_not_found", message=str(exc), details={"id": exc.schedule_id}
+        )
+    if isinstance(exc, QueueNotFound):
+        return Refusal(
+            status=404, code="queue_not_found", message=str(exc), details={"name": exc.name}
         )
     if isinstance(exc, TaskNotRequeueable | TaskNotWaiting):
         code = "task_not_requeueable" if isinstance(exc, TaskNotRequeueable) else "task_not_waiting"

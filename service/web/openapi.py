@@ -18,7 +18,7 @@ from service.models import State
 from service.plugins import Registry
 from service.web.schemas.fields import AnyCaseEnum, RunAt, TaskTypeName, Timestamp
 from service.web.schemas.meta import ErrorSchema
-from service.web.schemas.tasks import CreateTaskSchema
+from service.web.schemas.tasks import QUEUE_PATTERN, CreateTaskSchema
 
 H = TypeVar("H", bound=Callable[..., Any])
 
@@ -231,6 +231,8 @@ def _take_operation_id(op: dict[str, Any], where: str, taken: dict[str, str]) ->
 def _path_schema(name: str, registry: Registry) -> dict[str, Any]:
     """A path parameter's schema: a state and a task type are closed sets (the API takes
     them in any letter case); anything else is a string."""
+    if name == "name":
+        return {"type": "string", "pattern": QUEUE_PATTERN, "description": "a queue's name"}
     if name == "state":
         values = [state.value for state in State]
     elif name == "type":

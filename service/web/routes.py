@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from service.web import bulk, legacy, meta, operations, schedules, tasks
+from service.web import bulk, legacy, meta, operations, queues, schedules, tasks
 
 # The earlier version's paths served by a REST route's handler: the docs file them with the
 # earlier version's other routes.
@@ -47,4 +47,9 @@ ROUTES: list[web.RouteDef] = [
     web.delete("/schedules/{id}", schedules.delete_schedule),
     web.post("/schedules/{id}/pause", schedules.pause_schedule),
     web.post("/schedules/{id}/resume", schedules.resume_schedule),
+    web.get("/queues", queues.list_queues),
+    web.get("/queues/{name}", queues.get_queue),
+    web.put("/queues/{name}", queues.put_queue),
+    web.post("/queues/{name}/pause", queues.pause_queue),
+    web.post("/queues/{name}/resume", queues.resume_queue),
 ]

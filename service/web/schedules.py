@@ -47,7 +47,7 @@ def _schedule_response(
 )
 async def create_schedule(request: web.Request) -> web.Response:
     """Create a schedule: a task template ({"type", "args", "priority", "max_attempts",
-    "timeout", "tags"}, checked as POST /tasks checks them) with "cron" (and "timezone") or
+    "timeout", "tags", "queue"}, checked as POST /tasks checks them) with "cron" (and "timezone") or
     "every"."""
     body = await json_object(request)
     loaded = CreateScheduleSchema(registry=request.app[REGISTRY]).load(body)
@@ -58,6 +58,7 @@ async def create_schedule(request: web.Request) -> web.Response:
         "max_attempts": loaded["max_attempts"] or request.app[SETTINGS].max_attempts,
         "timeout": loaded["timeout"],
         "tags": loaded["tags"] or None,
+        "queue": loaded["queue"],
     }
     timing = Timing(
         cron=loaded["cron"],

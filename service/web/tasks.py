@@ -79,6 +79,7 @@ async def create(request: web.Request, data: dict[str, Any]) -> web.Response:
         priority=loaded["priority"],
         time_limit=loaded["timeout"],
         tags=loaded["tags"] or (),
+        queue=loaded["queue"],
     )
     if once is not None and once.replayed(task):
         response = task_response(task)
@@ -178,6 +179,7 @@ async def create_tasks(request: web.Request) -> web.Response:
             priority=loaded["priority"],
             time_limit=loaded["timeout"],
             tags=loaded["tags"] or (),
+            queue=loaded["queue"],
         )
         if loaded["idempotency_key"] is None:
             plain.append((index, new))
@@ -235,7 +237,7 @@ def _refused(exc: Exception) -> dict[str, Any]:
 )
 async def list_tasks(request: web.Request) -> web.Response:
     """Tasks ordered by run_at then id (`order=desc`: the latest first), filtered by state,
-    type and/or tag, one page at a time; a `next_cursor` goes with the same order."""
+    type, tag and/or queue, one page at a time; a `next_cursor` goes with the same order."""
     query = ListQuerySchema(registry=request.app[REGISTRY]).load(single_valued_query(request))
     max_page = request.app[SETTINGS].max_page_size
     if query["limit"] > max_page:
@@ -245,6 +247,7 @@ async def list_tasks(request: web.Request) -> web.Response:
         states=() if query["state"] is None else (query["state"],),
         task_type=None if query["type"] is None else query["type"].name,
         tag=query["tag"],
+        queue=query["queue"],
         limit=query["limit"],
         after=after,
         descending=query["order"] == "desc",

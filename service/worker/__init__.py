@@ -10,6 +10,7 @@
   the event loop's stalls
 - wakeups.py: when to claim, from the change stream and look-ups
 - slots.py: the worker's side of the per-type concurrency limits
+- queues.py: the worker's side of queues (their settings; claims under a token or a slot)
 - one file per periodic job: heartbeat.py (the registry record), recovery.py, malformed.py,
   retention.py, schedules.py
 - metrics.py: the worker's own Prometheus metrics

@@ -10,6 +10,7 @@ import time
 from service.models import Task
 from service.store import new_lease
 from service.store.claims import Claims
+from service.worker.queues import QueueGate
 from service.worker.slots import Slots
 from service.worker.wakeups import WakeUps
 
@@ -30,12 +31,14 @@ class Claimer:
         claims: Claims,
         *,
         slots: Slots,
+        queues: QueueGate,
         wakeups: WakeUps,
         worker_id: str,
         types: tuple[str, ...],
     ) -> None:
         self.claims = claims
         self.slots = slots
+        self.queues = queues
         self.wakeups = wakeups
         self.worker_id = worker_id
         self.types = types
@@ -49,29 +52,53 @@ class Claimer:
         freed by another worker is announced to nobody). Otherwise, when the wake-ups say
         something is due, the unlimited types are claimed in one claim as ever, then each
         limited type not known to be full under a slot of its own; the limited types go
-        first when a backlog of the others has kept them waiting (Slots.overdue).
+        first when a backlog of the others has kept them waiting (Slots.overdue). Limited
+        queues are tried alike (QueueGate), and every claim leaves out paused and limited
+        queues, as settings read at most a second before say (QueueGate.refresh).
         """
-        task = await self.slots.confirm()
+        task = await self.slots.confirm() or await self.queues.confirm()
         if task is not None:
             logger.info("task %s: claim confirmed after reconnecting", task.id)
             return task, False
-        for task_type in self.slots.retry_types():
-            task = await self.slots.claim(task_type)
-            if task is not None:
-                return task, False
+        task = await self._retry()
+        if task is not None:
+            return task, False
         if not self.wakeups.due() or await self.wakeups.nothing_due():
             return None, False
+        await self.queues.refresh()
         first = self.slots.overdue()
+        queues_first = self.queues.overdue()
         task = await self.slots.claim_open() if first else None
+        if task is None and queues_first:
+            task = await self.queues.claim_open()
         if task is None and self.slots.unlimited:
             task = await self._claim()
         if task is None and not first:
             task = await self.slots.claim_open()
+        if task is None and not queues_first:
+            task = await self.queues.claim_open()
         return task, task is None
 
+    async def _retry(self) -> Task | None:
+        """Full types and limited queues whose back-off is over, without a wake-up."""
+        types, queues = self.slots.retry_types(), self.queues.retry_queues()
+        if types or queues:
+            await self.queues.refresh()
+        for task_type in types:
+            task = await self.slots.claim(task_type)
+            if task is not None:
+                return task
+        for name in queues:
+            task = await self.queues.claim(name)
+            if task is not None:
+                return task
+        return None
+
     async def wait(self) -> None:
-        """Wait for the wake-ups, or until a full limited type is worth trying again."""
-        seconds = self.slots.retry_in()
+        """Wait for the wake-ups, or until a full limited type (or a limited queue) is worth
+        trying again."""
+        waits = [s for s in (self.slots.retry_in(), self.queues.retry_in()) if s is not None]
+        seconds = min(waits) if waits else None
         if seconds is None:
             await self.wakeups.wait(free=True)
             return
@@ -119,6 +146,7 @@ class Claimer:
     async def _claim_as(self, types: tuple[str, ...] | None) -> Task | None:
         lease = new_lease()
         self._unconfirmed_lease = lease
-        task = await self.claims.claim(self.worker_id, lease=lease, types=types)
+        excluded = self.queues.excluded()
+        task = await self.claims.claim(self.worker_id, lease=lease, types=types, exclude=excluded)
         self._unconfirmed_lease = None
         return task

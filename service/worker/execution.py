@@ -113,7 +113,7 @@ class Executor:
         """Write the outcome under the task's lease (through database outages), give back
         its slot, count and log it; a lost lease drops the result."""
         written, said, kind = await self._write(task, outcome)
-        if self.slots.limited(task.type):
+        if self.slots.holds(task):
             # Written or not, the task is no longer STARTED under our lease.
             await self._persist_none(lambda: self.slots.free(task))
         took = time.monotonic() - outcome.started

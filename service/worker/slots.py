@@ -13,11 +13,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from service.models import Task
 from service.store import new_lease
 from service.store.claims import Claims
 from service.store.slots import SlotTable
+
+if TYPE_CHECKING:
+    from service.worker.queues import QueueGate
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +57,17 @@ class Slots:
         self._full: dict[str, tuple[float, float]] = {}
         self._unconfirmed: tuple[str, str] | None = None
         self._tried_at = time.monotonic()
+        # The queues' side (the worker sets it): claims here leave out paused and limited
+        # queues, and a task may hold a slot of its queue too.
+        self.queues: QueueGate | None = None
 
     def limited(self, task_type: str) -> bool:
         """Whether tasks of this type need a slot."""
         return task_type in self.limits
+
+    def holds(self, task: Task) -> bool:
+        """Whether `task` holds a slot (of its type, or of its queue) to give back."""
+        return self.limited(task.type) or (self.queues is not None and self.queues.holds(task))
 
     def open_types(self) -> list[str]:
         """Limited types not known to be full: a claim round tries them."""
@@ -104,7 +115,11 @@ class Slots:
         # A claim whose reply is lost may have landed: confirm() asks before the next claim.
         self._unconfirmed = (task_type, lease)
         task = await self.claims.claim(
-            self.worker_id, lease=lease, types=(task_type,), within=self.claim_within
+            self.worker_id,
+            lease=lease,
+            types=(task_type,),
+            within=self.claim_within,
+            exclude=self.queues.excluded() if self.queues is not None else (),
         )
         self._unconfirmed = None
         self._full.pop(task_type, None)
@@ -125,7 +140,9 @@ class Slots:
 
     async def free(self, task: Task) -> None:
         """Give back the slot `task` was claimed under, once it has left STARTED (or is no
-        longer ours); its type is tried again at once."""
+        longer ours); its type (and queue) is tried again at once."""
         if task.type in self.limits and task.lease is not None:
             await self.table.free(task.type, task.lease)
             self._full[task.type] = (time.monotonic(), FIRST_BACKOFF / 2)
+        if self.queues is not None:
+            await self.queues.free(task)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -32,6 +33,7 @@ from service.worker.malformed import MalformedScan
 from service.worker.process import (
     default_worker_id,
 )
+from service.worker.queues import QueueGate
 from service.worker.recovery import Recoverer
 from service.worker.retention import Retention
 from service.worker.schedules import Scheduler
@@ -111,6 +113,7 @@ class Worker:
             interval=settings.stale_after,
             slots=store.slots if self.slots.limits else None,
         )
+        self.queues = _queue_gate(store, slots=self.slots, recoverer=self.recoverer)
         self.leases = self._lease_keeper(store, settings)
         self.heartbeat = Heartbeat(
             store.workers,
@@ -132,6 +135,7 @@ class Worker:
         self.claimer = Claimer(
             store.claims,
             slots=self.slots,
+            queues=self.queues,
             wakeups=self.wakeups,
             worker_id=self.worker_id,
             types=self.types,
@@ -268,7 +272,7 @@ class Worker:
         gone = [r.task for lease in leases if (r := self.running.get(lease)) is not None]
         for lease in leases:
             self.abandon(lease)
-        if gone and self.slots.limits:
+        if gone and any(self.slots.holds(task) for task in gone):
             freeing = asyncio.create_task(self._free_slots(gone), name="free-lost-slots")
             self._background.add(freeing)
             freeing.add_done_callback(self._background.discard)
@@ -421,6 +425,22 @@ class Worker:
                 logger.warning(
                     "task %s not released (%s); recovery will return it", running.task.id, exc
                 )
+
+
+def _queue_gate(store: Store, *, slots: Slots, recoverer: Recoverer) -> QueueGate:
+    """The worker's side of queues, wired to its type slots; once a queue has a concurrency,
+    the worker's recovery frees lost slots too."""
+    gate = QueueGate(
+        store.queues,
+        store.slots,
+        store.claims,
+        type_slots=slots,
+        worker_id=slots.worker_id,
+        claim_within=slots.claim_within,
+    )
+    slots.queues = gate
+    gate.on_slots = functools.partial(setattr, recoverer, "slots", store.slots)
+    return gate
 
 
 def _upkeep(store: Store, settings: Settings) -> tuple[MalformedScan, Retention, Scheduler]:

@@ -121,6 +121,7 @@ class ScheduleSchema(Schema):
         required=True,
         metadata={"description": "copied onto each occurrence's task; empty when none"},
     )
+    queue = fields.String(required=True, metadata={"description": "each occurrence's queue"})
     problems = fields.List(fields.String(), required=True)
 
 

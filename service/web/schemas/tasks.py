@@ -15,7 +15,7 @@ from bson import DatetimeMS, Int64, ObjectId, json_util
 from bson.json_util import CANONICAL_JSON_OPTIONS
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
-from service.models import PRIORITY_MAX, PRIORITY_MIN, State
+from service.models import DEFAULT_QUEUE, PRIORITY_MAX, PRIORITY_MIN, QUEUE_NAME, State
 from service.plugins import TaskDefinition
 from service.web.schemas.fields import (
     AnyCaseEnum,
@@ -55,6 +55,21 @@ def tags_field(**kwargs: Any) -> fields.List[str]:
         metadata=metadata,
         **kwargs,
     )
+
+
+QUEUE_RULE = "must be 1 to 64 letters, digits, '_', '-' or '.'"
+QUEUE_PATTERN = "^[A-Za-z0-9_.-]{1,64}$"
+
+
+def _queue_name(name: str) -> None:
+    if not QUEUE_NAME.fullmatch(name):
+        raise ValidationError(QUEUE_RULE)
+
+
+def queue_field(**kwargs: Any) -> fields.String:
+    """A queue's name: 1 to 64 letters, digits, `_`, `-` or `.`."""
+    metadata = {"pattern": QUEUE_PATTERN, **kwargs.pop("metadata", {})}
+    return fields.String(validate=_queue_name, metadata=metadata, **kwargs)
 
 
 class CreateTaskSchema(WithRegistry):
@@ -119,6 +134,15 @@ class CreateTaskSchema(WithRegistry):
         },
     )
     tags = tags_field(load_default=None, allow_none=False, metadata={"example": ["nightly"]})
+    queue = queue_field(
+        load_default=DEFAULT_QUEUE,
+        allow_none=False,
+        metadata={
+            "description": "the queue it belongs to: its rate, concurrency and pause apply "
+            "(docs/queues.md)",
+            "example": DEFAULT_QUEUE,
+        },
+    )
 
     @validates_schema(skip_on_field_errors=False)
     def _check_args(self, data: dict[str, Any], **kwargs: Any) -> None:
@@ -213,6 +237,7 @@ class ListQuerySchema(WithRegistry):
         validate=validate.Length(min=1, max=MAX_TAG_LENGTH),
         metadata={"description": "only the tasks that have this tag"},
     )
+    queue = queue_field(load_default=None, metadata={"description": "only this queue's tasks"})
     limit = DigitsInteger(
         load_default=100,
         validate=validate.Range(min=1, max=1000),
@@ -306,6 +331,9 @@ class TaskSchema(Schema):
     )
     tags = fields.List(
         fields.String(), required=True, metadata={"description": "its labels; empty when none"}
+    )
+    queue = fields.String(
+        required=True, metadata={"description": "its queue; `default` unless given"}
     )
     problems = fields.List(
         fields.String(),

@@ -320,6 +320,56 @@ async function loadSchedules() {
   );
 }
 
+function queueRow(q) {
+  const state = q.paused ? "paused" : "active";
+  const c = q.counts;
+  const limit = (value, unit) => (value === null ? el("span", { class: "muted" }, "none") : value + unit);
+  return el(
+    "tr",
+    { "data-name": q.name, "data-state": state },
+    el("td", {}, el("code", {}, q.name)),
+    el("td", { class: "rate" }, limit(q.rate, "/s"), q.rate === null ? null : el("div", { class: "muted" }, "burst " + q.burst)),
+    el("td", { class: "concurrency" }, limit(q.concurrency, "")),
+    el("td", { class: "num" }, String(c.NOTSTARTED || 0)),
+    el("td", { class: "num" }, String(c.STARTED || 0)),
+    el("td", { class: "num" }, String(c.COMPLETE || 0)),
+    el("td", { class: "num" }, String(c.FAILED || 0)),
+    el("td", {}, el("span", { class: "state " + state }, state)),
+    el(
+      "td",
+      { class: "buttons" },
+      q.paused
+        ? el("button", { type: "button", class: "resume", onclick: () => pauseQueue(q.name, false) }, "Resume")
+        : el("button", { type: "button", class: "pause", onclick: () => pauseQueue(q.name, true) }, "Pause"),
+    ),
+  );
+}
+
+async function loadQueues() {
+  let body;
+  try {
+    body = await api("GET", "/queues");
+  } catch (error) {
+    if (error.status === 404 || error.status === 405) {
+      $("queue-count").textContent = "";
+      fill($("queues"), el("p", { class: "muted" }, "no queue data"));
+      return;
+    }
+    throw error;
+  }
+  const queues = body.queues;
+  const paused = queues.filter((q) => q.paused).length;
+  $("queue-count").textContent = "(" + queues.length + ", " + paused + " paused)";
+  fill(
+    $("queues"),
+    table(
+      ["queue", "rate", "concurrency", "NOTSTARTED", "STARTED", "COMPLETE", "FAILED", "state", ""],
+      queues.map(queueRow),
+      "no queue",
+    ),
+  );
+}
+
 async function loadTasks() {
   // The latest run_at first: what was just created or is about to run is on page one.
   const params = new URLSearchParams({ limit: String(view.limit), order: "desc" });
@@ -429,7 +479,7 @@ async function refresh() {
   if (refreshing) return refreshing;
   lastRefresh = Date.now();
   refreshing = (async () => {
-    const results = await Promise.allSettled([loadStats(), loadWorkers(), loadTasks(), loadSchedules(), loadDetail()]);
+    const results = await Promise.allSettled([loadStats(), loadWorkers(), loadTasks(), loadQueues(), loadSchedules(), loadDetail()]);
     const failed = results.find((r) => r.status === "rejected");
     if (failed) say(failed.reason.message || String(failed.reason), true);
     $("updated").textContent = "updated " + utc(new Date()).slice(11);
@@ -545,6 +595,12 @@ function pauseSchedule(id, pause) {
   const verb = pause ? "pause" : "resume";
   const done = "schedule " + id + (pause ? " paused: it creates no task until resumed" : " resumed");
   return act("POST", "/schedules/" + encodeURIComponent(id) + "/" + verb, done, verb);
+}
+
+function pauseQueue(name, pause) {
+  const verb = pause ? "pause" : "resume";
+  const done = "queue " + name + (pause ? " paused: none of its tasks starts until resumed (running ones finish)" : " resumed");
+  return act("POST", "/queues/" + encodeURIComponent(name) + "/" + verb, done, verb);
 }
 
 function removeSchedule(id) {
