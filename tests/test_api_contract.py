@@ -500,7 +500,7 @@ async def test_the_docs_page_pre_filled_create_request_works(api: Client, store:
     assert await store.db.tasks.count_documents({}) == 1
     # The choices are listed, so the docs page offers them.
     properties = document["components"]["schemas"]["CreateTask"]["properties"]
-    assert properties["type"]["enum"] == ["foo", "bar", "baz"]
+    assert properties["type"]["enum"] == ["foo", "bar", "baz", "http"]
 
 
 async def test_earlier_version_routes_share_one_tag_in_the_docs(api: Client) -> None:

@@ -15,8 +15,17 @@ import aiohttp
 
 from service.clock import DbClock
 from service.config import Settings
+from service.destinations import allowing
 from service.models import Task
-from service.plugins import ArgsUnloadable, Registry, TaskContext, TaskTimedOut, run_task
+from service.plugins import (
+    ArgsUnloadable,
+    Fail,
+    Registry,
+    Retry,
+    TaskContext,
+    TaskTimedOut,
+    run_task,
+)
 from service.store.claims import Claims
 from service.worker import metrics
 from service.worker.results import ResultWriter, persist
@@ -44,6 +53,7 @@ class Outcome:
     output: str | None = None
     error: str | None = None
     retry: bool = True
+    retry_after: float | None = None  # seconds before the next attempt (None: the backoff)
 
 
 class Executor:
@@ -67,6 +77,8 @@ class Executor:
         self.registry = registry
         self.settings = settings
         self.http = http
+        # The guarded client for tasks' own destinations (the worker sets it while it runs).
+        self.outbound: aiohttp.ClientSession | None = None
         self.worker_id = worker_id
         self.results = ResultWriter(claims, backoff_cap=settings.heartbeat_interval)
 
@@ -85,6 +97,10 @@ class Executor:
             return Outcome(started, error=str(exc), retry=False)
         except TaskTimedOut as exc:
             return Outcome(started, error=str(exc))
+        except Retry as exc:
+            return Outcome(started, error=str(exc), retry_after=exc.after)
+        except Fail as exc:
+            return Outcome(started, error=str(exc), retry=False)
         except Exception as exc:
             return Outcome(started, error=f"{type(exc).__name__}: {exc}")
         return Outcome(started, output=output)
@@ -100,11 +116,18 @@ class Executor:
                 "malformed task: " + "; ".join(p for p in task.problems if p.startswith("args "))
             )
         try:
-            args = definition.load_args(task.args)
+            # The networks opened to http tasks apply to loading their args too.
+            with allowing(self.settings.allowed_networks):
+                args = definition.load_args(task.args)
         except ArgsUnloadable as exc:
             raise _CannotRun(str(exc)) from None
         ctx = TaskContext(
-            task_id=task.id, attempt=task.attempts, settings=self.settings, http=self.http
+            task_id=task.id,
+            attempt=task.attempts,
+            settings=self.settings,
+            http=self.http,
+            outbound=self.outbound,
+            traceparent=task.traceparent,
         )
         time_limit = task.timeout or definition.timeout or self.settings.task_timeout
         return await run_task(definition, ctx, args, time_limit=time_limit)
@@ -157,9 +180,11 @@ class Executor:
             return written, "COMPLETE", "complete"
         retry_at = None
         if outcome.retry and task.max_attempts is not None and task.attempts < task.max_attempts:
-            delay = retry_delay(
-                task.attempts, base=self.settings.retry_base, cap=self.settings.retry_max
-            )
+            delay = outcome.retry_after
+            if delay is None:
+                delay = retry_delay(
+                    task.attempts, base=self.settings.retry_base, cap=self.settings.retry_max
+                )
             retry_at = self.clock.now() + timedelta(seconds=delay)
         written = await self.results.write(self.claims.failure(task, error, retry_at=retry_at))
         if retry_at is None:

@@ -19,6 +19,7 @@ from pymongo import monitoring
 
 from service import version
 from service.config import Settings
+from service.destinations import guarded_session
 from service.errors import DatabaseUnavailable
 from service.models import Task
 from service.plugins import Registry
@@ -206,6 +207,9 @@ class Worker:
         metrics.prepare(worker_id=self.worker_id, version=self.version, types=self.types)
         metrics.count_running(lambda: len(self.running))
         await self._register()
+        # The client for the addresses tasks name (http tasks, callbacks): guarded.
+        outbound = guarded_session(self.settings.allowed_networks)
+        self.executor.outbound = outbound
         try:
             await self.retention.ensure()
         except DatabaseUnavailable as exc:
@@ -227,6 +231,7 @@ class Worker:
             await self._release_all()
             await self.executor.results.stop()
             await self.leases.stop()
+            await outbound.close()
             if self.fatal is None:
                 await self._unregister()
         if self.fatal is not None:
