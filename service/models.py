@@ -208,6 +208,7 @@ class Schedule:
     next_at: datetime | None
     created_at: datetime | None
     tags: tuple[str, ...] = ()  # copied onto each occurrence's task
+    callback_url: str | None = None  # copied onto each occurrence's task
     problems: tuple[str, ...] = ()
     key: Any = field(default=None, repr=False, compare=False)
 
@@ -243,6 +244,7 @@ class Schedule:
             next_at=reader.time("next_at"),
             created_at=reader.time("created_at"),
             tags=reader.tags(),
+            callback_url=reader.text("callback_url"),
             problems=tuple(problem for _, problem in reader.problems),
         )
 

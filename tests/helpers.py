@@ -8,6 +8,8 @@ service.worker.metrics (the benchmark scripts count with it too).
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
 import inspect
 import json
 import os
@@ -27,12 +29,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
+import standardwebhooks
 from aiohttp import web
 from pymongo import monitoring
 
 from service.config import Settings, env_name
 from service.localdb import free_port
-from service.models import Task
+from service.models import State, Task
 from service.store import Store, new_lease
 from service.web.app import create_app
 
@@ -466,6 +469,36 @@ class Received:
     def webhook_id(self) -> str:
         """The Standard Webhooks id it carried."""
         return self.headers.get("webhook-id", "")
+
+
+SIGNING_SECRET = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+LOOPBACK = "127.0.0.0/8"
+
+
+def calling(settings: Settings) -> Settings:
+    """These settings with loopback opened to http tasks and callbacks (a Receiver is on
+    it) and requests signed with SIGNING_SECRET."""
+    return dataclasses.replace(
+        settings, http_allow_networks=(LOOPBACK,), signing_secret=SIGNING_SECRET
+    )
+
+
+def verify(received: Received) -> Any:
+    """The request verifies with the Standard Webhooks reference library (raises otherwise);
+    its payload."""
+    return standardwebhooks.Webhook(SIGNING_SECRET).verify(received.body, received.headers)
+
+
+async def task_ended(store: Store, task_id: str, within: float = 60) -> Task:
+    """The task once it is COMPLETE or FAILED (waiting up to `within` seconds)."""
+
+    async def ended() -> Task | None:
+        task = await store.tasks.get(task_id)
+        return task if task.state in (State.COMPLETE, State.FAILED) else None
+
+    task = await eventually(ended, within=within, what=f"task {task_id} to end")
+    assert task is not None
+    return task
 
 
 # (status, headers) to answer; or None to hold the request open until the receiver closes.

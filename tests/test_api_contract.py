@@ -488,7 +488,16 @@ async def test_the_docs_page_pre_filled_create_request_works(api: Client, store:
         "schema"
     ]
     sample = swagger_ui_sample(body_schema, document)
-    fields = {"type", "run_at", "max_attempts", "args", "priority", "timeout", "tags"}
+    fields = {
+        "type",
+        "run_at",
+        "max_attempts",
+        "args",
+        "priority",
+        "timeout",
+        "tags",
+        "callback_url",
+    }
     assert set(sample) == fields, sample
     response = await api.post("/tasks", json=sample)
     assert response.status == 201, (sample, await response.text())

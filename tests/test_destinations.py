@@ -145,3 +145,20 @@ def test_retry_after_in_seconds_or_as_a_date_is_capped() -> None:
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
     assert parse_retry_after("soon") is None
     assert parse_retry_after(None) is None
+
+
+async def test_create_refuses_an_internal_callback_url_naming_it(
+    api: TestClient[Any, Any],
+) -> None:
+    for path, body in (
+        ("/tasks", {"type": "baz"}),
+        ("/schedules", {"type": "baz", "every": 60}),
+    ):
+        for url in ("http://10.0.0.1/done", "http://[::1]/done", "ftp://example.com/"):
+            response = await api.post(path, json={**body, "callback_url": url})
+            assert response.status == 400, (path, url)
+            answer = await response.json()
+            assert list(answer["error"]["details"]) == ["callback_url"], answer
+        ok = await api.post(path, json={**body, "callback_url": "https://example.com/done"})
+        assert ok.status == 201, await ok.text()
+        assert (await ok.json())["callback_url"] == "https://example.com/done"

@@ -4,51 +4,30 @@ processes against a local receiver, loopback opened by TASK_RUNNER_HTTP_ALLOW_NE
 
 from __future__ import annotations
 
-import base64
-import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-import standardwebhooks
 from aiohttp.test_utils import TestClient
 
 from service.config import Settings
 from service.models import State
 from service.store import Store
-from tests.helpers import Received, Receiver, WorkerProcess, eventually, wait_until_started
-
-SECRET = "whsec_" + base64.b64encode(os.urandom(24)).decode()
-LOOPBACK = "127.0.0.0/8"
-
-
-def verify(received: Received) -> Any:
-    """The request verifies with the reference library (raises otherwise)."""
-    return standardwebhooks.Webhook(SECRET).verify(received.body, received.headers)
-
-
-# -- real workers against a local receiver ------------------------------------------------
+from tests.helpers import (
+    Receiver,
+    WorkerProcess,
+    calling,
+    eventually,
+    task_ended,
+    verify,
+    wait_until_started,
+)
 
 
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
     """Loopback opened (the receiver is on it), requests signed."""
-    return Settings(
-        **{
-            **{name: getattr(settings, name) for name in settings.__dataclass_fields__},
-            "http_allow_networks": (LOOPBACK,),
-            "signing_secret": SECRET,
-        }
-    )
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    """A team's service on a loopback port."""
-    service = Receiver()
-    await service.start()
-    yield service
-    await service.close()
+    return calling(settings)
 
 
 async def _create(api: TestClient[Any, Any], url: str, **fields: Any) -> str:
@@ -56,14 +35,6 @@ async def _create(api: TestClient[Any, Any], url: str, **fields: Any) -> str:
     response = await api.post("/tasks", json={"type": "http", "args": args, **fields})
     assert response.status == 201, await response.text()
     return str((await response.json())["id"])
-
-
-async def _ended(store: Store, task_id: str, within: float = 60) -> Any:
-    async def ended() -> Any:
-        task = await store.tasks.get(task_id)
-        return task if task.state in (State.COMPLETE, State.FAILED) else None
-
-    return await eventually(ended, within=within, what=f"task {task_id} to end")
 
 
 async def _worker(spawn_worker: Callable[..., WorkerProcess], **overrides: Any) -> WorkerProcess:
@@ -80,7 +51,7 @@ async def test_2xx_completes_after_one_signed_request(
 ) -> None:
     await _worker(spawn_worker)
     task_id = await _create(api, receiver.url + "jobs/42", args={"headers": {"X-Team": "acme"}})
-    task = await _ended(store, task_id)
+    task = await task_ended(store, task_id)
     assert task.state == State.COMPLETE
     assert task.output == "200\nanswer 1"
     assert len(receiver.received) == 1
@@ -101,7 +72,7 @@ async def test_5xx_is_retried_to_success_with_one_webhook_id(
     receiver.answer = lambda n, r: (503 if n == 1 else 500 if n == 2 else 200, {})
     await _worker(spawn_worker)
     task_id = await _create(api, receiver.url, max_attempts=5)
-    task = await _ended(store, task_id)
+    task = await task_ended(store, task_id)
     assert task.state == State.COMPLETE and task.attempts == 3
     assert [e.error.split("\n")[0] for e in task.errors] == ["HTTP 503", "HTTP 500"]
     assert receiver.by_id() == {task_id: 3}
@@ -121,7 +92,7 @@ async def test_410_and_a_redirect_fail_after_one_request(
     gone = await _create(api, receiver.url + "gone", max_attempts=5)
     moved = await _create(api, receiver.url + "moved", max_attempts=5)
     for task_id, status in ((gone, 410), (moved, 302)):
-        task = await _ended(store, task_id)
+        task = await task_ended(store, task_id)
         assert task.state == State.FAILED and task.attempts == 1
         assert task.error is not None and task.error.startswith(f"HTTP {status}")
     assert sorted(r.path for r in receiver.received) == ["/gone", "/moved"]
@@ -136,7 +107,7 @@ async def test_429_with_retry_after_waits_for_it(
     receiver.answer = lambda n, r: (429, {"Retry-After": "3"}) if n == 1 else (200, {})
     await _worker(spawn_worker)
     task_id = await _create(api, receiver.url, max_attempts=2)
-    task = await _ended(store, task_id)
+    task = await task_ended(store, task_id)
     assert task.state == State.COMPLETE and task.attempts == 2
     first, second = receiver.received
     # The settings' backoff is at most 0.5 s: only the Retry-After explains the wait.
@@ -156,7 +127,7 @@ async def test_a_worker_killed_mid_request_is_followed_by_the_same_webhook_id(
     await eventually(lambda: len(receiver.received) == 1, within=30, what="the first request")
     doomed.kill()
     await _worker(spawn_worker)
-    task = await _ended(store, task_id)
+    task = await task_ended(store, task_id)
     assert task.state == State.COMPLETE and task.attempts == 2
     assert receiver.by_id() == {task_id: 2}
     assert [verify(r) for r in receiver.received] == [{"order": 42}] * 2
@@ -195,7 +166,7 @@ async def test_a_worker_with_default_rules_sends_nothing_to_loopback(
     task = await store.tasks.create(
         task_type="http", run_at=None, max_attempts=3, args={"url": receiver.url}
     )
-    ended = await _ended(store, task.id)
+    ended = await task_ended(store, task.id)
     assert ended.state == State.FAILED and ended.attempts == 1
     assert ended.error is not None and "loopback" in ended.error
     assert receiver.received == []

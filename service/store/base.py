@@ -216,6 +216,8 @@ class NewTask:
     priority: int = 0
     time_limit: float | None = None
     tags: Sequence[str] = ()
+    callback_url: str | None = None
+    traceparent: str | None = None
 
     def fields(self) -> dict[str, Any]:
         """The keyword arguments of new_task_document (and of the creates)."""
@@ -227,6 +229,8 @@ class NewTask:
             "priority": self.priority,
             "time_limit": self.time_limit,
             "tags": self.tags,
+            "callback_url": self.callback_url,
+            "traceparent": self.traceparent,
         }
 
 
@@ -241,9 +245,11 @@ def new_task_document(
     priority: int,
     time_limit: float | None,
     tags: Sequence[str] = (),
+    callback_url: str | None = None,
+    traceparent: str | None = None,
 ) -> dict[str, Any]:
     """A NOTSTARTED task document as every create path stores it; `tags` stored as an
-    array when there are any."""
+    array when there are any; `callback_url` and `traceparent` when given."""
     # "Now" is a time the database has surely reached, so the task is due at once.
     # A past time is stored as now, so lag figures and FIFO order among due tasks hold.
     now = clock.surely_now()
@@ -264,6 +270,10 @@ def new_task_document(
         doc["timeout"] = time_limit
     if tags:
         doc["tags"] = list(tags)
+    if callback_url is not None:
+        doc["callback_url"] = callback_url
+    if traceparent is not None:
+        doc["traceparent"] = traceparent
     return doc
 
 
@@ -275,12 +285,19 @@ def stale_filter(clock: DbClock, stale_after: float) -> dict[str, Any]:
 
 def requeue_update(clock: DbClock) -> dict[str, Any]:
     """The update that puts a finished task back in the queue: NOTSTARTED, due now, a fresh
-    set of attempts, no lease or worker left (its errors, output and start kept)."""
+    set of attempts, no lease or worker left (its errors, output and start kept); its
+    callback, if any, is delivered afresh when it ends again."""
     return {
         "$set": {
             "state": State.NOTSTARTED.value,
             "run_at": clock.surely_now(),
             "attempts": 0,
         },
-        "$unset": {"finished_at": "", "lease": "", "worker": "", "heartbeat_at": ""},
+        "$unset": {
+            "finished_at": "",
+            "lease": "",
+            "worker": "",
+            "heartbeat_at": "",
+            "callback": "",
+        },
     }

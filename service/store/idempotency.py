@@ -98,6 +98,8 @@ class IdempotencyKeys:
         priority: int = 0,
         time_limit: float | None = None,
         tags: Sequence[str] = (),
+        callback_url: str | None = None,
+        traceparent: str | None = None,
     ) -> Task:
         """`create`, once per Idempotency-Key: the same key with the same request gives the
         task the first request created (`once.replayed(task)` tells); after `once.ttl`
@@ -116,8 +118,11 @@ class IdempotencyKeys:
             # Only when given: a request without tags hashes as before tags existed, so a
             # key an earlier version recorded still replays during a rolling upgrade.
             fields["tags"] = list(tags)
+        if callback_url is not None:
+            fields["callback_url"] = callback_url  # as tags: only when given
         fingerprint = request_hash(once.route, fields)
-        doc = new_task_document(self.clock, once.task_id, **fields)
+        # The trace context is not the request's content: a retry may come in another trace.
+        doc = new_task_document(self.clock, once.task_id, **fields, traceparent=traceparent)
         # A turn is lost only to another request's write on this key meanwhile (an expired
         # record replaced or swept): the next turn reads what that write left.
         for _ in range(IDEMPOTENCY_TURNS):

@@ -151,11 +151,14 @@ class Tasks:
         priority: int = 0,
         time_limit: float | None = None,
         tags: Sequence[str] = (),
+        callback_url: str | None = None,
+        traceparent: str | None = None,
     ) -> Task:
         """Insert a NOTSTARTED task due at `run_at`; None or a past time means now.
 
         `args` are stored as given (the API has checked them against the type's schema);
-        `time_limit` is the task's `timeout`, in seconds; `tags` its labels.
+        `time_limit` is the task's `timeout`, in seconds; `tags` its labels; `callback_url`
+        where to POST it once finished; `traceparent` the creating request's trace context.
         """
         doc = new_task_document(
             self.clock,
@@ -167,6 +170,8 @@ class Tasks:
             priority=priority,
             time_limit=time_limit,
             tags=tags,
+            callback_url=callback_url,
+            traceparent=traceparent,
         )
         await self.tasks.insert_one(doc)
         return Task.from_document(doc)

@@ -43,8 +43,8 @@ def _schedule_response(
 )
 async def create_schedule(request: web.Request) -> web.Response:
     """Create a schedule: a task template ({"type", "args", "priority", "max_attempts",
-    "timeout", "tags"}, checked as POST /tasks checks them) with "cron" (and "timezone") or
-    "every"."""
+    "timeout", "tags", "callback_url"}, checked as POST /tasks checks them) with "cron" (and
+    "timezone") or "every"."""
     body = await json_object(request)
     loaded = CreateScheduleSchema(registry=request.app[REGISTRY]).load(body)
     template = {
@@ -54,6 +54,7 @@ async def create_schedule(request: web.Request) -> web.Response:
         "max_attempts": loaded["max_attempts"] or request.app[SETTINGS].max_attempts,
         "timeout": loaded["timeout"],
         "tags": loaded["tags"] or None,
+        "callback_url": loaded["callback_url"],
     }
     timing = Timing(
         cron=loaded["cron"],

@@ -4,6 +4,7 @@ for it to finish with ?wait=), change a waiting one, delete."""
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
 
 from aiohttp import web
@@ -62,6 +63,15 @@ IDEMPOTENCY_PARAMETER = {
     "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"},
 }
 
+TRACEPARENT_PARAMETER = {
+    "in": "header",
+    "name": "traceparent",
+    "required": False,
+    "description": "W3C Trace Context: kept with the task (its `traceparent`) and sent on its "
+    "http requests and callback",
+    "schema": {"type": "string", "pattern": "^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}"},
+}
+
 
 async def create(request: web.Request, data: dict[str, Any]) -> web.Response:
     """Create the task `data` describes (a POST /tasks body, or what an earlier version's
@@ -79,12 +89,33 @@ async def create(request: web.Request, data: dict[str, Any]) -> web.Response:
         priority=loaded["priority"],
         time_limit=loaded["timeout"],
         tags=loaded["tags"] or (),
+        callback_url=loaded["callback_url"],
+        traceparent=traceparent(request),
     )
     if once is not None and once.replayed(task):
         response = task_response(task)
         response.headers[REPLAYED_HEADER] = "true"
         return response
     return task_response(task, status=201)
+
+
+# W3C Trace Context, version 00 (and later versions read as 00 would): version, trace id,
+# parent id, flags; all-zero ids and version ff are invalid.
+TRACEPARENT = re.compile(
+    r"(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}"
+)
+
+
+def traceparent(request: web.Request) -> str | None:
+    """The request's `traceparent` header, if it is one valid W3C trace context (an invalid
+    one is ignored, as the specification says)."""
+    values = request.headers.getall("traceparent", [])
+    if len(values) != 1:
+        return None
+    value = values[0].strip()
+    if value[:2] == "00" and len(value) != 55:
+        return None
+    return value[:55] if TRACEPARENT.match(value) else None
 
 
 def _idempotent(request: web.Request, settings: Settings) -> IdempotentCreate | None:
@@ -106,7 +137,7 @@ def _idempotent(request: web.Request, settings: Settings) -> IdempotentCreate | 
     responses={201: TaskSchema, 200: TaskSchema},
     errors=(400, 409, 410, 413, 415),
     requestBody={"required": True, "content": {"application/json": {"schema": CreateTaskSchema}}},
-    parameters=[IDEMPOTENCY_PARAMETER],
+    parameters=[IDEMPOTENCY_PARAMETER, TRACEPARENT_PARAMETER],
 )
 async def create_task(request: web.Request) -> web.Response:
     """Create a task: {"type": "foo" (any loaded type), "run_at": ISO 8601 or Unix seconds,
@@ -178,6 +209,8 @@ async def create_tasks(request: web.Request) -> web.Response:
             priority=loaded["priority"],
             time_limit=loaded["timeout"],
             tags=loaded["tags"] or (),
+            callback_url=loaded["callback_url"],
+            traceparent=traceparent(request),
         )
         if loaded["idempotency_key"] is None:
             plain.append((index, new))

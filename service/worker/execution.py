@@ -81,6 +81,8 @@ class Executor:
         self.outbound: aiohttp.ClientSession | None = None
         self.worker_id = worker_id
         self.results = ResultWriter(claims, backoff_cap=settings.heartbeat_interval)
+        # Told when a task this worker ran ended with a callback to deliver.
+        self.callback_due: Callable[[], None] = lambda: None
 
     async def run(self, task: Task) -> Outcome:
         """Run the task; whatever it raises becomes the outcome (a cancellation propagates)."""
@@ -139,6 +141,8 @@ class Executor:
         if self.slots.limited(task.type):
             # Written or not, the task is no longer STARTED under our lease.
             await self._persist_none(lambda: self.slots.free(task))
+        if written and kind != "retry" and task.callback_url is not None:
+            self.callback_due()
         took = time.monotonic() - outcome.started
         metrics.finished(task.type, kind if written else "lease_lost", took)
         event = {  # the fields of a JSON log line (service/logs.py)

@@ -25,6 +25,7 @@ from service.models import Task
 from service.plugins import Registry
 from service.store import Store
 from service.worker import metrics
+from service.worker.callbacks import CallbackSender
 from service.worker.claimer import Claimer
 from service.worker.execution import Executor
 from service.worker.heartbeat import Heartbeat
@@ -147,6 +148,8 @@ class Worker:
             worker_id=self.worker_id,
         )
         self.executor.results.full = lambda: len(self.running) >= settings.concurrency
+        self.callbacks = CallbackSender(store.callbacks, clock=store.clock, settings=settings)
+        self.executor.callback_due = self.callbacks.nudge
         self.malformed, self.retention, self.scheduler = _upkeep(store, settings)
         for job in self.jobs:
             job.on_crash = self._crash
@@ -187,6 +190,7 @@ class Worker:
             self.malformed,
             self.retention,
             self.scheduler,
+            self.callbacks,
             self.wakeups,
         )
 
@@ -209,7 +213,7 @@ class Worker:
         await self._register()
         # The client for the addresses tasks name (http tasks, callbacks): guarded.
         outbound = guarded_session(self.settings.allowed_networks)
-        self.executor.outbound = outbound
+        self.executor.outbound = self.callbacks.session = outbound
         try:
             await self.retention.ensure()
         except DatabaseUnavailable as exc:

@@ -121,6 +121,11 @@ class ScheduleSchema(Schema):
         required=True,
         metadata={"description": "copied onto each occurrence's task; empty when none"},
     )
+    callback_url = fields.String(
+        required=True,
+        allow_none=True,
+        metadata={"description": "copied onto each occurrence's task; null: none"},
+    )
     problems = fields.List(fields.String(), required=True)
 
 

@@ -15,7 +15,8 @@ from bson import DatetimeMS, Int64, ObjectId, json_util
 from bson.json_util import CANONICAL_JSON_OPTIONS
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
-from service.models import PRIORITY_MAX, PRIORITY_MIN, State
+from service.destinations import check_url
+from service.models import PRIORITY_MAX, PRIORITY_MIN, CallbackState, State
 from service.plugins import TaskDefinition
 from service.web.schemas.fields import (
     AnyCaseEnum,
@@ -53,6 +54,30 @@ def tags_field(**kwargs: Any) -> fields.List[str]:
         fields.String(validate=validate.Length(min=1, max=MAX_TAG_LENGTH)),
         validate=[validate.Length(max=MAX_TAGS), _distinct],
         metadata=metadata,
+        **kwargs,
+    )
+
+
+def _destination(url: str) -> None:
+    try:
+        check_url(url)
+    except ValueError as exc:
+        raise ValidationError(str(exc)) from None
+
+
+def callback_url_field(**kwargs: Any) -> fields.String:
+    """Where a finished task is POSTed: an http(s) URL the destination rules allow."""
+    return fields.String(
+        load_default=None,
+        allow_none=False,
+        validate=_destination,
+        metadata={
+            "description": "when the task ends COMPLETE or FAILED, it is POSTed here as GET "
+            "/tasks/{id} shows it, signed like http tasks (docs/calling-services.md); the same "
+            "destination rules apply",
+            "maxLength": 2048,
+            "example": "https://api.example.com/task-done",
+        },
         **kwargs,
     )
 
@@ -119,6 +144,7 @@ class CreateTaskSchema(WithRegistry):
         },
     )
     tags = tags_field(load_default=None, allow_none=False, metadata={"example": ["nightly"]})
+    callback_url = callback_url_field()
 
     @validates_schema(skip_on_field_errors=False)
     def _check_args(self, data: dict[str, Any], **kwargs: Any) -> None:
@@ -260,6 +286,18 @@ class AttemptErrorSchema(Schema):
     worker = fields.String(allow_none=True)
 
 
+class CallbackSchema(Schema):
+    """The delivery of a finished task to its callback_url."""
+
+    state = fields.String(
+        required=True, metadata={"enum": [state.value for state in CallbackState]}
+    )
+    attempts = fields.Integer(required=True, metadata={"description": "deliveries tried"})
+    last_error = fields.String(
+        required=True, allow_none=True, metadata={"description": "why the last one failed"}
+    )
+
+
 class TaskSchema(Schema):
     """A task as the API shows it; every time is ISO 8601 UTC.
 
@@ -306,6 +344,22 @@ class TaskSchema(Schema):
     )
     tags = fields.List(
         fields.String(), required=True, metadata={"description": "its labels; empty when none"}
+    )
+    callback_url = fields.String(
+        required=True,
+        allow_none=True,
+        metadata={"description": "where the task is POSTed when it ends; null: nowhere"},
+    )
+    callback = fields.Nested(
+        CallbackSchema,
+        required=True,
+        allow_none=True,
+        metadata={"description": "that delivery, once the task has ended; null before"},
+    )
+    traceparent = fields.String(
+        required=True,
+        allow_none=True,
+        metadata={"description": "the W3C trace context of the request that created it"},
     )
     problems = fields.List(
         fields.String(),
