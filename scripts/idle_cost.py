@@ -38,6 +38,8 @@ def round_of(name: str, command: dict[str, Any]) -> str:
     if name == "aggregate":
         return "change stream open"
     if name == "findAndModify":
+        if "callback.state" in command.get("query", {}):
+            return "callbacks: take"
         return "safety poll: claim"
     if collection == "workers":
         return "registry upsert"
