@@ -485,8 +485,11 @@ def calling(settings: Settings) -> Settings:
 
 def verify(received: Received) -> Any:
     """The request verifies with the Standard Webhooks reference library (raises otherwise);
-    its payload."""
-    return standardwebhooks.Webhook(SIGNING_SECRET).verify(received.body, received.headers)
+    its payload: decoded when it is JSON, else the body's bytes."""
+    is_json = received.headers.get("content-type", "").startswith("application/json")
+    hook = standardwebhooks.Webhook(SIGNING_SECRET)
+    payload = hook.verify(received.body, received.headers, json_parse=is_json)
+    return payload if is_json else received.body
 
 
 async def task_ended(store: Store, task_id: str, within: float = 60) -> Task:

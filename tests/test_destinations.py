@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+import standardwebhooks
 from aiohttp.test_utils import TestClient
 
 from service.destinations import GuardedResolver, check_url, guarded_session
-from service.webhooks import Refused, parse_retry_after, send
+from service.webhooks import Refused, parse_retry_after, send, signed_headers
 from tests.helpers import Receiver
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -162,3 +164,13 @@ async def test_create_refuses_an_internal_callback_url_naming_it(
         ok = await api.post(path, json={**body, "callback_url": "https://example.com/done"})
         assert ok.status == 201, await ok.text()
         assert (await ok.json())["callback_url"] == "https://example.com/done"
+
+
+@pytest.mark.parametrize("body", [b"", b'{"a":1}', "h\u00e9llo \u2603".encode(), bytes(range(256))])
+def test_signatures_match_the_reference_byte_for_byte(body: bytes) -> None:
+    headers = signed_headers(webhook_id="msg_1", body=body, secret=SECRET)
+    reference = standardwebhooks.Webhook(SECRET)
+    when = datetime.fromtimestamp(int(headers["webhook-timestamp"]), UTC)
+    assert headers["webhook-signature"] == reference.sign("msg_1", when, body)
+    reference.verify(body, headers, json_parse=False)
+    assert "webhook-signature" not in signed_headers(webhook_id="m", body=body, secret=None)

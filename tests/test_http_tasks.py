@@ -11,6 +11,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from service.config import Settings
+from service.localdb import free_port
 from service.models import State
 from service.store import Store
 from tests.helpers import (
@@ -170,3 +171,35 @@ async def test_a_worker_with_default_rules_sends_nothing_to_loopback(
     assert ended.state == State.FAILED and ended.attempts == 1
     assert ended.error is not None and "loopback" in ended.error
     assert receiver.received == []
+
+
+async def test_text_bodies_gets_names_and_requests_that_get_no_answer(
+    api: TestClient[Any, Any],
+    store: Store,
+    receiver: Receiver,
+    spawn_worker: Callable[..., WorkerProcess],
+) -> None:
+    receiver.answer = lambda n, got: None if got.path == "/slow" else (204, {})
+    await _worker(spawn_worker)
+    by_name = f"http://localhost:{receiver.port}/text"  # resolved, checked, then connected to
+    text = await _create(api, by_name, args={"method": "PUT", "body": "hello, wörld"})
+    query = await _create(api, receiver.url + "q?x=1", args={"method": "GET", "body": None})
+    nobody = f"http://127.0.0.1:{free_port()}/"  # nothing listens there
+    refused = await _create(api, nobody, max_attempts=2)
+    slow = await _create(api, receiver.url + "slow", max_attempts=2, timeout=1)
+    for task_id in (text, query):
+        task = await task_ended(store, task_id)
+        assert task.state == State.COMPLETE and task.output == "204", task
+    for task_id, error in ((refused, "ClientConnectorError"), (slow, "timed out after 1 s")):
+        task = await task_ended(store, task_id)
+        assert task.state == State.FAILED and task.attempts == 2, task
+        assert [e.error.startswith(error) for e in task.errors] == [True, True], task.errors
+    received = {r.path: r for r in receiver.received}
+    assert received["/text"].method == "PUT"
+    assert received["/text"].headers["content-type"] == "text/plain; charset=utf-8"
+    assert received["/text"].headers["host"] == f"localhost:{receiver.port}"
+    assert verify(received["/text"]) == "hello, wörld".encode()
+    assert received["/q"].method == "GET" and verify(received["/q"]) == b""
+    assert [r.path for r in receiver.received].count("/slow") == 2
+    for got in receiver.received:
+        verify(got)

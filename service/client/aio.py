@@ -101,8 +101,9 @@ class AsyncClient(ScheduleCalls):
         `run_at`: an aware datetime, ISO 8601 text or Unix seconds (omitted: now).
         `timeout`: seconds one run of the task may take. `idempotency_key`: yours, to make
         a create you may send again (from another process) happen once; without one, the
-        call makes its own (a uuid4), which covers its own retries. `queue` and
-        `callback_url` are for API versions that have them (today's answers 400).
+        call makes its own (a uuid4), which covers its own retries. `callback_url`: where
+        the task is POSTed when it ends (docs/calling-services.md). `queue` is for API
+        versions that have it (today's answers 400).
 
             task = await client.create("greet", args={"name": "Ada"}, priority=5)
         """
