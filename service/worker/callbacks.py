@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import json
 import logging
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import aiohttp
 
@@ -59,7 +60,7 @@ class CallbackSender:
         self.hold = TIMEOUT + settings.stale_after
         self.on_crash: Callable[[BaseException], None] | None = None
         self._wake = asyncio.Event()
-        self._retry_at: float | None = None  # loop time of the earliest retry set here
+        self._retries: list[datetime] = []  # the retries set here (database time), a heap
         self._task: asyncio.Task[None] | None = None
 
     def nudge(self) -> None:
@@ -77,17 +78,18 @@ class CallbackSender:
             await stop_task(task)
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             wait = self.poll
-            if self._retry_at is not None:
-                wait = min(wait, max(0.0, self._retry_at - loop.time()))
+            if self._retries:
+                # Judged as the take judges due-ness: on the time the database surely reached.
+                left = (self._retries[0] - self.clock.surely_now()).total_seconds()
+                wait = min(wait, max(0.0, left))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await self._wake.wait()
             self._wake.clear()
-            if self._retry_at is not None and self._retry_at <= loop.time():
-                self._retry_at = None
+            while self._retries and self._retries[0] <= self.clock.surely_now():
+                heapq.heappop(self._retries)
             try:
                 await self.run_once()
             except DatabaseUnavailable as exc:
@@ -120,8 +122,10 @@ class CallbackSender:
                     delivery.result()
                     made += 1
         finally:
+            # Stopped, or a write failed: the others' leases run out and they are taken again.
             for delivery in inflight:
                 delivery.cancel()
+            await asyncio.gather(*inflight, return_exceptions=True)
 
     async def _deliver(self, task: Task, lease: str) -> None:
         """POST the task to its callback_url; record the delivery, or its failure."""
@@ -138,7 +142,7 @@ class CallbackSender:
                     attempts, base=self.settings.retry_base, cap=self.settings.retry_max
                 )
             retry_at = self.clock.now() + timedelta(seconds=after)
-            self._retry_later(after)
+            self._retry_later(retry_at)
         if await self.outbox.failed(task, lease, error=error, retry_at=retry_at):
             logger.log(
                 logging.WARNING if retry_at is None else logging.INFO,
@@ -178,8 +182,6 @@ class CallbackSender:
             return None, None, False
         return f"HTTP {answer.describe()}", answer.retry_after, False
 
-    def _retry_later(self, after: float) -> None:
+    def _retry_later(self, at: datetime) -> None:
         """Wake up for a retry set here (others' are found by the poll)."""
-        at = asyncio.get_running_loop().time() + after
-        if self._retry_at is None or at < self._retry_at:
-            self._retry_at = at
+        heapq.heappush(self._retries, at)
