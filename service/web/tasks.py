@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 from marshmallow import ValidationError
 
+from service import tracing
 from service.config import Settings
 from service.errors import (
     BatchInterrupted,
@@ -17,6 +19,7 @@ from service.errors import (
     IdempotencyKeyReused,
     IdempotentTaskGone,
 )
+from service.models import Task
 from service.store import Store
 from service.store.base import NewTask
 from service.store.idempotency import IdempotentCreate
@@ -81,7 +84,27 @@ async def create(request: web.Request, data: dict[str, Any]) -> web.Response:
     store = request.app[STORE]
     once = _idempotent(request, settings)
     insert = store.tasks.create if once is None else functools.partial(store.keys.create_once, once)
-    task = await insert(
+    attributes = {"task_runner.task.type": loaded["type"].name}
+    with tracing.span(
+        "task-runner create", traceparent=traceparent(request), kind="SERVER", attributes=attributes
+    ) as context:
+        task = await _insert(insert, loaded, settings, traceparent=context)
+    if once is not None and once.replayed(task):
+        response = task_response(task)
+        response.headers[REPLAYED_HEADER] = "true"
+        return response
+    return task_response(task, status=201)
+
+
+async def _insert(
+    insert: Callable[..., Awaitable[Task]],
+    loaded: dict[str, Any],
+    settings: Settings,
+    *,
+    traceparent: str | None,
+) -> Task:
+    """Store the task a create's body describes."""
+    return await insert(
         task_type=loaded["type"].name,
         run_at=loaded["run_at"],
         max_attempts=loaded["max_attempts"] or settings.max_attempts,
@@ -90,13 +113,8 @@ async def create(request: web.Request, data: dict[str, Any]) -> web.Response:
         time_limit=loaded["timeout"],
         tags=loaded["tags"] or (),
         callback_url=loaded["callback_url"],
-        traceparent=traceparent(request),
+        traceparent=traceparent,
     )
-    if once is not None and once.replayed(task):
-        response = task_response(task)
-        response.headers[REPLAYED_HEADER] = "true"
-        return response
-    return task_response(task, status=201)
 
 
 # W3C Trace Context, version 00 (and later versions read as 00 would): version, trace id,
@@ -193,30 +211,37 @@ async def create_tasks(request: web.Request) -> web.Response:
     plain: list[tuple[int, NewTask]] = []
     keyed: list[tuple[int, str, NewTask]] = []
     schema = BatchItemSchema(registry=request.app[REGISTRY])
-    for index, item in enumerate(items):
-        try:
-            if not isinstance(item, dict):
-                raise ValidationError({"_schema": ["each item must be a JSON object"]})
-            loaded = schema.load(item)
-        except ValidationError as exc:
-            results[index] = _refused(exc)
-            continue
-        new = NewTask(
-            task_type=loaded["type"].name,
-            run_at=loaded["run_at"],
-            max_attempts=loaded["max_attempts"] or settings.max_attempts,
-            args=loaded["args"],
-            priority=loaded["priority"],
-            time_limit=loaded["timeout"],
-            tags=loaded["tags"] or (),
-            callback_url=loaded["callback_url"],
-            traceparent=traceparent(request),
-        )
-        if loaded["idempotency_key"] is None:
-            plain.append((index, new))
-        else:
-            keyed.append((index, loaded["idempotency_key"], new))
-    await _store_batch(request.app[STORE], settings, plain=plain, keyed=keyed, results=results)
+    attributes = {"task_runner.batch.size": len(items)}
+    with tracing.span(
+        "task-runner create batch",
+        traceparent=traceparent(request),
+        kind="SERVER",
+        attributes=attributes,
+    ) as context:
+        for index, item in enumerate(items):
+            try:
+                if not isinstance(item, dict):
+                    raise ValidationError({"_schema": ["each item must be a JSON object"]})
+                loaded = schema.load(item)
+            except ValidationError as exc:
+                results[index] = _refused(exc)
+                continue
+            new = NewTask(
+                task_type=loaded["type"].name,
+                run_at=loaded["run_at"],
+                max_attempts=loaded["max_attempts"] or settings.max_attempts,
+                args=loaded["args"],
+                priority=loaded["priority"],
+                time_limit=loaded["timeout"],
+                tags=loaded["tags"] or (),
+                callback_url=loaded["callback_url"],
+                traceparent=context,
+            )
+            if loaded["idempotency_key"] is None:
+                plain.append((index, new))
+            else:
+                keyed.append((index, loaded["idempotency_key"], new))
+        await _store_batch(request.app[STORE], settings, plain=plain, keyed=keyed, results=results)
     return json_response({"results": results})
 
 

@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 
 import aiohttp
 
-from service import webhooks
+from service import tracing, webhooks
 from service.clock import DbClock
 from service.config import Settings
 from service.errors import DatabaseUnavailable
@@ -159,6 +159,19 @@ class CallbackSender:
         if self.session is None or task.callback_url is None:
             return "no callback client or URL", None, True
         body = json.dumps(task_schema.dump(task), separators=(",", ":")).encode()
+        attributes = tracing.task_attributes(task)
+        with tracing.span(
+            "task-runner callback",
+            traceparent=task.traceparent,
+            kind="CLIENT",
+            attributes=attributes,
+        ) as context:
+            return await self._post(task, body, traceparent=context)
+
+    async def _post(
+        self, task: Task, body: bytes, *, traceparent: str | None
+    ) -> tuple[str | None, float | None, bool]:
+        assert self.session is not None and task.callback_url is not None
         try:
             async with asyncio.timeout(TIMEOUT):
                 answer = await webhooks.send(
@@ -170,7 +183,7 @@ class CallbackSender:
                     webhook_id=f"{task.id}-callback",
                     secret=self.settings.signing_secret,
                     allowed=self.settings.allowed_networks,
-                    traceparent=task.traceparent,
+                    traceparent=traceparent,
                 )
         except webhooks.Refused as exc:
             return str(exc), None, True

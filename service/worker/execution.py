@@ -13,6 +13,7 @@ from datetime import timedelta
 
 import aiohttp
 
+from service import tracing
 from service.clock import DbClock
 from service.config import Settings
 from service.destinations import allowing
@@ -87,13 +88,27 @@ class Executor:
     async def run(self, task: Task) -> Outcome:
         """Run the task; whatever it raises becomes the outcome (a cancellation propagates)."""
         started = time.monotonic()
+        attributes = tracing.task_attributes(task)
+        tracing.past_span(
+            "task-runner claim",
+            traceparent=task.traceparent,
+            start=task.run_at,
+            end=task.started_at,
+            attributes=attributes,
+        )
+        with tracing.span(
+            "task-runner run", traceparent=task.traceparent, kind="CONSUMER", attributes=attributes
+        ) as context:
+            return await self._run(task, started, traceparent=context)
+
+    async def _run(self, task: Task, started: float, *, traceparent: str | None) -> Outcome:
         if task.unrunnable:
             # Claimed (the filter could not see it) but not runnable as stored: fail it for
             # good, once, saying why; retrying cannot make the document well formed.
             error = "malformed task: " + "; ".join(task.unrunnable)
             return Outcome(started, error=error, retry=False)
         try:
-            output = await self._invoke(task)
+            output = await self._invoke(task, traceparent=traceparent)
         except _CannotRun as exc:
             # Retrying cannot make stored arguments load: fail it for good, saying why.
             return Outcome(started, error=str(exc), retry=False)
@@ -107,9 +122,10 @@ class Executor:
             return Outcome(started, error=f"{type(exc).__name__}: {exc}")
         return Outcome(started, output=output)
 
-    async def _invoke(self, task: Task) -> str:
+    async def _invoke(self, task: Task, *, traceparent: str | None) -> str:
         """Load the task's arguments with its type's schema and run it within its time
-        limit: the task's own, else its type's, else TASK_RUNNER_TASK_TIMEOUT."""
+        limit: the task's own, else its type's, else TASK_RUNNER_TASK_TIMEOUT. The run is
+        given the trace context to pass on (its span's, else the task's)."""
         definition = self.registry.get(task.type)
         if definition is None:  # the claim's filter names only our types
             raise _CannotRun(f"no task type {task.type!r} in this worker")
@@ -129,7 +145,7 @@ class Executor:
             settings=self.settings,
             http=self.http,
             outbound=self.outbound,
-            traceparent=task.traceparent,
+            traceparent=traceparent,
         )
         time_limit = task.timeout or definition.timeout or self.settings.task_timeout
         return await run_task(definition, ctx, args, time_limit=time_limit)
