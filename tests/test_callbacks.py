@@ -11,6 +11,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from service.config import Settings
+from service.localdb import free_port
 from service.models import CallbackState, State
 from service.store import Store
 from service.store.occurrences import Timing
@@ -25,6 +26,7 @@ from tests.helpers import (
     verify,
     wait_until_started,
 )
+from tests.test_fleet import scrape_when_up, total
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
@@ -92,7 +94,8 @@ async def test_a_failed_http_task_calls_back_after_retries_of_the_callback(
         return (500, {}) if n == 2 else (200, {})
 
     receiver.answer = answer
-    await _worker(spawn_worker)
+    port = free_port()
+    await _worker(spawn_worker, metrics_port=port)
     body = {
         "type": "http",
         "args": {"url": receiver.url + "job"},
@@ -107,6 +110,9 @@ async def test_a_failed_http_task_calls_back_after_retries_of_the_callback(
     assert job.headers["traceparent"] == TRACEPARENT and job.webhook_id == task_id
     assert first.webhook_id == second.webhook_id == f"{task_id}-callback"
     assert verify(second)["state"] == "FAILED"
+    samples = await scrape_when_up(port)
+    for outcome, count in (("retry", 1), ("delivered", 1), ("failed", 0), ("lease_lost", 0)):
+        assert total(samples, "task_runner_worker_callbacks_total", outcome=outcome) == count
 
 
 async def test_a_callback_never_answered_2xx_ends_failed(

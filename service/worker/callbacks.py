@@ -132,7 +132,9 @@ class CallbackSender:
         attempts = task.callback.attempts if task.callback is not None else 1
         error, after, final = await self._send(task)
         if error is None:
-            if await self.outbox.delivered(task, lease):
+            landed = await self.outbox.delivered(task, lease)
+            metrics.CALLBACKS.labels(outcome="delivered" if landed else "lease_lost").inc()
+            if landed:
                 logger.info("task %s callback delivered (attempt %d)", task.id, attempts)
             return
         retry_at = None
@@ -143,7 +145,10 @@ class CallbackSender:
                 )
             retry_at = self.clock.now() + timedelta(seconds=after)
             self._retry_later(retry_at)
-        if await self.outbox.failed(task, lease, error=error, retry_at=retry_at):
+        landed = await self.outbox.failed(task, lease, error=error, retry_at=retry_at)
+        outcome = "failed" if retry_at is None else "retry"
+        metrics.CALLBACKS.labels(outcome=outcome if landed else "lease_lost").inc()
+        if landed:
             logger.log(
                 logging.WARNING if retry_at is None else logging.INFO,
                 "task %s callback attempt %d failed: %s; %s",
