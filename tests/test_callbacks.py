@@ -189,3 +189,30 @@ async def test_a_schedule_copies_its_callback_url_onto_each_occurrence(
     assert schedule.callback_url == receiver.url
     task = await store.schedules.create_occurrence(schedule, store.clock.now())
     assert task is not None and task.callback_url == receiver.url
+
+
+async def test_a_task_failed_by_recovery_calls_back_through_another_worker(
+    api: TestClient[Any, Any],
+    store: Store,
+    receiver: Receiver,
+    spawn_worker: Callable[..., WorkerProcess],
+) -> None:
+    # The task's own request is held open, its worker killed: on its last attempt, recovery
+    # fails it ("worker lost") and writes the callback, which the other worker delivers.
+    receiver.answer = lambda n, got: None if got.path == "/job" else (200, {})
+    doomed = await _worker(spawn_worker)
+    body = {
+        "type": "http",
+        "max_attempts": 1,
+        "args": {"url": receiver.url + "job"},
+        "callback_url": receiver.url + "done",
+    }
+    task_id = await _create(api, body)
+    await eventually(lambda: len(receiver.received) == 1, within=30, what="the task's request")
+    doomed.kill()
+    await _worker(spawn_worker)
+    shown = await _callback_settled(api, task_id)
+    assert shown["state"] == "FAILED" and shown["error"].startswith("worker lost")
+    assert shown["callback"]["state"] == "DELIVERED"
+    done = [r for r in receiver.received if r.path == "/done"]
+    assert [verify(r)["error"] for r in done] == [shown["error"]]
