@@ -14,7 +14,15 @@ import json
 import re
 from typing import Any
 
-from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import (
+    RAISE,
+    Schema,
+    ValidationError,
+    fields,
+    pre_load,
+    validate,
+    validates_schema,
+)
 
 from service import webhooks
 from service.destinations import check_url
@@ -69,7 +77,7 @@ class HttpArgs(Schema):
     method = fields.String(
         load_default="POST",
         validate=validate.OneOf(METHODS),
-        metadata={"description": "default POST"},
+        metadata={"description": "any letter case; default POST"},
     )
     headers = fields.Dict(
         keys=fields.String(),
@@ -89,6 +97,12 @@ class HttpArgs(Schema):
             "Content-Type), any other JSON value as JSON; null or omitted: no body"
         },
     )
+
+    @pre_load
+    def _method_in_any_case(self, data: Any, **kwargs: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("method"), str):
+            return {**data, "method": data["method"].upper()}
+        return data
 
     @validates_schema
     def _bodiless(self, data: dict[str, Any], **kwargs: Any) -> None:
