@@ -21,10 +21,10 @@ from service.config import Settings
 from service.localdb import database_url, free_port
 from service.store import Store, open_client
 from service.web.app import create_app
+from tests.calling import Receiver
 from tests.helpers import (
     ApiProcess,
     CommandLog,
-    Receiver,
     StubHttpServer,
     WorkerProcess,
     settings_env,

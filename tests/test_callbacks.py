@@ -16,16 +16,8 @@ from service.models import CallbackState, State
 from service.store import Store
 from service.store.occurrences import Timing
 from service.worker import callbacks
-from tests.helpers import (
-    Receiver,
-    WorkerProcess,
-    calling,
-    eventually,
-    stuck_task,
-    task_ended,
-    verify,
-    wait_until_started,
-)
+from tests.calling import Receiver, calling, verify
+from tests.helpers import WorkerProcess, eventually, stuck_task, task_ended, wait_until_started
 from tests.test_fleet import scrape_when_up, total
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient
 
 from service.destinations import GuardedResolver, check_url, guarded_session
 from service.webhooks import Refused, parse_retry_after, send, signed_headers
-from tests.helpers import Receiver
+from tests.calling import Receiver
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 LOOPBACK = "127.0.0.0/8"

@@ -14,15 +14,8 @@ from service.config import Settings
 from service.localdb import free_port
 from service.models import State
 from service.store import Store
-from tests.helpers import (
-    Receiver,
-    WorkerProcess,
-    calling,
-    eventually,
-    task_ended,
-    verify,
-    wait_until_started,
-)
+from tests.calling import Receiver, calling, verify
+from tests.helpers import WorkerProcess, eventually, task_ended, wait_until_started
 
 
 @pytest.fixture
