@@ -26,6 +26,7 @@ import aiohttp
 from service import tracing, webhooks
 from service.clock import DbClock
 from service.config import Settings
+from service.destinations import guarded_session
 from service.errors import DatabaseUnavailable
 from service.models import Task
 from service.periodic import stop_task
@@ -53,7 +54,7 @@ class CallbackSender:
         self.outbox = outbox
         self.clock = clock
         self.settings = settings
-        self.session: aiohttp.ClientSession | None = None  # the worker's guarded client
+        self.session: aiohttp.ClientSession | None = None  # while the worker runs
         self.poll = settings.stale_after * POLL_THRESHOLDS
         # A delivery that outlives its lease may be taken by another worker: the lease
         # outlasts the delivery's timeout by a stale threshold.
@@ -63,12 +64,21 @@ class CallbackSender:
         self._retries: list[datetime] = []  # the retries set here (database time), a heap
         self._task: asyncio.Task[None] | None = None
 
+    async def close(self) -> None:
+        """Close the guarded client start() opened (the worker does, once every task ended)."""
+        session, self.session = self.session, None
+        if session is not None:
+            await session.close()
+
     def nudge(self) -> None:
         """A callback may be due now (one of this worker's tasks ended with one)."""
         self._wake.set()
 
     def start(self) -> None:
-        """Begin delivering in the background."""
+        """Open the worker's guarded client (service.destinations; the http tasks use it
+        too) and begin delivering in the background."""
+        if self.session is None:
+            self.session = guarded_session(self.settings.allowed_networks)
         self._task = asyncio.create_task(self._loop(), name=type(self).__name__)
 
     async def stop(self) -> None:

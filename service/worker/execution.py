@@ -78,8 +78,8 @@ class Executor:
         self.registry = registry
         self.settings = settings
         self.http = http
-        # The guarded client for tasks' own destinations (the worker sets it while it runs).
-        self.outbound: aiohttp.ClientSession | None = None
+        # The guarded client for tasks' own destinations, while the worker runs.
+        self.outbound: Callable[[], aiohttp.ClientSession | None] = lambda: None
         self.worker_id = worker_id
         self.results = ResultWriter(claims, backoff_cap=settings.heartbeat_interval)
         # Told when a task this worker ran ended with a callback to deliver.
@@ -144,7 +144,7 @@ class Executor:
             attempt=task.attempts,
             settings=self.settings,
             http=self.http,
-            outbound=self.outbound,
+            outbound=self.outbound(),
             traceparent=traceparent,
         )
         time_limit = task.timeout or definition.timeout or self.settings.task_timeout

@@ -19,7 +19,6 @@ from pymongo import monitoring
 
 from service import version
 from service.config import Settings
-from service.destinations import guarded_session
 from service.errors import DatabaseUnavailable
 from service.models import Task
 from service.plugins import Registry
@@ -148,9 +147,8 @@ class Worker:
             worker_id=self.worker_id,
         )
         self.executor.results.full = lambda: len(self.running) >= settings.concurrency
-        self.callbacks = CallbackSender(store.callbacks, clock=store.clock, settings=settings)
-        self.executor.callback_due = self.callbacks.nudge
         self.malformed, self.retention, self.scheduler = _upkeep(store, settings)
+        self.callbacks = _callbacks(store, settings, self.executor)
         for job in self.jobs:
             job.on_crash = self._crash
         self._background: set[asyncio.Task[None]] = set()
@@ -211,9 +209,6 @@ class Worker:
         metrics.prepare(worker_id=self.worker_id, version=self.version, types=self.types)
         metrics.count_running(lambda: len(self.running))
         await self._register()
-        # The client for the addresses tasks name (http tasks, callbacks): guarded.
-        outbound = guarded_session(self.settings.allowed_networks)
-        self.executor.outbound = self.callbacks.session = outbound
         try:
             await self.retention.ensure()
         except DatabaseUnavailable as exc:
@@ -235,7 +230,7 @@ class Worker:
             await self._release_all()
             await self.executor.results.stop()
             await self.leases.stop()
-            await outbound.close()
+            await self.callbacks.close()
             if self.fatal is None:
                 await self._unregister()
         if self.fatal is not None:
@@ -440,3 +435,12 @@ def _upkeep(store: Store, settings: Settings) -> tuple[MalformedScan, Retention,
         Retention(store.retention, clock=store.clock, retention=settings.retention),
         Scheduler(store.schedules, clock=store.clock, interval=settings.schedule_interval),
     )
+
+
+def _callbacks(store: Store, settings: Settings, executor: Executor) -> CallbackSender:
+    """The delivery of completion callbacks, woken by `executor` when a task it ran ends
+    with one; its guarded client (open while it runs) is the http tasks' too."""
+    callbacks = CallbackSender(store.callbacks, clock=store.clock, settings=settings)
+    executor.callback_due = callbacks.nudge
+    executor.outbound = lambda: callbacks.session
+    return callbacks
