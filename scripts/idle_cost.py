@@ -39,6 +39,8 @@ def round_of(name: str, command: dict[str, Any]) -> str:
     if name == "aggregate":
         return "change stream open"
     if name == "findAndModify":
+        if "callback.state" in command.get("query", {}):
+            return "callbacks: take"
         return "safety poll: claim"
     if collection == "queues":
         return "queue settings read" if name == "find" else f"queues {name}"

@@ -76,6 +76,25 @@ class AttemptError:
     worker: str | None = None
 
 
+class CallbackState(StrEnum):
+    """Where a completion callback's delivery is."""
+
+    PENDING = "PENDING"
+    DELIVERED = "DELIVERED"
+    FAILED = "FAILED"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Callback:
+    """The delivery of a finished task to its `callback_url` (an outbox entry on the task)."""
+
+    state: str  # a CallbackState when well formed
+    attempts: int = 0
+    last_error: str | None = None
+    next_at: datetime | None = None  # not before this (the backoff, or a lease's end)
+    lease: str | None = None  # the worker delivering it now, fenced like a claim
+
+
 @dataclass(frozen=True, kw_only=True)
 class Task:
     """One task document, as the store reads it.
@@ -107,6 +126,9 @@ class Task:
     occurrence: datetime | None = None  # the schedule's occurrence it stands for (its run_at)
     tags: tuple[str, ...] = ()  # labels the API filters by (`GET /tasks?tag=`)
     queue: str = DEFAULT_QUEUE  # its queue's rate, concurrency and pause apply to it
+    callback_url: str | None = None  # where the finished task is POSTed
+    callback: Callback | None = None  # that delivery's state, once the task has finished
+    traceparent: str | None = None  # the W3C trace context of the request that created it
     problems: tuple[str, ...] = ()
     malformed: frozenset[str] = frozenset()  # the fields named in `problems`
     # The stored _id, whatever its BSON type: writes address the document by it.
@@ -145,6 +167,9 @@ class Task:
             occurrence=reader.time("occurrence"),
             tags=reader.tags(),
             queue=reader.text("queue") or DEFAULT_QUEUE,
+            callback_url=reader.text("callback_url"),
+            callback=reader.callback(),
+            traceparent=reader.text("traceparent"),
             problems=tuple(problem for _, problem in reader.problems),
             malformed=frozenset(name for name, _ in reader.problems),
         )
@@ -190,6 +215,7 @@ class Schedule:
     created_at: datetime | None
     tags: tuple[str, ...] = ()  # copied onto each occurrence's task
     queue: str = DEFAULT_QUEUE  # the queue of each occurrence's task
+    callback_url: str | None = None  # copied onto each occurrence's task
     problems: tuple[str, ...] = ()
     key: Any = field(default=None, repr=False, compare=False)
 
@@ -226,6 +252,7 @@ class Schedule:
             created_at=reader.time("created_at"),
             tags=reader.tags(),
             queue=reader.text("queue") or DEFAULT_QUEUE,
+            callback_url=reader.text("callback_url"),
             problems=tuple(problem for _, problem in reader.problems),
         )
 
@@ -313,6 +340,25 @@ class _Reader:
         if least is not None and most is not None:
             expected = f"a number of seconds from {least} to {most}"
         self._wrong(name, value, expected)
+        return None
+
+    def callback(self) -> Callback | None:
+        value = self._get("callback", False)
+        if value is None:
+            return None
+        if isinstance(value, Mapping) and isinstance(value.get("state"), str):
+            attempts = value.get("attempts")
+            error = value.get("last_error")
+            next_at = value.get("next_at")
+            lease = value.get("lease")
+            return Callback(
+                state=value["state"],
+                attempts=attempts if type(attempts) is int else 0,
+                last_error=error if isinstance(error, str) else None,
+                next_at=next_at if isinstance(next_at, datetime) else None,
+                lease=lease if isinstance(lease, str) else None,
+            )
+        self._wrong("callback", value, "a callback record")
         return None
 
     def tags(self) -> tuple[str, ...]:

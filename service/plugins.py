@@ -84,6 +84,11 @@ class TaskContext:
     # The worker's one HTTP client, shared by every task it runs; aiohttp's hidden resend
     # of a request is off (one attempt = one request).
     http: aiohttp.ClientSession
+    # The worker's client for requests to addresses a task's arguments name: it reaches only
+    # destinations the network rules allow (service.destinations). None outside a worker.
+    outbound: aiohttp.ClientSession | None = None
+    # The W3C traceparent of the request that created the task, if it had one.
+    traceparent: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,6 +131,21 @@ class TaskDefinition:
 
 class ArgsUnloadable(Exception):
     """A task's stored arguments do not load with its type's schema (any more)."""
+
+
+class Retry(Exception):
+    """Raised by a run: this attempt failed (the message says why) and another may follow,
+    not before `after` seconds (None: the task's usual backoff). Attempts still end at
+    max_attempts."""
+
+    def __init__(self, message: str, *, after: float | None = None) -> None:
+        super().__init__(message)
+        self.after = after
+
+
+class Fail(Exception):
+    """Raised by a run: the task failed for good (the message says why); no retry, whatever
+    attempts are left."""
 
 
 class TaskTimedOut(Exception):

@@ -21,7 +21,14 @@ from service.config import Settings
 from service.localdb import database_url, free_port
 from service.store import Store, open_client
 from service.web.app import create_app
-from tests.helpers import ApiProcess, CommandLog, StubHttpServer, WorkerProcess, settings_env
+from tests.calling import Receiver
+from tests.helpers import (
+    ApiProcess,
+    CommandLog,
+    StubHttpServer,
+    WorkerProcess,
+    settings_env,
+)
 
 
 @pytest.fixture(scope="session")
@@ -119,6 +126,15 @@ async def http_stub() -> AsyncIterator[StubHttpServer]:
     await stub.start()
     yield stub
     await stub.close()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    """A team's service on a loopback port, for http tasks and callbacks (answers 200)."""
+    service = Receiver()
+    await service.start()
+    yield service
+    await service.close()
 
 
 @pytest.fixture

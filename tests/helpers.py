@@ -32,7 +32,7 @@ from pymongo import monitoring
 
 from service.config import Settings, env_name
 from service.localdb import free_port
-from service.models import Task
+from service.models import State, Task
 from service.store import Store, new_lease
 from service.web.app import create_app
 
@@ -447,3 +447,18 @@ class CommandLog(monitoring.CommandListener):
 
     def failed(self, event: monitoring.CommandFailedEvent) -> None:
         self.started_commands.pop(event.request_id, None)
+
+
+# -- tasks ----------------------------------------------------------------------------------
+
+
+async def task_ended(store: Store, task_id: str, within: float = 60) -> Task:
+    """The task once it is COMPLETE or FAILED (waiting up to `within` seconds)."""
+
+    async def ended() -> Task | None:
+        task = await store.tasks.get(task_id)
+        return task if task.state in (State.COMPLETE, State.FAILED) else None
+
+    task = await eventually(ended, within=within, what=f"task {task_id} to end")
+    assert task is not None
+    return task

@@ -488,7 +488,17 @@ async def test_the_docs_page_pre_filled_create_request_works(api: Client, store:
         "schema"
     ]
     sample = swagger_ui_sample(body_schema, document)
-    fields = {"type", "run_at", "max_attempts", "args", "priority", "timeout", "tags", "queue"}
+    fields = {
+        "type",
+        "run_at",
+        "max_attempts",
+        "args",
+        "priority",
+        "timeout",
+        "tags",
+        "queue",
+        "callback_url",
+    }
     assert set(sample) == fields, sample
     response = await api.post("/tasks", json=sample)
     assert response.status == 201, (sample, await response.text())
@@ -500,7 +510,7 @@ async def test_the_docs_page_pre_filled_create_request_works(api: Client, store:
     assert await store.db.tasks.count_documents({}) == 1
     # The choices are listed, so the docs page offers them.
     properties = document["components"]["schemas"]["CreateTask"]["properties"]
-    assert properties["type"]["enum"] == ["foo", "bar", "baz"]
+    assert properties["type"]["enum"] == ["foo", "bar", "baz", "http"]
 
 
 async def test_earlier_version_routes_share_one_tag_in_the_docs(api: Client) -> None:

@@ -165,7 +165,7 @@ async def test_workers_shows_who_is_alive_and_what_each_holds(
         assert seen["host"] == socket.gethostname()
         assert seen["concurrency"] == 2
         assert seen["running"] == len(seen["tasks"])
-        assert seen["types"] == ["foo", "bar", "baz"]
+        assert seen["types"] == ["foo", "bar", "baz", "http"]
         assert seen["version"] and seen["started_at"] and seen["last_seen"]
 
     printed = run_cli(settings_env(settings), "workers")
@@ -174,7 +174,7 @@ async def test_workers_shows_who_is_alive_and_what_each_holds(
     for worker_id in ids:
         (row,) = [line for line in lines if line.startswith(worker_id + " ")]
         assert row.split()[1] == "alive"
-        assert " foo,bar,baz " in row, row
+        assert " foo,bar,baz,http " in row, row
     assert "2 worker(s): 2 alive, 0 gone" in printed.stdout
 
     killed, stopped = workers

@@ -80,7 +80,7 @@ async def test_api_and_worker_write_json_lines(
     levels = [(e["outcome"], e["level"]) for e in events]
     assert sorted(levels) == [("COMPLETE", "INFO"), ("FAILED", "WARNING"), ("retry", "INFO")]
     started = [r["message"] for r in records if " started: " in r["message"]]
-    assert len(started) == 1 and "types foo,bar,baz, limits none," in started[0], started
+    assert len(started) == 1 and "types foo,bar,baz,http, limits none," in started[0], started
     # The task's own output: plain lines on stdout, nothing else.
     assert worker.stdout_lines() and all(line.startswith("Baz ") for line in worker.stdout_lines())
 

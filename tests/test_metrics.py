@@ -80,7 +80,7 @@ async def test_task_counts_agree_with_the_database(api: Client, store: Store) ->
     for (state, task_type), n in expected.items():
         assert tasks(state, task_type) == n, (state, task_type)
     series = {labels for name, labels in samples if name == "task_runner_tasks"}
-    assert len(series) == 4 * 3 + 1  # every known pair (zeros too) and the odd one
+    assert len(series) == 4 * 4 + 1  # every known pair (zeros too) and the odd one
     assert sum(v for (name, _), v in samples.items() if name == "task_runner_tasks") == len(docs)
     assert samples[("task_runner_tasks_due", ())] == 2
     assert samples[("task_runner_tasks_stale", ())] == 1

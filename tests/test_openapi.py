@@ -74,15 +74,20 @@ async def test_states_and_types_are_enums(api: Client) -> None:
     schemas = document["components"]["schemas"]
     assert schemas["Task"]["properties"]["state"]["enum"] == STATES
     assert schemas["Schedule"]["properties"]["missed"]["enum"] == ["latest", "skip"]
-    assert schemas["CreateTask"]["properties"]["type"]["enum"] == ["foo", "bar", "baz"]
+    assert schemas["CreateTask"]["properties"]["type"]["enum"] == ["foo", "bar", "baz", "http"]
     listing = {p["name"]: p for p in document["paths"]["/tasks"]["get"]["parameters"]}
     assert listing["state"]["schema"]["enum"] == STATES
-    assert listing["type"]["schema"]["enum"] == ["foo", "bar", "baz"]
+    assert listing["type"]["schema"]["enum"] == ["foo", "bar", "baz", "http"]
     assert listing["order"]["schema"]["enum"] == ["asc", "desc"]
     [state] = document["paths"]["/taskstate/{state}"]["get"]["parameters"]
     assert state["schema"]["enum"] == STATES and state["in"] == "path"
     legacy = document["paths"]["/{type}/{unix_seconds}"]["post"]["parameters"]
-    assert legacy[0]["name"] == "type" and legacy[0]["schema"]["enum"] == ["foo", "bar", "baz"]
+    assert legacy[0]["name"] == "type" and legacy[0]["schema"]["enum"] == [
+        "foo",
+        "bar",
+        "baz",
+        "http",
+    ]
     # A task type is not an enum in answers: a task may be of a type this API has not
     # loaded (a worker's own, or one removed since), and is shown as stored.
     assert "enum" not in schemas["Task"]["properties"]["type"]

@@ -162,7 +162,7 @@ async def test_a_plugin_module_with_an_argument_schema_runs_through_api_and_work
     status, answer = await post(http, f"{api.url}/tasks", {"type": "unknown"})
     assert status == 400
     assert answer["error"]["details"]["type"] == [
-        "must be one of foo, bar, baz, greet, ping, hang, nap (any letter case)"
+        "must be one of foo, bar, baz, http, greet, ping, hang, nap (any letter case)"
     ]
     assert await store.db.tasks.count_documents({}) == 3
 
@@ -173,7 +173,7 @@ async def test_a_plugin_module_with_an_argument_schema_runs_through_api_and_work
     async with http.get(f"{api.url}/openapi.json") as response:
         document = await response.json()
     create = document["components"]["schemas"]["CreateTask"]["properties"]
-    assert create["type"]["enum"] == ["foo", "bar", "baz", "greet", "ping", "hang", "nap"]
+    assert create["type"]["enum"] == ["foo", "bar", "baz", "http", "greet", "ping", "hang", "nap"]
     assert {"$ref": "#/components/schemas/Args.greet"} in create["args"]["anyOf"]
     greet_args = document["components"]["schemas"]["Args.greet"]
     assert greet_args["required"] == ["name"]
@@ -268,7 +268,7 @@ async def test_a_package_entry_point_adds_types_to_api_and_worker(
     assert (await finished(store, whisper["id"])).output == f"psst {whisper['id']}"
     registered = await store.db.workers.find_one({"_id": worker.worker_id})
     assert registered is not None
-    assert registered["types"] == ["foo", "bar", "baz", "shout", "whisper"]
+    assert registered["types"] == ["foo", "bar", "baz", "http", "shout", "whisper"]
     worker.signal(signal.SIGTERM)
     assert worker.wait() == 0
 
@@ -311,7 +311,7 @@ async def test_an_old_worker_leaves_a_new_types_tasks_to_a_new_worker(
     left = await store.tasks.get(greet.id)
     assert (left.state, left.attempts) == (State.NOTSTARTED, 0)
     registered = await store.db.workers.find_one({"_id": old.worker_id})
-    assert registered is not None and registered["types"] == ["foo", "bar", "baz"]
+    assert registered is not None and registered["types"] == ["foo", "bar", "baz", "http"]
 
     new = spawn_worker(task_modules=(module,))
     done = await finished(store, greet.id)
@@ -408,7 +408,7 @@ def test_two_modules_defining_one_name_and_a_missing_module(tmp_path: Path) -> N
         ):
             load_registry((first, second))
         # The same module twice (say, an entry point and the setting) is not a clash.
-        assert load_registry((first, first)).names[3:] == ("greet", "ping", "hang", "nap")
+        assert load_registry((first, first)).names[4:] == ("greet", "ping", "hang", "nap")
         with pytest.raises(PluginError, match=r"'nowhere_xyz' .* No module named 'nowhere_xyz'"):
             load_registry(("nowhere_xyz",))
     finally:

@@ -36,7 +36,7 @@ async def ctx(http_stub: StubHttpServer) -> AsyncIterator[Context]:
 
 
 async def test_the_built_in_types_come_first_in_order() -> None:
-    assert load_registry().names == ("foo", "bar", "baz")
+    assert load_registry().names == ("foo", "bar", "baz", "http")
     assert [t.value for t in TaskType] == ["foo", "bar", "baz"]
 
 

@@ -559,3 +559,24 @@ async def test_what_tasks_hold_is_shown_as_text(stack: Stack, store: Store) -> N
     assert hostile in await page.inner_text("#failures")
     assert await page.locator("#detail img, #failures img, main script").count() == 0
     assert await page.evaluate("window.__xss") is None
+
+
+async def test_an_http_task_shows_its_target_last_status_and_callback(
+    stack: Stack, store: Store
+) -> None:
+    callback = {"state": "DELIVERED", "attempts": 2, "last_error": "HTTP 500"}
+    task_id = await failed_task(
+        store,
+        type="http",
+        args={"url": "https://api.acme.test/jobs/42", "method": "PUT"},
+        error="HTTP 410\ngone",
+        callback_url="https://api.acme.test/done",
+        callback=callback,
+    )
+    page = await open_dashboard(stack)
+    await page.goto(f"{stack.api.url}/ui#task={task_id}")
+    await page.wait_for_selector("#detail-fields[data-state=FAILED]")
+    assert await page.inner_text("#detail-target") == "PUT https://api.acme.test/jobs/42"
+    assert await page.inner_text("#detail-status") == "410"
+    shown = await page.inner_text("#detail-callback[data-state=DELIVERED]")
+    assert shown == "https://api.acme.test/done — DELIVERED after 2 attempt(s): HTTP 500"

@@ -102,7 +102,8 @@ class AsyncClient(ScheduleCalls):
         `timeout`: seconds one run of the task may take. `idempotency_key`: yours, to make
         a create you may send again (from another process) happen once; without one, the
         call makes its own (a uuid4), which covers its own retries. `queue`: the queue it
-        belongs to (docs/queues.md). `callback_url` is for API versions that have it.
+        belongs to (docs/queues.md). `callback_url`: where the task is POSTed when it ends
+        (docs/calling-services.md).
 
             task = await client.create("greet", args={"name": "Ada"}, priority=5)
         """

@@ -8,9 +8,12 @@ flag. The environment reader (`Settings.from_env`), the commands' flags and `--h
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import difflib
 import functools
+import ipaddress
 import math
 import os
 import re
@@ -188,6 +191,14 @@ class Settings:
         10.0, WORKER, "seconds before the Bar task's request times out", bound=POSITIVE
     )
     foo_seconds: float = setting(3.0, WORKER, "seconds the Foo task sleeps", bound=NOT_NEGATIVE)
+    signing_secret: str | None = setting(
+        None,
+        WORKER,
+        "whsec_ followed by base64: signs every request of http tasks and callbacks per "
+        "Standard Webhooks (docs/calling-services.md); unset: requests go unsigned",
+        commands=(),
+        secret=True,
+    )
     clock_skew: float = setting(
         0.0, WORKER, "testing only: shift this process's clock by this many seconds"
     )
@@ -205,6 +216,13 @@ class Settings:
         "type=N,... (e.g. bar=2,foo=10): at most N tasks of the type run at once in the whole "
         "fleet; types not listed are unlimited; give every worker the same value "
         "(docs/limits.md)",
+    )
+    http_allow_networks: tuple[str, ...] = setting(
+        (),
+        TASK_TYPES,
+        "comma-separated CIDRs (e.g. 10.1.0.0/16,127.0.0.0/8) that http tasks and callbacks may "
+        "reach although loopback, private, link-local or otherwise internal "
+        "(docs/calling-services.md); give the API and every worker the same value",
     )
 
     local_db_port: int = setting(
@@ -233,6 +251,7 @@ class Settings:
             if spec.choices:
                 self._check_choice(spec.name, spec.choices)
         self._check_type_limits()
+        self._check_outbound()
         if not self.bar_url.startswith(("http://", "https://")):
             raise SettingsError("{bar_url} must be an http:// or https:// URL", "bar_url")
         if self.mongodb_url is not None and not self.mongodb_url.startswith(
@@ -267,6 +286,34 @@ class Settings:
                 raise SettingsError(f"{{type_limits}} names {name!r} twice", "type_limits")
             seen[name] = int(match["limit"])
         object.__setattr__(self, "type_limits", tuple(f"{k}={v}" for k, v in seen.items()))
+
+    def _check_outbound(self) -> None:
+        """The signing secret is whsec_ + base64; each allowed network a CIDR."""
+        if self.signing_secret is not None:
+            raw = self.signing_secret.removeprefix("whsec_")
+            try:
+                key = base64.b64decode(raw, validate=True)
+            except (binascii.Error, ValueError):
+                key = b""
+            if not self.signing_secret.startswith("whsec_") or not key:
+                raise SettingsError(
+                    "{signing_secret} must be whsec_ followed by base64 (as Standard Webhooks "
+                    "defines it)",
+                    "signing_secret",
+                )
+        for entry in self.http_allow_networks:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise SettingsError(
+                    f"{{http_allow_networks}}: {entry!r} is not a network (e.g. 10.0.0.0/8)",
+                    "http_allow_networks",
+                ) from None
+
+    @property
+    def allowed_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """TASK_RUNNER_HTTP_ALLOW_NETWORKS, parsed."""
+        return tuple(ipaddress.ip_network(n, strict=False) for n in self.http_allow_networks)
 
     @property
     def limits(self) -> dict[str, int]:

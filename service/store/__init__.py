@@ -14,6 +14,7 @@ the worker receives the parts it uses:
 - `figures` (Figures): counts for operators, the dashboard and /metrics
 - `retention` (Expiry): finished tasks expire
 - `bulk` (BulkTasks): requeue or delete the tasks a filter matches, a batch at a time
+- `callbacks` (Outbox): finished tasks' pending completion callbacks, taken under a lease
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pymongo import AsyncMongoClient
 from service.clock import DbClock
 from service.store.base import Database, new_lease, open_client, unavailable
 from service.store.bulk import BulkTasks
+from service.store.callbacks import Outbox
 from service.store.claims import Claims
 from service.store.figures import Figures
 from service.store.idempotency import IdempotencyKeys
@@ -67,6 +69,7 @@ class Store:
         self.figures = Figures(self.db)
         self.retention = Expiry(self.db)
         self.bulk = BulkTasks(self.db)
+        self.callbacks = Outbox(self.db)
 
     @unavailable
     async def ensure_indexes(self) -> None:
@@ -76,6 +79,7 @@ class Store:
         await self.tasks.ensure_indexes()
         await self.keys.ensure_indexes()
         await self.schedules.ensure_indexes()
+        await self.callbacks.ensure_indexes()
 
     @unavailable
     async def sync_clock(self) -> None:

@@ -222,6 +222,8 @@ class NewTask:
     time_limit: float | None = None
     tags: Sequence[str] = ()
     queue: str = DEFAULT_QUEUE
+    callback_url: str | None = None
+    traceparent: str | None = None
 
     def fields(self) -> dict[str, Any]:
         """The keyword arguments of new_task_document (and of the creates)."""
@@ -234,6 +236,8 @@ class NewTask:
             "time_limit": self.time_limit,
             "tags": self.tags,
             "queue": self.queue,
+            "callback_url": self.callback_url,
+            "traceparent": self.traceparent,
         }
 
 
@@ -249,10 +253,12 @@ def new_task_document(
     time_limit: float | None,
     tags: Sequence[str] = (),
     queue: str = DEFAULT_QUEUE,
+    callback_url: str | None = None,
+    traceparent: str | None = None,
 ) -> dict[str, Any]:
     """A NOTSTARTED task document as every create path stores it; `tags` stored as an
     array when there are any, `queue` always (a document without one is in the default
-    queue)."""
+    queue), `callback_url` and `traceparent` when given."""
     # "Now" is a time the database has surely reached, so the task is due at once.
     # A past time is stored as now, so lag figures and FIFO order among due tasks hold.
     now = clock.surely_now()
@@ -274,6 +280,10 @@ def new_task_document(
         doc["timeout"] = time_limit
     if tags:
         doc["tags"] = list(tags)
+    if callback_url is not None:
+        doc["callback_url"] = callback_url
+    if traceparent is not None:
+        doc["traceparent"] = traceparent
     return doc
 
 
@@ -292,12 +302,19 @@ def stale_filter(clock: DbClock, stale_after: float) -> dict[str, Any]:
 
 def requeue_update(clock: DbClock) -> dict[str, Any]:
     """The update that puts a finished task back in the queue: NOTSTARTED, due now, a fresh
-    set of attempts, no lease or worker left (its errors, output and start kept)."""
+    set of attempts, no lease or worker left (its errors, output and start kept); its
+    callback, if any, is delivered afresh when it ends again."""
     return {
         "$set": {
             "state": State.NOTSTARTED.value,
             "run_at": clock.surely_now(),
             "attempts": 0,
         },
-        "$unset": {"finished_at": "", "lease": "", "worker": "", "heartbeat_at": ""},
+        "$unset": {
+            "finished_at": "",
+            "lease": "",
+            "worker": "",
+            "heartbeat_at": "",
+            "callback": "",
+        },
     }

@@ -15,7 +15,7 @@ from typing import Any
 import pymongo
 from pymongo import ReturnDocument, UpdateOne
 
-from service.models import DEFAULT_QUEUE, State, Task
+from service.models import DEFAULT_QUEUE, CallbackState, State, Task
 from service.store.base import (
     CLAIM_SORT,
     TIME_SORT,
@@ -80,6 +80,12 @@ def claim_update(worker_id: str, lease: str) -> list[dict[str, Any]]:
 def _fence(task: Task) -> dict[str, Any]:
     """The filter of every write under a claim: this task, still STARTED under our lease."""
     return {"_id": task.key, "lease": task.lease, "state": State.STARTED.value}
+
+
+def pending_callback(now: datetime | str) -> dict[str, Any]:
+    """A callback to deliver from `now` on (a date, or "$$NOW" in a pipeline): the outbox
+    entry a task's final write carries (see service.store.callbacks)."""
+    return {"state": CallbackState.PENDING.value, "attempts": 0, "next_at": now}
 
 
 @dataclass(frozen=True)
@@ -172,12 +178,23 @@ class Claims:
         return leases - alive
 
     def completion(self, task: Task, output: str) -> Finish:
-        """The write that marks the task COMPLETE with `output`."""
+        """The write that marks the task COMPLETE with `output` (and its callback pending)."""
         update = {
-            "$set": {"state": State.COMPLETE.value, "output": storable(output)},
+            "$set": {
+                "state": State.COMPLETE.value,
+                "output": storable(output),
+                **self._callback(task),
+            },
             "$currentDate": {"finished_at": True},
         }
         return Finish(task, update, State.COMPLETE)
+
+    def _callback(self, task: Task) -> dict[str, Any]:
+        """What a final write sets for the task's callback: a pending delivery (the outbox
+        entry, written with the final state) when the task has a callback_url."""
+        if task.callback_url is None:
+            return {}
+        return {"callback": pending_callback(self.clock.surely_now())}
 
     def failure(self, task: Task, error: str, *, retry_at: datetime | None) -> Finish:
         """The write that records a failed attempt: back to NOTSTARTED at `retry_at`, or
@@ -188,7 +205,7 @@ class Claims:
         if retry_at is None:
             state = State.FAILED
             update: dict[str, Any] = {
-                "$set": {"state": state.value},
+                "$set": {"state": state.value, **self._callback(task)},
                 "$currentDate": {"finished_at": True},
             }
         else:
@@ -290,11 +307,15 @@ class Claims:
         exhausted = {"$gte": ["$attempts", "$max_attempts"]}
         is_list = {"$isArray": "$errors"}  # a document of another shape must not fail this
         lost = {"attempt": "$attempts", "error": WORKER_LOST, "at": now, "worker": "$worker"}
+        # A task that ends FAILED here with a callback_url gets its pending callback in the
+        # same write (a STARTED task has none yet: a requeue removes the last one).
+        calls_back = {"$and": [exhausted, {"$eq": [{"$type": "$callback_url"}, "string"]}]}
         pipeline: list[dict[str, Any]] = [
             {
                 "$set": {
                     "state": {"$cond": [exhausted, State.FAILED.value, State.NOTSTARTED.value]},
                     "finished_at": {"$cond": [exhausted, now, "$$REMOVE"]},
+                    "callback": {"$cond": [calls_back, pending_callback(now), "$$REMOVE"]},
                     "error": WORKER_LOST,
                     "errors": {"$concatArrays": [{"$cond": [is_list, "$errors", []]}, [lost]]},
                 }

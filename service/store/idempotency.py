@@ -99,6 +99,8 @@ class IdempotencyKeys:
         time_limit: float | None = None,
         tags: Sequence[str] = (),
         queue: str = DEFAULT_QUEUE,
+        callback_url: str | None = None,
+        traceparent: str | None = None,
     ) -> Task:
         """`create`, once per Idempotency-Key: the same key with the same request gives the
         task the first request created (`once.replayed(task)` tells); after `once.ttl`
@@ -119,8 +121,11 @@ class IdempotencyKeys:
             fields["tags"] = list(tags)
         if queue != DEFAULT_QUEUE:
             fields["queue"] = queue  # likewise: the default queue hashes as before queues
+        if callback_url is not None:
+            fields["callback_url"] = callback_url  # as tags: only when given
         fingerprint = request_hash(once.route, fields)
-        doc = new_task_document(self.clock, once.task_id, **fields)
+        # The trace context is not the request's content: a retry may come in another trace.
+        doc = new_task_document(self.clock, once.task_id, **fields, traceparent=traceparent)
         # A turn is lost only to another request's write on this key meanwhile (an expired
         # record replaced or swept): the next turn reads what that write left.
         for _ in range(IDEMPOTENCY_TURNS):

@@ -65,7 +65,8 @@ class Schedules:
     @unavailable
     async def create(self, *, template: Mapping[str, Any], timing: Timing) -> Schedule:
         """Insert a schedule: `template` holds the task's type, args, priority, max_attempts,
-        timeout, tags and queue (as the API checked them); its first occurrence is computed now."""
+        timeout, tags, queue and callback_url (as the API checked them); its first occurrence
+        is computed now."""
         now = self.clock.surely_now()
         anchor = None
         if timing.every is not None:
@@ -239,6 +240,7 @@ class Schedules:
             time_limit=schedule.timeout,
             tags=schedule.tags,
             queue=schedule.queue,
+            callback_url=schedule.callback_url,
         )
         doc.update(run_at=occurrence, schedule_id=schedule.id, occurrence=occurrence)
         try:

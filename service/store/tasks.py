@@ -156,12 +156,15 @@ class Tasks:
         time_limit: float | None = None,
         tags: Sequence[str] = (),
         queue: str = DEFAULT_QUEUE,
+        callback_url: str | None = None,
+        traceparent: str | None = None,
     ) -> Task:
         """Insert a NOTSTARTED task due at `run_at`; None or a past time means now.
 
         `args` are stored as given (the API has checked them against the type's schema);
         `time_limit` is the task's `timeout`, in seconds; `tags` its labels; `queue` the
-        queue it belongs to.
+        queue it belongs to; `callback_url` where to POST it once finished; `traceparent` the
+        creating request's trace context.
         """
         doc = new_task_document(
             self.clock,
@@ -174,6 +177,8 @@ class Tasks:
             time_limit=time_limit,
             tags=tags,
             queue=queue,
+            callback_url=callback_url,
+            traceparent=traceparent,
         )
         await self.tasks.insert_one(doc)
         return Task.from_document(doc)

@@ -21,6 +21,7 @@ from service.web.middlewares import (
     AccessLog,
     ProtocolLog,
     auth_middleware,
+    destinations_middleware,
     error_middleware,
     metrics_middleware,
     timeout_middleware,
@@ -82,6 +83,7 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
         error_middleware,
         timeout_middleware(settings),
         auth_middleware(settings),
+        destinations_middleware(settings),
     ]
     app = web.Application(
         middlewares=middlewares,

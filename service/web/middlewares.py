@@ -20,6 +20,7 @@ from aiohttp.typedefs import Handler, Middleware
 from marshmallow import ValidationError
 
 from service.config import Settings
+from service.destinations import allowing
 from service.errors import (
     BatchInterrupted,
     DatabaseUnavailable,
@@ -208,6 +209,19 @@ def timeout_middleware(settings: Settings) -> Middleware:
             )
 
     return timeout
+
+
+def destinations_middleware(settings: Settings) -> Middleware:
+    """Open TASK_RUNNER_HTTP_ALLOW_NETWORKS to the checks of the request's URLs (an http
+    task's args, a callback_url): see service.destinations."""
+    networks = settings.allowed_networks
+
+    @web.middleware
+    async def destinations(request: web.Request, handler: Handler) -> web.StreamResponse:
+        with allowing(networks):
+            return await handler(request)
+
+    return destinations
 
 
 def auth_middleware(settings: Settings) -> Middleware:

@@ -47,8 +47,8 @@ def _schedule_response(
 )
 async def create_schedule(request: web.Request) -> web.Response:
     """Create a schedule: a task template ({"type", "args", "priority", "max_attempts",
-    "timeout", "tags", "queue"}, checked as POST /tasks checks them) with "cron" (and "timezone") or
-    "every"."""
+    "timeout", "tags", "queue", "callback_url"}, checked as POST /tasks checks them) with
+    "cron" (and "timezone") or "every"."""
     body = await json_object(request)
     loaded = CreateScheduleSchema(registry=request.app[REGISTRY]).load(body)
     template = {
@@ -59,6 +59,7 @@ async def create_schedule(request: web.Request) -> web.Response:
         "timeout": loaded["timeout"],
         "tags": loaded["tags"] or None,
         "queue": loaded["queue"],
+        "callback_url": loaded["callback_url"],
     }
     timing = Timing(
         cron=loaded["cron"],

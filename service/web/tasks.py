@@ -4,11 +4,14 @@ for it to finish with ?wait=), change a waiting one, delete."""
 from __future__ import annotations
 
 import functools
+import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 from marshmallow import ValidationError
 
+from service import tracing
 from service.config import Settings
 from service.errors import (
     BatchInterrupted,
@@ -16,6 +19,7 @@ from service.errors import (
     IdempotencyKeyReused,
     IdempotentTaskGone,
 )
+from service.models import Task
 from service.store import Store
 from service.store.base import NewTask
 from service.store.idempotency import IdempotentCreate
@@ -62,6 +66,15 @@ IDEMPOTENCY_PARAMETER = {
     "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"},
 }
 
+TRACEPARENT_PARAMETER = {
+    "in": "header",
+    "name": "traceparent",
+    "required": False,
+    "description": "W3C Trace Context: kept with the task (its `traceparent`) and sent on its "
+    "http requests and callback",
+    "schema": {"type": "string", "pattern": "^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}"},
+}
+
 
 async def create(request: web.Request, data: dict[str, Any]) -> web.Response:
     """Create the task `data` describes (a POST /tasks body, or what an earlier version's
@@ -71,7 +84,27 @@ async def create(request: web.Request, data: dict[str, Any]) -> web.Response:
     store = request.app[STORE]
     once = _idempotent(request, settings)
     insert = store.tasks.create if once is None else functools.partial(store.keys.create_once, once)
-    task = await insert(
+    attributes = {"task_runner.task.type": loaded["type"].name}
+    with tracing.span(
+        "task-runner create", traceparent=traceparent(request), kind="SERVER", attributes=attributes
+    ) as context:
+        task = await _insert(insert, loaded, settings, traceparent=context)
+    if once is not None and once.replayed(task):
+        response = task_response(task)
+        response.headers[REPLAYED_HEADER] = "true"
+        return response
+    return task_response(task, status=201)
+
+
+async def _insert(
+    insert: Callable[..., Awaitable[Task]],
+    loaded: dict[str, Any],
+    settings: Settings,
+    *,
+    traceparent: str | None,
+) -> Task:
+    """Store the task a create's body describes."""
+    return await insert(
         task_type=loaded["type"].name,
         run_at=loaded["run_at"],
         max_attempts=loaded["max_attempts"] or settings.max_attempts,
@@ -80,12 +113,28 @@ async def create(request: web.Request, data: dict[str, Any]) -> web.Response:
         time_limit=loaded["timeout"],
         tags=loaded["tags"] or (),
         queue=loaded["queue"],
+        callback_url=loaded["callback_url"],
+        traceparent=traceparent,
     )
-    if once is not None and once.replayed(task):
-        response = task_response(task)
-        response.headers[REPLAYED_HEADER] = "true"
-        return response
-    return task_response(task, status=201)
+
+
+# W3C Trace Context, version 00 (and later versions read as 00 would): version, trace id,
+# parent id, flags; all-zero ids and version ff are invalid.
+TRACEPARENT = re.compile(
+    r"(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}"
+)
+
+
+def traceparent(request: web.Request) -> str | None:
+    """The request's `traceparent` header, if it is one valid W3C trace context (an invalid
+    one is ignored, as the specification says)."""
+    values = request.headers.getall("traceparent", [])
+    if len(values) != 1:
+        return None
+    value = values[0].strip()
+    if value[:2] == "00" and len(value) != 55:
+        return None
+    return value[:55] if TRACEPARENT.match(value) else None
 
 
 def _idempotent(request: web.Request, settings: Settings) -> IdempotentCreate | None:
@@ -107,7 +156,7 @@ def _idempotent(request: web.Request, settings: Settings) -> IdempotentCreate | 
     responses={201: TaskSchema, 200: TaskSchema},
     errors=(400, 409, 410, 413, 415),
     requestBody={"required": True, "content": {"application/json": {"schema": CreateTaskSchema}}},
-    parameters=[IDEMPOTENCY_PARAMETER],
+    parameters=[IDEMPOTENCY_PARAMETER, TRACEPARENT_PARAMETER],
 )
 async def create_task(request: web.Request) -> web.Response:
     """Create a task: {"type": "foo" (any loaded type), "run_at": ISO 8601 or Unix seconds,
@@ -163,29 +212,38 @@ async def create_tasks(request: web.Request) -> web.Response:
     plain: list[tuple[int, NewTask]] = []
     keyed: list[tuple[int, str, NewTask]] = []
     schema = BatchItemSchema(registry=request.app[REGISTRY])
-    for index, item in enumerate(items):
-        try:
-            if not isinstance(item, dict):
-                raise ValidationError({"_schema": ["each item must be a JSON object"]})
-            loaded = schema.load(item)
-        except ValidationError as exc:
-            results[index] = _refused(exc)
-            continue
-        new = NewTask(
-            task_type=loaded["type"].name,
-            run_at=loaded["run_at"],
-            max_attempts=loaded["max_attempts"] or settings.max_attempts,
-            args=loaded["args"],
-            priority=loaded["priority"],
-            time_limit=loaded["timeout"],
-            tags=loaded["tags"] or (),
-            queue=loaded["queue"],
-        )
-        if loaded["idempotency_key"] is None:
-            plain.append((index, new))
-        else:
-            keyed.append((index, loaded["idempotency_key"], new))
-    await _store_batch(request.app[STORE], settings, plain=plain, keyed=keyed, results=results)
+    attributes = {"task_runner.batch.size": len(items)}
+    with tracing.span(
+        "task-runner create batch",
+        traceparent=traceparent(request),
+        kind="SERVER",
+        attributes=attributes,
+    ) as context:
+        for index, item in enumerate(items):
+            try:
+                if not isinstance(item, dict):
+                    raise ValidationError({"_schema": ["each item must be a JSON object"]})
+                loaded = schema.load(item)
+            except ValidationError as exc:
+                results[index] = _refused(exc)
+                continue
+            new = NewTask(
+                task_type=loaded["type"].name,
+                run_at=loaded["run_at"],
+                max_attempts=loaded["max_attempts"] or settings.max_attempts,
+                args=loaded["args"],
+                priority=loaded["priority"],
+                time_limit=loaded["timeout"],
+                tags=loaded["tags"] or (),
+                queue=loaded["queue"],
+                callback_url=loaded["callback_url"],
+                traceparent=context,
+            )
+            if loaded["idempotency_key"] is None:
+                plain.append((index, new))
+            else:
+                keyed.append((index, loaded["idempotency_key"], new))
+        await _store_batch(request.app[STORE], settings, plain=plain, keyed=keyed, results=results)
     return json_response({"results": results})
 
 

@@ -13,10 +13,20 @@ from datetime import timedelta
 
 import aiohttp
 
+from service import tracing
 from service.clock import DbClock
 from service.config import Settings
+from service.destinations import allowing
 from service.models import Task
-from service.plugins import ArgsUnloadable, Registry, TaskContext, TaskTimedOut, run_task
+from service.plugins import (
+    ArgsUnloadable,
+    Fail,
+    Registry,
+    Retry,
+    TaskContext,
+    TaskTimedOut,
+    run_task,
+)
 from service.store.claims import Claims
 from service.worker import metrics
 from service.worker.results import ResultWriter, persist
@@ -44,6 +54,7 @@ class Outcome:
     output: str | None = None
     error: str | None = None
     retry: bool = True
+    retry_after: float | None = None  # seconds before the next attempt (None: the backoff)
 
 
 class Executor:
@@ -67,31 +78,54 @@ class Executor:
         self.registry = registry
         self.settings = settings
         self.http = http
+        # The guarded client for tasks' own destinations, while the worker runs.
+        self.outbound: Callable[[], aiohttp.ClientSession | None] = lambda: None
         self.worker_id = worker_id
         self.results = ResultWriter(claims, backoff_cap=settings.heartbeat_interval)
+        # Told when a task this worker ran ended with a callback to deliver.
+        self.callback_due: Callable[[], None] = lambda: None
 
     async def run(self, task: Task) -> Outcome:
         """Run the task; whatever it raises becomes the outcome (a cancellation propagates)."""
         started = time.monotonic()
+        attributes = tracing.task_attributes(task)
+        tracing.past_span(
+            "task-runner claim",
+            traceparent=task.traceparent,
+            start=task.run_at,
+            end=task.started_at,
+            attributes=attributes,
+        )
+        with tracing.span(
+            "task-runner run", traceparent=task.traceparent, kind="CONSUMER", attributes=attributes
+        ) as context:
+            return await self._run(task, started, traceparent=context)
+
+    async def _run(self, task: Task, started: float, *, traceparent: str | None) -> Outcome:
         if task.unrunnable:
             # Claimed (the filter could not see it) but not runnable as stored: fail it for
             # good, once, saying why; retrying cannot make the document well formed.
             error = "malformed task: " + "; ".join(task.unrunnable)
             return Outcome(started, error=error, retry=False)
         try:
-            output = await self._invoke(task)
+            output = await self._invoke(task, traceparent=traceparent)
         except _CannotRun as exc:
             # Retrying cannot make stored arguments load: fail it for good, saying why.
             return Outcome(started, error=str(exc), retry=False)
         except TaskTimedOut as exc:
             return Outcome(started, error=str(exc))
+        except Retry as exc:
+            return Outcome(started, error=str(exc), retry_after=exc.after)
+        except Fail as exc:
+            return Outcome(started, error=str(exc), retry=False)
         except Exception as exc:
             return Outcome(started, error=f"{type(exc).__name__}: {exc}")
         return Outcome(started, output=output)
 
-    async def _invoke(self, task: Task) -> str:
+    async def _invoke(self, task: Task, *, traceparent: str | None) -> str:
         """Load the task's arguments with its type's schema and run it within its time
-        limit: the task's own, else its type's, else TASK_RUNNER_TASK_TIMEOUT."""
+        limit: the task's own, else its type's, else TASK_RUNNER_TASK_TIMEOUT. The run is
+        given the trace context to pass on (its span's, else the task's)."""
         definition = self.registry.get(task.type)
         if definition is None:  # the claim's filter names only our types
             raise _CannotRun(f"no task type {task.type!r} in this worker")
@@ -100,11 +134,18 @@ class Executor:
                 "malformed task: " + "; ".join(p for p in task.problems if p.startswith("args "))
             )
         try:
-            args = definition.load_args(task.args)
+            # The networks opened to http tasks apply to loading their args too.
+            with allowing(self.settings.allowed_networks):
+                args = definition.load_args(task.args)
         except ArgsUnloadable as exc:
             raise _CannotRun(str(exc)) from None
         ctx = TaskContext(
-            task_id=task.id, attempt=task.attempts, settings=self.settings, http=self.http
+            task_id=task.id,
+            attempt=task.attempts,
+            settings=self.settings,
+            http=self.http,
+            outbound=self.outbound(),
+            traceparent=traceparent,
         )
         time_limit = task.timeout or definition.timeout or self.settings.task_timeout
         return await run_task(definition, ctx, args, time_limit=time_limit)
@@ -116,6 +157,8 @@ class Executor:
         if self.slots.holds(task):
             # Written or not, the task is no longer STARTED under our lease.
             await self._persist_none(lambda: self.slots.free(task))
+        if written and kind != "retry" and task.callback_url is not None:
+            self.callback_due()
         took = time.monotonic() - outcome.started
         metrics.finished(task.type, kind if written else "lease_lost", took)
         event = {  # the fields of a JSON log line (service/logs.py)
@@ -157,9 +200,11 @@ class Executor:
             return written, "COMPLETE", "complete"
         retry_at = None
         if outcome.retry and task.max_attempts is not None and task.attempts < task.max_attempts:
-            delay = retry_delay(
-                task.attempts, base=self.settings.retry_base, cap=self.settings.retry_max
-            )
+            delay = outcome.retry_after
+            if delay is None:
+                delay = retry_delay(
+                    task.attempts, base=self.settings.retry_base, cap=self.settings.retry_max
+                )
             retry_at = self.clock.now() + timedelta(seconds=delay)
         written = await self.results.write(self.claims.failure(task, error, retry_at=retry_at))
         if retry_at is None:

@@ -39,6 +39,7 @@ for _collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
     REGISTRY.register(_collector)
 
 OUTCOMES = ("complete", "retry", "failed", "lease_lost")
+CALLBACK_OUTCOMES = ("delivered", "retry", "failed", "lease_lost")
 # From a task picked up at once (milliseconds) to a backlog minutes deep.
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 RUN_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -71,6 +72,14 @@ CLAIMS = Counter(
     "task_runner_worker_claims",
     "Claims this worker made: result=task took one, result=empty found none due.",
     ["result"],
+    registry=REGISTRY,
+)
+CALLBACKS = Counter(
+    "task_runner_worker_callbacks",
+    "Completion callback deliveries this worker made, by outcome: delivered (answered 2xx), "
+    "retry (failed, will be sent again), failed (for good), lease_lost (another worker took "
+    "it meanwhile; nothing written).",
+    ["outcome"],
     registry=REGISTRY,
 )
 CLAIMED = CLAIMS.labels(result="task")
@@ -117,6 +126,8 @@ def prepare(*, worker_id: str, version: str, types: Iterable[str]) -> None:
         RUN.labels(type=task_type)
         for outcome in OUTCOMES:
             TASKS.labels(type=task_type, outcome=outcome)
+    for outcome in CALLBACK_OUTCOMES:
+        CALLBACKS.labels(outcome=outcome)
 
 
 def count_running(running: Callable[[], int]) -> None:

@@ -25,6 +25,7 @@ from service.models import Task
 from service.plugins import Registry
 from service.store import Store
 from service.worker import metrics
+from service.worker.callbacks import CallbackSender
 from service.worker.claimer import Claimer
 from service.worker.execution import Executor
 from service.worker.heartbeat import Heartbeat
@@ -151,6 +152,7 @@ class Worker:
         )
         self.executor.results.full = lambda: len(self.running) >= settings.concurrency
         self.malformed, self.retention, self.scheduler = _upkeep(store, settings)
+        self.callbacks = _callbacks(store, settings, self.executor)
         for job in self.jobs:
             job.on_crash = self._crash
         self._background: set[asyncio.Task[None]] = set()
@@ -190,6 +192,7 @@ class Worker:
             self.malformed,
             self.retention,
             self.scheduler,
+            self.callbacks,
             self.wakeups,
         )
 
@@ -231,6 +234,7 @@ class Worker:
             await self._release_all()
             await self.executor.results.stop()
             await self.leases.stop()
+            await self.callbacks.close()
             if self.fatal is None:
                 await self._unregister()
         if self.fatal is not None:
@@ -451,3 +455,12 @@ def _upkeep(store: Store, settings: Settings) -> tuple[MalformedScan, Retention,
         Retention(store.retention, clock=store.clock, retention=settings.retention),
         Scheduler(store.schedules, clock=store.clock, interval=settings.schedule_interval),
     )
+
+
+def _callbacks(store: Store, settings: Settings, executor: Executor) -> CallbackSender:
+    """The delivery of completion callbacks, woken by `executor` when a task it ran ends
+    with one; its guarded client (open while it runs) is the http tasks' too."""
+    callbacks = CallbackSender(store.callbacks, clock=store.clock, settings=settings)
+    executor.callback_due = callbacks.nudge
+    executor.outbound = lambda: callbacks.session
+    return callbacks

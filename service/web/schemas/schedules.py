@@ -122,6 +122,11 @@ class ScheduleSchema(Schema):
         metadata={"description": "copied onto each occurrence's task; empty when none"},
     )
     queue = fields.String(required=True, metadata={"description": "each occurrence's queue"})
+    callback_url = fields.String(
+        required=True,
+        allow_none=True,
+        metadata={"description": "copied onto each occurrence's task; null: none"},
+    )
     problems = fields.List(fields.String(), required=True)
 
 

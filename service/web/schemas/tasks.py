@@ -15,7 +15,15 @@ from bson import DatetimeMS, Int64, ObjectId, json_util
 from bson.json_util import CANONICAL_JSON_OPTIONS
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
-from service.models import DEFAULT_QUEUE, PRIORITY_MAX, PRIORITY_MIN, QUEUE_NAME, State
+from service.destinations import check_url
+from service.models import (
+    DEFAULT_QUEUE,
+    PRIORITY_MAX,
+    PRIORITY_MIN,
+    QUEUE_NAME,
+    CallbackState,
+    State,
+)
 from service.plugins import TaskDefinition
 from service.web.schemas.fields import (
     AnyCaseEnum,
@@ -70,6 +78,30 @@ def queue_field(**kwargs: Any) -> fields.String:
     """A queue's name: 1 to 64 letters, digits, `_`, `-` or `.`."""
     metadata = {"pattern": QUEUE_PATTERN, **kwargs.pop("metadata", {})}
     return fields.String(validate=_queue_name, metadata=metadata, **kwargs)
+
+
+def _destination(url: str) -> None:
+    try:
+        check_url(url)
+    except ValueError as exc:
+        raise ValidationError(str(exc)) from None
+
+
+def callback_url_field(**kwargs: Any) -> fields.String:
+    """Where a finished task is POSTed: an http(s) URL the destination rules allow."""
+    return fields.String(
+        load_default=None,
+        allow_none=False,
+        validate=_destination,
+        metadata={
+            "description": "when the task ends COMPLETE or FAILED, it is POSTed here as GET "
+            "/tasks/{id} shows it, signed like http tasks (docs/calling-services.md); the same "
+            "destination rules apply",
+            "maxLength": 2048,
+            "example": "https://api.example.com/task-done",
+        },
+        **kwargs,
+    )
 
 
 class CreateTaskSchema(WithRegistry):
@@ -143,6 +175,7 @@ class CreateTaskSchema(WithRegistry):
             "example": DEFAULT_QUEUE,
         },
     )
+    callback_url = callback_url_field()
 
     @validates_schema(skip_on_field_errors=False)
     def _check_args(self, data: dict[str, Any], **kwargs: Any) -> None:
@@ -285,6 +318,18 @@ class AttemptErrorSchema(Schema):
     worker = fields.String(allow_none=True)
 
 
+class CallbackSchema(Schema):
+    """The delivery of a finished task to its callback_url."""
+
+    state = fields.String(
+        required=True, metadata={"enum": [state.value for state in CallbackState]}
+    )
+    attempts = fields.Integer(required=True, metadata={"description": "deliveries tried"})
+    last_error = fields.String(
+        required=True, allow_none=True, metadata={"description": "why the last one failed"}
+    )
+
+
 class TaskSchema(Schema):
     """A task as the API shows it; every time is ISO 8601 UTC.
 
@@ -334,6 +379,22 @@ class TaskSchema(Schema):
     )
     queue = fields.String(
         required=True, metadata={"description": "its queue; `default` unless given"}
+    )
+    callback_url = fields.String(
+        required=True,
+        allow_none=True,
+        metadata={"description": "where the task is POSTed when it ends; null: nowhere"},
+    )
+    callback = fields.Nested(
+        CallbackSchema,
+        required=True,
+        allow_none=True,
+        metadata={"description": "that delivery, once the task has ended; null before"},
+    )
+    traceparent = fields.String(
+        required=True,
+        allow_none=True,
+        metadata={"description": "the W3C trace context of the request that created it"},
     )
     problems = fields.List(
         fields.String(),

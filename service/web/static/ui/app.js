@@ -437,6 +437,7 @@ async function loadDetail() {
     ["worker", task.worker || "–"],
     ["error", task.error ? el("span", { class: "error" }, task.error) : "–"],
   ];
+  fields.push(...callingFields(task));
   if (task.problems.length) fields.push(["problems", task.problems.join("; ")]);
   fill(
     $("detail-body"),
@@ -456,6 +457,31 @@ async function loadDetail() {
       "none",
     ),
   );
+}
+
+// An http task's target and last status; any task's callback and where its delivery is.
+function callingFields(task) {
+  const fields = [];
+  if (task.type === "http" && task.args && typeof task.args.url === "string") {
+    const method = typeof task.args.method === "string" ? task.args.method : "POST";
+    fields.push(["target", el("span", { id: "detail-target" }, method + " " + task.args.url)]);
+    fields.push(["last status", el("span", { id: "detail-status" }, lastStatus(task))]);
+  }
+  if (task.callback_url) {
+    const cb = task.callback;
+    const where = cb
+      ? cb.state + " after " + cb.attempts + " attempt(s)" + (cb.last_error ? ": " + cb.last_error : "")
+      : "sent when the task ends";
+    fields.push(["callback", el("span", { id: "detail-callback", "data-state": cb ? cb.state : "" }, task.callback_url + " — " + where)]);
+  }
+  return fields;
+}
+
+// The status code of an http task's last answer: its output's first line, else its last
+// error's ("HTTP 503"), else none yet.
+function lastStatus(task) {
+  const found = /^(\d{3})/.exec(task.output || "") || /^HTTP (\d{3})/.exec(task.error || "");
+  return found ? found[1] : "–";
 }
 
 // The failed attempts in order; where the count starts again (a requeue gave the task a
