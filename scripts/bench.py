@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import functools
 import os
+import shlex
 import signal
 import statistics
 import subprocess
@@ -570,7 +571,7 @@ async def main(args: argparse.Namespace) -> None:
     out = print
     server = "MongoDB at MONGODB_URL" if os.environ.get("MONGODB_URL") else "local SecantusDB"
     out(f"# task-runner benchmarks ({server}), median of {args.repeats} runs")
-    out(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}\n")
+    out(f"command: {shlex.join([Path(sys.executable).name, *sys.argv])}\n")
 
     if "1" in args.sections:
         out(

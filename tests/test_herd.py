@@ -92,6 +92,23 @@ async def test_a_task_created_into_four_idle_workers_is_claimed_about_once(
     assert statistics.median(lags) < HANDOFF, sorted(lags)
 
 
+def test_each_task_has_one_owner_and_the_owners_are_spread() -> None:
+    workers = [f"host-{n}:{100 + n}" for n in range(4)]
+    tasks = [f"{n:024x}" for n in range(2000)]
+    firsts: Counter[str] = Counter()
+    for task in tasks:
+        ranks = sorted(rank(w, task, workers) for w in workers)
+        assert ranks == [0, 1, 2, 3]  # one owner, one runner-up, the same in every process
+        firsts.update(w for w in workers if rank(w, task, workers) == 0)
+    assert all(350 < firsts[w] < 650 for w in workers), firsts  # about 500 each
+    # A worker that is not listed (full, or not seen yet) comes after every listed one.
+    assert rank("elsewhere:1", tasks[0], workers) == 4
+    # When one leaves, the others keep what they owned and share out its tasks.
+    moved = [t for t in tasks if rank(workers[1], t, workers[1:]) == 0]
+    assert set(moved) >= {t for t in tasks if rank(workers[1], t, workers) == 0}
+    assert len(moved) < len(tasks) // 2
+
+
 @pytest.mark.parametrize("stop", [signal.SIGSTOP, signal.SIGKILL], ids=["frozen", "killed"])
 async def test_the_tasks_of_a_frozen_or_dead_owner_are_claimed_by_the_others(
     store: Store, spawn_worker: Callable[..., WorkerProcess], stop: signal.Signals
