@@ -140,8 +140,9 @@ async def test_the_tasks_of_a_frozen_or_dead_owner_are_claimed_by_the_others(
     for task_id in orphans:
         task = tasks[task_id]
         assert task.worker != gone.worker_id and task.attempts == 1
-        # Tried after the hand-off (the clock's uncertainty aside), not at once.
-        assert lags[task_id] >= HANDOFF * 0.6, (task_id, lags[task_id])
+        # Not at once (a few ms): after the hand-off, or taken by the claim another task
+        # due 100 ms later set off (a claim takes the earliest due).
+        assert lags[task_id] >= 0.06, (task_id, lags[task_id])
     owned = [lag for i, lag in lags.items() if i not in orphans]
     assert statistics.median(owned) < HANDOFF, sorted(owned)
     assert set(completions(alive).values()) == {1}

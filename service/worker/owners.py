@@ -7,8 +7,9 @@ task's id and the worker's id: the first tries the task at once, the runner-up H
 seconds later, everyone else 2 x HANDOFF later, unless the change stream has said
 meanwhile that the task was taken (its claim), in which case they never try. Every
 worker computes the same ranks from the same list, without asking anyone: no look-up
-per task. The list is read lazily, when an announcement comes and the one held is
-REFRESH_SHARE of the stale threshold old, so an idle worker reads nothing.
+per task. The list is read lazily, when an announcement comes and the one held is a
+stale threshold old: an idle worker reads nothing, and a fleet of N workers, whatever the
+rate of tasks, at most N reads per stale threshold.
 
 A wrong guess costs time, never a task: the owner is busy (the registry's `running` is
 at most a heartbeat old), frozen or dead (it stays listed until its record is stale), or
@@ -36,8 +37,8 @@ logger = logging.getLogger(__name__)
 # (a few ms), short enough that a frozen or dead owner costs a task little.
 HANDOFF = 0.15
 # The registry's list is read again, when next needed, after this share of the stale
-# threshold (6 s by default: a record is refreshed every half threshold anyway).
-REFRESH_SHARE = 0.5
+# threshold (12 s by default: as long as a dead worker is listed alive anyway).
+REFRESH_SHARE = 1.0
 
 
 def weight(worker_id: str, task_id: str) -> int:
