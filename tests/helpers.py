@@ -23,13 +23,14 @@ import urllib.parse
 import urllib.request
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
 from aiohttp import web
 from pymongo import monitoring
 
+from service.clock import DbClock
 from service.config import Settings, env_name
 from service.localdb import free_port
 from service.models import Task
@@ -447,3 +448,21 @@ class CommandLog(monitoring.CommandListener):
 
     def failed(self, event: monitoring.CommandFailedEvent) -> None:
         self.started_commands.pop(event.request_id, None)
+
+
+class SteppedClock(DbClock):
+    """A database clock that moves only when told to."""
+
+    def __init__(self, at: datetime) -> None:
+        super().__init__()
+        self.at = at
+
+    def surely_now(self) -> datetime:
+        return self.at
+
+
+class NothingWaiting:
+    """A TaskWatch whose look-up finds nothing (the test announces what waits)."""
+
+    async def earliest_waiting(self, **_: Any) -> list[tuple[Any, datetime]]:
+        return []

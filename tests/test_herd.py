@@ -9,15 +9,27 @@ import signal
 import statistics
 from collections import Counter
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import pytest
+from bson import ObjectId
 
 from service.localdb import free_port
 from service.models import State, TaskType
 from service.store import Store
+from service.store.streams import Announcement
 from service.worker.owners import HANDOFF, rank
-from tests.helpers import WorkerProcess, all_tasks, completions, eventually, wait_until_started
+from service.worker.wakeups import WakeUps
+from tests.helpers import (
+    NothingWaiting,
+    SteppedClock,
+    WorkerProcess,
+    all_tasks,
+    completions,
+    eventually,
+    wait_until_started,
+)
 
 
 async def claims_sent(ports: list[int]) -> int:
@@ -90,6 +102,53 @@ async def test_a_task_created_into_four_idle_workers_is_claimed_about_once(
     assert len(by_worker) >= 2, by_worker
     lags = [(t.started_at - t.run_at).total_seconds() for t in tasks if t.started_at and t.run_at]
     assert statistics.median(lags) < HANDOFF, sorted(lags)
+
+
+class OwnedElsewhere:
+    """Owners that make this worker the runner-up for every task."""
+
+    worker_id = "me"
+
+    async def refresh(self) -> None:
+        pass
+
+    def delay(self, task_id: str, task_type: str | None) -> float:
+        return HANDOFF
+
+
+async def test_a_task_another_worker_owns_is_tried_after_the_hand_off_unless_claimed() -> None:
+    start = datetime(2030, 1, 1, tzinfo=UTC)
+    clock = SteppedClock(start)
+    wakeups = WakeUps(
+        NothingWaiting(),  # type: ignore[arg-type]
+        clock=clock,
+        types=["baz"],
+        max_poll=60.0,
+        change_stream=False,
+        owners=OwnedElsewhere(),  # type: ignore[arg-type]
+    )
+    assert wakeups.due()  # the first look
+    await wakeups.found_nothing()
+    claimed, waiting = ObjectId(), ObjectId()
+    await wakeups._heard(Announcement(claimed, start, "baz"))
+    clock.at = start + timedelta(seconds=HANDOFF / 2)
+    assert not wakeups.due()  # the owner's turn
+    await wakeups._heard(Announcement(claimed, None, taken=True))  # the owner claimed it
+    clock.at = start + timedelta(seconds=HANDOFF, milliseconds=1)
+    assert not wakeups.due()  # never this worker's to try
+    await wakeups._heard(Announcement(waiting, clock.at, "baz"))
+    clock.at += timedelta(seconds=HANDOFF / 2)
+    assert not wakeups.due()
+    clock.at += timedelta(seconds=HANDOFF / 2, milliseconds=1)
+    assert wakeups.due()  # not claimed by its owner: this worker's turn
+    await wakeups.found_nothing()  # ...but the claim found nothing: forgotten
+    clock.at = start + timedelta(seconds=10)
+    assert not wakeups.due()
+    # Heard late (the worker was busy), a task is still left to its owner for the hand-off.
+    await wakeups._heard(Announcement(ObjectId(), start, "baz"))
+    assert not wakeups.due()
+    clock.at += timedelta(seconds=HANDOFF, milliseconds=1)
+    assert wakeups.due()
 
 
 def test_each_task_has_one_owner_and_the_owners_are_spread() -> None:

@@ -11,9 +11,11 @@ the work.
 
 The bookkeeping cannot drift from what the database holds:
 
-- An announcement is forgotten when a claim returns *that* task (by id), never because
-  some other claim succeeded: a claim that takes another task than expected leaves the
-  expected one due, and the claimer claims again.
+- An announcement is forgotten when a claim returns *that* task (by id), or when the
+  stream announces another worker's claim of it (it comes after the announcement, in the
+  order the database made them), never because some other claim succeeded: a claim that
+  takes another task than expected leaves the expected one due, and the claimer claims
+  again.
 - After a claim comes back empty, the database has said that nothing due before the claim
   is waiting: only then are announcements older than the claim dropped (those that came
   while it was in flight stay).
@@ -27,6 +29,10 @@ The bookkeeping cannot drift from what the database holds:
 - A task is due once the database clock is certainly past its run_at, not at it: BSON
   dates hold milliseconds, and SecantusDB's `$lte` over the claim index leaves out a
   run_at equal to the bound, so a claim at `run_at` itself may not find the task.
+
+Only one worker tries an announced task at once, its owner (owners.py); this worker tries
+a task another owns HANDOFF or 2 x HANDOFF after its run_at (or after it heard of it, if
+later), unless that worker's claim is announced first.
 """
 
 from __future__ import annotations
