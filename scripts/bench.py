@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import functools
 import os
+import shlex
 import signal
 import statistics
 import subprocess
@@ -298,8 +299,13 @@ class Bench:
         own /metrics before and after (task_runner_worker_database_commands_total and
         process_cpu_seconds_total), plus tasks/s. The workers run with default settings.
 
-        PATTERNS: "one by one", each created due now by one client connection after the
-        last, while the workers run; "in a burst", the same from 8 connections at once;
+        The workers' idle rate of each command, measured over `--burst-idle` seconds
+        first, is also taken off ("<name> above idle"), and "lag" is the p50 of started_at
+        - run_at in ms.
+
+        PATTERNS: "one by one", each created due now by one client connection `--spacing`
+        seconds after the last began (into idle workers: the herd), while the workers run;
+        "in a burst", the same from 8 connections at once;
         "due at once", created first, all with one run_at a moment after the last is
         created, into workers that wait for it.
         """
@@ -334,13 +340,20 @@ class Bench:
                 await wait_http(f"http://127.0.0.1:{metric_port}/metrics")
             await asyncio.sleep(2)  # started and idle
             async with aiohttp.ClientSession() as http:
+                # The idle rate, measured first over --burst-idle seconds, is taken off.
+                idle_from = [await scrape(http, p) for p in metric_ports]
+                idle_began = time.monotonic()
+                await asyncio.sleep(self.args.burst_idle)
                 before = [await scrape(http, p) for p in metric_ports]
+                measured_from = time.monotonic()
+                idle_took = measured_from - idle_began
                 body: dict[str, Any] = {"type": "baz"}
                 if pattern == "due at once":  # about 4 ms per create here, and a margin
                     due = store.clock.surely_now() + timedelta(seconds=2 + total * 0.01)
                     body["run_at"] = due.isoformat()
                 began = time.monotonic()
-                await create_many(http, f"{base}/tasks", body, total, PATTERNS[pattern])
+                spacing = self.args.spacing if pattern == "one by one" else 0.0
+                await create_many(http, f"{base}/tasks", body, total, PATTERNS[pattern], spacing)
                 created = total / (time.monotonic() - began)
                 if pattern == "due at once":
                     assert store.clock.surely_now() < due, "created too slowly: raise the margin"
@@ -348,13 +361,19 @@ class Bench:
                 await wait_complete(store, total)
                 took = time.monotonic() - began
                 after = [await scrape(http, p) for p in metric_ports]
+                measured = time.monotonic() - measured_from
+            lag = (await lag_percentiles(store, total))[0]
         finally:
             self.stop(children)
             await self.drop(store)
-        figures: dict[str, float] = {"tasks/s": total / took, "created/s": created}
-        for old, new in zip(before, after, strict=True):
+        figures: dict[str, float] = {"tasks/s": total / took, "created/s": created, "lag": lag}
+        for idle, old, new in zip(idle_from, before, after, strict=True):
             for name, value in new.items():
-                figures[name] = figures.get(name, 0.0) + (value - old.get(name, 0.0)) / total
+                spent = value - old.get(name, 0.0)
+                idle_rate = (old.get(name, 0.0) - idle.get(name, 0.0)) / idle_took
+                figures[name] = figures.get(name, 0.0) + spent / total
+                above = figures.get(f"{name} above idle", 0.0)
+                figures[f"{name} above idle"] = above + (spent - idle_rate * measured) / total
         return figures
 
     async def bare_cost(self) -> dict[str, float]:
@@ -375,24 +394,33 @@ class Bench:
         finally:
             self.stop([child])
             await self.drop(store)
-        return {"tasks/s": total / took, "cpu": cpu / total, "commands": 2.0}
+        figures = {"tasks/s": total / took, "cpu": cpu / total, "commands": 2.0}
+        return figures | {f"{name} above idle": figures[name] for name in ("cpu", "commands")}
 
 
 PATTERNS = {"one by one": 1, "in a burst": 8, "due at once": 8}  # client connections
 
 
 async def create_many(
-    http: aiohttp.ClientSession, url: str, body: dict[str, Any], total: int, connections: int
+    http: aiohttp.ClientSession,
+    url: str,
+    body: dict[str, Any],
+    total: int,
+    connections: int,
+    spacing: float = 0.0,
 ) -> None:
-    """POST `body` `total` times over `connections` connections at once."""
+    """POST `body` `total` times over `connections` connections at once, each connection's
+    requests at least `spacing` seconds apart (start to start)."""
     left = total
 
     async def client() -> None:
         nonlocal left
         while left > 0:
             left -= 1
+            began = time.monotonic()
             async with http.post(url, json=body) as response:
                 assert response.status == 201, await response.text()
+            await asyncio.sleep(max(0.0, began + spacing - time.monotonic()))
 
     await asyncio.gather(*(client() for _ in range(connections)))
 
@@ -543,7 +571,7 @@ async def main(args: argparse.Namespace) -> None:
     out = print
     server = "MongoDB at MONGODB_URL" if os.environ.get("MONGODB_URL") else "local SecantusDB"
     out(f"# task-runner benchmarks ({server}), median of {args.repeats} runs")
-    out(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}\n")
+    out(f"command: {shlex.join([Path(sys.executable).name, *sys.argv])}\n")
 
     if "1" in args.sections:
         out(
@@ -639,7 +667,7 @@ async def main(args: argparse.Namespace) -> None:
                 burst.setdefault((1, "bare driver loop, due at once"), []).append(
                     await Bench(url, args).bare_cost()
                 )
-        for pattern in PATTERNS:
+        for pattern in args.patterns:
             for workers in args.burst_workers:
                 for loop in args.event_loops:
                     label = pattern if args.event_loops == ["uvloop"] else f"{pattern}, {loop}"
@@ -655,28 +683,65 @@ async def main(args: argparse.Namespace) -> None:
 
 
 def burst_table(results: dict[tuple[int, str], list[dict[str, float]]], total: int) -> list[str]:
-    """Section 6's rows: medians per (workers, pattern) of the per-task figures."""
-    names = sorted({n for runs in results.values() for run in runs for n in run} - FIXED)
+    """Section 6's rows: medians per (workers, pattern) of the per-task figures, the
+    commands split into claims, look-ups, writes and the rest above the workers' idle rate,
+    change-stream getMores apart, and CPU above idle against the bare loop's."""
+    bare = [run for (_, pattern), runs in results.items() if "bare" in pattern for run in runs]
+    bare_cpu = statistics.median(run["cpu"] for run in bare) if bare else 0.0
     lines = [
-        f"| 6. per task, {total} Baz via the API | workers | commands | CPU ms | "
-        "created/s | tasks/s | " + " | ".join(names) + " |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in names) + " |",
+        f"| 6. per task, {total} Baz via the API | workers | commands | above idle: claims | "
+        "look-ups | writes | claims+look-ups+writes | other | getMore | CPU ms | "
+        "CPU vs bare | lag p50 ms | tasks/s |",
+        "| --- |" + " ---: |" * 12,
     ]
     for (workers, pattern), runs in results.items():
 
         def median(name: str, runs: list[dict[str, float]] = runs) -> float:
             return statistics.median(run.get(name, 0.0) for run in runs)
 
+        def above(names: frozenset[str], runs: list[dict[str, float]] = runs) -> float:
+            return statistics.median(
+                sum(
+                    value
+                    for key, value in run.items()
+                    if key.endswith(" above idle") and key.removesuffix(" above idle") in names
+                )
+                for run in runs
+            )
+
+        def rest(runs: list[dict[str, float]] = runs) -> float:
+            known = CLAIMS | LOOKUPS | WRITES | STREAM | FIXED
+            return statistics.median(
+                sum(
+                    value
+                    for key, value in run.items()
+                    if key.endswith(" above idle") and key.removesuffix(" above idle") not in known
+                )
+                for run in runs
+            )
+
+        if "bare" in pattern:
+            claims, look_ups, writes, other, get_more = 1.0, 0.0, 1.0, 0.0, 0.0
+        else:
+            claims, look_ups, writes = above(CLAIMS), above(LOOKUPS), above(WRITES)
+            other, get_more = rest(), above(STREAM)
+        cpu = median("cpu above idle")
+        lag = f"{median('lag'):.1f}" if "lag" in runs[0] else "-"
         lines.append(
-            f"| {pattern} | {workers} | {median('commands'):.2f} | "
-            f"{median('cpu') * 1000:.2f} | {median('created/s'):.0f} | {median('tasks/s'):.0f} | "
-            + " | ".join(f"{median(n):.2f}" for n in names)
-            + " |"
+            f"| {pattern} | {workers} | {median('commands'):.2f} | {claims:.2f} | "
+            f"{look_ups:.2f} | {writes:.2f} | {claims + look_ups + writes:.2f} | {other:.2f} | "
+            f"{get_more:.2f} | {cpu * 1000:.2f} | "
+            f"{cpu / bare_cpu if bare_cpu else 0.0:.2f} | {lag} | {median('tasks/s'):.0f} |"
         )
     return lines
 
 
-FIXED = {"commands", "cpu", "tasks/s", "created/s"}
+FIXED = frozenset({"commands", "cpu", "tasks/s", "created/s", "lag"})
+# How section 6 splits a worker's commands, by name.
+CLAIMS = frozenset({"findAndModify"})
+LOOKUPS = frozenset({"find", "count", "aggregate", "distinct"})
+WRITES = frozenset({"update", "insert", "delete", "bulkWrite"})
+STREAM = frozenset({"getMore"})
 
 
 def parse() -> argparse.Namespace:
@@ -689,7 +754,20 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--sections", default="123456", help="which tables to print")
     parser.add_argument("--burst", type=int, default=500, help="tasks per burst-cost run")
-    parser.add_argument("--burst-workers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--burst-workers", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument(
+        "--spacing", type=float, default=0.1, help="seconds between tasks created one by one"
+    )
+    parser.add_argument(
+        "--burst-idle", type=float, default=10.0, help="seconds the idle rate is measured over"
+    )
+    parser.add_argument(
+        "--patterns",
+        nargs="+",
+        default=list(PATTERNS),
+        choices=list(PATTERNS),
+        help="section 6's patterns",
+    )
     parser.add_argument(
         "--event-loops",
         nargs="+",

@@ -23,13 +23,14 @@ import urllib.parse
 import urllib.request
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
 from aiohttp import web
 from pymongo import monitoring
 
+from service.clock import DbClock
 from service.config import Settings, env_name
 from service.localdb import free_port
 from service.models import State, Task
@@ -462,3 +463,21 @@ async def task_ended(store: Store, task_id: str, within: float = 60) -> Task:
     task = await eventually(ended, within=within, what=f"task {task_id} to end")
     assert task is not None
     return task
+
+
+class SteppedClock(DbClock):
+    """A database clock that moves only when told to."""
+
+    def __init__(self, at: datetime) -> None:
+        super().__init__()
+        self.at = at
+
+    def surely_now(self) -> datetime:
+        return self.at
+
+
+class NothingWaiting:
+    """A TaskWatch whose look-up finds nothing (the test announces what waits)."""
+
+    async def earliest_waiting(self, **_: Any) -> list[tuple[Any, datetime]]:
+        return []

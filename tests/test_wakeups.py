@@ -24,7 +24,13 @@ from service.store import Store, open_client
 from service.worker.process import http_session
 from service.worker.wakeups import WakeUps
 from service.worker.worker import Worker
-from tests.helpers import WorkerProcess, eventually, wait_until_started
+from tests.helpers import (
+    NothingWaiting,
+    SteppedClock,
+    WorkerProcess,
+    eventually,
+    wait_until_started,
+)
 
 SLOT = 0.150  # seconds between two tasks' run_at
 
@@ -223,24 +229,6 @@ async def test_a_worker_stops_even_if_its_stream_read_loses_a_cancellation(
     finally:
         await client.drop_database(settings.database)
         await client.close()
-
-
-class SteppedClock(DbClock):
-    """A database clock that moves only when told to."""
-
-    def __init__(self, at: datetime) -> None:
-        super().__init__()
-        self.at = at
-
-    def surely_now(self) -> datetime:
-        return self.at
-
-
-class NothingWaiting:
-    """A TaskWatch whose look-up finds nothing (the test announces what waits)."""
-
-    async def earliest_waiting(self, **_: Any) -> list[tuple[Any, datetime]]:
-        return []
 
 
 async def test_a_task_that_comes_due_between_the_check_and_the_wait_is_not_left_to_the_poll() -> (

@@ -8,7 +8,7 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from pymongo.errors import ConnectionFailure, OperationFailure
 
@@ -32,8 +32,20 @@ WAKEUP_FIELDS = (
     "operationType",
     "documentKey",
     "fullDocument.run_at",
+    "fullDocument.type",
     "updateDescription.updatedFields.run_at",
+    "updateDescription.updatedFields.state",
 )
+
+
+class Announcement(NamedTuple):
+    """What the wake-up stream says of one task: claimable from `run_at` (None: now), of
+    `type` (None: not said, as in an update's event), or `taken`: just claimed."""
+
+    id: Any
+    run_at: datetime | None
+    type: str | None = None
+    taken: bool = False
 
 
 def _buffered(stream: Any) -> int:
@@ -43,10 +55,14 @@ def _buffered(stream: Any) -> int:
     return len(getattr(getattr(stream, "_cursor", None), "_data", (None,)))
 
 
-def wakeup_pipeline(types: Iterable[str] | None) -> list[dict[str, Any]]:
+def wakeup_pipeline(
+    types: Iterable[str] | None, *, claims_not_by: str | None = None
+) -> list[dict[str, Any]]:
     """The change stream's pipeline for wake-ups: inserts (of these types) due at a date,
     updates that put a task back to NOTSTARTED, and updates that move a run_at to a date
-    (a waiting task changed by PATCH /tasks/{id}); only the fields that are read.
+    (a waiting task changed by PATCH /tasks/{id}); with `claims_not_by` (a worker's id),
+    also the claims of other workers (updates to STARTED), so that a worker waiting to try a
+    task another was to try first learns that it was taken; only the fields that are read.
 
     A run_at moved on a task that is already NOTSTARTED carries no `state` in the event:
     MongoDB and SecantusDB leave a field set to the value it had out of `updatedFields`. The
@@ -65,8 +81,16 @@ def wakeup_pipeline(types: Iterable[str] | None) -> list[dict[str, Any]]:
         ],
     }
     moved = {"operationType": "update", "updateDescription.updatedFields.run_at": dated}
+    clauses = [insert, requeued, moved]
+    if claims_not_by is not None:
+        claimed = {
+            "operationType": "update",
+            "updateDescription.updatedFields.state": State.STARTED.value,
+            "updateDescription.updatedFields.worker": {"$ne": claims_not_by},
+        }
+        clauses.append(claimed)
     return [
-        {"$match": {"$or": [insert, requeued, moved]}},
+        {"$match": {"$or": clauses}},
         # Only what is read: no other field of an odd document can fail to decode.
         {"$project": dict.fromkeys(WAKEUP_FIELDS, 1)},
     ]
@@ -127,7 +151,26 @@ class TaskWatch:
         ready: asyncio.Event | None = None,
         gather: float = 0.0,
     ) -> AsyncIterator[tuple[Any, datetime | None]]:
-        """Yield as tasks become claimable: (their `_id`, their run_at or None for "now").
+        """Yield as tasks become claimable: (their `_id`, their run_at or None for "now");
+        see announcements()."""
+        async for announced in self.announcements(
+            types=types, max_await=max_await, on_open=on_open, ready=ready, gather=gather
+        ):
+            yield announced.id, announced.run_at
+
+    async def announcements(
+        self,
+        *,
+        types: Iterable[str] | None = None,
+        max_await: float,
+        on_open: Callable[[], None],
+        ready: asyncio.Event | None = None,
+        gather: float = 0.0,
+        claims_not_by: str | None = None,
+    ) -> AsyncIterator[Announcement]:
+        """Yield as tasks become claimable: an Announcement of their `_id`, their run_at or
+        None for "now", and the type an insert carries; with `claims_not_by` (a worker's
+        id), also each claim by another worker (an Announcement with `taken` true).
 
         A change stream over inserts (of these types), every update that puts a task
         back to NOTSTARTED (retry, release, recovery, requeue) and every update that moves a
@@ -145,17 +188,24 @@ class TaskWatch:
         opened = False
         try:
             async with await self.tasks.watch(
-                wakeup_pipeline(types), max_await_time_ms=int(max_await * 1000)
+                wakeup_pipeline(types, claims_not_by=claims_not_by),
+                max_await_time_ms=int(max_await * 1000),
             ) as stream:
                 on_open()
                 opened = True
                 gather_next = False  # the last batch held only tasks due later on
+                claim_last = False  # the last change read was a claim
                 while True:
                     if ready is not None:
                         await _until_set(ready, within=max_await)
                     fetching = _buffered(stream) == 0  # this read sends a getMore
                     if fetching and gather_next:
                         await asyncio.sleep(gather)
+                    elif fetching and claim_last:
+                        # A claim is followed by its result write, which SecantusDB answers
+                        # every waiting getMore for: let it pass, as an empty answer.
+                        await asyncio.sleep(EMPTY_BATCH_PAUSE)
+                    claim_last = False
                     change = await stream.try_next()
                     if change is None:
                         # MongoDB answers a getMore when a matching event comes or after
@@ -166,13 +216,21 @@ class TaskWatch:
                         await asyncio.sleep(EMPTY_BATCH_PAUSE)
                         continue
                     task_id = change.get("documentKey", {}).get("_id")
+                    task_type = None
                     if change.get("operationType") == "insert":
                         fields = change.get("fullDocument") or {}
+                        named = fields.get("type")
+                        task_type = named.lower() if isinstance(named, str) else None
                     else:
                         fields = change.get("updateDescription", {}).get("updatedFields", {})
+                        if fields.get("state") == State.STARTED.value:  # a claim
+                            claim_last = True
+                            if claims_not_by is not None:
+                                yield Announcement(task_id, None, taken=True)
+                            continue
                         if "run_at" not in fields:  # a release or a recovery: due as it was
                             gather_next = False
-                            yield task_id, None
+                            yield Announcement(task_id, None)
                             continue
                     run_at = fields.get("run_at")
                     # A batch of tasks all due later (work scheduled ahead, perhaps in
@@ -183,7 +241,7 @@ class TaskWatch:
                     )
                     gather_next = bool(gather) and later and (fetching or gather_next)
                     if isinstance(run_at, datetime):  # else not a date: nobody can claim it
-                        yield task_id, run_at
+                        yield Announcement(task_id, run_at, task_type)
         except ConnectionFailure as exc:
             raise DatabaseUnavailable(f"change stream lost: {exc.__class__.__name__}") from exc
         except OperationFailure as exc:

@@ -11,9 +11,11 @@ the work.
 
 The bookkeeping cannot drift from what the database holds:
 
-- An announcement is forgotten when a claim returns *that* task (by id), never because
-  some other claim succeeded: a claim that takes another task than expected leaves the
-  expected one due, and the claimer claims again.
+- An announcement is forgotten when a claim returns *that* task (by id), or when the
+  stream announces another worker's claim of it (it comes after the announcement, in the
+  order the database made them), never because some other claim succeeded: a claim that
+  takes another task than expected leaves the expected one due, and the claimer claims
+  again.
 - After a claim comes back empty, the database has said that nothing due before the claim
   is waiting: only then are announcements older than the claim dropped (those that came
   while it was in flight stay).
@@ -27,6 +29,10 @@ The bookkeeping cannot drift from what the database holds:
 - A task is due once the database clock is certainly past its run_at, not at it: BSON
   dates hold milliseconds, and SecantusDB's `$lte` over the claim index leaves out a
   run_at equal to the bound, so a claim at `run_at` itself may not find the task.
+
+Only one worker tries an announced task at once, its owner (owners.py); this worker tries
+a task another owns HANDOFF or 2 x HANDOFF after its run_at (or after it heard of it, if
+later), unless that worker's claim is announced first.
 """
 
 from __future__ import annotations
@@ -43,8 +49,9 @@ from service.clock import DbClock
 from service.errors import ChangeStreamsUnavailable, DatabaseUnavailable
 from service.models import Task
 from service.periodic import stop_task
-from service.store.streams import TaskWatch
+from service.store.streams import Announcement, TaskWatch
 from service.worker import metrics
+from service.worker.owners import HANDOFF, Owners
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +83,7 @@ class WakeUps:
         max_poll: float,
         change_stream: bool,
         lookup_types: Callable[[], Collection[str] | None] | None = None,
+        owners: Owners | None = None,
     ) -> None:
         self.task_watch = watch
         self.clock = clock
@@ -84,9 +92,12 @@ class WakeUps:
         self.lookup_types = lookup_types or (lambda: self.types)
         self.max_poll = max_poll
         self.change_stream = change_stream
-        # Announced tasks by id: (run_at, sequence number of the announcement, raw _id).
-        self._known: dict[str, tuple[datetime, int, Any]] = {}
-        self._heap: list[tuple[datetime, int, str]] = []  # may hold outdated entries
+        # Who tries an announced task first (None: this worker, always: see owners.py).
+        self.owners = owners
+        # Announced tasks by id: (when to try it: its run_at, or later when another worker
+        # is to try it first; sequence number of the announcement; raw _id; run_at).
+        self._known: dict[str, tuple[datetime, int, Any, datetime]] = {}
+        self._heap: list[tuple[datetime, int, str]] = []  # (when to try, seq, id); may be outdated
         self._seq = 0
         # The earliest waiting run_at the last look-up found among tasks not announced.
         self._next: datetime | None = None
@@ -249,15 +260,15 @@ class WakeUps:
         backoff = 1.0
         while True:
             try:
-                async for task_id, run_at in self.task_watch.wakeups(
+                async for announced in self.task_watch.announcements(
                     types=self.types,
                     max_await=self.max_poll,
                     on_open=self._stream_opened,
                     ready=self._listening,
                     gather=GATHER,
+                    claims_not_by=None if self.owners is None else self.owners.worker_id,
                 ):
-                    self._announce(task_id, run_at or self.clock.surely_now())
-                    self.nudge()
+                    await self._heard(announced)
                     backoff = 1.0
             except ChangeStreamsUnavailable as exc:
                 logger.info(
@@ -270,6 +281,23 @@ class WakeUps:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
 
+    async def _heard(self, announced: Announcement) -> None:
+        """Note an announcement: a claimable task (tried after the delay its owner gives
+        this worker), or a claim (a task no longer to try)."""
+        if announced.taken:
+            self._known.pop(str(announced.id), None)
+            return
+        now = self.clock.surely_now()
+        run_at = announced.run_at or now
+        delay = 0.0
+        if self.owners is not None:
+            await self.owners.refresh()
+            delay = self.owners.delay(str(announced.id), announced.type)
+        # Measured from when it is heard, if later: an announcement read late (the worker
+        # was busy) is still left to its owner for the same time.
+        self._announce(announced.id, run_at, delay=delay, now=now)
+        self.nudge()
+
     def _stream_opened(self) -> None:
         # Whatever happened while no stream was open went unannounced: look for ourselves.
         self._drain = True
@@ -277,14 +305,21 @@ class WakeUps:
 
     # -- bookkeeping ------------------------------------------------------------------
 
-    def _announce(self, task_id: Any, run_at: datetime) -> None:
+    def _announce(
+        self, task_id: Any, run_at: datetime, *, delay: float = 0.0, now: datetime | None = None
+    ) -> None:
+        """Keep an announced task, to be tried at its run_at or, `delay` seconds being
+        another worker's turn to try it first, that long after its run_at or `now`."""
         key = str(task_id)
         if key not in self._known and len(self._known) >= MAX_KNOWN:
             self._drain = True  # not kept: claim until empty, then look up what waits
             return
         self._seq += 1
-        self._known[key] = (run_at, self._seq, task_id)
-        heapq.heappush(self._heap, (run_at, self._seq, key))
+        try_at = run_at
+        if delay:
+            try_at = max(run_at, now or run_at) + timedelta(seconds=delay)
+        self._known[key] = (try_at, self._seq, task_id, run_at)
+        heapq.heappush(self._heap, (try_at, self._seq, key))
 
     def _is_live(self, entry: tuple[datetime, int, str]) -> bool:
         known = self._known.get(entry[2])
@@ -305,13 +340,15 @@ class WakeUps:
     def _drop_before(self, floor: datetime, seq: int) -> None:
         """Forget announcements made before an empty claim of run_ats before its time."""
         kept = []
-        while self._heap and self._heap[0][0] < floor:
+        # Left to another worker, a task is tried up to 2 x HANDOFF after its run_at.
+        within = floor + timedelta(seconds=2 * HANDOFF)
+        while self._heap and self._heap[0][0] < within:
             entry = heapq.heappop(self._heap)
             if self._is_live(entry):
-                if entry[1] <= seq:
+                if entry[1] <= seq and self._known[entry[2]][3] < floor:
                     del self._known[entry[2]]
-                else:  # announced while the claim was in flight: maybe inserted after it
-                    kept.append(entry)
+                else:  # announced while the claim was in flight (maybe inserted after
+                    kept.append(entry)  # it), or not due at the claim's time
         for entry in kept:
             heapq.heappush(self._heap, entry)
         if len(self._heap) > 2 * len(self._known) + 1000:  # outdated entries pile up

@@ -31,6 +31,7 @@ from service.worker.execution import Executor
 from service.worker.heartbeat import Heartbeat
 from service.worker.leases import LeaseKeeper
 from service.worker.malformed import MalformedScan
+from service.worker.owners import Owners
 from service.worker.process import (
     default_worker_id,
 )
@@ -132,6 +133,9 @@ class Worker:
             max_poll=settings.max_poll_interval,
             change_stream=settings.change_streams,
             lookup_types=lambda: None if self.claimer.claims_any_type() else self.types,
+            owners=Owners(
+                store.workers, worker_id=self.worker_id, stale_after=settings.stale_after
+            ),
         )
         self.claimer = Claimer(
             store.claims,
