@@ -11,7 +11,7 @@ from aiohttp import web
 from marshmallow import ValidationError
 
 from service.models import Task
-from service.web.schemas.tasks import TaskSchema
+from service.task_view import TaskSchema
 
 task_schema = TaskSchema()
 

@@ -8,11 +8,12 @@ from aiohttp import web
 
 from service.errors import DeleteAllDisabled
 from service.models import Task
+from service.task_view import TaskSchema
 from service.web.common import json_response, task_schema
 from service.web.keys import REGISTRY, SETTINGS, STORE
 from service.web.openapi import operation
 from service.web.schemas.fields import parse_number
-from service.web.schemas.tasks import DeletedSchema, ListQuerySchema, TaskSchema
+from service.web.schemas.tasks import DeletedSchema, ListQuerySchema
 from service.web.tasks import IDEMPOTENCY_PARAMETER, create
 
 

@@ -16,7 +16,8 @@ from marshmallow import fields
 from service import version
 from service.models import State
 from service.plugins import Registry
-from service.web.schemas.fields import AnyCaseEnum, RunAt, TaskTypeName, Timestamp
+from service.task_view import Timestamp
+from service.web.schemas.fields import AnyCaseEnum, RunAt, TaskTypeName
 from service.web.schemas.meta import ErrorSchema
 from service.web.schemas.tasks import QUEUE_PATTERN, CreateTaskSchema
 

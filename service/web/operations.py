@@ -14,11 +14,11 @@ from aiohttp import web
 
 from service import ops
 from service.models import State, Task
+from service.task_view import TaskSchema
 from service.web.common import json_response, task_response
 from service.web.keys import SETTINGS, STORE
 from service.web.openapi import also_error, operation
 from service.web.schemas.operations import RecoverSchema, StatsSchema, WorkerListSchema
-from service.web.schemas.tasks import TaskSchema
 
 worker_list_schema = WorkerListSchema()
 

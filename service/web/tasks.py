@@ -23,6 +23,7 @@ from service.models import Task
 from service.store import Store
 from service.store.base import NewTask
 from service.store.idempotency import IdempotentCreate
+from service.task_view import TaskSchema
 from service.web.common import (
     json_object,
     json_response,
@@ -44,7 +45,6 @@ from service.web.schemas.tasks import (
     ListQuerySchema,
     TaskPageSchema,
     TaskQuerySchema,
-    TaskSchema,
     UpdateTaskSchema,
     decode_cursor,
     encode_cursor,

@@ -32,7 +32,7 @@ from service.models import Task
 from service.periodic import stop_task
 from service.store import new_lease
 from service.store.callbacks import Outbox
-from service.web.schemas.tasks import TaskSchema
+from service.task_view import TaskSchema
 from service.worker import metrics
 from service.worker.execution import retry_delay
 

@@ -12,6 +12,7 @@ from typing import Any
 from marshmallow import Schema, ValidationError, fields
 
 from service.plugins import Registry, TaskDefinition
+from service.task_view import Timestamp
 
 # The first instant BSON dates and ISO 8601 four-digit years cannot hold.
 YEAR_10000 = 253_402_300_800
@@ -81,13 +82,6 @@ def parse_unix_seconds(value: Any) -> datetime:
     return datetime.fromtimestamp(value, UTC)
 
 
-class Timestamp(fields.Field[datetime]):
-    """A time in an answer: ISO 8601 in UTC with milliseconds and a Z."""
-
-    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> Any:
-        return None if value is None else iso(value)
-
-
 class RunAt(Timestamp):
     """When a task may start: ISO 8601 with an offset, or Unix seconds."""
 
@@ -110,11 +104,6 @@ class RunAt(Timestamp):
         except OverflowError:
             # 9999-12-31T23:00:00-14:00 is in year 10000 UTC; 0001-01-01T00:00+14:00 in year 0.
             raise ValidationError("must fall within the years 0001 to 9999 in UTC") from None
-
-
-def iso(value: datetime) -> str:
-    """ISO 8601 in UTC with milliseconds and a Z, as every time in the API is written."""
-    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def parse_number(raw: str) -> int | float:

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from marshmallow import Schema, fields
 
-from service.web.schemas.fields import Timestamp
-from service.web.schemas.tasks import TaskSchema
+from service.task_view import TaskSchema, Timestamp
 
 
 class WorkerSchema(Schema):

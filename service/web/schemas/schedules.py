@@ -10,7 +10,8 @@ from croniter import croniter
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 from service.models import MissedPolicy
-from service.web.schemas.fields import AnyCaseEnum, RunAt, Timestamp
+from service.task_view import Timestamp
+from service.web.schemas.fields import AnyCaseEnum, RunAt
 from service.web.schemas.tasks import CreateTaskSchema
 
 # The longest `every`: ten years of seconds.

@@ -21,17 +21,16 @@ from service.models import (
     PRIORITY_MAX,
     PRIORITY_MIN,
     QUEUE_NAME,
-    CallbackState,
     State,
 )
 from service.plugins import TaskDefinition
+from service.task_view import TaskSchema
 from service.web.schemas.fields import (
     AnyCaseEnum,
     DigitsInteger,
     DigitsNumber,
     RunAt,
     TaskTypeName,
-    Timestamp,
     WithRegistry,
 )
 
@@ -306,100 +305,6 @@ class TaskQuerySchema(Schema):
             "a quarter of it, at most one second (29 s with the default 30 s). 404 if the "
             "task does not exist or is deleted during the wait.",
         },
-    )
-
-
-class AttemptErrorSchema(Schema):
-    """One failed attempt."""
-
-    attempt = fields.Integer(required=True, allow_none=True)
-    error = fields.String(required=True)
-    at = Timestamp(required=True, allow_none=True)
-    worker = fields.String(allow_none=True)
-
-
-class CallbackSchema(Schema):
-    """The delivery of a finished task to its callback_url."""
-
-    state = fields.String(
-        required=True, metadata={"enum": [state.value for state in CallbackState]}
-    )
-    attempts = fields.Integer(required=True, metadata={"description": "deliveries tried"})
-    last_error = fields.String(
-        required=True, allow_none=True, metadata={"description": "why the last one failed"}
-    )
-
-
-class TaskSchema(Schema):
-    """A task as the API shows it; every time is ISO 8601 UTC.
-
-    A document stored in another shape (by hand, a migration, another version) is shown as
-    far as it can be read: a field of the wrong shape is null and `problems` says why.
-    """
-
-    id = fields.String(required=True)
-    type = fields.String(
-        required=True,
-        metadata={"description": "lowercase; one of the types the API has loaded, or as stored"},
-    )
-    state = fields.String(
-        required=True,
-        metadata={
-            "enum": [state.value for state in State],
-            "description": "a document stored with another state (by hand, another version) "
-            "is shown as stored, with `problems` saying so",
-        },
-    )
-    run_at = Timestamp(required=True, allow_none=True)
-    created_at = Timestamp(required=True, allow_none=True)
-    started_at = Timestamp(required=True, allow_none=True)
-    finished_at = Timestamp(required=True, allow_none=True)
-    heartbeat_at = Timestamp(required=True, allow_none=True)
-    attempts = fields.Integer(required=True)
-    max_attempts = fields.Integer(required=True, allow_none=True)
-    worker = fields.String(required=True, allow_none=True)
-    output = fields.String(required=True, allow_none=True)
-    error = fields.String(required=True, allow_none=True)
-    errors = fields.List(fields.Nested(AttemptErrorSchema), required=True)
-    args = fields.Dict(required=True, allow_none=True, metadata={"description": "as given"})
-    priority = fields.Integer(required=True)
-    timeout = fields.Float(required=True, allow_none=True)
-    schedule_id = fields.String(
-        required=True,
-        allow_none=True,
-        metadata={"description": "the schedule that created this task; null: none did"},
-    )
-    occurrence = Timestamp(
-        required=True,
-        allow_none=True,
-        metadata={"description": "the schedule's occurrence this task stands for (its run_at)"},
-    )
-    tags = fields.List(
-        fields.String(), required=True, metadata={"description": "its labels; empty when none"}
-    )
-    queue = fields.String(
-        required=True, metadata={"description": "its queue; `default` unless given"}
-    )
-    callback_url = fields.String(
-        required=True,
-        allow_none=True,
-        metadata={"description": "where the task is POSTed when it ends; null: nowhere"},
-    )
-    callback = fields.Nested(
-        CallbackSchema,
-        required=True,
-        allow_none=True,
-        metadata={"description": "that delivery, once the task has ended; null before"},
-    )
-    traceparent = fields.String(
-        required=True,
-        allow_none=True,
-        metadata={"description": "the W3C trace context of the request that created it"},
-    )
-    problems = fields.List(
-        fields.String(),
-        required=True,
-        metadata={"description": "what is malformed in the stored document; empty when none"},
     )
 
 
