@@ -69,6 +69,10 @@ GATHER = 0.05
 RESOLUTION = timedelta(milliseconds=1)
 # Stopping the watcher: given up waiting for after this long (see periodic.stop_task).
 STOP_WITHIN = 5.0
+# How long one change-stream read waits for an event. MongoDB answers sooner only with a
+# matching event, so an idle worker reads the stream four times a minute (SecantusDB also
+# answers on any write); the safety poll still looks every max_poll whatever the stream does.
+STREAM_AWAIT = 15.0
 
 
 class WakeUps:
@@ -262,7 +266,7 @@ class WakeUps:
             try:
                 async for announced in self.task_watch.announcements(
                     types=self.types,
-                    max_await=self.max_poll,
+                    max_await=STREAM_AWAIT,
                     on_open=self._stream_opened,
                     ready=self._listening,
                     gather=GATHER,
