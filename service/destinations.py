@@ -117,6 +117,7 @@ def check_url(url: str, allowed: Sequence[Network] | None = None) -> URL:
     if len(url) > MAX_URL_LENGTH:
         raise ValueError(f"must be at most {MAX_URL_LENGTH} characters")
     try:
+        url.encode()  # a lone surrogate: valid JSON, but neither sendable nor storable
         parsed = URL(url)
     except (ValueError, TypeError):
         raise ValueError("is not a URL") from None

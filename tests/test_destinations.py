@@ -174,3 +174,21 @@ def test_signatures_match_the_reference_byte_for_byte(body: bytes) -> None:
     assert headers["webhook-signature"] == reference.sign("msg_1", when, body)
     reference.verify(body, headers, json_parse=False)
     assert "webhook-signature" not in signed_headers(webhook_id="m", body=body, secret=None)
+
+
+async def test_a_url_that_cannot_be_stored_is_a_400_naming_its_field(
+    api: TestClient[Any, Any],
+) -> None:
+    # A lone surrogate is valid JSON ("\ud800") but no UTF-8 the database can store.
+    url = "https://example.com/done\ud800"
+    for path, body in (
+        ("/tasks", {"type": "baz", "callback_url": url}),
+        ("/schedules", {"type": "baz", "every": 60, "callback_url": url}),
+        ("/tasks", {"type": "http", "args": {"url": url}}),
+    ):
+        response = await api.post(path, json=body)
+        assert response.status == 400, (path, await response.text())
+        details = (await response.json())["error"]["details"]
+        assert details == {"callback_url": ["is not a URL"]} or details == {
+            "args": {"url": ["is not a URL"]}
+        }, details
