@@ -163,8 +163,10 @@ class GuardedResolver(ThreadedResolver):
 def guarded_session(allowed: Sequence[Network] = (), **kwargs: Any) -> aiohttp.ClientSession:
     """An HTTP client that reaches only destinations the rules allow (the resolver checks
     names; the caller checks a literal address with `check_url` before sending). No proxy
-    from the environment, no hidden resend of a request (one attempt = one request)."""
+    from the environment, no hidden resend of a request (one attempt = one request), and no
+    time limit of its own (aiohttp's default is 5 minutes): the task's timeout is the bound."""
     connector = aiohttp.TCPConnector(resolver=GuardedResolver(allowed))
+    kwargs.setdefault("timeout", aiohttp.ClientTimeout())
     session = aiohttp.ClientSession(connector=connector, trust_env=False, **kwargs)
     if hasattr(session, "_retry_connection"):
         session._retry_connection = False

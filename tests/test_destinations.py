@@ -192,3 +192,16 @@ async def test_a_url_that_cannot_be_stored_is_a_400_naming_its_field(
         assert details == {"callback_url": ["is not a URL"]} or details == {
             "args": {"url": ["is not a URL"]}
         }, details
+
+
+async def test_the_outbound_client_leaves_the_time_limit_to_the_task() -> None:
+    # aiohttp's own default cuts every request at 5 minutes (30 s to connect): an http task
+    # whose timeout is longer (up to 7 days) would time out at 300 s, and be retried to
+    # failure, against a service that answers in 6 minutes. The task's timeout (and a
+    # callback's 10 s) is the only bound.
+    session = guarded_session()
+    try:
+        assert (session.timeout.total, session.timeout.connect) == (None, None)
+        assert (session.timeout.sock_connect, session.timeout.sock_read) == (None, None)
+    finally:
+        await session.close()
