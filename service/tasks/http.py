@@ -14,6 +14,7 @@ import json
 import re
 from typing import Any
 
+import aiohttp
 from marshmallow import (
     RAISE,
     Schema,
@@ -146,6 +147,8 @@ async def http(ctx: TaskContext, args: dict[str, Any]) -> str:
         )
     except webhooks.Refused as exc:
         raise Fail(str(exc)) from None
+    except aiohttp.ClientError as exc:
+        raise Retry(webhooks.no_answer(exc)) from None
     if answer.ok:
         return answer.describe()
     if answer.retried:

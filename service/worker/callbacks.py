@@ -205,7 +205,7 @@ class CallbackSender:
         except TimeoutError:
             return f"no answer within {TIMEOUT:g} s", None, False
         except aiohttp.ClientError as exc:
-            return f"{type(exc).__name__}: {exc}", None, False
+            return webhooks.no_answer(exc), None, False
         if answer.ok:
             return None, None, False
         return f"HTTP {answer.describe()}", answer.retry_after, False
