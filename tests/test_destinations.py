@@ -205,3 +205,17 @@ async def test_the_outbound_client_leaves_the_time_limit_to_the_task() -> None:
         assert (session.timeout.sock_connect, session.timeout.sock_read) == (None, None)
     finally:
         await session.close()
+
+
+async def test_credentials_in_the_url_and_an_authorization_header_are_refused_at_create(
+    api: TestClient[Any, Any],
+) -> None:
+    # aiohttp refuses to send both (a ValueError before any byte is sent): accepted, such a
+    # task would fail every attempt, retried to max_attempts, without ever being sent.
+    args = {"url": "https://u:p@api.example.com/hook", "headers": {"authorization": "Bearer t"}}
+    response = await api.post("/tasks", json={"type": "http", "args": args})
+    assert response.status == 400, await response.text()
+    assert list((await response.json())["error"]["details"]["args"]) == ["headers"]
+    for alone in ({"url": args["url"]}, {**args, "url": "https://api.example.com/hook"}):
+        response = await api.post("/tasks", json={"type": "http", "args": alone})
+        assert response.status == 201, await response.text()

@@ -24,6 +24,7 @@ from marshmallow import (
     validate,
     validates_schema,
 )
+from yarl import URL
 
 from service import webhooks
 from service.destinations import check_url
@@ -104,6 +105,16 @@ class HttpArgs(Schema):
         if isinstance(data, dict) and isinstance(data.get("method"), str):
             return {**data, "method": data["method"].upper()}
         return data
+
+    @validates_schema
+    def _one_authorization(self, data: dict[str, Any], **kwargs: Any) -> None:
+        # aiohttp sends credentials in the URL as Authorization, and refuses both at once.
+        url = URL(data["url"])
+        given = {name.lower() for name in data.get("headers") or {}}
+        if "authorization" in given and (url.user is not None or url.password is not None):
+            raise ValidationError(
+                "Authorization cannot be given with credentials in the URL", field_name="headers"
+            )
 
     @validates_schema
     def _bodiless(self, data: dict[str, Any], **kwargs: Any) -> None:
