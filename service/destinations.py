@@ -123,6 +123,8 @@ def check_url(url: str, allowed: Sequence[Network] | None = None) -> URL:
         raise ValueError("is not a URL") from None
     if parsed.scheme not in SCHEMES or not parsed.raw_host:
         raise ValueError("must be an http:// or https:// URL with a host")
+    if parsed.explicit_port == 0:
+        raise ValueError("port 0 is no port a service listens on")
     host = parsed.raw_host
     address = literal_address(host)
     if address is None and is_localhost(host):

@@ -219,3 +219,12 @@ async def test_credentials_in_the_url_and_an_authorization_header_are_refused_at
     for alone in ({"url": args["url"]}, {**args, "url": "https://api.example.com/hook"}):
         response = await api.post("/tasks", json={"type": "http", "args": alone})
         assert response.status == 201, await response.text()
+
+
+def test_port_0_is_refused_as_65536_is() -> None:
+    # Nothing listens on port 0: accepted, a task would be retried to max_attempts, unsent.
+    for url in ("https://api.example.com:0/hook", "https://api.example.com:65536/hook"):
+        with pytest.raises(ValueError, match=r"port|not a URL"):
+            check_url(url)
+    assert check_url("https://api.example.com:1/hook").port == 1
+    assert check_url("https://api.example.com:65535/hook").port == 65535
