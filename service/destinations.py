@@ -117,11 +117,14 @@ def check_url(url: str, allowed: Sequence[Network] | None = None) -> URL:
     if len(url) > MAX_URL_LENGTH:
         raise ValueError(f"must be at most {MAX_URL_LENGTH} characters")
     try:
+        url.encode()  # a lone surrogate: valid JSON, but neither sendable nor storable
         parsed = URL(url)
     except (ValueError, TypeError):
         raise ValueError("is not a URL") from None
     if parsed.scheme not in SCHEMES or not parsed.raw_host:
         raise ValueError("must be an http:// or https:// URL with a host")
+    if parsed.explicit_port == 0:
+        raise ValueError("port 0 is no port a service listens on")
     host = parsed.raw_host
     address = literal_address(host)
     if address is None and is_localhost(host):
@@ -162,8 +165,10 @@ class GuardedResolver(ThreadedResolver):
 def guarded_session(allowed: Sequence[Network] = (), **kwargs: Any) -> aiohttp.ClientSession:
     """An HTTP client that reaches only destinations the rules allow (the resolver checks
     names; the caller checks a literal address with `check_url` before sending). No proxy
-    from the environment, no hidden resend of a request (one attempt = one request)."""
+    from the environment, no hidden resend of a request (one attempt = one request), and no
+    time limit of its own (aiohttp's default is 5 minutes): the task's timeout is the bound."""
     connector = aiohttp.TCPConnector(resolver=GuardedResolver(allowed))
+    kwargs.setdefault("timeout", aiohttp.ClientTimeout())
     session = aiohttp.ClientSession(connector=connector, trust_env=False, **kwargs)
     if hasattr(session, "_retry_connection"):
         session._retry_connection = False

@@ -132,6 +132,14 @@ async def send(
     return Answer(response.status, head.decode("utf-8", "replace"), retry_after)
 
 
+def no_answer(exc: BaseException) -> str:
+    """What a request that got no (readable) answer failed with, as an attempt's error: its
+    kind and message, cut to MAX_SNIPPET characters (aiohttp's parse errors quote what the
+    service sent, which may be any length)."""
+    said = f"{type(exc).__name__}: {exc}"
+    return said if len(said) <= MAX_SNIPPET else said[:MAX_SNIPPET] + " [cut]"
+
+
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
     """A Retry-After's seconds from now (a number of seconds, or an HTTP date), at most
     MAX_RETRY_AFTER; None when absent or unreadable."""

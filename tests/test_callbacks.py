@@ -5,6 +5,7 @@ another worker when its worker is SIGKILLed; trace context kept and passed on.""
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from tests.calling import Receiver, calling, verify
 from tests.helpers import WorkerProcess, eventually, stuck_task, task_ended, wait_until_started
 from tests.test_fleet import scrape_when_up, total
 
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
@@ -52,6 +54,12 @@ async def _callback_settled(api: TestClient[Any, Any], task_id: str) -> dict[str
     return dict(shown)
 
 
+def _callback_id(shown: dict[str, Any]) -> str:
+    """The webhook-id of the callback of the task's ending `shown` (as GET /tasks/{id})."""
+    ended = datetime.fromisoformat(shown["finished_at"].replace("Z", "+00:00"))
+    return f"{shown['id']}-callback-{(ended - EPOCH) // timedelta(milliseconds=1)}"
+
+
 async def test_a_finished_task_is_posted_once_signed_with_its_trace_context(
     api: TestClient[Any, Any],
     receiver: Receiver,
@@ -65,7 +73,7 @@ async def test_a_finished_task_is_posted_once_signed_with_its_trace_context(
     assert shown["traceparent"] == TRACEPARENT
     [got] = receiver.received
     assert (got.method, got.path) == ("POST", "/done")
-    assert got.webhook_id == f"{task_id}-callback"
+    assert got.webhook_id == _callback_id(shown)
     assert got.headers["traceparent"] == TRACEPARENT
     payload = verify(got)
     # The task as GET /tasks/{id} shows it, at the time of the delivery.
@@ -100,7 +108,7 @@ async def test_a_failed_http_task_calls_back_after_retries_of_the_callback(
     assert shown["callback"]["last_error"].startswith("HTTP 500")
     job, first, second = receiver.received
     assert job.headers["traceparent"] == TRACEPARENT and job.webhook_id == task_id
-    assert first.webhook_id == second.webhook_id == f"{task_id}-callback"
+    assert first.webhook_id == second.webhook_id == _callback_id(shown)
     assert verify(second)["state"] == "FAILED"
     samples = await scrape_when_up(port)
     for outcome, count in (("retry", 1), ("delivered", 1), ("failed", 0), ("lease_lost", 0)):
@@ -119,7 +127,7 @@ async def test_a_callback_never_answered_2xx_ends_failed(
     assert shown["callback"]["state"] == "FAILED"
     assert shown["callback"]["attempts"] == callbacks.MAX_ATTEMPTS
     assert shown["callback"]["last_error"].startswith("HTTP 503")
-    assert receiver.by_id() == {f"{task_id}-callback": callbacks.MAX_ATTEMPTS}
+    assert receiver.by_id() == {_callback_id(shown): callbacks.MAX_ATTEMPTS}
 
 
 async def test_a_callback_held_by_a_killed_worker_is_delivered_by_another(
@@ -140,7 +148,7 @@ async def test_a_callback_held_by_a_killed_worker_is_delivered_by_another(
     # Taken again once its lease runs out (the delivery timeout plus a stale threshold).
     shown = await _callback_settled(api, task_id)
     assert shown["callback"]["state"] == "DELIVERED" and shown["callback"]["attempts"] == 2
-    assert receiver.by_id() == {f"{task_id}-callback": 2}
+    assert receiver.by_id() == {_callback_id(shown): 2}
     assert [verify(r)["id"] for r in receiver.received] == [task_id, task_id]
 
 
@@ -208,3 +216,31 @@ async def test_a_task_failed_by_recovery_calls_back_through_another_worker(
     assert shown["callback"]["state"] == "DELIVERED"
     done = [r for r in receiver.received if r.path == "/done"]
     assert [verify(r)["error"] for r in done] == [shown["error"]]
+
+
+async def test_a_requeued_task_calls_back_again_under_a_new_webhook_id(
+    api: TestClient[Any, Any],
+    receiver: Receiver,
+    spawn_worker: Callable[..., WorkerProcess],
+) -> None:
+    # A receiver deduplicates on webhook-id (as the docs say to): the callback of the task's
+    # second ending must not look like a retry of the first's, or it is dropped unread.
+    receiver.answer = lambda n, got: (410, {}) if got.path == "/job" and n == 1 else (200, {})
+    await _worker(spawn_worker)
+    body = {"type": "http", "args": {"url": receiver.url + "job"}, "callback_url": receiver.url}
+    task_id = await _create(api, body)
+    assert (await _callback_settled(api, task_id))["state"] == "FAILED"
+    requeued = await api.post(f"/tasks/{task_id}/requeue")
+    assert requeued.status == 200, await requeued.text()
+
+    async def delivered_again() -> bool:
+        shown = await (await api.get(f"/tasks/{task_id}")).json()
+        return (
+            shown["state"] == "COMPLETE" and (shown["callback"] or {}).get("state") == "DELIVERED"
+        )
+
+    await eventually(delivered_again, within=60, what="the second ending's callback")
+    first, second = [got for got in receiver.received if got.path == "/"]
+    assert [verify(first)["state"], verify(second)["state"]] == ["FAILED", "COMPLETE"]
+    assert first.webhook_id != second.webhook_id
+    assert second.webhook_id == _callback_id(await (await api.get(f"/tasks/{task_id}")).json())

@@ -174,3 +174,57 @@ def test_signatures_match_the_reference_byte_for_byte(body: bytes) -> None:
     assert headers["webhook-signature"] == reference.sign("msg_1", when, body)
     reference.verify(body, headers, json_parse=False)
     assert "webhook-signature" not in signed_headers(webhook_id="m", body=body, secret=None)
+
+
+async def test_a_url_that_cannot_be_stored_is_a_400_naming_its_field(
+    api: TestClient[Any, Any],
+) -> None:
+    # A lone surrogate is valid JSON ("\ud800") but no UTF-8 the database can store.
+    url = "https://example.com/done\ud800"
+    for path, body in (
+        ("/tasks", {"type": "baz", "callback_url": url}),
+        ("/schedules", {"type": "baz", "every": 60, "callback_url": url}),
+        ("/tasks", {"type": "http", "args": {"url": url}}),
+    ):
+        response = await api.post(path, json=body)
+        assert response.status == 400, (path, await response.text())
+        details = (await response.json())["error"]["details"]
+        assert details == {"callback_url": ["is not a URL"]} or details == {
+            "args": {"url": ["is not a URL"]}
+        }, details
+
+
+async def test_the_outbound_client_leaves_the_time_limit_to_the_task() -> None:
+    # aiohttp's own default cuts every request at 5 minutes (30 s to connect): an http task
+    # whose timeout is longer (up to 7 days) would time out at 300 s, and be retried to
+    # failure, against a service that answers in 6 minutes. The task's timeout (and a
+    # callback's 10 s) is the only bound.
+    session = guarded_session()
+    try:
+        assert (session.timeout.total, session.timeout.connect) == (None, None)
+        assert (session.timeout.sock_connect, session.timeout.sock_read) == (None, None)
+    finally:
+        await session.close()
+
+
+async def test_credentials_in_the_url_and_an_authorization_header_are_refused_at_create(
+    api: TestClient[Any, Any],
+) -> None:
+    # aiohttp refuses to send both (a ValueError before any byte is sent): accepted, such a
+    # task would fail every attempt, retried to max_attempts, without ever being sent.
+    args = {"url": "https://u:p@api.example.com/hook", "headers": {"authorization": "Bearer t"}}
+    response = await api.post("/tasks", json={"type": "http", "args": args})
+    assert response.status == 400, await response.text()
+    assert list((await response.json())["error"]["details"]["args"]) == ["headers"]
+    for alone in ({"url": args["url"]}, {**args, "url": "https://api.example.com/hook"}):
+        response = await api.post("/tasks", json={"type": "http", "args": alone})
+        assert response.status == 201, await response.text()
+
+
+def test_port_0_is_refused_as_65536_is() -> None:
+    # Nothing listens on port 0: accepted, a task would be retried to max_attempts, unsent.
+    for url in ("https://api.example.com:0/hook", "https://api.example.com:65536/hook"):
+        with pytest.raises(ValueError, match=r"port|not a URL"):
+            check_url(url)
+    assert check_url("https://api.example.com:1/hook").port == 1
+    assert check_url("https://api.example.com:65535/hook").port == 65535

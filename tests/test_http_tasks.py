@@ -4,12 +4,15 @@ processes against a local receiver, loopback opened by TASK_RUNNER_HTTP_ALLOW_NE
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
 
+from service import webhooks
 from service.config import Settings
 from service.localdb import free_port
 from service.models import State
@@ -196,3 +199,29 @@ async def test_text_bodies_gets_names_and_requests_that_get_no_answer(
     assert [r.path for r in receiver.received].count("/slow") == 2
     for got in receiver.received:
         verify(got)
+
+
+async def test_a_malformed_answer_leaves_a_bounded_error(
+    api: TestClient[Any, Any], store: Store, spawn_worker: Callable[..., WorkerProcess]
+) -> None:
+    # aiohttp's parse errors quote what the service sent (here 100 kB of it): the error kept
+    # per attempt (and logged) must stay near the documented 1,024 bytes of an answer.
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"x" * 100_000 + b"\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(garbage, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        await _worker(spawn_worker)
+        task_id = await _create(api, f"http://127.0.0.1:{port}/", max_attempts=2)
+        task = await task_ended(store, task_id)
+    finally:
+        server.close()
+    assert task.state == State.FAILED and len(task.errors) == 2, task
+    for entry in task.errors:
+        assert entry.error.startswith("ClientResponseError"), entry.error[:200]
+        assert len(entry.error) <= webhooks.MAX_SNIPPET + 100, len(entry.error)

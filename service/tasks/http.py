@@ -14,6 +14,7 @@ import json
 import re
 from typing import Any
 
+import aiohttp
 from marshmallow import (
     RAISE,
     Schema,
@@ -23,6 +24,7 @@ from marshmallow import (
     validate,
     validates_schema,
 )
+from yarl import URL
 
 from service import webhooks
 from service.destinations import check_url
@@ -105,6 +107,16 @@ class HttpArgs(Schema):
         return data
 
     @validates_schema
+    def _one_authorization(self, data: dict[str, Any], **kwargs: Any) -> None:
+        # aiohttp sends credentials in the URL as Authorization, and refuses both at once.
+        url = URL(data["url"])
+        given = {name.lower() for name in data.get("headers") or {}}
+        if "authorization" in given and (url.user is not None or url.password is not None):
+            raise ValidationError(
+                "Authorization cannot be given with credentials in the URL", field_name="headers"
+            )
+
+    @validates_schema
     def _bodiless(self, data: dict[str, Any], **kwargs: Any) -> None:
         if data.get("method") in ("GET", "HEAD") and data.get("body") is not None:
             raise ValidationError("GET and HEAD requests take no body", field_name="body")
@@ -146,6 +158,8 @@ async def http(ctx: TaskContext, args: dict[str, Any]) -> str:
         )
     except webhooks.Refused as exc:
         raise Fail(str(exc)) from None
+    except aiohttp.ClientError as exc:
+        raise Retry(webhooks.no_answer(exc)) from None
     if answer.ok:
         return answer.describe()
     if answer.retried:

@@ -1,6 +1,6 @@
 """Completion callbacks: each worker delivers the pending callbacks of finished tasks (the
 outbox, service.store.callbacks): one POST of the task as `GET /tasks/{id}` shows it, signed
-per Standard Webhooks with its own stable `webhook-id` ("{task id}-callback"), retried with
+per Standard Webhooks with its own stable `webhook-id` (`callback_id`), retried with
 the task's backoff until a 2xx or MAX_ATTEMPTS, then FAILED with its last error.
 
 What it costs when there is nothing to send: the worker wakes this job itself when one of its
@@ -19,7 +19,7 @@ import heapq
 import json
 import logging
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import aiohttp
 
@@ -45,6 +45,16 @@ CONCURRENT = 8  # deliveries one worker makes at once
 # would cost an idle worker a twelfth of a command a second, more than its budget has left.
 POLL_THRESHOLDS = 4
 task_schema = TaskSchema()
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def callback_id(task: Task) -> str:
+    """The `webhook-id` of a task's callback: the same on every attempt, another each time
+    the task ends (a requeued task's next ending is news, not a retry a receiver drops)."""
+    if task.finished_at is None:
+        return f"{task.id}-callback"
+    ended = (task.finished_at - EPOCH) // timedelta(milliseconds=1)
+    return f"{task.id}-callback-{ended}"
 
 
 class CallbackSender:
@@ -195,7 +205,7 @@ class CallbackSender:
                     url=task.callback_url,
                     headers={"Content-Type": "application/json"},
                     body=body,
-                    webhook_id=f"{task.id}-callback",
+                    webhook_id=callback_id(task),
                     secret=self.settings.signing_secret,
                     allowed=self.settings.allowed_networks,
                     traceparent=traceparent,
@@ -205,7 +215,7 @@ class CallbackSender:
         except TimeoutError:
             return f"no answer within {TIMEOUT:g} s", None, False
         except aiohttp.ClientError as exc:
-            return f"{type(exc).__name__}: {exc}", None, False
+            return webhooks.no_answer(exc), None, False
         if answer.ok:
             return None, None, False
         return f"HTTP {answer.describe()}", answer.retry_after, False
