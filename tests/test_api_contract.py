@@ -65,6 +65,10 @@ async def test_every_bad_create_is_a_precise_400_and_stores_nothing(
         "nested operator": ({"type": "foo", "max_attempts": {"$gt": 0}}, "body"),
         "max_attempts zero": ({"type": "foo", "max_attempts": 0}, "max_attempts"),
         "max_attempts float": ({"type": "foo", "max_attempts": 2.5}, "max_attempts"),
+        # JSON's "\ud800" escape parses to a lone surrogate, which no database stores.
+        "a lone surrogate in a tag": ({"type": "foo", "tags": ["\ud800"]}, "tags"),
+        "a lone surrogate in args": ({"type": "baz", "args": {"note": "a\udfff"}}, "args"),
+        "a lone surrogate as a key": ({"type": "foo", "\ud800": 1}, "body"),
     }
     for name, (body, field) in cases.items():
         error = await assert_error(await api.post("/tasks", json=body), 400, "invalid_request")

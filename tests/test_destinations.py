@@ -189,9 +189,10 @@ async def test_a_url_that_cannot_be_stored_is_a_400_naming_its_field(
         response = await api.post(path, json=body)
         assert response.status == 400, (path, await response.text())
         details = (await response.json())["error"]["details"]
-        assert details == {"callback_url": ["is not a URL"]} or details == {
-            "args": {"url": ["is not a URL"]}
-        }, details
+        # Named by its place: refused with the body's other strings that are not text.
+        assert set(details) <= {"callback_url", "args"} and len(details) == 1, details
+        if "args" in details:
+            assert set(details["args"]) == {"url"}, details
 
 
 async def test_the_outbound_client_leaves_the_time_limit_to_the_task() -> None:

@@ -62,20 +62,39 @@ async def json_object(request: web.Request) -> dict[str, Any]:
 
 
 def reject_operators(value: Any, where: str) -> None:
-    """Refuse anything shaped like a MongoDB operator ("$ne", {"$gt": ...}) anywhere, and
-    anything nested deeper than MAX_NESTING (walked with a stack, not recursion).
+    """Refuse anything shaped like a MongoDB operator ("$ne", {"$gt": ...}) anywhere, any
+    string that is not Unicode text (a lone surrogate: JSON's "\ud800" escape parses, but no
+    database can store it; named by its place, as a schema names a field), and anything
+    nested deeper than MAX_NESTING (walked with a stack, not recursion).
     """
-    stack: list[tuple[Any, int]] = [(value, 0)]
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(value, ())]
     while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict | list) and depth >= MAX_NESTING:
+        item, path = stack.pop()
+        if isinstance(item, dict | list) and len(path) >= MAX_NESTING:
             raise ValidationError({where: [f"nested deeper than {MAX_NESTING} levels"]})
         if isinstance(item, dict):
-            stack.extend((part, depth + 1) for pair in item.items() for part in pair)
+            for key, part in item.items():
+                stack.extend([(key, path), (part, (*path, key))])
         elif isinstance(item, list):
-            stack.extend((part, depth + 1) for part in item)
-        elif isinstance(item, str) and item.startswith("$"):
-            raise ValidationError({where: [f"{item[:40]!r}: MongoDB operators are not accepted"]})
+            stack.extend((part, (*path, index)) for index, part in enumerate(item))
+        elif isinstance(item, str):
+            if item.startswith("$"):
+                message = f"{item[:40]!r}: MongoDB operators are not accepted"
+                raise ValidationError({where: [message]})
+            try:
+                item.encode()
+            except UnicodeEncodeError:
+                raise ValidationError(
+                    _at(path or (where,), "holds a lone surrogate escape: not text")
+                ) from None
+
+
+def _at(path: tuple[str | int, ...], message: str) -> dict[str | int, Any]:
+    """A message at its place in the body, nested as marshmallow nests field errors."""
+    details: Any = [message]
+    for part in reversed(path):
+        details = {part: details}
+    return dict(details)
 
 
 def single_valued_query(request: web.Request) -> dict[str, str]:
