@@ -34,11 +34,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bson import ObjectId  # noqa: E402
+from retention_cost import claim_latencies  # noqa: E402
 
 from service.clock import DbClock  # noqa: E402
 from service.localdb import LocalDatabase, free_port  # noqa: E402
-from service.models import TaskType  # noqa: E402
-from service.store import Store, new_lease, open_client  # noqa: E402
+from service.store import Store, open_client  # noqa: E402
 
 BATCH = 5000
 
@@ -117,21 +117,6 @@ async def drain_rate(store: Store, url: str, *, workers: int, due: int) -> float
     return due * 0.8 / (marks[90] - marks[10])
 
 
-async def claim_latency(store: Store, count: int) -> float:
-    """Median milliseconds of one claim (the service's own) among the documents there."""
-    due = store.clock.surely_now() - timedelta(seconds=1)
-    for _ in range(count):
-        await store.tasks.create(task_type=TaskType.BAZ, run_at=due, max_attempts=1)
-    times = []
-    for _ in range(count):
-        began = time.perf_counter()
-        task = await store.claims.claim("envelope", lease=new_lease())
-        times.append((time.perf_counter() - began) * 1000)
-        assert task is not None
-        await store.claims.complete(task, "Baz 1")
-    return statistics.median(times)
-
-
 async def measure(size: int, args: argparse.Namespace) -> tuple[float, float]:
     with embedded_url() as url:
         client = open_client(url, timeout=30.0, appname="envelope")
@@ -141,7 +126,7 @@ async def measure(size: int, args: argparse.Namespace) -> tuple[float, float]:
             await store.ensure_indexes()
             await fill(store, finished=max(0, size - args.due), due=args.due)
             rate = await drain_rate(store, url, workers=args.workers, due=args.due)
-            latency = await claim_latency(store, args.claims)
+            latency = statistics.median(await claim_latencies(store, args.claims))
         finally:
             if os.environ.get("MONGODB_URL"):  # else the server and its files go as a whole
                 await client.drop_database(store.db.tasks.database.name)

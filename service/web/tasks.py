@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -19,7 +18,6 @@ from service.errors import (
     IdempotencyKeyReused,
     IdempotentTaskGone,
 )
-from service.models import Task
 from service.store import Store
 from service.store.base import NewTask
 from service.store.idempotency import IdempotentCreate
@@ -88,7 +86,7 @@ async def create(request: web.Request, data: dict[str, Any]) -> web.Response:
     with tracing.span(
         "task-runner create", traceparent=traceparent(request), kind="SERVER", attributes=attributes
     ) as context:
-        task = await _insert(insert, loaded, settings, traceparent=context)
+        task = await insert(**_new_task(loaded, settings, traceparent=context).fields())
     if once is not None and once.replayed(task):
         response = task_response(task)
         response.headers[REPLAYED_HEADER] = "true"
@@ -96,15 +94,9 @@ async def create(request: web.Request, data: dict[str, Any]) -> web.Response:
     return task_response(task, status=201)
 
 
-async def _insert(
-    insert: Callable[..., Awaitable[Task]],
-    loaded: dict[str, Any],
-    settings: Settings,
-    *,
-    traceparent: str | None,
-) -> Task:
-    """Store the task a create's body describes."""
-    return await insert(
+def _new_task(loaded: dict[str, Any], settings: Settings, *, traceparent: str | None) -> NewTask:
+    """The task a create's (or a batch item's) loaded body describes."""
+    return NewTask(
         task_type=loaded["type"].name,
         run_at=loaded["run_at"],
         max_attempts=loaded["max_attempts"] or settings.max_attempts,
@@ -227,18 +219,7 @@ async def create_tasks(request: web.Request) -> web.Response:
             except ValidationError as exc:
                 results[index] = _refused(exc)
                 continue
-            new = NewTask(
-                task_type=loaded["type"].name,
-                run_at=loaded["run_at"],
-                max_attempts=loaded["max_attempts"] or settings.max_attempts,
-                args=loaded["args"],
-                priority=loaded["priority"],
-                time_limit=loaded["timeout"],
-                tags=loaded["tags"] or (),
-                queue=loaded["queue"],
-                callback_url=loaded["callback_url"],
-                traceparent=context,
-            )
+            new = _new_task(loaded, settings, traceparent=context)
             if loaded["idempotency_key"] is None:
                 plain.append((index, new))
             else:
