@@ -310,3 +310,25 @@ async def test_a_concurrency_raised_at_run_time_is_used_within_seconds(
     print(f"three STARTED {took:.2f}s after the change")
     assert took < 2 * ACKNOWLEDGED, took
     assert all(w.alive() for w in workers)
+
+
+async def test_a_raised_rate_applies_to_a_queue_already_waiting_for_its_next_token(
+    store: Store, spawn_worker: Spawn
+) -> None:
+    # At one task every 1000 s the second task's token is 1000 s away: the worker waits
+    # that long for it. Raising the rate must cut that wait, not leave it to the old rate.
+    await store.queues.put("slow", {"rate": 0.001})
+    await create(store, 2, queue="slow")
+    spawn_worker()
+
+    async def first_done() -> bool:
+        return await count(store, "slow", State.COMPLETE) == 1
+
+    await eventually(first_done, within=30)
+    assert await count(store, "slow", State.NOTSTARTED) == 1
+    await store.queues.put("slow", {"rate": 100})
+
+    async def both_done() -> bool:
+        return await count(store, "slow", State.COMPLETE) == 2
+
+    await eventually(both_done, within=30)

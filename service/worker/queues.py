@@ -69,10 +69,13 @@ class QueueGate:
             return
         found = await self.table.all()
         self._read_at = time.monotonic()
+        before = self.settings
         self.settings = {q.name: q for q in found if q.gated}
         limited = set(self.limited())
-        for name in set(self._retry) - limited:
-            del self._retry[name]
+        for name in set(self._retry):
+            # A back-off set under other settings (a token due at the old rate) is void.
+            if name not in limited or _changed(before.get(name), self.settings[name]):
+                del self._retry[name]
         if self.on_slots is not None and any(q.concurrency for q in self.settings.values()):
             self.on_slots()
 
@@ -227,3 +230,10 @@ class QueueGate:
             del self._slotted[task.lease]
             if name in self.limited():
                 self._retry[name] = (time.monotonic(), FIRST_BACKOFF / 2)
+
+
+def _changed(before: QueueSettings | None, now: QueueSettings) -> bool:
+    """Whether a queue's settings differ (its bucket's tokens aside)."""
+    if before is None:
+        return True
+    return (before.rate, before.burst, before.concurrency) != (now.rate, now.burst, now.concurrency)
