@@ -332,3 +332,19 @@ async def test_a_raised_rate_applies_to_a_queue_already_waiting_for_its_next_tok
         return await count(store, "slow", State.COMPLETE) == 2
 
     await eventually(both_done, within=30)
+
+
+async def test_a_hand_edited_bucket_reads_as_a_new_one(store: Store, spawn_worker: Spawn) -> None:
+    # tokens written by hand as NaN, minus infinity or a huge negative number would never
+    # refill: read as no bucket (a new one, full), as other odd values are.
+    odd = {"nan": float("nan"), "minus-inf": float("-inf"), "very-negative": -1e300}
+    for name, tokens in odd.items():
+        await store.db.queues.insert_one({"_id": name, "rate": 50.0, "tokens": tokens})
+        await create(store, 2, queue=name)
+    spawn_worker()
+
+    async def all_done() -> bool:
+        done = [await count(store, name, State.COMPLETE) for name in odd]
+        return done == [2] * len(odd)
+
+    await eventually(all_done, within=30)

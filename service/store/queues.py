@@ -101,7 +101,9 @@ def take_pipeline() -> list[dict[str, Any]]:
     # Milliseconds since the epoch on the database's clock. Stored as a number, not a date:
     # SecantusDB fails to subtract a stored date from $$NOW (it can subtract numbers).
     now = {"$toLong": "$$NOW"}
-    tokens = _number_or("tokens", BURST)  # a new bucket starts full
+    # A new bucket starts full; so does one whose tokens no take could have left (negative,
+    # NaN, minus infinity: written by hand), which would otherwise never refill.
+    tokens = _number_or("tokens", BURST, least=0)
     elapsed = {"$divide": [{"$subtract": [now, _number_or("refilled_ms", now)]}, 1000]}
     refilled = {"$add": [tokens, {"$multiply": [{"$max": [elapsed, 0]}, "$rate"]}]}
     whole = {"$gte": ["$tokens", 1]}
