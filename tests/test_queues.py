@@ -127,6 +127,15 @@ async def test_bad_settings_are_refused_with_the_error_shape(api: Client) -> Non
     assert (await api.get("/queues/mail")).status == 404
 
 
+async def test_settings_take_json_numbers_and_booleans_only(api: Client) -> None:
+    # Not a number as a string, nor 1 or 0 as a boolean (1 == True in Python).
+    for body in ({"rate": "5"}, {"rate": "1e3"}, {"paused": 1}, {"paused": 0}, {"paused": 1.0}):
+        status, answer = await put(api, "mail", body)
+        assert status == 400, (body, answer)
+        assert list(answer["error"]["details"]) == list(body), answer
+    assert (await api.get("/queues/mail")).status == 404
+
+
 async def test_an_unknown_queue_is_404(api: Client) -> None:
     response = await api.get("/queues/nothing")
     assert response.status == 404
