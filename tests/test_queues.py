@@ -58,6 +58,21 @@ async def test_a_queue_name_outside_the_rule_is_refused(api: Client) -> None:
     assert response.status == 400
 
 
+async def test_a_dot_segment_is_no_queue_name(api: Client) -> None:
+    # "." and ".." are path segments a browser (the dashboard's buttons) and the clients
+    # resolve away, even percent-encoded: such a queue could not be paused from them.
+    for bad in (".", ".."):
+        response = await api.post("/tasks", json={"type": "foo", "queue": bad})
+        assert response.status == 400, bad
+        assert "queue" in (await response.json())["error"]["details"]
+        response = await api.get("/tasks", params={"queue": bad})
+        assert response.status == 400, bad
+    # (PUT /queues/%2E%2E cannot even be sent from here: aiohttp's client resolves it to /.)
+    for fine in ("...", ".a", "a..b"):
+        response = await api.post("/tasks", json={"type": "foo", "queue": fine})
+        assert response.status == 201, fine
+
+
 async def test_a_schedule_template_carries_the_queue(api: Client, store: Store) -> None:
     body = {"type": "baz", "every": 60, "queue": "nightly"}
     schedule = await (await api.post("/schedules", json=body)).json()
