@@ -348,3 +348,41 @@ async def test_a_hand_edited_bucket_reads_as_a_new_one(store: Store, spawn_worke
         return done == [2] * len(odd)
 
     await eventually(all_done, within=30)
+
+
+async def test_idle_limited_queues_cost_a_default_task_one_look_up_not_a_take_each(
+    watched: tuple[Store, CommandLog], store: Store, settings: Settings
+) -> None:
+    # Many rate-limited queues with nothing due (one per partner): a task of the default
+    # queue arriving into an idle worker must not wait behind a take, a claim and a
+    # give-back for each of them (100 queues held it up for seconds).
+    worker_store, log = watched
+    idle = 30
+    for i in range(idle):
+        await worker_store.queues.put(f"partner-{i}", {"rate": 1.0})
+    worker, running = await run_worker(worker_store, settings)
+    await asyncio.sleep(1.5)  # started, stream open, first look done: now idle
+    log.recording = True
+    tasks = 5
+    for n in range(1, tasks + 1):
+        await create(worker_store, 1, queue="default")
+
+        async def done(n: int = n) -> bool:
+            return await count(store, "default", State.COMPLETE) == n
+
+        await eventually(done, within=30)
+        await asyncio.sleep(REFRESH * 1.2)  # idle again: the limited queues are overdue
+    log.recording = False
+    # The look-up finds the one of them with tasks due.
+    await create(worker_store, 3, queue="partner-7")
+
+    async def partner_done() -> bool:
+        return await count(store, "partner-7", State.COMPLETE) == 3
+
+    await eventually(partner_done, within=30)
+    worker.stop()
+    await running
+    kinds = Counter(collection_of(name, command) for name, command, _ in log.done)
+    print(f"{idle} idle limited queues, {tasks} default tasks: {dict(kinds)}")
+    # Before: a take and a give-back of every idle queue per wake-up (300 here).
+    assert kinds["queues"] <= 4 * tasks, kinds

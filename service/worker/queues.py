@@ -105,11 +105,20 @@ class QueueGate:
     async def claim_open(self) -> Task | None:
         """Claim a task of the first limited queue not backing off that has one due."""
         self._tried_at = time.monotonic()
-        for name in self.limited():
-            if name not in self._retry:
-                task = await self.claim(name)
-                if task is not None:
-                    return task
+        candidates = [name for name in self.limited() if name not in self._retry]
+        if len(candidates) <= 1:
+            return await self.claim(candidates[0]) if candidates else None
+        # Several: one look-up finds a queue with a task due rather than a take, a claim and
+        # a give-back for each queue with nothing due (which held up other queues' tasks).
+        types = (*self.type_slots.unlimited, *self.type_slots.limits)
+        while candidates:
+            name = await self.claims.due_queue(candidates, types)
+            if name is None or name not in candidates:
+                return None
+            task = await self.claim(name)
+            if task is not None:
+                return task
+            candidates.remove(name)
         return None
 
     async def claim(self, name: str) -> Task | None:
