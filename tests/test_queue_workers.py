@@ -13,10 +13,14 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
+
 from service.config import Settings
 from service.models import State, TaskType
 from service.store import Store
-from service.worker.queues import REFRESH
+from service.store.queues import slot_key
+from service.worker.queues import REFRESH, QueueGate
+from service.worker.slots import Slots
 from tests.helpers import CommandLog, WorkerProcess, eventually, wait_until_started
 from tests.test_budget import classify, run_worker
 
@@ -386,3 +390,41 @@ async def test_idle_limited_queues_cost_a_default_task_one_look_up_not_a_take_ea
     print(f"{idle} idle limited queues, {tasks} default tasks: {dict(kinds)}")
     # Before: a take and a give-back of every idle queue per wake-up (300 here).
     assert kinds["queues"] <= 4 * tasks, kinds
+
+
+async def test_a_claim_frozen_past_its_bound_after_the_slot_take_does_not_land(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker frozen (SIGSTOP) between taking a queue slot and claiming: by the time it
+    # wakes, recovery may have freed that slot (taken long ago, no STARTED task under its
+    # lease) and another worker may hold it. The claim is bounded from the take, not from
+    # when it is sent, or it would land one task over the concurrency.
+    within = 0.3
+    await store.queues.put("pool", {"concurrency": 1})
+    await create(store, 1, queue="pool")
+    slots = Slots(
+        store.slots, store.claims, limits={}, types=("baz",), worker_id="w", claim_within=within
+    )
+    gate = QueueGate(
+        store.queues,
+        store.slots,
+        store.claims,
+        type_slots=slots,
+        worker_id="w",
+        claim_within=within,
+    )
+    await gate.refresh()
+    take = store.slots.take
+
+    async def frozen_after_take(*args: Any, **kwargs: Any) -> bool:
+        taken = await take(*args, **kwargs)
+        await asyncio.sleep(within * 2)  # the freeze, longer than the claim's bound
+        return taken
+
+    monkeypatch.setattr(store.slots, "take", frozen_after_take)
+    assert await gate.claim("pool") is None
+    assert await count(store, "pool", State.STARTED) == 0
+    assert await store.slots.holders(slot_key("pool")) == []
+    monkeypatch.setattr(store.slots, "take", take)
+    task = await gate.claim("pool")  # unfrozen: claimed as ever
+    assert task is not None and task.queue == "pool"
