@@ -428,3 +428,33 @@ async def test_a_claim_frozen_past_its_bound_after_the_slot_take_does_not_land(
     monkeypatch.setattr(store.slots, "take", take)
     task = await gate.claim("pool")  # unfrozen: claimed as ever
     assert task is not None and task.queue == "pool"
+
+
+async def test_a_typed_claim_frozen_past_its_bound_after_the_slot_take_does_not_land(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same for a per-type slot (TASK_RUNNER_TYPE_LIMITS), which queues reuse.
+    within = 0.3
+    await create(store, 1, queue="default")
+    slots = Slots(
+        store.slots,
+        store.claims,
+        limits={"baz": 1},
+        types=("baz",),
+        worker_id="w",
+        claim_within=within,
+    )
+    take = store.slots.take
+
+    async def frozen_after_take(*args: Any, **kwargs: Any) -> bool:
+        taken = await take(*args, **kwargs)
+        await asyncio.sleep(within * 2)  # the freeze, longer than the claim's bound
+        return taken
+
+    monkeypatch.setattr(store.slots, "take", frozen_after_take)
+    assert await slots.claim("baz") is None
+    assert await count(store, "default", State.STARTED) == 0
+    assert await store.slots.holders("baz") == []
+    monkeypatch.setattr(store.slots, "take", take)
+    task = await slots.claim("baz")  # unfrozen: claimed as ever
+    assert task is not None and task.type == "baz"
