@@ -246,3 +246,18 @@ async def test_a_bucket_of_another_shape_is_taken_from_as_a_new_one(store: Store
     await store.queues.give_back("odd")
     took = await store.queues.take("odd")
     assert took is not None and took[0], took
+
+
+async def test_a_burst_of_another_shape_holds_one_token_as_the_api_says(store: Store) -> None:
+    # An infinite or fractional burst (written by hand) reads as no burst (1) on the API;
+    # the bucket must hold 1 too, not fill without bound over a quiet spell.
+    for name, burst in (("inf", float("inf")), ("half", 2.5), ("nan", float("nan"))):
+        await store.db.queues.insert_one(
+            {"_id": name, "rate": 1000.0, "burst": burst, "tokens": 0.0, "refilled_ms": 0}
+        )
+        settings = await store.queues.get(name)
+        assert settings is not None and settings.burst == 1
+        took = [await store.queues.take(name) for _ in range(3)]
+        assert [t[0] for t in took if t is not None][:1] == [True], (name, took)
+        doc = await store.db.queues.find_one({"_id": name})
+        assert doc is not None and doc["tokens"] <= 1, (name, doc)
