@@ -29,7 +29,9 @@ EVERY_MIN, EVERY_MAX = 1, 10 * 366 * 24 * 3600
 ACTIVE = frozenset({State.NOTSTARTED, State.STARTED})
 # A task's queue: the default one unless given; a document without `queue` is in it.
 DEFAULT_QUEUE = "default"
-QUEUE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# "." and ".." are left out: path segments that browsers and clients resolve away, so the
+# dashboard and the clients could not address such a queue (/queues/{name}).
+QUEUE_NAME = re.compile(r"(?!\.\.?\Z)[A-Za-z0-9_.-]{1,64}")
 
 
 class TaskType(StrEnum):

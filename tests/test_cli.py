@@ -363,3 +363,5 @@ async def test_queues_lists_sets_pauses_and_resumes(settings: Settings, store: S
     assert bad.returncode == 2 and "rate" in bad.stdout, bad.stdout
     unnamed = await task_runner(settings, "queues", "pause")
     assert unnamed.returncode == 2
+    dots = await task_runner(settings, "queues", "pause", "..")
+    assert dots.returncode == 2 and "not '.' or '..'" in dots.stdout, dots.stdout

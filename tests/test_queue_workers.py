@@ -13,10 +13,14 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
+
 from service.config import Settings
 from service.models import State, TaskType
 from service.store import Store
-from service.worker.queues import REFRESH
+from service.store.queues import slot_key
+from service.worker.queues import REFRESH, QueueGate
+from service.worker.slots import Slots
 from tests.helpers import CommandLog, WorkerProcess, eventually, wait_until_started
 from tests.test_budget import classify, run_worker
 
@@ -310,3 +314,147 @@ async def test_a_concurrency_raised_at_run_time_is_used_within_seconds(
     print(f"three STARTED {took:.2f}s after the change")
     assert took < 2 * ACKNOWLEDGED, took
     assert all(w.alive() for w in workers)
+
+
+async def test_a_raised_rate_applies_to_a_queue_already_waiting_for_its_next_token(
+    store: Store, spawn_worker: Spawn
+) -> None:
+    # At one task every 1000 s the second task's token is 1000 s away: the worker waits
+    # that long for it. Raising the rate must cut that wait, not leave it to the old rate.
+    await store.queues.put("slow", {"rate": 0.001})
+    await create(store, 2, queue="slow")
+    spawn_worker()
+
+    async def first_done() -> bool:
+        return await count(store, "slow", State.COMPLETE) == 1
+
+    await eventually(first_done, within=30)
+    assert await count(store, "slow", State.NOTSTARTED) == 1
+    await store.queues.put("slow", {"rate": 100})
+
+    async def both_done() -> bool:
+        return await count(store, "slow", State.COMPLETE) == 2
+
+    await eventually(both_done, within=30)
+
+
+async def test_a_hand_edited_bucket_reads_as_a_new_one(store: Store, spawn_worker: Spawn) -> None:
+    # tokens written by hand as NaN, minus infinity or a huge negative number would never
+    # refill: read as no bucket (a new one, full), as other odd values are.
+    odd = {"nan": float("nan"), "minus-inf": float("-inf"), "very-negative": -1e300}
+    for name, tokens in odd.items():
+        await store.db.queues.insert_one({"_id": name, "rate": 50.0, "tokens": tokens})
+        await create(store, 2, queue=name)
+    spawn_worker()
+
+    async def all_done() -> bool:
+        done = [await count(store, name, State.COMPLETE) for name in odd]
+        return done == [2] * len(odd)
+
+    await eventually(all_done, within=30)
+
+
+async def test_idle_limited_queues_cost_a_default_task_one_look_up_not_a_take_each(
+    watched: tuple[Store, CommandLog], store: Store, settings: Settings
+) -> None:
+    # Many rate-limited queues with nothing due (one per partner): a task of the default
+    # queue arriving into an idle worker must not wait behind a take, a claim and a
+    # give-back for each of them (100 queues held it up for seconds).
+    worker_store, log = watched
+    idle = 30
+    for i in range(idle):
+        await worker_store.queues.put(f"partner-{i}", {"rate": 1.0})
+    worker, running = await run_worker(worker_store, settings)
+    await asyncio.sleep(1.5)  # started, stream open, first look done: now idle
+    log.recording = True
+    tasks = 5
+    for n in range(1, tasks + 1):
+        await create(worker_store, 1, queue="default")
+
+        async def done(n: int = n) -> bool:
+            return await count(store, "default", State.COMPLETE) == n
+
+        await eventually(done, within=30)
+        await asyncio.sleep(REFRESH * 1.2)  # idle again: the limited queues are overdue
+    log.recording = False
+    # The look-up finds the one of them with tasks due.
+    await create(worker_store, 3, queue="partner-7")
+
+    async def partner_done() -> bool:
+        return await count(store, "partner-7", State.COMPLETE) == 3
+
+    await eventually(partner_done, within=30)
+    worker.stop()
+    await running
+    kinds = Counter(collection_of(name, command) for name, command, _ in log.done)
+    print(f"{idle} idle limited queues, {tasks} default tasks: {dict(kinds)}")
+    # Before: a take and a give-back of every idle queue per wake-up (300 here).
+    assert kinds["queues"] <= 4 * tasks, kinds
+
+
+async def test_a_claim_frozen_past_its_bound_after_the_slot_take_does_not_land(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker frozen (SIGSTOP) between taking a queue slot and claiming: by the time it
+    # wakes, recovery may have freed that slot (taken long ago, no STARTED task under its
+    # lease) and another worker may hold it. The claim is bounded from the take, not from
+    # when it is sent, or it would land one task over the concurrency.
+    within = 0.3
+    await store.queues.put("pool", {"concurrency": 1})
+    await create(store, 1, queue="pool")
+    slots = Slots(
+        store.slots, store.claims, limits={}, types=("baz",), worker_id="w", claim_within=within
+    )
+    gate = QueueGate(
+        store.queues,
+        store.slots,
+        store.claims,
+        type_slots=slots,
+        worker_id="w",
+        claim_within=within,
+    )
+    await gate.refresh()
+    take = store.slots.take
+
+    async def frozen_after_take(*args: Any, **kwargs: Any) -> bool:
+        taken = await take(*args, **kwargs)
+        await asyncio.sleep(within * 2)  # the freeze, longer than the claim's bound
+        return taken
+
+    monkeypatch.setattr(store.slots, "take", frozen_after_take)
+    assert await gate.claim("pool") is None
+    assert await count(store, "pool", State.STARTED) == 0
+    assert await store.slots.holders(slot_key("pool")) == []
+    monkeypatch.setattr(store.slots, "take", take)
+    task = await gate.claim("pool")  # unfrozen: claimed as ever
+    assert task is not None and task.queue == "pool"
+
+
+async def test_a_typed_claim_frozen_past_its_bound_after_the_slot_take_does_not_land(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same for a per-type slot (TASK_RUNNER_TYPE_LIMITS), which queues reuse.
+    within = 0.3
+    await create(store, 1, queue="default")
+    slots = Slots(
+        store.slots,
+        store.claims,
+        limits={"baz": 1},
+        types=("baz",),
+        worker_id="w",
+        claim_within=within,
+    )
+    take = store.slots.take
+
+    async def frozen_after_take(*args: Any, **kwargs: Any) -> bool:
+        taken = await take(*args, **kwargs)
+        await asyncio.sleep(within * 2)  # the freeze, longer than the claim's bound
+        return taken
+
+    monkeypatch.setattr(store.slots, "take", frozen_after_take)
+    assert await slots.claim("baz") is None
+    assert await count(store, "default", State.STARTED) == 0
+    assert await store.slots.holders("baz") == []
+    monkeypatch.setattr(store.slots, "take", take)
+    task = await slots.claim("baz")  # unfrozen: claimed as ever
+    assert task is not None and task.type == "baz"

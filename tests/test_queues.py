@@ -58,6 +58,21 @@ async def test_a_queue_name_outside_the_rule_is_refused(api: Client) -> None:
     assert response.status == 400
 
 
+async def test_a_dot_segment_is_no_queue_name(api: Client) -> None:
+    # "." and ".." are path segments a browser (the dashboard's buttons) and the clients
+    # resolve away, even percent-encoded: such a queue could not be paused from them.
+    for bad in (".", ".."):
+        response = await api.post("/tasks", json={"type": "foo", "queue": bad})
+        assert response.status == 400, bad
+        assert "queue" in (await response.json())["error"]["details"]
+        response = await api.get("/tasks", params={"queue": bad})
+        assert response.status == 400, bad
+    # (PUT /queues/%2E%2E cannot even be sent from here: aiohttp's client resolves it to /.)
+    for fine in ("...", ".a", "a..b"):
+        response = await api.post("/tasks", json={"type": "foo", "queue": fine})
+        assert response.status == 201, fine
+
+
 async def test_a_schedule_template_carries_the_queue(api: Client, store: Store) -> None:
     body = {"type": "baz", "every": 60, "queue": "nightly"}
     schedule = await (await api.post("/schedules", json=body)).json()
@@ -124,6 +139,15 @@ async def test_bad_settings_are_refused_with_the_error_shape(api: Client) -> Non
     status, answer = await put(api, "no%20space", {"rate": 1})
     assert status == 400 and "name" in answer["error"]["details"]
     # Nothing was stored by the refusals.
+    assert (await api.get("/queues/mail")).status == 404
+
+
+async def test_settings_take_json_numbers_and_booleans_only(api: Client) -> None:
+    # Not a number as a string, nor 1 or 0 as a boolean (1 == True in Python).
+    for body in ({"rate": "5"}, {"rate": "1e3"}, {"paused": 1}, {"paused": 0}, {"paused": 1.0}):
+        status, answer = await put(api, "mail", body)
+        assert status == 400, (body, answer)
+        assert list(answer["error"]["details"]) == list(body), answer
     assert (await api.get("/queues/mail")).status == 404
 
 
@@ -222,3 +246,18 @@ async def test_a_bucket_of_another_shape_is_taken_from_as_a_new_one(store: Store
     await store.queues.give_back("odd")
     took = await store.queues.take("odd")
     assert took is not None and took[0], took
+
+
+async def test_a_burst_of_another_shape_holds_one_token_as_the_api_says(store: Store) -> None:
+    # An infinite or fractional burst (written by hand) reads as no burst (1) on the API;
+    # the bucket must hold 1 too, not fill without bound over a quiet spell.
+    for name, burst in (("inf", float("inf")), ("half", 2.5), ("nan", float("nan"))):
+        await store.db.queues.insert_one(
+            {"_id": name, "rate": 1000.0, "burst": burst, "tokens": 0.0, "refilled_ms": 0}
+        )
+        settings = await store.queues.get(name)
+        assert settings is not None and settings.burst == 1
+        took = [await store.queues.take(name) for _ in range(3)]
+        assert [t[0] for t in took if t is not None][:1] == [True], (name, took)
+        doc = await store.db.queues.find_one({"_id": name})
+        assert doc is not None and doc["tokens"] <= 1, (name, doc)

@@ -45,10 +45,11 @@ async def queues(store: Store, settings: Settings, args: argparse.Namespace) -> 
 
     from service.models import QUEUE_NAME
     from service.web.schemas.queues import QueueSettingsSchema
+    from service.web.schemas.tasks import QUEUE_RULE
 
     if args.action != "list":
         if args.name is None or not QUEUE_NAME.fullmatch(args.name):
-            print("task-runner queues: give a queue name: 1 to 64 letters, digits, '_', '-', '.'")
+            print(f"task-runner queues: give a queue name: it {QUEUE_RULE}")
             return 2
         try:
             changes = QueueSettingsSchema().load(_changes(args))

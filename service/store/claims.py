@@ -146,6 +146,21 @@ class Claims:
         return None if doc is None else Task.from_document(doc)
 
     @unavailable
+    async def due_queue(self, queues: Collection[str], types: Collection[str]) -> str | None:
+        """One of `queues` that has a task of `types` due now, or None: one find (the
+        claim index with `queue` first serves it on MongoDB)."""
+        names: list[str | None] = [*sorted(queues)]
+        if DEFAULT_QUEUE in queues:
+            names.append(None)
+        query = claimable(types, due_by=self.clock.surely_now())
+        query["queue"] = {"$in": names}
+        doc = await self.tasks.find_one(query, projection={"queue": 1, "_id": 0})
+        if doc is None:
+            return None
+        queue = doc.get("queue")
+        return queue if isinstance(queue, str) else DEFAULT_QUEUE
+
+    @unavailable
     async def give_back(self, task: Task) -> bool:
         """Undo a claim of a task this worker cannot run (a type it does not have): back to
         NOTSTARTED as it was, the attempt not counted, no lease or worker left on it."""

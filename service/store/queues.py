@@ -82,16 +82,24 @@ def _whole(value: Any) -> TypeGuard[float]:
     return _number(value) and value == int(value)
 
 
-def _number_or(field: str, default: Any, *, least: float | None = None) -> dict[str, Any]:
-    """A stored field as a number when it is one (and at least `least`), else `default`: a
-    document of another shape (written by hand) must not fail the update."""
+def _number_or(
+    field: str, default: Any, *, least: float | None = None, whole: bool = False
+) -> dict[str, Any]:
+    """A stored field as a number when it is one (and at least `least`; `whole`: a finite
+    whole number), else `default`: a document of another shape (written by hand) must not
+    fail the update."""
     fits: list[Any] = [{"$isNumber": f"${field}"}]
     if least is not None:
         fits.append({"$gte": [f"${field}", least]})
+    if whole:
+        fits.append({"$lt": [f"${field}", math.inf]})
+        fits.append({"$eq": [{"$floor": f"${field}"}, f"${field}"]})
     return {"$cond": [{"$and": fits}, f"${field}", default]}
 
 
-BURST = _number_or("burst", 1, least=1)
+# As QueueSettings reads it: an infinite or fractional burst is none (1), not a bucket
+# that fills without bound.
+BURST = _number_or("burst", 1, least=1, whole=True)
 
 
 def take_pipeline() -> list[dict[str, Any]]:
@@ -101,7 +109,9 @@ def take_pipeline() -> list[dict[str, Any]]:
     # Milliseconds since the epoch on the database's clock. Stored as a number, not a date:
     # SecantusDB fails to subtract a stored date from $$NOW (it can subtract numbers).
     now = {"$toLong": "$$NOW"}
-    tokens = _number_or("tokens", BURST)  # a new bucket starts full
+    # A new bucket starts full; so does one whose tokens no take could have left (negative,
+    # NaN, minus infinity: written by hand), which would otherwise never refill.
+    tokens = _number_or("tokens", BURST, least=0)
     elapsed = {"$divide": [{"$subtract": [now, _number_or("refilled_ms", now)]}, 1000]}
     refilled = {"$add": [tokens, {"$multiply": [{"$max": [elapsed, 0]}, "$rate"]}]}
     whole = {"$gte": ["$tokens", 1]}

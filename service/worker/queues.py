@@ -69,10 +69,13 @@ class QueueGate:
             return
         found = await self.table.all()
         self._read_at = time.monotonic()
+        before = self.settings
         self.settings = {q.name: q for q in found if q.gated}
         limited = set(self.limited())
-        for name in set(self._retry) - limited:
-            del self._retry[name]
+        for name in set(self._retry):
+            # A back-off set under other settings (a token due at the old rate) is void.
+            if name not in limited or _changed(before.get(name), self.settings[name]):
+                del self._retry[name]
         if self.on_slots is not None and any(q.concurrency for q in self.settings.values()):
             self.on_slots()
 
@@ -102,11 +105,20 @@ class QueueGate:
     async def claim_open(self) -> Task | None:
         """Claim a task of the first limited queue not backing off that has one due."""
         self._tried_at = time.monotonic()
-        for name in self.limited():
-            if name not in self._retry:
-                task = await self.claim(name)
-                if task is not None:
-                    return task
+        candidates = [name for name in self.limited() if name not in self._retry]
+        if len(candidates) <= 1:
+            return await self.claim(candidates[0]) if candidates else None
+        # Several: one look-up finds a queue with a task due rather than a take, a claim and
+        # a give-back for each queue with nothing due (which held up other queues' tasks).
+        types = (*self.type_slots.unlimited, *self.type_slots.limits)
+        while candidates:
+            name = await self.claims.due_queue(candidates, types)
+            if name is None or name not in candidates:
+                return None
+            task = await self.claim(name)
+            if task is not None:
+                return task
+            candidates.remove(name)
         return None
 
     async def claim(self, name: str) -> Task | None:
@@ -130,9 +142,11 @@ class QueueGate:
             if not taken:
                 self._retry[name] = (time.monotonic() + next_token + TOKEN_MARGIN, next_token)
                 return None
+        deadline = None  # the claim must land by then: bounded from the slot's take
         if settings.concurrency is not None:
             key = slot_key(name)
             limit = settings.concurrency
+            deadline = time.monotonic() + self.claim_within
             if not await self.slot_table.take(
                 key, limit=limit, lease=lease, worker_id=self.worker_id
             ):
@@ -141,12 +155,13 @@ class QueueGate:
                 self._back_off(name)
                 return None
             self._slotted[lease] = name
-        task, typed_full = await self._claim_in(name, lease)
+        task, typed_full = await self._claim_in(name, lease, deadline)
         if task is None:
             await self._give_back(name, lease, token=settings.rate is not None)
             if typed_full:
-                # Its tasks of a limited type may be waiting for a slot of their type: no
-                # wake-up would tell, so try again after a back-off.
+                # Its tasks of a limited type may be waiting for a slot of their type (or
+                # the claim was too late to send): no wake-up would tell, so try again
+                # after a back-off.
                 self._back_off(name)
             else:
                 self._retry.pop(name, None)
@@ -162,31 +177,53 @@ class QueueGate:
         backoff = min(backoff * 2, MAX_BACKOFF)
         self._retry[name] = (time.monotonic() + backoff, backoff)
 
-    async def _claim_in(self, name: str, lease: str) -> tuple[Task | None, bool]:
-        """Claim a task of queue `name` under `lease`: of a type without a per-type limit in
-        one claim, else of each limited type under one of its slots (with the same lease);
-        and whether a limited type was left out for want of a slot."""
+    def _left(self, *deadlines: float | None) -> float:
+        """A claim's bound: what is left until the earliest deadline (a slot's take plus
+        claim_within: recovery frees a slot that old with no STARTED task, so a claim that
+        lands later, after a freeze, could run one task over the limit); 0: too late."""
+        until = min((d for d in deadlines if d is not None), default=None)
+        if until is None:
+            return self.claim_within
+        return max(0.0, until - time.monotonic())
+
+    async def _claim_in(
+        self, name: str, lease: str, deadline: float | None
+    ) -> tuple[Task | None, bool]:
+        """Claim a task of queue `name` under `lease`, landing by `deadline` (if any): of a
+        type without a per-type limit in one claim, else of each limited type under one of
+        its slots (with the same lease); and whether to try again after a back-off (a
+        limited type was left out for want of a slot, or the claim was too late)."""
         self._unconfirmed = (name, lease)
         task = None
         typed_full = len(self.type_slots.open_types()) < len(self.type_slots.limits)
         unlimited = self.type_slots.unlimited
         if unlimited:
+            within = self._left(deadline)
+            if within <= 0:
+                self._unconfirmed = None
+                return None, True
             task = await self.claims.claim(
-                self.worker_id, lease=lease, types=unlimited, queue=name, within=self.claim_within
+                self.worker_id, lease=lease, types=unlimited, queue=name, within=within
             )
         for task_type in [] if task is not None else self.type_slots.open_types():
             limit = self.type_slots.limits[task_type]
+            typed_deadline = time.monotonic() + self.claim_within
             if not await self.slot_table.take(
                 task_type, limit=limit, lease=lease, worker_id=self.worker_id
             ):
                 typed_full = True
                 continue
+            within = self._left(deadline, typed_deadline)
+            if within <= 0:
+                await self.slot_table.free(task_type, lease)
+                typed_full = True
+                break
             task = await self.claims.claim(
                 self.worker_id,
                 lease=lease,
                 types=(task_type,),
                 queue=name,
-                within=self.claim_within,
+                within=within,
             )
             if task is not None:
                 break
@@ -227,3 +264,10 @@ class QueueGate:
             del self._slotted[task.lease]
             if name in self.limited():
                 self._retry[name] = (time.monotonic(), FIRST_BACKOFF / 2)
+
+
+def _changed(before: QueueSettings | None, now: QueueSettings) -> bool:
+    """Whether a queue's settings differ (its bucket's tokens aside)."""
+    if before is None:
+        return True
+    return (before.rate, before.burst, before.concurrency) != (now.rate, now.burst, now.concurrency)

@@ -104,6 +104,9 @@ class Slots:
         type is no longer tried until a wake-up says a task of it may be due.
         """
         lease = new_lease()
+        # The claim must land within claim_within of the take (recovery frees a slot that
+        # old with no STARTED task): a worker frozen in between does not send it.
+        deadline = time.monotonic() + self.claim_within
         taken = await self.table.take(
             task_type, limit=self.limits[task_type], lease=lease, worker_id=self.worker_id
         )
@@ -112,13 +115,18 @@ class Slots:
             backoff = min(backoff * 2, MAX_BACKOFF)
             self._full[task_type] = (time.monotonic() + backoff, backoff)
             return None
+        within = deadline - time.monotonic()
+        if within <= 0:
+            await self.table.free(task_type, lease)
+            self._full[task_type] = (time.monotonic() + FIRST_BACKOFF, FIRST_BACKOFF)
+            return None
         # A claim whose reply is lost may have landed: confirm() asks before the next claim.
         self._unconfirmed = (task_type, lease)
         task = await self.claims.claim(
             self.worker_id,
             lease=lease,
             types=(task_type,),
-            within=self.claim_within,
+            within=within,
             exclude=self.queues.excluded() if self.queues is not None else (),
         )
         self._unconfirmed = None

@@ -13,6 +13,24 @@ MAX_RATE = 1_000_000
 MAX_SLOTS = 100_000
 
 
+class JsonNumber(fields.Float):
+    """A float given as a JSON number: not a string of digits (fields.Float takes "5")."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> float:
+        if isinstance(value, str):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+class JsonBoolean(fields.Boolean):
+    """true or false only: not 1 or 0 (1 == True, so truthy={True} lets 1 through)."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.make_error("invalid", input=value)
+        return value
+
+
 class QueueSettingsSchema(Schema):
     """PUT /queues/{name} body: any of rate, burst, concurrency, paused (at least one); null
     clears rate or concurrency (and sets burst back to 1)."""
@@ -20,7 +38,7 @@ class QueueSettingsSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    rate = fields.Float(
+    rate = JsonNumber(
         allow_none=True,
         allow_nan=False,
         validate=validate.Range(min=0, min_inclusive=False, max=MAX_RATE),
@@ -50,9 +68,7 @@ class QueueSettingsSchema(Schema):
             "example": 2,
         },
     )
-    paused = fields.Boolean(
-        truthy={True},
-        falsy={False},
+    paused = JsonBoolean(
         metadata={"description": "true: no task of the queue starts; running ones finish"},
     )
 

@@ -64,8 +64,8 @@ def tags_field(**kwargs: Any) -> fields.List[str]:
     )
 
 
-QUEUE_RULE = "must be 1 to 64 letters, digits, '_', '-' or '.'"
-QUEUE_PATTERN = "^[A-Za-z0-9_.-]{1,64}$"
+QUEUE_RULE = "must be 1 to 64 letters, digits, '_', '-' or '.', not '.' or '..'"
+QUEUE_PATTERN = "^(?!\\.\\.?$)[A-Za-z0-9_.-]{1,64}$"
 
 
 def _queue_name(name: str) -> None:
