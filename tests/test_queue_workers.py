@@ -9,7 +9,7 @@ import contextlib
 import itertools
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,15 @@ async def create(store: Store, n: int, *, queue: str, task_type: TaskType = Task
 async def count(store: Store, queue: str, *states: State) -> int:
     query: dict[str, Any] = {"queue": queue, "state": {"$in": [s.value for s in states]}}
     return await store.db.tasks.count_documents(query)
+
+
+def counts(store: Store, queue: str, state: State, expected: int) -> Callable[[], Awaitable[bool]]:
+    """A check for eventually() and stays(): the queue has `expected` tasks in `state`."""
+
+    async def check() -> bool:
+        return await count(store, queue, state) == expected
+
+    return check
 
 
 async def stays(predicate: Callable[[], Any], seconds: float) -> None:
@@ -85,21 +94,12 @@ async def test_a_paused_queue_starts_nothing_until_resumed(
     await create(store, 10, queue="default")
     workers = [spawn_worker() for _ in range(2)]
 
-    async def default_done() -> bool:
-        return await count(store, "default", State.COMPLETE) == 10
+    await eventually(counts(store, "default", State.COMPLETE, 10), within=30)
 
-    await eventually(default_done, within=30)
-
-    async def held_waits() -> bool:
-        return await count(store, "held", State.NOTSTARTED) == 10
-
-    await stays(held_waits, ACKNOWLEDGED)
+    await stays(counts(store, "held", State.NOTSTARTED, 10), ACKNOWLEDGED)
     await store.queues.put("held", {"paused": False})
 
-    async def held_done() -> bool:
-        return await count(store, "held", State.COMPLETE) == 10
-
-    await eventually(held_done, within=30)
+    await eventually(counts(store, "held", State.COMPLETE, 10), within=30)
 
     # Paused again while the workers run: once they have seen it, a new task waits.
     await store.queues.put("held", {"paused": True})
@@ -107,21 +107,12 @@ async def test_a_paused_queue_starts_nothing_until_resumed(
     await create(store, 1, queue="held")
     await create(store, 1, queue="default")
 
-    async def witness_done() -> bool:
-        return await count(store, "default", State.COMPLETE) == 11
+    await eventually(counts(store, "default", State.COMPLETE, 11), within=30)
 
-    await eventually(witness_done, within=30)
-
-    async def new_one_waits() -> bool:
-        return await count(store, "held", State.NOTSTARTED) == 1
-
-    await stays(new_one_waits, ACKNOWLEDGED)
+    await stays(counts(store, "held", State.NOTSTARTED, 1), ACKNOWLEDGED)
     await store.queues.put("held", {"paused": False})
 
-    async def all_done() -> bool:
-        return await count(store, "held", State.COMPLETE) == 11
-
-    await eventually(all_done, within=30)
+    await eventually(counts(store, "held", State.COMPLETE, 11), within=30)
     assert all(w.alive() for w in workers)
     await asyncio.gather(*(wait_until_started(w) for w in workers))
 
@@ -146,17 +137,11 @@ async def test_a_rate_holds_across_three_workers_and_other_queues_flow(
     workers = [spawn_worker() for _ in range(3)]
     began = time.monotonic()
 
-    async def default_done() -> bool:
-        return await count(store, "default", State.COMPLETE) == 40
-
-    await eventually(default_done, within=30)
+    await eventually(counts(store, "default", State.COMPLETE, 40), within=30)
     default_took = time.monotonic() - began
     partner_waiting = await count(store, "partner", State.NOTSTARTED)
 
-    async def partner_done() -> bool:
-        return await count(store, "partner", State.COMPLETE) == 40
-
-    await eventually(partner_done, within=60)
+    await eventually(counts(store, "partner", State.COMPLETE, 40), within=60)
     times = await start_times(store, "partner")
     assert len(times) == 40
     print(
@@ -195,10 +180,7 @@ async def measure(
     log.recording = True
     await create(worker_store, tasks, queue="q")
 
-    async def all_complete() -> bool:
-        return await count(store, "q", State.COMPLETE) == tasks
-
-    await eventually(all_complete, within=60)
+    await eventually(counts(store, "q", State.COMPLETE, tasks), within=60)
     log.recording = False
     worker.stop()
     await running
@@ -240,10 +222,7 @@ async def test_a_concurrency_holds_across_workers_and_a_kill(
         victim.kill()
         killed_at = time.monotonic()
 
-        async def all_done() -> bool:
-            return await count(store, "pool", State.COMPLETE) == 12
-
-        await eventually(all_done, within=90)
+        await eventually(counts(store, "pool", State.COMPLETE, 12), within=90)
     most = max(started for _, started in sampler.samples)
     after = [started for at, started in sampler.samples if at > killed_at]
     print(f"{len(sampler.samples)} samples, most STARTED {most}")
@@ -280,10 +259,7 @@ async def test_a_type_limit_and_a_queue_concurrency_hold_together(
     async with sampling(store, "pool") as sampler:
         workers = [spawn_worker(foo_seconds=0.5, type_limits="foo=1") for _ in range(2)]
 
-        async def all_done() -> bool:
-            return await count(store, "pool", State.COMPLETE) == 8
-
-        await eventually(all_done, within=60)
+        await eventually(counts(store, "pool", State.COMPLETE, 8), within=60)
     assert max(started for _, started in sampler.samples) <= 2  # the queue's concurrency
     cursor = store.db.tasks.find({"type": "foo"}, projection={"started_at": 1, "finished_at": 1})
     spans = sorted([(d["started_at"], d["finished_at"]) async for d in cursor])
@@ -299,17 +275,11 @@ async def test_a_concurrency_raised_at_run_time_is_used_within_seconds(
     await create(store, 8, queue="pool", task_type=TaskType.FOO)
     workers = [spawn_worker(foo_seconds=2.0) for _ in range(2)]
 
-    async def one_runs() -> bool:
-        return await count(store, "pool", State.STARTED) == 1
-
-    await eventually(one_runs, within=30)
+    await eventually(counts(store, "pool", State.STARTED, 1), within=30)
     await store.queues.put("pool", {"concurrency": 3})
     raised_at = time.monotonic()
 
-    async def three_run() -> bool:
-        return await count(store, "pool", State.STARTED) == 3
-
-    await eventually(three_run, within=10)
+    await eventually(counts(store, "pool", State.STARTED, 3), within=10)
     took = time.monotonic() - raised_at
     print(f"three STARTED {took:.2f}s after the change")
     assert took < 2 * ACKNOWLEDGED, took
@@ -325,17 +295,11 @@ async def test_a_raised_rate_applies_to_a_queue_already_waiting_for_its_next_tok
     await create(store, 2, queue="slow")
     spawn_worker()
 
-    async def first_done() -> bool:
-        return await count(store, "slow", State.COMPLETE) == 1
-
-    await eventually(first_done, within=30)
+    await eventually(counts(store, "slow", State.COMPLETE, 1), within=30)
     assert await count(store, "slow", State.NOTSTARTED) == 1
     await store.queues.put("slow", {"rate": 100})
 
-    async def both_done() -> bool:
-        return await count(store, "slow", State.COMPLETE) == 2
-
-    await eventually(both_done, within=30)
+    await eventually(counts(store, "slow", State.COMPLETE, 2), within=30)
 
 
 async def test_a_hand_edited_bucket_reads_as_a_new_one(store: Store, spawn_worker: Spawn) -> None:
@@ -380,10 +344,7 @@ async def test_idle_limited_queues_cost_a_default_task_one_look_up_not_a_take_ea
     # The look-up finds the one of them with tasks due.
     await create(worker_store, 3, queue="partner-7")
 
-    async def partner_done() -> bool:
-        return await count(store, "partner-7", State.COMPLETE) == 3
-
-    await eventually(partner_done, within=30)
+    await eventually(counts(store, "partner-7", State.COMPLETE, 3), within=30)
     worker.stop()
     await running
     kinds = Counter(collection_of(name, command) for name, command, _ in log.done)
