@@ -49,6 +49,22 @@ def counts(store: Store, queue: str, state: State, expected: int) -> Callable[[]
     return check
 
 
+def freeze_after_take(
+    store: Store, monkeypatch: pytest.MonkeyPatch, *, seconds: float
+) -> Callable[..., Awaitable[bool]]:
+    """Make every slot take stall `seconds` after it lands (a worker frozen between the take
+    and its claim); returns the real take, to put back."""
+    take = store.slots.take
+
+    async def frozen_after_take(*args: Any, **kwargs: Any) -> bool:
+        taken = await take(*args, **kwargs)
+        await asyncio.sleep(seconds)  # the freeze
+        return taken
+
+    monkeypatch.setattr(store.slots, "take", frozen_after_take)
+    return take
+
+
 async def stays(predicate: Callable[[], Any], seconds: float) -> None:
     """Check `predicate` every 50 ms for `seconds`: it must hold throughout."""
     until = time.monotonic() + seconds
@@ -375,14 +391,7 @@ async def test_a_claim_frozen_past_its_bound_after_the_slot_take_does_not_land(
         claim_within=within,
     )
     await gate.refresh()
-    take = store.slots.take
-
-    async def frozen_after_take(*args: Any, **kwargs: Any) -> bool:
-        taken = await take(*args, **kwargs)
-        await asyncio.sleep(within * 2)  # the freeze, longer than the claim's bound
-        return taken
-
-    monkeypatch.setattr(store.slots, "take", frozen_after_take)
+    take = freeze_after_take(store, monkeypatch, seconds=within * 2)
     assert await gate.claim("pool") is None
     assert await count(store, "pool", State.STARTED) == 0
     assert await store.slots.holders(slot_key("pool")) == []
@@ -405,14 +414,7 @@ async def test_a_typed_claim_frozen_past_its_bound_after_the_slot_take_does_not_
         worker_id="w",
         claim_within=within,
     )
-    take = store.slots.take
-
-    async def frozen_after_take(*args: Any, **kwargs: Any) -> bool:
-        taken = await take(*args, **kwargs)
-        await asyncio.sleep(within * 2)  # the freeze, longer than the claim's bound
-        return taken
-
-    monkeypatch.setattr(store.slots, "take", frozen_after_take)
+    take = freeze_after_take(store, monkeypatch, seconds=within * 2)
     assert await slots.claim("baz") is None
     assert await count(store, "default", State.STARTED) == 0
     assert await store.slots.holders("baz") == []

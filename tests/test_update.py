@@ -150,8 +150,9 @@ async def test_a_moved_run_at_is_announced_to_the_workers(api: Client, store: St
     seen: list[tuple[Any, datetime | None]] = []
 
     async def listen() -> None:
-        async for wakeup in store.watch.wakeups(types=["foo"], max_await=0.5, on_open=opened.set):
-            seen.append(wakeup)
+        announced = store.watch.announcements(types=["foo"], max_await=0.5, on_open=opened.set)
+        async for wakeup in announced:
+            seen.append((wakeup.id, wakeup.run_at))
 
     listener = asyncio.create_task(listen())
     try:

@@ -118,8 +118,9 @@ async def test_the_stream_skips_undated_documents_and_other_types(store: Store) 
     seen: list[tuple[Any, datetime | None]] = []
 
     async def listen() -> None:
-        async for wakeup in store.watch.wakeups(types=["baz"], max_await=0.5, on_open=opened.set):
-            seen.append(wakeup)
+        announced = store.watch.announcements(types=["baz"], max_await=0.5, on_open=opened.set)
+        async for wakeup in announced:
+            seen.append((wakeup.id, wakeup.run_at))
 
     listener = asyncio.create_task(listen())
     try:

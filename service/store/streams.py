@@ -142,22 +142,6 @@ class TaskWatch:
             if isinstance(doc.get("run_at"), datetime)
         ]
 
-    async def wakeups(
-        self,
-        *,
-        types: Iterable[str] | None = None,
-        max_await: float,
-        on_open: Callable[[], None],
-        ready: asyncio.Event | None = None,
-        gather: float = 0.0,
-    ) -> AsyncIterator[tuple[Any, datetime | None]]:
-        """Yield as tasks become claimable: (their `_id`, their run_at or None for "now");
-        see announcements()."""
-        async for announced in self.announcements(
-            types=types, max_await=max_await, on_open=on_open, ready=ready, gather=gather
-        ):
-            yield announced.id, announced.run_at
-
     async def announcements(
         self,
         *,
@@ -290,7 +274,7 @@ class TaskWatch:
                     change = await stream.try_next()
                     if change is None:
                         yield None
-                        await asyncio.sleep(EMPTY_BATCH_PAUSE)  # see wakeups()
+                        await asyncio.sleep(EMPTY_BATCH_PAUSE)  # see announcements()
                         continue
                     op = change.get("operationType")
                     if op not in ("insert", "delete", "replace", "update"):

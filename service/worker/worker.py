@@ -107,14 +107,7 @@ class Worker:
             worker_id=self.worker_id,
             claim_within=settings.stale_after / 4,
         )
-        self.recoverer = Recoverer(
-            store.claims,
-            clock=store.clock,
-            ping=store.ping,
-            stale_after=settings.stale_after,
-            interval=settings.stale_after,
-            slots=store.slots if self.slots.limits else None,
-        )
+        self.recoverer = _recoverer(store, settings, limited=bool(self.slots.limits))
         self.queues = _queue_gate(store, slots=self.slots, recoverer=self.recoverer)
         self.leases = self._lease_keeper(store, settings)
         self.heartbeat = Heartbeat(
@@ -433,6 +426,18 @@ class Worker:
                 logger.warning(
                     "task %s not released (%s); recovery will return it", running.task.id, exc
                 )
+
+
+def _recoverer(store: Store, settings: Settings, *, limited: bool) -> Recoverer:
+    """Recovery every stale threshold; where types are `limited`, it frees lost slots too."""
+    return Recoverer(
+        store.claims,
+        clock=store.clock,
+        ping=store.ping,
+        stale_after=settings.stale_after,
+        interval=settings.stale_after,
+        slots=store.slots if limited else None,
+    )
 
 
 def _queue_gate(store: Store, *, slots: Slots, recoverer: Recoverer) -> QueueGate:
