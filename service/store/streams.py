@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -192,40 +192,30 @@ class TaskWatch:
                     claim_last = False
                     change = await stream.try_next()
                     if change is None:
-                        # MongoDB answers a getMore when a matching event comes or after
-                        # max_await; some servers (SecantusDB, DocumentDB) answer at once
-                        # on any write. Pace those empty answers so that busy databases
-                        # do not cost a getMore per write.
+                        # SecantusDB and DocumentDB answer at once on any write (MongoDB: on
+                        # a matching event): paced, a busy database costs no getMore a write.
                         gather_next = False
                         await asyncio.sleep(EMPTY_BATCH_PAUSE)
                         continue
-                    task_id = change.get("documentKey", {}).get("_id")
-                    task_type = None
-                    if change.get("operationType") == "insert":
-                        fields = change.get("fullDocument") or {}
-                        named = fields.get("type")
-                        task_type = named.lower() if isinstance(named, str) else None
-                    else:
-                        fields = change.get("updateDescription", {}).get("updatedFields", {})
-                        if fields.get("state") == State.STARTED.value:  # a claim
-                            claim_last = True
-                            if claims_not_by is not None:
-                                yield Announcement(task_id, None, taken=True)
-                            continue
-                        if "run_at" not in fields:  # a release or a recovery: due as it was
-                            gather_next = False
-                            yield Announcement(task_id, None)
-                            continue
+                    task_id, fields, task_type = _read_change(change)
+                    if task_type is None and fields.get("state") == State.STARTED.value:
+                        claim_last = True  # a claim
+                        if claims_not_by is not None:
+                            yield Announcement(task_id, None, taken=True)
+                        continue
+                    if task_type is None and "run_at" not in fields:
+                        gather_next = False  # a release or a recovery: due as it was
+                        yield Announcement(task_id, None)
+                        continue
                     run_at = fields.get("run_at")
-                    # A batch of tasks all due later (work scheduled ahead, perhaps in
-                    # bulk): the next getMore waits `gather` so that what comes meanwhile
-                    # arrives in one answer, not one getMore per task per worker.
+                    # A batch of tasks all due later (scheduled ahead, perhaps in bulk): the
+                    # next getMore waits `gather`, one answer for what comes meanwhile.
                     later = isinstance(run_at, datetime) and (
                         run_at > self.clock.surely_now() + timedelta(seconds=2 * gather)
                     )
                     gather_next = bool(gather) and later and (fetching or gather_next)
                     if isinstance(run_at, datetime):  # else not a date: nobody can claim it
-                        yield Announcement(task_id, run_at, task_type)
+                        yield Announcement(task_id, run_at, task_type or None)
         except ConnectionFailure as exc:
             raise DatabaseUnavailable(f"change stream lost: {exc.__class__.__name__}") from exc
         except OperationFailure as exc:
@@ -304,3 +294,15 @@ class TaskWatch:
         newest = await self.tasks.find_one({}, projection={"_id": True}, sort=[("_id", -1)])
         total = await self.tasks.estimated_document_count()
         return (*counts, total, None if newest is None else newest["_id"])
+
+
+def _read_change(change: Mapping[str, Any]) -> tuple[Any, Mapping[str, Any], str | None]:
+    """A wake-up stream's change as (task id, the fields it sets, the task's type): an
+    insert gives the whole document and its type ("" when it names none), an update the
+    fields it changed and no type."""
+    task_id = change.get("documentKey", {}).get("_id")
+    if change.get("operationType") == "insert":
+        fields = change.get("fullDocument") or {}
+        named = fields.get("type")
+        return task_id, fields, named.lower() if isinstance(named, str) else ""
+    return task_id, change.get("updateDescription", {}).get("updatedFields", {}), None
