@@ -376,11 +376,12 @@ class Bench:
                 figures[f"{name} above idle"] = above + (spent - idle_rate * measured) / total
         return figures
 
-    async def bare_cost(self) -> dict[str, float]:
+    async def bare_cost(self, loop: str) -> dict[str, float]:
         """The same figures for the bare driver loop (claim, complete, nothing else: the
-        baseline of section 1) over `--burst` tasks due at once, its CPU from /proc."""
+        baseline of section 1) on event loop `loop` over `--burst` tasks due at once, its
+        CPU from /proc."""
         store = await self.fresh_store()
-        command = [sys.executable, __file__, "--raw-client", "claim+complete"]
+        command = [sys.executable, __file__, "--raw-client", f"claim+complete/{loop}"]
         [child] = self.spawn(1, command, self.env(store))
         total = self.args.burst
         try:
@@ -663,10 +664,11 @@ async def main(args: argparse.Namespace) -> None:
         burst: dict[tuple[int, str], list[dict[str, float]]] = {}
         # A fresh server for every run, as for the API (its oplog slows it).
         for _ in range(args.repeats):
-            with database_url() as url:
-                burst.setdefault((1, "bare driver loop, due at once"), []).append(
-                    await Bench(url, args).bare_cost()
-                )
+            for loop in BARE_LOOPS:
+                with database_url() as url:
+                    burst.setdefault((1, bare_label(loop)), []).append(
+                        await Bench(url, args).bare_cost(loop)
+                    )
         for pattern in args.patterns:
             for workers in args.burst_workers:
                 for loop in args.event_loops:
@@ -686,13 +688,17 @@ def burst_table(results: dict[tuple[int, str], list[dict[str, float]]], total: i
     """Section 6's rows: medians per (workers, pattern) of the per-task figures, the
     commands split into claims, look-ups, writes and the rest above the workers' idle rate,
     change-stream getMores apart, and CPU above idle against the bare loop's."""
-    bare = [run for (_, pattern), runs in results.items() if "bare" in pattern for run in runs]
-    bare_cpu = statistics.median(run["cpu"] for run in bare) if bare else 0.0
+    bare_cpu = {
+        loop: statistics.median(run["cpu"] for run in results[(1, bare_label(loop))])
+        for loop in BARE_LOOPS
+        if (1, bare_label(loop)) in results
+    }
     lines = [
         f"| 6. per task, {total} Baz via the API | workers | commands | above idle: claims | "
         "look-ups | writes | claims+look-ups+writes | other | getMore | CPU ms | "
-        "CPU vs bare | lag p50 ms | tasks/s |",
-        "| --- |" + " ---: |" * 12,
+        + "".join(f"CPU vs bare {loop} | " for loop in bare_cpu)
+        + "lag p50 ms | tasks/s |",
+        "| --- |" + " ---: |" * (11 + len(bare_cpu)),
     ]
     for (workers, pattern), runs in results.items():
 
@@ -731,12 +737,21 @@ def burst_table(results: dict[tuple[int, str], list[dict[str, float]]], total: i
             f"| {pattern} | {workers} | {median('commands'):.2f} | {claims:.2f} | "
             f"{look_ups:.2f} | {writes:.2f} | {claims + look_ups + writes:.2f} | {other:.2f} | "
             f"{get_more:.2f} | {cpu * 1000:.2f} | "
-            f"{cpu / bare_cpu if bare_cpu else 0.0:.2f} | {lag} | {median('tasks/s'):.0f} |"
+            + "".join(f"{cpu / bare:.2f} | " for bare in bare_cpu.values())
+            + f"{lag} | {median('tasks/s'):.0f} |"
         )
     return lines
 
 
 FIXED = frozenset({"commands", "cpu", "tasks/s", "created/s", "lag"})
+# The bare loop's event loops: the workers' default, and plain asyncio (the issue's baseline).
+BARE_LOOPS = ("uvloop", "asyncio")
+
+
+def bare_label(loop: str) -> str:
+    return f"bare driver loop, due at once, {loop}"
+
+
 # How section 6 splits a worker's commands, by name.
 CLAIMS = frozenset({"findAndModify"})
 LOOKUPS = frozenset({"find", "count", "aggregate", "distinct"})
@@ -800,8 +815,10 @@ def parse() -> argparse.Namespace:
 if __name__ == "__main__":
     arguments = parse()
     if arguments.raw_client:
-        # On the event loop the workers run on (TASK_RUNNER_EVENT_LOOP's default).
-        uvloop.run(raw_client(arguments.raw_client))
+        # On the event loop the workers run on (TASK_RUNNER_EVENT_LOOP's default), unless
+        # the mode ends in "/asyncio" (section 6 shows both).
+        mode, _, loop = arguments.raw_client.partition("/")
+        (asyncio.run if loop == "asyncio" else uvloop.run)(raw_client(mode))
     elif arguments.bare_api:
         bare_api()
     else:

@@ -18,7 +18,7 @@ from service.plugins import load_registry
 from service.store import Store, new_lease
 from service.worker.execution import Outcome
 from service.worker.process import http_session
-from service.worker.results import ResultWriter
+from service.worker.results import GATHER, HOLD, SPREAD, Pace, ResultWriter
 from service.worker.worker import Worker
 from tests.helpers import CommandLog, eventually
 from tests.test_budget import run_worker
@@ -159,6 +159,46 @@ async def test_a_result_alone_goes_at_once_and_those_behind_a_write_gather(
     assert await write(claimed[4:]) == [True] * 2  # one behind waits for company
     assert time.monotonic() - began >= 1.9
     assert [len(updates) for updates in result_writes(log)] == [1, 1, 2, 1, 1]
+
+
+def test_the_window_widens_to_a_steady_pace_within_the_hold_and_a_trickle_waits_gather() -> None:
+    pace = Pace(gather=GATHER, hold=HOLD)
+    assert pace.window() == GATHER  # nothing known of the pace
+    now = 100.0
+    for _ in range(20):  # a backlog drained on a slow database: results 50 ms apart
+        pace.note(now)
+        now += 0.05
+    assert pace.window() == pytest.approx(SPREAD * 0.05)
+    pace.note(now + 5.0)  # a pause: the pace is a trickle again at once
+    assert pace.window() == GATHER
+    fast = Pace(gather=GATHER, hold=HOLD)
+    for n in range(20):  # a millisecond apart (MongoDB): GATHER waits for many
+        fast.note(n * 0.001)
+    assert fast.window() == GATHER
+    slow = Pace(gather=GATHER, hold=HOLD)
+    for n in range(20):  # a trickle, each result on its own
+        slow.note(n * HOLD / 2)
+    assert slow.window() == GATHER
+
+
+async def test_results_at_a_steady_pace_slower_than_gather_still_go_together(
+    logged: tuple[Store, CommandLog],
+) -> None:
+    # Twelve results 50 ms apart, as a worker draining a backlog on a slow database sends
+    # them: the window follows the pace (a hold of 2 s, so that a busy machine's slower
+    # pace still counts as steady), and they take fewer writes than results.
+    store, log = logged
+    claimed = await claim(store, 12)
+    log.done.clear()
+    writer = ResultWriter(store.claims, backoff_cap=1.0, hold=2.0)
+    writes = []
+    for task in claimed:
+        writes.append(asyncio.create_task(writer.write(store.claims.completion(task, "x"))))
+        await asyncio.sleep(0.05)
+    assert await asyncio.gather(*writes) == [True] * 12
+    await writer.stop()
+    sizes = [len(updates) for updates in result_writes(log)]
+    assert sum(sizes) == 12 and len(sizes) <= 8, sizes
 
 
 async def test_stopping_the_writer_abandons_what_is_pending(store: Store) -> None:

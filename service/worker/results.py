@@ -1,12 +1,20 @@
 """Results written together: the tasks that finish while a result write is in flight go out
 in one bulk_write of fenced updates (Claims.finish_many), each caller awaiting its own.
 
-A result that finds no write in flight, nor one returned within GATHER, is written at once:
-a trickle of tasks waits for nothing. Those that finish meanwhile are gathered, and after a
-write returns the worker waits up to GATHER for more (at most MOST to a batch), unless the
-worker is full (every slot held: nothing more can be claimed, so nothing more will finish
-until these are written). A crash before a batch is written is a crash before its writes:
-the tasks stay STARTED under a lost lease, and recovery runs them again.
+A result that finds no write in flight, nor one returned within the gathering window, is
+written at once: a trickle of tasks waits for nothing. Those that finish meanwhile are
+gathered, and after a write returns the worker waits for more (at most MOST to a batch),
+unless the worker is full (every slot held: nothing more can be claimed, so nothing more
+will finish until these are written).
+
+The window is GATHER, or, while results keep coming at a steady pace, the time SPREAD more
+of them take at that pace, up to HOLD: a worker's results come one claim round trip apart
+when it drains a backlog, about a millisecond on MongoDB (GATHER gathers many) but 20 to
+60 ms on a busy embedded SecantusDB (GATHER would gather none). A pace slower than HOLD /
+SPREAD is a trickle, and waits only GATHER.
+
+A crash before a batch is written is a crash before its writes: the tasks stay STARTED
+under a lost lease, and recovery runs them again.
 """
 
 from __future__ import annotations
@@ -25,22 +33,56 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Seconds a batch waits for more results after a write returned. In a burst on the local
-# SecantusDB a worker's claims land about 10 ms apart (each task's result follows its claim):
-# 5 ms gathered barely one more result, 20 ms gathers four to seven.
+# Seconds a batch waits for more results after a write returned, at least.
 GATHER = 0.02
+# At most: a result held this long is written late by as much (its task stays STARTED
+# under its heartbeat meanwhile).
+HOLD = 0.25
+SPREAD = 3  # results a steady pace's window waits for
+PACE_WEIGHT = 0.2  # of the latest gap between two results in the running average
 MOST = 100  # results to one bulk_write
+
+
+class Pace:
+    """How far apart results come (a running average), and so how long a write waits for
+    more: `gather`, or SPREAD gaps at a steady pace, up to `hold` (see the module's
+    docstring)."""
+
+    def __init__(self, *, gather: float, hold: float) -> None:
+        self.gather = gather
+        self.hold = hold
+        self.gap: float | None = None  # seconds; None: one result so far
+        self._last: float | None = None  # when the latest result came
+
+    def note(self, now: float) -> None:
+        """A result came at `now` (seconds, on any steady clock)."""
+        if self._last is not None:
+            latest = min(now - self._last, self.hold)
+            self.gap = latest if self.gap is None else self.gap + (latest - self.gap) * PACE_WEIGHT
+        self._last = now
+
+    def window(self) -> float:
+        if self.gap is None:
+            return self.gather
+        spread = SPREAD * self.gap
+        return spread if self.gather < spread <= self.hold else self.gather
 
 
 class ResultWriter:
     """Batches the fenced result writes of one worker; see the module's docstring."""
 
     def __init__(
-        self, claims: Claims, *, backoff_cap: float, gather: float = GATHER, most: int = MOST
+        self,
+        claims: Claims,
+        *,
+        backoff_cap: float,
+        gather: float = GATHER,
+        hold: float = HOLD,
+        most: int = MOST,
     ) -> None:
         self.claims = claims
         self.backoff_cap = backoff_cap
-        self.gather = gather
+        self.pace = Pace(gather=gather, hold=hold)
         self.most = most
         self._pending: list[tuple[Finish, asyncio.Future[bool]]] = []
         self._more = asyncio.Event()  # a result joined the pending ones
@@ -51,7 +93,9 @@ class ResultWriter:
     async def write(self, finish: Finish) -> bool:
         """Write one result under its lease (through database outages, as part of a batch);
         whether it landed (False: the lease was lost and the result dropped)."""
-        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.pace.note(loop.time())
+        done: asyncio.Future[bool] = loop.create_future()
         self._pending.append((finish, done))
         self._more.set()
         if self._flusher is None or self._flusher.done():
@@ -91,9 +135,9 @@ class ResultWriter:
                     done.set_result(ok)
 
     async def _wait_for_more(self) -> None:
-        """Up to `gather` seconds, or until the batch or the worker is full."""
+        """Up to the pace's window, or until the batch or the worker is full."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.gather
+        deadline = loop.time() + self.pace.window()
         while (
             len(self._pending) < self.most
             and not self.full()
