@@ -24,10 +24,11 @@ class ScheduleNotFound(TaskRunnerError):
 
 
 class QueueNotFound(TaskRunnerError):
-    """No queue has this name: it has neither settings nor tasks."""
+    """No queue has this name: it has neither settings nor tasks (or, to a delete of its
+    settings, it has no settings)."""
 
-    def __init__(self, name: str) -> None:
-        super().__init__(f"no queue named {name!r}")
+    def __init__(self, name: str, *, message: str | None = None) -> None:
+        super().__init__(message or f"no queue named {name!r}")
         self.name = name
 
 

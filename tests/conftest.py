@@ -9,7 +9,7 @@ import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from aiohttp import web
@@ -29,6 +29,9 @@ from tests.helpers import (
     WorkerProcess,
     settings_env,
 )
+
+if TYPE_CHECKING:
+    from tests.browser import Stack
 
 
 @pytest.fixture(scope="session")
@@ -126,6 +129,21 @@ async def http_stub() -> AsyncIterator[StubHttpServer]:
     await stub.start()
     yield stub
     await stub.close()
+
+
+@pytest.fixture
+async def stack(
+    store: Store,
+    http_stub: StubHttpServer,
+    start_api: Callable[..., ApiProcess],
+    spawn_worker: Callable[..., WorkerProcess],
+) -> AsyncIterator[Stack]:
+    """API (with tokens) + one worker + headless Chromium cut off from all but the API, for
+    the dashboard's tests (tests/browser.py)."""
+    from tests.browser import browser_stack  # Playwright only for the tests that use it
+
+    async with browser_stack(http_stub, start_api, spawn_worker) as opened:
+        yield opened
 
 
 @pytest.fixture

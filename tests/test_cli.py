@@ -365,3 +365,11 @@ async def test_queues_lists_sets_pauses_and_resumes(settings: Settings, store: S
     assert unnamed.returncode == 2
     dots = await task_runner(settings, "queues", "pause", "..")
     assert dots.returncode == 2 and "not '.' or '..'" in dots.stdout, dots.stdout
+    # delete: no confirmation; the settings go, the task stays (listed without settings).
+    deleted = await task_runner(settings, "queues", "delete", "mail")
+    assert deleted.returncode == 0, deleted.stderr
+    assert await store.queues.get("mail") is None
+    line = next(line for line in deleted.stdout.splitlines() if line.startswith("mail"))
+    assert line.split()[:6] == ["mail", "active", "-", "-", "-", "1"], line
+    again = await task_runner(settings, "queues", "delete", "mail")
+    assert again.returncode == 1 and "no settings" in again.stdout, again.stdout

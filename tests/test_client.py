@@ -360,3 +360,18 @@ async def test_queues_are_set_read_paused_and_resumed(client: AsyncClient) -> No
     assert "rate" in bad.value.details
     schedule = await client.create_schedule("baz", every=3600, queue="mail")
     assert schedule.queue == "mail"
+    await client.delete_queue("mail")  # its settings go, its task stays
+    kept = await client.get_queue("mail")
+    assert (kept.rate, kept.concurrency, kept.counts["NOTSTARTED"]) == (None, None, 1)
+    with pytest.raises(QueueNotFound):
+        await client.delete_queue("mail")
+
+
+def test_the_sync_client_deletes_a_queues_settings(api_process: ApiProcess) -> None:
+    with Client(api_process.url, retry=QUICK) as client:
+        client.put_queue("mail", {"paused": True})
+        client.delete_queue("mail")
+        with pytest.raises(QueueNotFound):
+            client.get_queue("mail")
+        with pytest.raises(QueueNotFound):
+            client.delete_queue("mail")

@@ -50,6 +50,12 @@ OPERATION_IDS = {
     ("delete", "/schedules/{id}"): "deleteSchedule",
     ("post", "/schedules/{id}/pause"): "pauseSchedule",
     ("post", "/schedules/{id}/resume"): "resumeSchedule",
+    ("get", "/queues"): "listQueues",
+    ("get", "/queues/{name}"): "getQueue",
+    ("put", "/queues/{name}"): "putQueue",
+    ("delete", "/queues/{name}"): "deleteQueue",
+    ("post", "/queues/{name}/pause"): "pauseQueue",
+    ("post", "/queues/{name}/resume"): "resumeQueue",
 }
 STATES = [state.value for state in State]
 

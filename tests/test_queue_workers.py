@@ -421,3 +421,49 @@ async def test_a_typed_claim_frozen_past_its_bound_after_the_slot_take_does_not_
     monkeypatch.setattr(store.slots, "take", take)
     task = await slots.claim("baz")  # unfrozen: claimed as ever
     assert task is not None and task.type == "baz"
+
+
+async def test_deleting_a_paused_queues_settings_lets_its_waiting_tasks_run(
+    store: Store, spawn_worker: Spawn
+) -> None:
+    await store.queues.put("held", {"paused": True, "rate": 0.001})
+    await create(store, 6, queue="held")
+    await create(store, 6, queue="default")
+    workers = [spawn_worker() for _ in range(2)]
+
+    await eventually(counts(store, "default", State.COMPLETE, 6), within=30)
+    await stays(counts(store, "held", State.NOTSTARTED, 6), ACKNOWLEDGED)
+    assert await store.queues.delete("held")
+
+    # Not paused, and no rate left either (at 0.001/s six tasks would take hours).
+    await eventually(counts(store, "held", State.COMPLETE, 6), within=30)
+    assert all(w.alive() for w in workers)
+
+
+async def test_deleting_a_concurrency_while_its_tasks_run_leaves_no_slot_held(
+    store: Store, spawn_worker: Spawn
+) -> None:
+    await store.queues.put("pool", {"concurrency": 1})
+    await create(store, 6, queue="pool", task_type=TaskType.FOO)
+    # Recovery cannot free a slot within the test (stale_after 60 s): only the give-back can.
+    workers = [spawn_worker(foo_seconds=2.0, stale_after=60.0) for _ in range(2)]
+
+    await eventually(counts(store, "pool", State.STARTED, 1), within=30)
+    held = await store.slots.holders(slot_key("pool"))
+    assert len(held) == 1, held
+    assert await store.queues.delete("pool")
+
+    async def more_than_one_runs() -> bool:
+        return await count(store, "pool", State.STARTED) >= 2
+
+    # No cap once the workers have seen it: the waiting tasks start beside the slotted one.
+    await eventually(more_than_one_runs, within=30)
+    await eventually(counts(store, "pool", State.COMPLETE, 6), within=60)
+
+    async def no_slot_held() -> bool:
+        return await store.slots.holders(slot_key("pool")) == []
+
+    await eventually(no_slot_held, within=30)
+    assert all(w.alive() for w in workers)
+    for worker in workers:
+        assert "Traceback" not in worker.stderr(), worker.stderr()

@@ -170,6 +170,45 @@ async def test_queue_writes_need_the_token(
     auth = {"Authorization": "Bearer s3"}
     assert (await client.post("/queues/q/pause", headers=auth)).status == 200
     assert (await client.get("/queues/q")).status == 200
+    assert (await client.delete("/queues/q")).status == 401
+    assert (await store.queues.get("q")) is not None  # the refused delete changed nothing
+    assert (await client.delete("/queues/q", headers=auth)).status == 204
+
+
+async def test_deleting_a_queues_settings_keeps_its_tasks(api: Client, store: Store) -> None:
+    await put(api, "mail", {"rate": 2, "concurrency": 1, "paused": True})
+    await api.post("/tasks", json={"type": "foo", "queue": "mail"})
+    # A slots document no task holds goes with the settings; one with a holder stays.
+    await store.slots.take("queue:mail", limit=1, lease=new_lease(), worker_id="w")
+    held = await store.slots.holders("queue:mail")
+    response = await api.delete("/queues/mail")
+    assert response.status == 204 and await response.read() == b""
+    assert await store.queues.get("mail") is None
+    assert await store.slots.holders("queue:mail") == held
+    # The queue is still there with its task, without settings.
+    queue = await (await api.get("/queues/mail")).json()
+    assert (queue["rate"], queue["concurrency"], queue["paused"]) == (None, None, False)
+    assert queue["counts"]["NOTSTARTED"] == 1
+    # No settings left: 404 with the error shape, as GET /queues/{name}.
+    response = await api.delete("/queues/mail")
+    assert response.status == 404
+    error = (await response.json())["error"]
+    assert error["code"] == "queue_not_found" and error["details"] == {"name": "mail"}
+    assert set(error) == {"code", "message", "details"}
+    assert (await api.delete("/queues/nothing")).status == 404
+    assert (await api.delete("/queues/no%20space")).status == 400
+    # Without holders, the slots document goes too.
+    await put(api, "idle", {"concurrency": 2})
+    lease = new_lease()
+    await store.slots.take("queue:idle", limit=2, lease=lease, worker_id="w")
+    await store.slots.free("queue:idle", lease)
+    assert (await api.delete("/queues/idle")).status == 204
+    assert await store.db.limits.find_one({"_id": "queue:idle"}) is None
+    # The other queues' settings are untouched.
+    await put(api, "kept", {"rate": 1})
+    await put(api, "gone", {"rate": 1})
+    assert (await api.delete("/queues/gone")).status == 204
+    assert [q.name for q in await store.queues.all()] == ["kept"]
 
 
 # -- the claim's filter and the token bucket ---------------------------------------------

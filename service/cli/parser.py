@@ -36,7 +36,8 @@ HELP = {
     "stats": "counts by state and type, oldest due task, stale tasks",
     "workers": "the worker processes, alive or gone, and the tasks each holds",
     "schedules": "the recurring schedules and their next occurrences",
-    "queues": "the queues, their settings and counts; or set, pause or resume one (docs/queues.md)",
+    "queues": "the queues, their settings and counts; or set, pause, resume or delete the "
+    "settings of one (docs/queues.md)",
     "recover": "list and recover tasks stuck in STARTED",
     "requeue": "put a FAILED task back in the queue, due now; or, with filter flags instead "
     "of an id, every task they match",

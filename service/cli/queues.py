@@ -1,5 +1,5 @@
-"""`task-runner queues`: list the queues, or change one (set, pause, resume), as the API's
-/queues routes do, checked by the same schema."""
+"""`task-runner queues`: list the queues, or change one (set, pause, resume, delete its
+settings), as the API's /queues routes do, checked by the same schema."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ from service.config import Settings
 if TYPE_CHECKING:
     from service.store import Store
 
-ACTIONS = ("list", "set", "pause", "resume")
+ACTIONS = ("list", "set", "pause", "resume", "delete")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`queues [list | set NAME --rate R ... | pause NAME | resume NAME]`."""
+    """`queues [list | set NAME --rate R ... | pause NAME | resume NAME | delete NAME]`."""
     parser.add_argument("action", nargs="?", default="list", choices=ACTIONS)
-    parser.add_argument("name", nargs="?", help="the queue (set, pause, resume)")
+    parser.add_argument("name", nargs="?", help="the queue (set, pause, resume, delete)")
     parser.add_argument("--rate", type=float, help="tasks a second, across every worker")
     parser.add_argument("--burst", type=int, help="starts allowed at once (default 1)")
     parser.add_argument("--concurrency", type=int, help="tasks STARTED at once at most")
@@ -51,12 +51,19 @@ async def queues(store: Store, settings: Settings, args: argparse.Namespace) -> 
         if args.name is None or not QUEUE_NAME.fullmatch(args.name):
             print(f"task-runner queues: give a queue name: it {QUEUE_RULE}")
             return 2
-        try:
-            changes = QueueSettingsSchema().load(_changes(args))
-        except ValidationError as exc:
-            print(f"task-runner queues: {exc.messages}")
-            return 2
-        await store.queues.put(args.name, changes)
+        if args.action == "delete":
+            # As `task-runner delete`: no confirmation; the queue's tasks are not touched.
+            if not await store.queues.delete(args.name):
+                print(f"task-runner queues: queue {args.name!r} has no settings")
+                return 1
+            print(f"deleted the settings of queue {args.name!r}; its tasks stay")
+        else:
+            try:
+                changes = QueueSettingsSchema().load(_changes(args))
+            except ValidationError as exc:
+                print(f"task-runner queues: {exc.messages}")
+                return 2
+            await store.queues.put(args.name, changes)
     settings_by_name = {q.name: q for q in await store.queues.all()}
     counts = await store.queues.counts()
     names = sorted(set(settings_by_name) | set(counts))

@@ -74,7 +74,8 @@ class ScheduleNotFound(NotFound):
 
 
 class QueueNotFound(NotFound):
-    """404 `queue_not_found`: no queue has this name (neither settings nor tasks)."""
+    """404 `queue_not_found`: no queue has this name (neither settings nor tasks); to
+    delete_queue, it has no settings."""
 
 
 class RouteNotFound(NotFound):

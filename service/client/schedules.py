@@ -116,6 +116,12 @@ class ScheduleCalls:
         answer = await self.transport.call("PUT", queue_path(name), body=dict(settings))
         return Queue.from_json(answer.body, status=answer.status)
 
+    async def delete_queue(self, name: str) -> None:
+        """Delete a queue's settings: its tasks stay and run as in a queue without settings;
+        QueueNotFound if it has none. A retry answered 404 after an attempt whose answer
+        was lost counts as deleted."""
+        await self.transport.delete(queue_path(name))
+
     async def pause_queue(self, name: str) -> Queue:
         """Pause a queue: none of its tasks starts until resumed; running ones finish."""
         answer = await self.transport.call("POST", queue_path(name, "pause"))

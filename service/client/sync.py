@@ -200,6 +200,10 @@ class Client:
         """Change some of a queue's settings (None clears a rate or a concurrency)."""
         return self._run(self._client.put_queue(name, settings))
 
+    def delete_queue(self, name: str) -> None:
+        """Delete a queue's settings (its tasks stay); QueueNotFound if it has none."""
+        self._run(self._client.delete_queue(name))
+
     def pause_queue(self, name: str) -> Queue:
         """Pause a queue: none of its tasks starts until resumed."""
         return self._run(self._client.pause_queue(name))

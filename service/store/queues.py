@@ -132,6 +132,7 @@ class QueueTable:
     def __init__(self, db: Database) -> None:
         self.queues = db.queues
         self.tasks = db.tasks
+        self.limits = db.limits
 
     @unavailable
     async def all(self) -> list[QueueSettings]:
@@ -167,6 +168,18 @@ class QueueTable:
             {"_id": name}, update, upsert=True, return_document=ReturnDocument.AFTER
         )
         return QueueSettings.from_document(doc or {"_id": name})
+
+    @unavailable
+    async def delete(self, name: str) -> bool:
+        """Remove the queue's settings (its tasks stay, in a queue without settings); False
+        when it had none. Its slots' document goes too if no task holds a slot: running
+        tasks give theirs back as usual, into a document the next take would recreate."""
+        deleted = await self.queues.delete_one({"_id": name})
+        if deleted.deleted_count == 0:
+            return False
+        unheld = {"$or": [{"holders": {"$size": 0}}, {"holders": {"$exists": False}}]}
+        await self.limits.delete_one({"_id": slot_key(name), **unheld})
+        return True
 
     @unavailable
     async def take(self, name: str) -> tuple[bool, float] | None:

@@ -1,4 +1,5 @@
-"""Queues: list them, one queue, change its settings, pause and resume it."""
+"""Queues: list them, one queue, change its settings, pause and resume it, delete its
+settings."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from service.web.schemas.tasks import QUEUE_RULE
 queue_schema = QueueSchema()
 settings_schema = QueueSettingsSchema()
 NO_QUEUE = "no such queue: it has neither settings nor tasks (queue_not_found)"
+NO_SETTINGS = "the queue has no settings (queue_not_found)"
 
 
 def queue_view(settings: QueueSettings, counts: dict[str, int]) -> dict[str, Any]:
@@ -105,3 +107,17 @@ async def resume_queue(request: web.Request) -> web.Response:
     name = _name(request)
     table = request.app[STORE].queues
     return await _answer(table, name, await table.put(name, {"paused": False}))
+
+
+@also_error(404, NO_SETTINGS)
+@operation(
+    "delete a queue's settings", operation_id="deleteQueue", responses={204: None}, errors=(400,)
+)
+async def delete_queue(request: web.Request) -> web.Response:
+    """Delete a queue's settings: its tasks stay and run as in a queue without settings (no
+    rate, no concurrency cap, not paused) once workers have seen it (within about a second);
+    tasks running under a slot of its concurrency give it back as they finish."""
+    name = _name(request)
+    if not await request.app[STORE].queues.delete(name):
+        raise QueueNotFound(name, message=f"queue {name!r} has no settings")
+    return web.Response(status=204)

@@ -50,6 +50,7 @@ ROUTES: list[web.RouteDef] = [
     web.get("/queues", queues.list_queues),
     web.get("/queues/{name}", queues.get_queue),
     web.put("/queues/{name}", queues.put_queue),
+    web.delete("/queues/{name}", queues.delete_queue),
     web.post("/queues/{name}/pause", queues.pause_queue),
     web.post("/queues/{name}/resume", queues.resume_queue),
 ]

@@ -10,7 +10,7 @@ const REFRESH_MS = 15000; // always: worker liveness and lags move without task 
 const DEBOUNCE_MS = 250;
 const MIN_GAP_MS = 1000;
 
-const view = { state: "", type: "", limit: 20, cursors: [null], page: 0, next: null, detail: null };
+const view = { state: "", type: "", queue: "", limit: 20, cursors: [null], page: 0, next: null, detail: null };
 let feedLive = false;
 let lastRefresh = 0;
 let refreshTimer = null;
@@ -345,6 +345,16 @@ function queueRow(q) {
   );
 }
 
+// The task list's queue filter offers the queues GET /queues knows (and keeps the one chosen).
+function queueChoices(names) {
+  const select = $("filter-queue");
+  const choices = names.includes(view.queue) || !view.queue ? names : [...names, view.queue];
+  if (select.dataset.names === choices.join("\n")) return; // unchanged: an open list stays open
+  select.dataset.names = choices.join("\n");
+  fill(select, el("option", { value: "" }, "any"), choices.map((n) => el("option", { value: n }, n)));
+  select.value = view.queue;
+}
+
 async function loadQueues() {
   let body;
   try {
@@ -358,6 +368,7 @@ async function loadQueues() {
     throw error;
   }
   const queues = body.queues;
+  queueChoices(queues.map((q) => q.name));
   const paused = queues.filter((q) => q.paused).length;
   $("queue-count").textContent = "(" + queues.length + ", " + paused + " paused)";
   fill(
@@ -375,13 +386,14 @@ async function loadTasks() {
   const params = new URLSearchParams({ limit: String(view.limit), order: "desc" });
   if (view.state) params.set("state", view.state);
   if (view.type) params.set("type", view.type);
+  if (view.queue) params.set("queue", view.queue);
   const cursor = view.cursors[view.page];
   if (cursor) params.set("cursor", cursor);
   const page = await api("GET", "/tasks?" + params.toString());
   view.next = page.next_cursor;
   fill(
     $("tasks"),
-    el("thead", {}, el("tr", {}, ["id", "type", "state", "run at", "attempts", "worker", "error"].map((h) => el("th", {}, h)))),
+    el("thead", {}, el("tr", {}, ["id", "type", "queue", "state", "run at", "attempts", "worker", "error"].map((h) => el("th", {}, h)))),
     el(
       "tbody",
       {},
@@ -392,6 +404,7 @@ async function loadTasks() {
               { "data-id": t.id, "data-state": t.state },
               el("td", {}, taskLink(t.id)),
               el("td", {}, t.type),
+              el("td", { class: "queue" }, t.queue ?? "default"),
               el("td", {}, stateBadge(t.state)),
               el("td", {}, when(t.run_at)),
               el("td", { class: "num" }, t.attempts + "/" + (t.max_attempts ?? "?")),
@@ -399,7 +412,7 @@ async function loadTasks() {
               el("td", { class: "error" }, short(t.error, 80)),
             ),
           )
-        : el("tr", {}, el("td", { colspan: 7, class: "muted" }, "no task")),
+        : el("tr", {}, el("td", { colspan: 8, class: "muted" }, "no task")),
     ),
   );
   $("page-prev").disabled = view.page === 0;
@@ -428,6 +441,7 @@ async function loadDetail() {
   const fields = [
     ["state", stateBadge(task.state)],
     ["type", task.type],
+    ["queue", el("span", { id: "detail-queue" }, task.queue ?? "default")],
     ["run at", when(task.run_at)],
     ["created", when(task.created_at)],
     ["started", when(task.started_at)],
@@ -680,7 +694,7 @@ function start() {
     $("token").value = "";
     say("token forgotten");
   });
-  for (const [id, key] of [["filter-state", "state"], ["filter-type", "type"], ["filter-limit", "limit"]]) {
+  for (const [id, key] of [["filter-state", "state"], ["filter-type", "type"], ["filter-queue", "queue"], ["filter-limit", "limit"]]) {
     $(id).addEventListener("change", () => {
       view[key] = key === "limit" ? Number($(id).value) : $(id).value;
       resetPaging();
