@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
@@ -17,11 +18,14 @@ from service.models import State
 from service.store.base import (
     EARLIEST_RUN_AT,
     LATEST_RUN_AT,
+    QUEUES,
+    TASKS,
     TIME_SORT,
     Database,
     type_names,
     unavailable,
 )
+from service.store.queues import SETTINGS
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +34,7 @@ EMPTY_BATCH_PAUSE = 0.05
 
 WAKEUP_FIELDS = (
     "operationType",
+    "ns.coll",
     "documentKey",
     "fullDocument.run_at",
     "fullDocument.type",
@@ -40,12 +45,43 @@ WAKEUP_FIELDS = (
 
 class Announcement(NamedTuple):
     """What the wake-up stream says of one task: claimable from `run_at` (None: now), of
-    `type` (None: not said, as in an update's event), or `taken`: just claimed."""
+    `type` (None: not said, as in an update's event), or `taken`: just claimed; or, with
+    `settings` true, that a queue's settings changed (no task: `id` is the queue's name)."""
 
     id: Any
     run_at: datetime | None
     type: str | None = None
     taken: bool = False
+    settings: bool = False
+
+
+class StreamProgress:
+    """How far the wake-up stream has told its reader. A server answers a waiting read as
+    soon as a change comes, with what has come (in order), and the reader handles each
+    change as it reads it: so every change committed before the last answer came has been
+    told, and while a read waits at the server, every change so far."""
+
+    def __init__(self) -> None:
+        self.open = False
+        self.waiting = False
+        self.answered_at: float | None = None  # time.monotonic()
+
+    def fetching(self) -> None:
+        self.waiting = True
+
+    def answered(self) -> None:
+        self.waiting = False
+        self.answered_at = time.monotonic()
+
+    def closed(self) -> None:
+        self.open = self.waiting = False
+
+    def told_until(self) -> float | None:
+        """The time (time.monotonic()) up to which every change has been told: now while a
+        read waits; None: no stream."""
+        if not self.open:
+            return None
+        return time.monotonic() if self.waiting else self.answered_at
 
 
 def _buffered(stream: Any) -> int:
@@ -58,7 +94,8 @@ def _buffered(stream: Any) -> int:
 def wakeup_pipeline(
     types: Iterable[str] | None, *, claims_not_by: str | None = None
 ) -> list[dict[str, Any]]:
-    """The change stream's pipeline for wake-ups: inserts (of these types) due at a date,
+    """The change stream's pipeline for wake-ups, over the database: changes to queues'
+    settings, and among the tasks inserts (of these types) due at a date,
     updates that put a task back to NOTSTARTED, and updates that move a run_at to a date
     (a waiting task changed by PATCH /tasks/{id}); with `claims_not_by` (a worker's id),
     also the claims of other workers (updates to STARTED), so that a worker waiting to try a
@@ -89,8 +126,22 @@ def wakeup_pipeline(
             "updateDescription.updatedFields.worker": {"$ne": claims_not_by},
         }
         clauses.append(claimed)
+    # A queue's settings written (PUT, pause, resume, DELETE, or by hand): not a token
+    # taken or given back, which writes only the bucket's fields.
+    settings = [
+        {"operationType": {"$in": ["insert", "replace", "delete"]}},
+        *({f"updateDescription.updatedFields.{name}": {"$exists": True}} for name in SETTINGS),
+        {"updateDescription.removedFields": {"$in": list(SETTINGS)}},
+    ]
     return [
-        {"$match": {"$or": clauses}},
+        {
+            "$match": {
+                "$or": [
+                    {"ns.coll": TASKS, "$or": clauses},
+                    {"ns.coll": QUEUES, "$or": settings},
+                ]
+            }
+        },
         # Only what is read: no other field of an odd document can fail to decode.
         {"$project": dict.fromkeys(WAKEUP_FIELDS, 1)},
     ]
@@ -151,6 +202,7 @@ class TaskWatch:
         ready: asyncio.Event | None = None,
         gather: float = 0.0,
         claims_not_by: str | None = None,
+        progress: StreamProgress | None = None,
     ) -> AsyncIterator[Announcement]:
         """Yield as tasks become claimable: an Announcement of their `_id`, their run_at or
         None for "now", and the type an insert carries; with `claims_not_by` (a worker's
@@ -166,15 +218,20 @@ class TaskWatch:
         of only tasks due more than 2 x `gather` seconds on, the next getMore waits
         `gather` seconds: tasks created ahead of time in bulk are then read a batch at a
         time, at the cost of a task due at once created within that pause being announced
-        up to `gather` late. Raises ChangeStreamsUnavailable where the server has none (a
-        standalone mongod).
+        up to `gather` late. A change to a queue's settings is an Announcement with
+        `settings` true. `progress`, if given, is kept told how far the stream has been
+        read. Raises ChangeStreamsUnavailable where the server has none (a standalone
+        mongod).
         """
         opened = False
+        progress = progress or StreamProgress()
         try:
-            async with await self.tasks.watch(
+            # Over the database, for the queues' settings: one stream, not two.
+            async with await self.tasks.database.watch(
                 wakeup_pipeline(types, claims_not_by=claims_not_by),
                 max_await_time_ms=int(max_await * 1000),
             ) as stream:
+                progress.open = True
                 on_open()
                 opened = True
                 gather_next = False  # the last batch held only tasks due later on
@@ -190,12 +247,20 @@ class TaskWatch:
                         # every waiting getMore for: let it pass, as an empty answer.
                         await asyncio.sleep(EMPTY_BATCH_PAUSE)
                     claim_last = False
+                    if fetching:
+                        progress.fetching()
                     change = await stream.try_next()
+                    if fetching:
+                        progress.answered()
                     if change is None:
                         # SecantusDB and DocumentDB answer at once on any write (MongoDB: on
                         # a matching event): paced, a busy database costs no getMore a write.
                         gather_next = False
                         await asyncio.sleep(EMPTY_BATCH_PAUSE)
+                        continue
+                    if change.get("ns", {}).get("coll") == QUEUES:
+                        queue = change.get("documentKey", {}).get("_id")
+                        yield Announcement(queue, None, settings=True)
                         continue
                     task_id, fields, task_type = _read_change(change)
                     if task_type is None and fields.get("state") == State.STARTED.value:
@@ -222,6 +287,8 @@ class TaskWatch:
             if opened:  # e.g. the resume point fell off the oplog: open a new stream
                 raise DatabaseUnavailable(f"change stream failed: {exc}") from exc
             raise ChangeStreamsUnavailable(str(exc)) from exc
+        finally:
+            progress.closed()
 
     async def task_events(self, *, max_await: float) -> AsyncGenerator[dict[str, Any] | None]:
         """Yield each task insert, delete, replace and change of state as

@@ -27,8 +27,12 @@ from service.worker.slots import FIRST_BACKOFF, MAX_BACKOFF, RECHECK, Slots
 
 logger = logging.getLogger(__name__)
 
-# How old the settings a claim is filtered with may be, at most (seconds).
+# How old the settings a claim is filtered with may be, at most (seconds), unless the
+# change stream has told of every change to them since.
 REFRESH = 1.0
+# Read again this often whatever the stream says (seconds): a change it somehow did not
+# tell of is seen this late at worst.
+SAFETY_REFRESH = 60.0
 # A token is whole a little after the bucket's arithmetic says: do not ask a hair too early.
 TOKEN_MARGIN = 0.005
 
@@ -61,12 +65,29 @@ class QueueGate:
         self._tried_at = time.monotonic()
         # Called when a queue has a concurrency: recovery must then free lost slots.
         self.on_slots: Callable[[], None] | None = None
+        # Up to when (time.monotonic()) the change stream has told of every change to the
+        # settings (StreamProgress.told_until); None: no stream to go by.
+        self.told_until: Callable[[], float | None] = lambda: None
+
+    def stale(self) -> None:
+        """The settings changed (the stream said so), or may have: read them before the
+        next claim."""
+        self._read_at = None
 
     async def refresh(self) -> None:
-        """Read the queues' settings if the last read is REFRESH seconds old (one find)."""
+        """Read the queues' settings (one find) if the last read is REFRESH seconds old,
+        unless the change stream has told of every change up to less than REFRESH ago
+        (then a change would have made them stale()), or if they are stale(). So a worker
+        woken by the stream claims without a read, and one draining a backlog (which does
+        not read the stream meanwhile) reads once every REFRESH."""
         now = time.monotonic()
-        if self._read_at is not None and now - self._read_at < REFRESH:
-            return
+        if self._read_at is not None:
+            age = now - self._read_at
+            told = self.told_until()
+            if age < REFRESH or (
+                told is not None and now - told < REFRESH and age < SAFETY_REFRESH
+            ):
+                return
         found = await self.table.all()
         self._read_at = time.monotonic()
         before = self.settings

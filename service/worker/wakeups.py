@@ -49,7 +49,7 @@ from service.clock import DbClock
 from service.errors import ChangeStreamsUnavailable, DatabaseUnavailable
 from service.models import Task
 from service.periodic import stop_task
-from service.store.streams import Announcement, TaskWatch
+from service.store.streams import Announcement, StreamProgress, TaskWatch
 from service.worker import metrics
 from service.worker.owners import HANDOFF, Owners
 
@@ -117,6 +117,11 @@ class WakeUps:
         self._watcher: asyncio.Task[None] | None = None
         # Told when the watcher fails unexpectedly (the worker then stops).
         self.on_crash: Callable[[BaseException], None] | None = None
+        # How far the stream has been read (QueueGate: the settings need no read while it
+        # tells of their changes), and whom to tell of a change to a queue's settings, or
+        # of a stream (re)opened, which may have missed some.
+        self.progress = StreamProgress()
+        self.on_settings: Callable[[], None] = lambda: None
 
     # -- the claimer's side -----------------------------------------------------------
 
@@ -271,6 +276,7 @@ class WakeUps:
                     ready=self._listening,
                     gather=GATHER,
                     claims_not_by=None if self.owners is None else self.owners.worker_id,
+                    progress=self.progress,
                 ):
                     await self._heard(announced)
                     backoff = 1.0
@@ -287,7 +293,13 @@ class WakeUps:
 
     async def _heard(self, announced: Announcement) -> None:
         """Note an announcement: a claimable task (tried after the delay its owner gives
-        this worker), or a claim (a task no longer to try)."""
+        this worker), a claim (a task no longer to try), or a queue's settings changed (a
+        resumed or unlimited queue's tasks may be due: claim until empty)."""
+        if announced.settings:
+            self.on_settings()
+            self._drain = True
+            self.nudge()
+            return
         if announced.taken:
             self._known.pop(str(announced.id), None)
             return
@@ -304,6 +316,7 @@ class WakeUps:
 
     def _stream_opened(self) -> None:
         # Whatever happened while no stream was open went unannounced: look for ourselves.
+        self.on_settings()
         self._drain = True
         self.nudge()
 

@@ -130,6 +130,9 @@ class Worker:
                 store.workers, worker_id=self.worker_id, stale_after=settings.stale_after
             ),
         )
+        # The stream tells of changes to the queues' settings: no read before each claim.
+        self.queues.told_until = self.wakeups.progress.told_until
+        self.wakeups.on_settings = self.queues.stale
         self.claimer = Claimer(
             store.claims,
             slots=self.slots,
