@@ -432,8 +432,9 @@ async def wait_complete(store: Store, total: int) -> None:
         await asyncio.sleep(0.05)
 
 
-async def insert_due(store: Store, total: int) -> None:
-    now = store.clock.surely_now()
+async def insert_due(store: Store, total: int, *, later: float = 0.0) -> None:
+    """`total` Baz tasks, all due now, or `later` seconds from now."""
+    now = store.clock.surely_now() + timedelta(seconds=later)
     await store.db.tasks.insert_many(
         [
             {

@@ -22,13 +22,12 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from datetime import timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bson import ObjectId  # noqa: E402
+from bench import insert_due  # noqa: E402
 
 from service.clock import DbClock  # noqa: E402
 from service.localdb import database_url  # noqa: E402
@@ -93,13 +92,7 @@ async def drain(url: str, args: argparse.Namespace, raw: Path) -> None:
     ]
     try:
         await asyncio.sleep(4)  # started and idle
-        due = store.clock.surely_now() + timedelta(seconds=2)
-        documents = [
-            {"_id": ObjectId(), "type": "baz", "state": "NOTSTARTED", "run_at": due,
-             "created_at": due, "attempts": 0, "max_attempts": 1, "priority": 0}
-            for _ in range(args.tasks)
-        ]  # fmt: skip
-        await store.db.tasks.insert_many(documents)
+        await insert_due(store, args.tasks, later=2.0)
         py_spy = str(Path(sys.executable).with_name("py-spy"))
         spy = spawn(
             [py_spy, "record", "-p", str(workers[0].pid), "-r", "1000", "--native", "-f", "raw",

@@ -51,7 +51,10 @@ async def test_woken_claims_read_no_settings_and_a_pause_or_resume_is_heard(
         assert settings_reads(log) == 0, log.done
 
         await store.queues.put("mail", {"paused": True})
-        await asyncio.sleep(0.5)  # the worker reads its stream
+        # The worker has heard the pause: its settings are stale (read before its next
+        # claim), or already read again.
+        gate = worker.queues
+        await eventually(lambda: gate._read_at is None or "mail" in gate.settings)
         held = await create(store, "mail")
         other = await create(store)
         await eventually(lambda: _is(store, other, State.COMPLETE))
